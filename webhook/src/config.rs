@@ -1,0 +1,143 @@
+//! Every setting of the webhook: command-line flags, each with an environment
+//! variable of the same meaning (`SNAPSHOT_WEBHOOK_*`) and a default.
+
+use clap::{Parser, ValueEnum};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "snapshot-webhook", version, about = "Restores each desktop user's newest snapshot when a desktop pod is created")]
+pub struct Config {
+    /// Address to serve HTTPS on.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
+    pub listen: SocketAddr,
+
+    /// Serving certificate (PEM); re-read when it changes on disk.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_TLS_CERT", default_value = "/etc/snapshot-webhook/tls/tls.crt")]
+    pub tls_cert: PathBuf,
+
+    /// Private key of the serving certificate (PEM).
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_TLS_KEY", default_value = "/etc/snapshot-webhook/tls/tls.key")]
+    pub tls_key: PathBuf,
+
+    /// How often the certificate files are checked for a change.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_TLS_RELOAD_INTERVAL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub tls_reload_interval: Duration,
+
+    /// The snapshot registry, `host[:port]` (the registry of od.config's snapshot secret).
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_REGISTRY")]
+    pub registry: String,
+
+    /// How to reach the registry: `https` or `http` (od.config `desktop.snapshotregistryprotocol`).
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_REGISTRY_PROTOCOL", value_enum, default_value_t = Protocol::Https)]
+    pub registry_protocol: Protocol,
+
+    /// Extra CA certificate (PEM) to trust for the registry, besides the system roots.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_REGISTRY_CA")]
+    pub registry_ca: Option<PathBuf>,
+
+    /// The registry credentials as a mounted `.dockerconfigjson` file; anonymous when absent.
+    /// Re-read when it changes.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_REGISTRY_CREDENTIALS")]
+    pub registry_credentials: Option<PathBuf>,
+
+    /// Name of the `kubernetes.io/dockerconfigjson` secret of the registry, in the desktop
+    /// namespace (od.config `desktop.snapshotregistrysecretname`): added to the pod's
+    /// `imagePullSecrets` and mounted in the sidecar.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_REGISTRY_SECRET_NAME", default_value = "abcdesktop-snapshot-registry")]
+    pub registry_secret_name: String,
+
+    /// Where snapshots live: `shared` (`<registry>/<image path>:<user>-<timestamp>`) or
+    /// `per-user` (`<registry>/<user>/<image path>:<base tag>-<timestamp>`).
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_LAYOUT", value_enum, default_value_t = Layout::Shared)]
+    pub layout: Layout,
+
+    /// Pods this webhook acts on: comma-separated `key=value` labels, all required.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_POD_SELECTOR", default_value = "type=x11server")]
+    pub pod_selector: String,
+
+    /// Pod label that holds the user id.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_USER_LABEL", default_value = "access_userid")]
+    pub user_label: String,
+
+    /// Name of the graphical container (the one restored and committed).
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_GRAPHICAL_CONTAINER", default_value = "x-graphical")]
+    pub graphical_container: String,
+
+    /// Time budget of one registry lookup; past it the pod keeps its image.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_LOOKUP_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub lookup_timeout: Duration,
+
+    /// Pin the restored image by digest (`repo:tag@sha256:…`), one more registry request.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_PIN_DIGEST", default_value_t = false)]
+    pub pin_digest: bool,
+
+    /// Image of the commit sidecar.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_IMAGE", default_value = "desktop-snapshot/snapshot-sidecar:0.1.0")]
+    pub sidecar_image: String,
+
+    /// imagePullPolicy of the sidecar.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_PULL_POLICY", default_value = "IfNotPresent")]
+    pub sidecar_pull_policy: String,
+
+    /// Name of the injected sidecar container.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_NAME", default_value = "t-snapshot")]
+    pub sidecar_name: String,
+
+    /// Port of the sidecar's HTTP API.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_PORT", default_value_t = 29785)]
+    pub sidecar_port: u16,
+
+    /// `container`: a plain container; `native`: an init container with `restartPolicy: Always`
+    /// (Kubernetes >= 1.29).
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_MODE", value_enum, default_value_t = SidecarMode::Container)]
+    pub sidecar_mode: SidecarMode,
+
+    /// The node's containerd socket, mounted in the sidecar.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_CONTAINERD_SOCKET", default_value = "/run/containerd/containerd.sock")]
+    pub containerd_socket: String,
+
+    /// containerd namespace of the kubelet's containers.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_CONTAINERD_NAMESPACE", default_value = "k8s.io")]
+    pub containerd_namespace: String,
+
+    /// Largest AdmissionReview body accepted, in bytes.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+
+    /// Log format: `json` or `text`.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
+    pub log_format: LogFormat,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Https,
+    Http,
+}
+
+impl Protocol {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Protocol::Https => "https",
+            Protocol::Http => "http",
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Layout {
+    Shared,
+    PerUser,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SidecarMode {
+    Container,
+    Native,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LogFormat {
+    Json,
+    Text,
+}

@@ -1,0 +1,383 @@
+//! What to do with an admission request: pure code, no I/O.
+//!
+//! request -> [`plan`] -> (lookup, done elsewhere) -> [`resolve`] -> patch.
+
+use crate::{
+    config::Layout,
+    lookup::LookupError,
+    tag::{self, Snapshot},
+    target::{self, NoTarget, Target},
+};
+use k8s_openapi::api::core::v1::Pod;
+use kube::core::admission::Operation;
+
+/// `"false"` here starts a fresh desktop (no restore); the sidecar is still injected.
+pub const ANNOTATION_RESTORE: &str = "snapshot.abcdesktop.io/restore";
+/// A tag of the same user to restore instead of the newest (rollback).
+pub const ANNOTATION_PIN: &str = "snapshot.abcdesktop.io/pin";
+/// Written by the webhook: what it did. Its presence makes a re-admission a no-op.
+pub const ANNOTATION_STATUS: &str = "snapshot.abcdesktop.io/status";
+
+/// The part of the configuration the decision needs.
+#[derive(Debug, Clone)]
+pub struct Rules {
+    pub selector: Vec<(String, String)>,
+    pub user_label: String,
+    pub graphical_container: String,
+    pub registry: String,
+    pub layout: Layout,
+}
+
+impl Rules {
+    /// Parses a `key=value,key=value` selector.
+    pub fn parse_selector(s: &str) -> Result<Vec<(String, String)>, String> {
+        s.split(',')
+            .map(str::trim)
+            .filter(|p| !p.is_empty())
+            .map(|p| {
+                p.split_once('=')
+                    .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
+                    .filter(|(k, _)| !k.is_empty())
+                    .ok_or_else(|| format!("selector part {p:?} is not key=value"))
+            })
+            .collect()
+    }
+}
+
+/// What the request asks of us before any registry lookup.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Plan {
+    /// Not a desktop pod creation: allowed untouched.
+    Ignore(&'static str),
+    /// Refused, with the reason the requester sees.
+    Deny(String),
+    /// A desktop pod: restore (or not) and inject the sidecar.
+    Act(Action),
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Action {
+    pub user: String,
+    /// Index of the graphical container in `spec.containers`.
+    pub container: usize,
+    pub original_image: String,
+    pub target: Result<Target, NoTarget>,
+    pub want: Want,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum Want {
+    /// The newest snapshot: needs a lookup.
+    Newest,
+    /// This exact tag: needs an existence check.
+    Pinned(String),
+    /// Opted out: a fresh desktop.
+    Fresh,
+    /// Already admitted by us (status annotation present): change nothing.
+    AlreadyDone,
+}
+
+/// Decides from the request alone.
+pub fn plan(rules: &Rules, operation: &Operation, kind: &str, pod: Option<&Pod>) -> Plan {
+    if *operation != Operation::Create {
+        return Plan::Ignore("not a CREATE");
+    }
+    if kind != "Pod" {
+        return Plan::Ignore("not a Pod");
+    }
+    let Some(pod) = pod else { return Plan::Ignore("no pod in the request") };
+    let labels = pod.metadata.labels.as_ref();
+    let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
+    if !rules.selector.iter().all(|(k, v)| label(k) == Some(v.as_str())) {
+        return Plan::Ignore("not a desktop pod (selector does not match)");
+    }
+    let Some(user) = label(&rules.user_label) else {
+        return Plan::Ignore("desktop pod without a user label");
+    };
+    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
+    let Some((index, graphical)) =
+        containers.iter().enumerate().find(|(_, c)| c.name == rules.graphical_container)
+    else {
+        return Plan::Ignore("desktop pod without a graphical container");
+    };
+    let Some(image) = graphical.image.as_deref().filter(|i| !i.is_empty()) else {
+        return Plan::Ignore("graphical container without an image");
+    };
+    let annotations = pod.metadata.annotations.as_ref();
+    let annotation = |k: &str| annotations.and_then(|a| a.get(k)).map(|v| v.trim());
+    let target = target::derive(image, &rules.registry, rules.layout, user);
+
+    let want = if annotation(ANNOTATION_STATUS).is_some() {
+        Want::AlreadyDone
+    } else if let Some(pin) = annotation(ANNOTATION_PIN).filter(|p| !p.is_empty()) {
+        // A pin is checked against the user, whatever the registry says.
+        match &target {
+            Ok(t) if t.owns(pin) => Want::Pinned(pin.to_string()),
+            Ok(t) => {
+                return Plan::Deny(format!(
+                    "annotation {ANNOTATION_PIN}={pin:?} is not a snapshot of user {user:?} (their tags are {}-<timestamp>)",
+                    t.tag_prefix
+                ))
+            }
+            Err(e) => return Plan::Deny(format!("annotation {ANNOTATION_PIN}={pin:?} cannot be honoured: {e}")),
+        }
+    } else if annotation(ANNOTATION_RESTORE).is_some_and(|v| v.eq_ignore_ascii_case("false")) {
+        Want::Fresh
+    } else {
+        Want::Newest
+    };
+    Plan::Act(Action { user: user.to_string(), container: index, original_image: image.to_string(), target, want })
+}
+
+/// What the registry said, for the wanted snapshot.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Found {
+    /// No lookup was needed.
+    NotAsked,
+    /// The newest snapshot (or the pinned tag) and, when asked for, its digest.
+    Snapshot { tag: String, digest: Option<String> },
+    /// The user has no snapshot (or the pinned tag does not exist).
+    Nothing,
+    Failed(LookupError),
+}
+
+impl Found {
+    pub fn from_newest(r: Result<Option<Snapshot>, LookupError>) -> Self {
+        match r {
+            Ok(Some(s)) => Found::Snapshot { tag: s.tag, digest: None },
+            Ok(None) => Found::Nothing,
+            Err(e) => Found::Failed(e),
+        }
+    }
+}
+
+/// Metric label and log word of an admission's outcome.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Outcome {
+    Restored,
+    Pinned,
+    NoSnapshot,
+    RegistryError,
+    OptedOut,
+    AlreadyDone,
+    Unmappable,
+    Ignored,
+    Denied,
+    Invalid,
+}
+
+impl Outcome {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Restored => "restored",
+            Outcome::Pinned => "pinned",
+            Outcome::NoSnapshot => "no_snapshot",
+            Outcome::RegistryError => "registry_error",
+            Outcome::OptedOut => "opted_out",
+            Outcome::AlreadyDone => "already_done",
+            Outcome::Unmappable => "unmappable_user",
+            Outcome::Ignored => "ignored",
+            Outcome::Denied => "denied",
+            Outcome::Invalid => "invalid",
+        }
+    }
+}
+
+/// The decision after the lookup: what the patch must do.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Resolution {
+    pub outcome: Outcome,
+    /// New image of the graphical container, when restoring.
+    pub image: Option<String>,
+    /// Value of the status annotation to write (None: leave it).
+    pub status: Option<String>,
+    /// The sidecar to inject, for this target.
+    pub sidecar: Option<Target>,
+    /// Shown to the requester (kubectl prints admission warnings).
+    pub warning: Option<String>,
+    /// Set when the request must be refused.
+    pub deny: Option<String>,
+}
+
+/// Combines the plan and the registry's answer.
+pub fn resolve(action: &Action, found: Found) -> Resolution {
+    let target = match &action.target {
+        Ok(t) => t.clone(),
+        Err(e) => {
+            return Resolution {
+                outcome: Outcome::Unmappable,
+                image: None,
+                status: (action.want != Want::AlreadyDone).then(|| format!("not restored: {e}")),
+                sidecar: None,
+                warning: Some(format!("desktop-snapshot: no snapshot for this desktop: {e}")),
+                deny: None,
+            }
+        }
+    };
+    let base = Resolution {
+        outcome: Outcome::NoSnapshot,
+        image: None,
+        status: None,
+        sidecar: Some(target.clone()),
+        warning: None,
+        deny: None,
+    };
+    match (&action.want, found) {
+        (Want::AlreadyDone, _) => Resolution { outcome: Outcome::AlreadyDone, ..base },
+        (Want::Fresh, _) => Resolution {
+            outcome: Outcome::OptedOut,
+            status: Some(format!("fresh desktop ({ANNOTATION_RESTORE}=false)")),
+            ..base
+        },
+        (Want::Pinned(pin), Found::Nothing) => Resolution {
+            outcome: Outcome::Denied,
+            deny: Some(format!("pinned snapshot {} does not exist", target.image(pin))),
+            ..base
+        },
+        (want, Found::Snapshot { tag, digest }) => {
+            let image = match digest {
+                Some(d) => format!("{}@{d}", target.image(&tag)),
+                None => target.image(&tag),
+            };
+            let pinned = matches!(want, Want::Pinned(_));
+            Resolution {
+                outcome: if pinned { Outcome::Pinned } else { Outcome::Restored },
+                status: Some(format!("{} {image}", if pinned { "pinned" } else { "restored" })),
+                image: Some(image),
+                ..base
+            }
+        }
+        (_, Found::Nothing) => Resolution { status: Some("no snapshot yet".to_string()), ..base },
+        (_, Found::Failed(e)) => Resolution {
+            outcome: Outcome::RegistryError,
+            status: Some(format!("not restored: {e}")),
+            warning: Some(format!(
+                "desktop-snapshot: snapshot lookup failed ({e}); the desktop starts from its original image"
+            )),
+            ..base
+        },
+        (_, Found::NotAsked) => Resolution {
+            outcome: Outcome::RegistryError,
+            status: Some("not restored: no lookup was made".to_string()),
+            ..base
+        },
+    }
+}
+
+/// The snapshot tag `tag` as a [`Snapshot`], for a pinned tag that exists.
+pub fn pinned_snapshot(target: &Target, pin: &str) -> Option<Snapshot> {
+    tag::owned_by(pin, &target.tag_prefix)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::lookup::ErrorKind;
+    use serde_json::json;
+
+    fn rules() -> Rules {
+        Rules {
+            selector: Rules::parse_selector("type=x11server").unwrap(),
+            user_label: "access_userid".into(),
+            graphical_container: "x-graphical".into(),
+            registry: "reg.example:5000".into(),
+            layout: Layout::Shared,
+        }
+    }
+
+    fn pod(labels: serde_json::Value, annotations: serde_json::Value) -> Pod {
+        serde_json::from_value(json!({
+            "metadata": {"name": "1000-1", "labels": labels, "annotations": annotations},
+            "spec": {"containers": [
+                {"name": "c-printer", "image": "abcdesktopio/oc.cupsd:4.1"},
+                {"name": "x-graphical", "image": "abcdesktopio/oc.user:4.1"}
+            ]}
+        }))
+        .unwrap()
+    }
+
+    fn desktop(annotations: serde_json::Value) -> Pod {
+        pod(json!({"type": "x11server", "access_userid": "alice"}), annotations)
+    }
+
+    #[test]
+    fn plan_table() {
+        let r = rules();
+        let create = Operation::Create;
+        let cases: Vec<(&str, Operation, &str, Option<Pod>, &str)> = vec![
+            ("update", Operation::Update, "Pod", Some(desktop(json!({}))), "ignore"),
+            ("delete", Operation::Delete, "Pod", None, "ignore"),
+            ("other kind", create.clone(), "Deployment", None, "ignore"),
+            ("no label", create.clone(), "Pod", Some(pod(json!({"access_userid": "alice"}), json!({}))), "ignore"),
+            ("wrong label", create.clone(), "Pod", Some(pod(json!({"type": "x11", "access_userid": "alice"}), json!({}))), "ignore"),
+            ("no user", create.clone(), "Pod", Some(pod(json!({"type": "x11server"}), json!({}))), "ignore"),
+            ("newest", create.clone(), "Pod", Some(desktop(json!({}))), "newest"),
+            ("opt-out", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_RESTORE: "false"}))), "fresh"),
+            ("restore true", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_RESTORE: "true"}))), "newest"),
+            ("pin own", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_PIN: "alice-12"}))), "pinned"),
+            ("pin other", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_PIN: "bob-12"}))), "deny"),
+            ("pin look-alike", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_PIN: "alice-1-12"}))), "deny"),
+            ("pin not a snapshot", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_PIN: "latest"}))), "deny"),
+            ("already", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_STATUS: "restored x"}))), "already"),
+        ];
+        for (name, op, kind, pod, want) in cases {
+            let got = match plan(&r, &op, kind, pod.as_ref()) {
+                Plan::Ignore(_) => "ignore",
+                Plan::Deny(_) => "deny",
+                Plan::Act(a) => {
+                    assert_eq!(a.container, 1, "{name}");
+                    match a.want {
+                        Want::Newest => "newest",
+                        Want::Pinned(_) => "pinned",
+                        Want::Fresh => "fresh",
+                        Want::AlreadyDone => "already",
+                    }
+                }
+            };
+            assert_eq!(got, want, "{name}");
+        }
+    }
+
+    fn action(want: Want) -> Action {
+        match plan(&rules(), &Operation::Create, "Pod", Some(&desktop(json!({})))) {
+            Plan::Act(a) => Action { want, ..a },
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn resolve_table() {
+        let err = LookupError::new(ErrorKind::Timeout, "no answer within 1s");
+        let snap = |t: &str| Found::Snapshot { tag: t.into(), digest: None };
+        let cases: Vec<(Want, Found, Outcome, Option<&str>, bool)> = vec![
+            (Want::Newest, snap("alice-5"), Outcome::Restored, Some("reg.example:5000/abcdesktopio/oc.user:alice-5"), false),
+            (Want::Newest, Found::Snapshot { tag: "alice-5".into(), digest: Some("sha256:ab".into()) }, Outcome::Restored,
+             Some("reg.example:5000/abcdesktopio/oc.user:alice-5@sha256:ab"), false),
+            (Want::Newest, Found::Nothing, Outcome::NoSnapshot, None, false),
+            (Want::Newest, Found::Failed(err.clone()), Outcome::RegistryError, None, false),
+            (Want::Pinned("alice-3".into()), snap("alice-3"), Outcome::Pinned, Some("reg.example:5000/abcdesktopio/oc.user:alice-3"), false),
+            (Want::Pinned("alice-3".into()), Found::Nothing, Outcome::Denied, None, true),
+            (Want::Pinned("alice-3".into()), Found::Failed(err), Outcome::RegistryError, None, false),
+            (Want::Fresh, Found::NotAsked, Outcome::OptedOut, None, false),
+            (Want::AlreadyDone, Found::NotAsked, Outcome::AlreadyDone, None, false),
+        ];
+        for (want, found, outcome, image, denied) in cases {
+            let r = resolve(&action(want.clone()), found.clone());
+            assert_eq!(r.outcome, outcome, "{want:?} {found:?}");
+            assert_eq!(r.image.as_deref(), image, "{want:?} {found:?}");
+            assert_eq!(r.deny.is_some(), denied, "{want:?} {found:?}");
+            assert!(r.sidecar.is_some(), "the sidecar is always injected for a mappable user");
+            assert_eq!(r.warning.is_some(), outcome == Outcome::RegistryError, "{want:?}");
+            assert_eq!(r.status.is_none(), outcome == Outcome::AlreadyDone || denied, "{want:?}");
+        }
+    }
+
+    #[test]
+    fn unmappable_user_gets_no_sidecar() {
+        let p = pod(json!({"type": "x11server", "access_userid": "x".repeat(300)}), json!({}));
+        let Plan::Act(a) = plan(&rules(), &Operation::Create, "Pod", Some(&p)) else { panic!() };
+        let r = resolve(&a, Found::NotAsked);
+        assert_eq!(r.outcome, Outcome::Unmappable);
+        assert!(r.sidecar.is_none() && r.image.is_none() && r.warning.is_some());
+    }
+}

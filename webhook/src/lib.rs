@@ -1,0 +1,22 @@
+//! desktop-snapshot admission webhook: restores each desktop user's newest
+//! snapshot when their desktop pod is created.
+//!
+//! The data path, top to bottom: [`server`] (AdmissionReview in) ->
+//! [`decision::plan`] -> [`lookup`] (registry, coalesced, within a deadline) ->
+//! [`decision::resolve`] -> [`patch`] (JSON Patch out), driven by [`admit`].
+
+pub mod admit;
+pub mod config;
+pub mod credentials;
+pub mod decision;
+pub mod lookup;
+pub mod metrics;
+pub mod patch;
+pub mod registry;
+pub mod server;
+pub mod sidecar;
+pub mod tag;
+pub mod target;
+pub mod telemetry;
+pub mod tls;
+pub mod userid;

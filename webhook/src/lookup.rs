@@ -1,0 +1,111 @@
+//! The newest snapshot of a target, asked of the registry within a deadline,
+//! with concurrent lookups for the same target sharing one request.
+//!
+//! Freshness rule: every admission is answered from a registry request that
+//! was in flight, or started, when the admission arrived; an answer is never
+//! reused once its request has completed. So a snapshot whose push finished
+//! before the lookup started is always seen while the registry answers, and a
+//! user never gets an older snapshot than the one pushed before logging in.
+//! The moka caches hold the in-flight lookups (coalescing) and the digests of
+//! snapshot tags, which are written once and never moved.
+
+pub use crate::registry::{ErrorKind, LookupError};
+use crate::{
+    metrics::Metrics,
+    registry::Registry,
+    tag::{self, Snapshot},
+    target::Target,
+};
+use std::{sync::Arc, time::Duration};
+use tokio::time::{timeout, Instant};
+
+type Shared<T> = Arc<Result<T, LookupError>>;
+
+pub struct Lookup {
+    registry: Arc<Registry>,
+    deadline: Duration,
+    in_flight: moka::future::Cache<Target, Shared<Option<Snapshot>>>,
+    digests: moka::future::Cache<String, String>,
+    metrics: Arc<Metrics>,
+}
+
+impl Lookup {
+    pub fn new(registry: Arc<Registry>, deadline: Duration, metrics: Arc<Metrics>) -> Self {
+        Self {
+            registry,
+            deadline,
+            in_flight: moka::future::Cache::builder().max_capacity(100_000).build(),
+            digests: moka::future::Cache::builder()
+                .max_capacity(100_000)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
+            metrics,
+        }
+    }
+
+    pub fn deadline(&self) -> Duration {
+        self.deadline
+    }
+
+    /// The newest snapshot of `target`, or why the registry could not say.
+    pub async fn newest(&self, target: &Target) -> Result<Option<Snapshot>, LookupError> {
+        let started = Instant::now();
+        let result = timeout(self.deadline, self.newest_shared(target)).await;
+        self.metrics.lookup_seconds.observe(started.elapsed().as_secs_f64());
+        let result = match result {
+            Ok(shared) => (*shared).clone(),
+            Err(_) => Err(self.timed_out()),
+        };
+        if let Err(e) = &result {
+            self.metrics.registry_error(e.kind);
+        }
+        result
+    }
+
+    async fn newest_shared(&self, target: &Target) -> Shared<Option<Snapshot>> {
+        let registry = self.registry.clone();
+        let t = target.clone();
+        let entry = self
+            .in_flight
+            .entry(target.clone())
+            .or_insert_with(async move {
+                let tags = registry.tags(&t.path).await;
+                Arc::new(tags.map(|list| tag::newest(list.iter().flatten().map(String::as_str), &t.tag_prefix)))
+            })
+            .await;
+        if entry.is_fresh() {
+            // This caller ran the request: nobody may reuse its answer from now on.
+            self.in_flight.invalidate(target).await;
+            self.metrics.cache_miss.inc();
+        } else {
+            self.metrics.cache_coalesced.inc();
+        }
+        entry.into_value()
+    }
+
+    /// The digest of one of `target`'s tags; `None` when the tag does not exist.
+    pub async fn digest(&self, target: &Target, tag: &str) -> Result<Option<String>, LookupError> {
+        let key = target.image(tag);
+        if let Some(d) = self.digests.get(&key).await {
+            self.metrics.cache_digest_hit.inc();
+            return Ok(Some(d));
+        }
+        self.metrics.cache_miss.inc();
+        let started = Instant::now();
+        let result = match timeout(self.deadline, self.registry.digest(&target.path, tag)).await {
+            Ok(r) => r,
+            Err(_) => Err(self.timed_out()),
+        };
+        self.metrics.lookup_seconds.observe(started.elapsed().as_secs_f64());
+        match &result {
+            Ok(Some(d)) => self.digests.insert(key, d.clone()).await,
+            Ok(None) => {}
+            Err(e) => self.metrics.registry_error(e.kind),
+        }
+        result
+    }
+
+    fn timed_out(&self) -> LookupError {
+        LookupError::new(ErrorKind::Timeout, format!("no answer within {}", humantime::format_duration(self.deadline)))
+    }
+}

@@ -1,0 +1,119 @@
+//! `snapshot-webhook`: wiring only (flags, telemetry, server).
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use snapshot_webhook::{
+    admit::Admitter,
+    config::{Config, SidecarMode},
+    decision::Rules,
+    lookup::Lookup,
+    metrics::Metrics,
+    registry::{Registry, RegistrySettings},
+    server::{self, AppState},
+    sidecar::SidecarSpec,
+    telemetry, tls,
+};
+use std::{
+    sync::{atomic::AtomicBool, atomic::Ordering, Arc},
+    time::Duration,
+};
+use tracing::{error, info, warn};
+
+#[tokio::main]
+async fn main() {
+    let config = Config::parse();
+    telemetry::init(config.log_format);
+    if let Err(e) = run(config).await {
+        error!(error = %format!("{e:#}"), "snapshot-webhook stopped");
+        std::process::exit(1);
+    }
+}
+
+async fn run(config: Config) -> Result<()> {
+    // Errors only if a provider is already installed, which is what we want anyway.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+
+    let ca_pem = match &config.registry_ca {
+        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading --registry-ca {}", p.display()))?),
+        None => None,
+    };
+    let registry = Arc::new(Registry::new(RegistrySettings {
+        host: config.registry.clone(),
+        protocol: config.registry_protocol,
+        ca_pem,
+        credentials_file: config.registry_credentials.clone(),
+    })?);
+    registry.reload_credentials().await.context("loading the registry credentials")?;
+    let metrics = Arc::new(Metrics::new(registry.requests.clone()));
+    let rules = Rules {
+        selector: Rules::parse_selector(&config.pod_selector).map_err(anyhow::Error::msg).context("--pod-selector")?,
+        user_label: config.user_label.clone(),
+        graphical_container: config.graphical_container.clone(),
+        registry: config.registry.clone(),
+        layout: config.layout,
+    };
+    let sidecar = SidecarSpec {
+        name: config.sidecar_name.clone(),
+        image: config.sidecar_image.clone(),
+        pull_policy: config.sidecar_pull_policy.clone(),
+        port: config.sidecar_port,
+        native: config.sidecar_mode == SidecarMode::Native,
+        graphical_container: config.graphical_container.clone(),
+        registry_secret_name: config.registry_secret_name.clone(),
+        registry_protocol: config.registry_protocol,
+        containerd_socket: config.containerd_socket.clone(),
+        containerd_namespace: config.containerd_namespace.clone(),
+    };
+    let lookup = Lookup::new(registry.clone(), config.lookup_timeout, metrics.clone());
+    let admitter = Admitter { rules, sidecar, lookup, metrics, pin_digest: config.pin_digest };
+    let state = Arc::new(AppState { admitter, ready: AtomicBool::new(false) });
+
+    let certs = tls::CertFiles { cert: config.tls_cert.clone(), key: config.tls_key.clone() };
+    let tls_config = certs.load().await?;
+    tokio::spawn(certs.watch(tls_config.clone(), config.tls_reload_interval));
+    tokio::spawn(reload_credentials(registry, config.tls_reload_interval));
+
+    let handle = axum_server::Handle::new();
+    tokio::spawn(shutdown_on_signal(handle.clone(), state.clone()));
+    let app = server::router(state.clone(), config.max_body_bytes);
+    info!(listen = %config.listen, registry = %config.registry, layout = ?config.layout, "snapshot-webhook serving");
+    state.ready.store(true, Ordering::Relaxed);
+    axum_server::bind_rustls(config.listen, tls_config)
+        .handle(handle)
+        .serve(app.into_make_service())
+        .await
+        .with_context(|| format!("serving on {}", config.listen))
+}
+
+async fn reload_credentials(registry: Arc<Registry>, every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        match registry.reload_credentials().await {
+            Ok(true) => info!("registry credentials reloaded"),
+            Ok(false) => {}
+            Err(e) => warn!(error = %format!("{e:#}"), "cannot reload the registry credentials; keeping the ones in use"),
+        }
+    }
+}
+
+/// On SIGTERM or Ctrl-C: stop being ready, let requests in flight finish, stop.
+async fn shutdown_on_signal(handle: axum_server::Handle<std::net::SocketAddr>, state: Arc<AppState>) {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    info!("shutting down");
+    state.ready.store(false, Ordering::Relaxed);
+    handle.graceful_shutdown(Some(Duration::from_secs(10)));
+}

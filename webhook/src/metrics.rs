@@ -1,0 +1,77 @@
+//! Prometheus metrics of the webhook, served at `/metrics`.
+
+use crate::{decision::Outcome, registry::ErrorKind};
+use prometheus_client::{
+    encoding::{text::encode, EncodeLabelSet},
+    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    registry::Registry,
+};
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: &'static str,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    admissions: Family<OutcomeLabel, Counter>,
+    registry_errors: Family<KindLabel, Counter>,
+    pub lookup_seconds: Histogram,
+    pub cache_miss: Counter,
+    pub cache_coalesced: Counter,
+    pub cache_digest_hit: Counter,
+}
+
+impl Metrics {
+    /// `registry_requests` is the registry client's request counter.
+    pub fn new(registry_requests: Counter) -> Self {
+        let mut registry = Registry::with_prefix("snapshot_webhook");
+        let admissions = Family::<OutcomeLabel, Counter>::default();
+        registry.register("admissions", "Admission requests answered, by outcome", admissions.clone());
+        let registry_errors = Family::<KindLabel, Counter>::default();
+        registry.register("registry_errors", "Registry lookups that failed, by kind", registry_errors.clone());
+        let lookup_seconds = Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
+        registry.register("lookup_duration_seconds", "Time to ask the registry for a snapshot", lookup_seconds.clone());
+        let cache = Family::<KindLabel, Counter>::default();
+        registry.register(
+            "cache_hits",
+            "Lookups answered without a request of their own: joined an in-flight lookup (coalesced) or a known digest",
+            cache.clone(),
+        );
+        let cache_miss = Counter::default();
+        registry.register("cache_misses", "Lookups that sent their own registry request", cache_miss.clone());
+        registry.register("registry_requests", "HTTP requests sent to the registry", registry_requests);
+        let cache_coalesced = cache.get_or_create(&KindLabel { kind: "coalesced" }).clone();
+        let cache_digest_hit = cache.get_or_create(&KindLabel { kind: "digest" }).clone();
+        Self {
+            registry,
+            admissions,
+            registry_errors,
+            lookup_seconds,
+            cache_miss,
+            cache_coalesced,
+            cache_digest_hit,
+        }
+    }
+
+    pub fn admission(&self, outcome: Outcome) {
+        self.admissions.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
+    }
+
+    pub fn registry_error(&self, kind: ErrorKind) {
+        self.registry_errors.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
+    }
+
+    /// The Prometheus text exposition.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        // Writing into a String cannot fail.
+        let _ = encode(&mut out, &self.registry);
+        out
+    }
+}

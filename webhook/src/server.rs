@@ -1,0 +1,101 @@
+//! HTTP routes: `/mutate` (AdmissionReview v1), `/healthz`, `/readyz`, `/metrics`.
+
+use crate::admit::Admitter;
+use axum::{
+    body::Bytes,
+    extract::{DefaultBodyLimit, State},
+    http::{header, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use kube::core::{
+    admission::{AdmissionRequest, AdmissionReview},
+    DynamicObject,
+};
+use std::sync::{
+    atomic::{AtomicBool, Ordering},
+    Arc,
+};
+use tracing::warn;
+
+pub const ADMISSION_API_VERSION: &str = "admission.k8s.io/v1";
+
+pub struct AppState {
+    pub admitter: Admitter,
+    pub ready: AtomicBool,
+}
+
+pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
+    Router::new()
+        .route("/mutate", post(mutate))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics))
+        .layer(DefaultBodyLimit::max(max_body_bytes))
+        .with_state(state)
+}
+
+async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+    let request = match parse_review(&body) {
+        Ok(r) => r,
+        Err(message) => {
+            state.admitter.metrics.admission(crate::decision::Outcome::Invalid);
+            warn!(error = %message, bytes = body.len(), "malformed AdmissionReview");
+            return (StatusCode::BAD_REQUEST, message).into_response();
+        }
+    };
+    let response = state.admitter.admit(&request).await;
+    Json(response.into_review()).into_response()
+}
+
+/// The request inside an AdmissionReview v1 body, or a message saying what is wrong.
+pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, String> {
+    let review: AdmissionReview<DynamicObject> = serde_json::from_slice(body)
+        .map_err(|e| format!("the body is not an AdmissionReview: {e}"))?;
+    if review.types.api_version != ADMISSION_API_VERSION || review.types.kind != "AdmissionReview" {
+        return Err(format!(
+            "expected apiVersion {ADMISSION_API_VERSION} kind AdmissionReview, got apiVersion {:?} kind {:?}",
+            review.types.api_version, review.types.kind
+        ));
+    }
+    review.try_into().map_err(|_| "the AdmissionReview has no request".to_string())
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    if state.ready.load(Ordering::Relaxed) {
+        "ready".into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready").into_response()
+    }
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.admitter.metrics.render(),
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_review_table() {
+        let ok = r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"u1",
+            "kind":{"group":"","version":"v1","kind":"Pod"},"resource":{"group":"","version":"v1","resource":"pods"},
+            "operation":"CREATE","userInfo":{},"name":"p","namespace":"abcdesktop","object":{"apiVersion":"v1","kind":"Pod","metadata":{"name":"p"}}}}"#;
+        assert_eq!(parse_review(ok.as_bytes()).unwrap().uid, "u1");
+        let bad: &[(&str, &str)] = &[
+            ("not json", "not an AdmissionReview"),
+            (r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, "no request"),
+            (r#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":null}"#, "expected apiVersion"),
+        ];
+        for (body, want) in bad {
+            let e = parse_review(body.as_bytes()).unwrap_err();
+            assert!(e.contains(want), "{body}: {e}");
+        }
+    }
+}

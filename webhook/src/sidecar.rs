@@ -1,0 +1,140 @@
+//! The commit sidecar the webhook injects: its container and volumes. Pure code.
+//!
+//! The sidecar gets everything it needs from here, so the user-id mapping
+//! lives only in the webhook: the target repository and tag prefix as env,
+//! the pod's identity from the downward API, the registry secret as a file
+//! (never as env or args), and the node's containerd socket.
+
+use crate::{config::Protocol, target::Target};
+use k8s_openapi::{
+    api::core::v1::{
+        Container, ContainerPort, EnvVar, EnvVarSource, HostPathVolumeSource, KeyToPath,
+        ObjectFieldSelector, ResourceRequirements, SecretVolumeSource, SecurityContext, Volume,
+        VolumeMount,
+    },
+    apimachinery::pkg::api::resource::Quantity,
+};
+use std::collections::BTreeMap;
+
+pub const CREDENTIALS_VOLUME: &str = "snapshot-registry-credentials";
+pub const CONTAINERD_VOLUME: &str = "snapshot-containerd";
+pub const CREDENTIALS_DIR: &str = "/var/run/desktop-snapshot/registry";
+pub const CREDENTIALS_FILE: &str = ".dockerconfigjson";
+
+/// How the sidecar is made, from the webhook's configuration.
+#[derive(Debug, Clone)]
+pub struct SidecarSpec {
+    pub name: String,
+    pub image: String,
+    pub pull_policy: String,
+    pub port: u16,
+    pub native: bool,
+    pub graphical_container: String,
+    pub registry_secret_name: String,
+    pub registry_protocol: Protocol,
+    pub containerd_socket: String,
+    pub containerd_namespace: String,
+}
+
+impl SidecarSpec {
+    /// The sidecar container for one desktop pod.
+    pub fn container(&self, target: &Target, original_image: &str) -> Container {
+        let plain = |name: &str, value: &str| EnvVar {
+            name: name.to_string(),
+            value: Some(value.to_string()),
+            value_from: None,
+        };
+        let field = |name: &str, path: &str| EnvVar {
+            name: name.to_string(),
+            value: None,
+            value_from: Some(EnvVarSource {
+                field_ref: Some(ObjectFieldSelector { field_path: path.to_string(), api_version: None }),
+                ..Default::default()
+            }),
+        };
+        let quantities = |memory: &str, cpu: &str| {
+            BTreeMap::from([
+                ("memory".to_string(), Quantity(memory.to_string())),
+                ("cpu".to_string(), Quantity(cpu.to_string())),
+            ])
+        };
+        Container {
+            name: self.name.clone(),
+            image: Some(self.image.clone()),
+            image_pull_policy: Some(self.pull_policy.clone()),
+            restart_policy: self.native.then(|| "Always".to_string()),
+            ports: Some(vec![ContainerPort {
+                name: Some("snapshot".to_string()),
+                container_port: i32::from(self.port),
+                protocol: Some("TCP".to_string()),
+                ..Default::default()
+            }]),
+            env: Some(vec![
+                field("SNAPSHOT_POD_NAME", "metadata.name"),
+                field("SNAPSHOT_POD_NAMESPACE", "metadata.namespace"),
+                field("SNAPSHOT_POD_UID", "metadata.uid"),
+                plain("SNAPSHOT_CONTAINER", &self.graphical_container),
+                plain("SNAPSHOT_REPOSITORY", &target.repository()),
+                plain("SNAPSHOT_TAG_PREFIX", &target.tag_prefix),
+                plain("SNAPSHOT_BASE_IMAGE", original_image),
+                plain("SNAPSHOT_REGISTRY_PROTOCOL", self.registry_protocol.as_str()),
+                plain("SNAPSHOT_REGISTRY_CREDENTIALS", &format!("{CREDENTIALS_DIR}/{CREDENTIALS_FILE}")),
+                plain("SNAPSHOT_CONTAINERD_SOCKET", &self.containerd_socket),
+                plain("SNAPSHOT_CONTAINERD_NAMESPACE", &self.containerd_namespace),
+                plain("SNAPSHOT_LISTEN", &format!("0.0.0.0:{}", self.port)),
+            ]),
+            volume_mounts: Some(vec![
+                VolumeMount {
+                    name: CREDENTIALS_VOLUME.to_string(),
+                    mount_path: CREDENTIALS_DIR.to_string(),
+                    read_only: Some(true),
+                    ..Default::default()
+                },
+                VolumeMount {
+                    name: CONTAINERD_VOLUME.to_string(),
+                    mount_path: self.containerd_socket.clone(),
+                    ..Default::default()
+                },
+            ]),
+            resources: Some(ResourceRequirements {
+                requests: Some(quantities("32Mi", "50m")),
+                limits: Some(quantities("256Mi", "500m")),
+                ..Default::default()
+            }),
+            security_context: Some(SecurityContext {
+                run_as_user: Some(0),
+                run_as_group: Some(0),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The volumes the sidecar mounts.
+    pub fn volumes(&self) -> Vec<Volume> {
+        vec![
+            Volume {
+                name: CREDENTIALS_VOLUME.to_string(),
+                secret: Some(SecretVolumeSource {
+                    secret_name: Some(self.registry_secret_name.clone()),
+                    items: Some(vec![KeyToPath {
+                        key: CREDENTIALS_FILE.to_string(),
+                        path: CREDENTIALS_FILE.to_string(),
+                        ..Default::default()
+                    }]),
+                    default_mode: Some(0o400),
+                    ..Default::default()
+                }),
+                ..Default::default()
+            },
+            Volume {
+                name: CONTAINERD_VOLUME.to_string(),
+                host_path: Some(HostPathVolumeSource {
+                    path: self.containerd_socket.clone(),
+                    type_: Some("Socket".to_string()),
+                }),
+                ..Default::default()
+            },
+        ]
+    }
+}
