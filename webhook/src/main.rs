@@ -65,6 +65,8 @@ async fn run(config: Config) -> Result<()> {
         containerd_namespace: config.containerd_namespace.clone(),
     };
     let lookup = Lookup::new(registry.clone(), config.lookup_timeout, metrics.clone());
+    lookup.warm_up().await;
+    snapshot_webhook::target::warm_up();
     let admitter = Admitter { rules, sidecar, lookup, metrics, pin_digest: config.pin_digest };
     let state = Arc::new(AppState { admitter, ready: AtomicBool::new(false) });
 

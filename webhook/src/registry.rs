@@ -189,6 +189,11 @@ impl Registry {
         })
     }
 
+    /// Sets up the authorization cache's clock ahead of the first lookup.
+    pub async fn warm_up(&self) {
+        let _ = self.authorizations.get("").await;
+    }
+
     pub fn host(&self) -> &str {
         &self.settings.host
     }

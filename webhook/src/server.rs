@@ -10,7 +10,7 @@ use axum::{
     Json, Router,
 };
 use kube::core::{
-    admission::{AdmissionRequest, AdmissionReview},
+    admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
     DynamicObject,
 };
 use std::sync::{
@@ -46,7 +46,22 @@ async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
         }
     };
     let response = state.admitter.admit(&request).await;
-    Json(response.into_review()).into_response()
+    match review_json(response) {
+        Ok(v) => Json(v).into_response(),
+        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the AdmissionReview: {e}")).into_response(),
+    }
+}
+
+/// The AdmissionReview as Kubernetes writes it: kube-core serialises the patch
+/// bytes as a JSON array of numbers, the API's own form is a base64 string.
+pub fn review_json(response: AdmissionResponse) -> Result<serde_json::Value, serde_json::Error> {
+    use base64::Engine;
+    let patch = response.patch.clone();
+    let mut value = serde_json::to_value(response.into_review())?;
+    if let (Some(bytes), Some(slot)) = (patch, value.pointer_mut("/response/patch")) {
+        *slot = serde_json::Value::String(base64::engine::general_purpose::STANDARD.encode(bytes));
+    }
+    Ok(value)
 }
 
 /// The request inside an AdmissionReview v1 body, or a message saying what is wrong.

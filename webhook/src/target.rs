@@ -62,6 +62,12 @@ impl fmt::Display for NoTarget {
     }
 }
 
+/// Builds the image-reference parser (a large regex, compiled on first use) ahead of
+/// the first admission, which would otherwise pay for it out of its deadline.
+pub fn warm_up() {
+    let _ = "warm/up:0".parse::<Reference>();
+}
+
 /// Derives the target for `user_id` from the graphical container's `image`.
 pub fn derive(image: &str, registry: &str, layout: Layout, user_id: &str) -> Result<Target, NoTarget> {
     let reference: Reference = image.parse().map_err(|e| NoTarget::BadImage(format!("{e}")))?;
