@@ -105,9 +105,12 @@ mod tests {
 
     const REG: &str = "registry.example.net";
 
+    /// image, layout, user id, wanted (path, tag prefix) or Err for no target.
+    type Case<'a> = (&'a str, Layout, &'a str, Result<(&'a str, &'a str), ()>);
+
     #[test]
     fn derive_table() {
-        let table: &[(&str, Layout, &str, Result<(&str, &str), ()>)] = &[
+        let table: &[Case] = &[
             ("abcdesktopio/oc.user.ubuntu.sudo.24.04:4.1", Layout::Shared, "12896316",
              Ok(("abcdesktopio/oc.user.ubuntu.sudo.24.04", "12896316"))),
             ("docker.io/abcdesktopio/oc.user.ubuntu.sudo.24.04:4.1", Layout::Shared, "jdoe@example.com",

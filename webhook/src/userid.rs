@@ -154,7 +154,7 @@ mod tests {
             ("", Err(Unmappable::Empty)),
         ];
         for (id, want) in table {
-            assert_eq!(tag_prefix(id).as_deref(), want.as_ref().map(|s| *s).map_err(|e| e), "{id:?}");
+            assert_eq!(tag_prefix(id).as_deref(), want.as_ref().map(|s| *s), "{id:?}");
         }
         let long = "x".repeat(MAX_PREFIX_LEN + 1);
         assert!(matches!(tag_prefix(&long), Err(Unmappable::TooLong { .. })));
