@@ -35,6 +35,11 @@ impl Authority {
         Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
     }
 
+    /// The CA's private key, PEM (to sign again later with [`Authority::from_pem`]).
+    pub fn key_pem(&self) -> String {
+        self.issuer.key().serialize_pem()
+    }
+
     /// Loads an existing CA from its certificate and key (PEM).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self> {
         let key = KeyPair::from_pem(key_pem).context("reading the CA key")?;
@@ -85,4 +90,47 @@ fn validity(params: &mut CertificateParams, days: i64) {
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::minutes(5);
     params.not_after = now + Duration::days(days);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName, UnixTime};
+
+    fn verify(ca_pem: &str, cert_pem: &str, name: &str) -> Result<(), rustls::Error> {
+        let mut roots = rustls::RootCertStore::empty();
+        roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+        let verifier =
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider).build().unwrap();
+        let leaf = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+        let name = ServerName::try_from(name.to_string()).unwrap();
+        verifier.verify_server_cert(&leaf, &[], &name, &[], UnixTime::now()).map(|_| ())
+    }
+
+    #[test]
+    fn serving_certificate_is_signed_by_the_ca_for_its_names() {
+        let ca = Authority::new("test CA", 2).unwrap();
+        let names = service_names("snapshot-webhook", "desktop-snapshot");
+        let mut all = names.clone();
+        all.push("127.0.0.1".into());
+        let serving = ca.serving(&all, 1).unwrap();
+        for n in &names {
+            verify(&ca.cert_pem, &serving.cert_pem, n).unwrap();
+        }
+        verify(&ca.cert_pem, &serving.cert_pem, "127.0.0.1").unwrap();
+        assert!(verify(&ca.cert_pem, &serving.cert_pem, "other.example").is_err());
+        let other = Authority::new("other CA", 2).unwrap();
+        assert!(verify(&other.cert_pem, &serving.cert_pem, &names[0]).is_err());
+    }
+
+    #[test]
+    fn a_reloaded_ca_signs_certificates_the_same_bundle_trusts() {
+        let ca = Authority::new("test CA", 2).unwrap();
+        let again = Authority::from_pem(&ca.cert_pem, &ca.key_pem()).unwrap();
+        let serving = again.serving(&["localhost".into()], 1).unwrap();
+        verify(&ca.cert_pem, &serving.cert_pem, "localhost").unwrap();
+        assert_eq!(ca_bundle(&again.cert_pem), ca_bundle(&ca.cert_pem));
+    }
 }
