@@ -1,0 +1,32 @@
+//! Test harness: real components started on loopback for the end-to-end tests
+//! and the benchmarks. Every process is killed and every temp dir removed on drop.
+//! A component that cannot start is a test failure with its reason, never a skip.
+
+pub mod admission;
+pub mod badregistry;
+pub mod ports;
+pub mod registry;
+pub mod token;
+pub mod webhook;
+
+/// Installs the ring crypto provider for rustls (reqwest and oci-client are built without one).
+pub fn init_crypto() {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+}
+
+/// A binary of this workspace, built by `cargo build --workspace --bins` in the same profile.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let exe = std::env::current_exe().expect("the test's own path");
+    // target/<profile>/deps/<test> or target/<profile>/<bin>
+    let mut dir = exe.parent().expect("a folder").to_path_buf();
+    if dir.ends_with("deps") {
+        dir.pop();
+    }
+    let path = dir.join(name);
+    assert!(
+        path.exists(),
+        "{} is missing: run `cargo build --workspace --bins` first (the Justfile's test recipe does)",
+        path.display()
+    );
+    path
+}

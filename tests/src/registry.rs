@@ -1,0 +1,256 @@
+//! A real OCI registry (Debian's `docker-registry`, the CNCF distribution
+//! server) on loopback, with TLS and htpasswd (Basic) or token (Bearer) auth.
+
+use crate::{ports, token::TokenService};
+use anyhow::{bail, Context, Result};
+use base64::Engine;
+use oci_client::{client::ClientConfig, secrets::RegistryAuth, Client, Reference};
+use sha2::{Digest, Sha256};
+use snapshot_certs::Authority;
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+use tokio::process::{Child, Command};
+
+pub const USER: &str = "desktop";
+pub const PASSWORD: &str = "s3cret-Pa55";
+
+/// How clients prove who they are.
+pub enum Auth {
+    /// htpasswd: every request carries Basic credentials.
+    Basic,
+    /// A token service: Basic credentials buy Bearer tokens living this many seconds.
+    Token { lifetime_secs: u64 },
+}
+
+pub struct Registry {
+    pub host: String,
+    pub dir: tempfile::TempDir,
+    pub authority: Authority,
+    pub ca_pem: String,
+    pub token: Option<TokenService>,
+    child: Child,
+}
+
+impl Registry {
+    /// A registry with htpasswd auth.
+    pub async fn start() -> Self {
+        Self::start_with(Auth::Basic).await
+    }
+
+    /// Starts it, or panics with the reason and the registry's own words.
+    pub async fn start_with(auth: Auth) -> Self {
+        match Self::try_start(auth).await {
+            Ok(r) => r,
+            Err(e) => panic!("the test registry (docker-registry) cannot start: {e:#}"),
+        }
+    }
+
+    async fn try_start(auth: Auth) -> Result<Self> {
+        crate::init_crypto();
+        let binary = which("docker-registry")
+            .context("docker-registry is not installed (Debian package docker-registry; `just deps` installs it)")?;
+        let dir = tempfile::tempdir().context("temp dir")?;
+        let authority = Authority::new("test registry CA", 2)?;
+        let serving = authority.serving(&["127.0.0.1".into(), "localhost".into()], 2)?;
+        let (cert, key) = (dir.path().join("tls.crt"), dir.path().join("tls.key"));
+        std::fs::write(&cert, &serving.cert_pem)?;
+        std::fs::write(&key, &serving.key_pem)?;
+        std::fs::write(dir.path().join("ca.crt"), &authority.cert_pem)?;
+        let port = ports::free_port();
+        let host = format!("127.0.0.1:{port}");
+        let (auth_yaml, token) = match auth {
+            Auth::Basic => {
+                let htpasswd = dir.path().join("htpasswd");
+                let out = std::process::Command::new("htpasswd")
+                    .args(["-Bbn", USER, PASSWORD])
+                    .output()
+                    .context("running htpasswd (Debian package apache2-utils)")?;
+                if !out.status.success() {
+                    bail!("htpasswd failed: {}", String::from_utf8_lossy(&out.stderr));
+                }
+                std::fs::write(&htpasswd, &out.stdout)?;
+                (format!("auth:\n  htpasswd:\n    realm: test\n    path: {}\n", htpasswd.display()), None)
+            }
+            Auth::Token { lifetime_secs } => {
+                let service =
+                    TokenService::start(&serving.cert_pem, &serving.key_pem, USER, PASSWORD, lifetime_secs).await?;
+                let bundle = dir.path().join("token-signer.crt");
+                std::fs::write(&bundle, &service.signing_cert_pem)?;
+                (service.registry_auth_yaml(&bundle), Some(service))
+            }
+        };
+        let config = dir.path().join("config.yml");
+        std::fs::write(
+            &config,
+            format!(
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n  tls:\n    certificate: {}\n    key: {}\n{auth_yaml}",
+                dir.path().join("data").display(),
+                cert.display(),
+                key.display()
+            ),
+        )?;
+        let log = std::fs::File::create(dir.path().join("registry.log"))?;
+        let child = Command::new(binary)
+            .arg("serve")
+            .arg(&config)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning docker-registry")?;
+        let registry = Self { host, dir, ca_pem: authority.cert_pem.clone(), authority, token, child };
+        let client = registry.http_client();
+        let url = format!("https://{}/v2/", registry.host);
+        let up = ports::wait_until(Duration::from_secs(10), || {
+            let (client, url) = (client.clone(), url.clone());
+            async move { matches!(client.get(&url).send().await, Ok(r) if r.status().as_u16() == 401) }
+        })
+        .await;
+        if !up {
+            bail!("no answer on {url} within 10 s; its log: {}", registry.log());
+        }
+        Ok(registry)
+    }
+
+    /// What the registry logged (access log included).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
+    }
+
+    /// Path of the registry's CA certificate.
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+
+    /// An HTTPS client trusting only this registry's CA.
+    pub fn http_client(&self) -> reqwest::Client {
+        let ca = reqwest::Certificate::from_pem(self.ca_pem.as_bytes()).expect("the registry CA");
+        reqwest::Client::builder()
+            .tls_certs_only([ca])
+            .build()
+            .expect("an HTTPS client")
+    }
+
+    /// Writes a `.dockerconfigjson` for this registry with the given credentials.
+    pub fn write_dockerconfigjson(&self, path: &Path, user: &str, password: &str) {
+        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+        let doc = serde_json::json!({"auths": {self.host.clone(): {
+            "username": user, "password": password, "auth": auth, "email": ""}}});
+        std::fs::write(path, doc.to_string()).expect("writing a .dockerconfigjson");
+    }
+
+    /// An oci-client that trusts this registry.
+    pub fn oci_client(&self) -> Client {
+        Client::new(ClientConfig {
+            extra_root_certificates: vec![oci_client::client::Certificate {
+                encoding: oci_client::client::CertificateEncoding::Pem,
+                data: self.ca_pem.as_bytes().to_vec(),
+            }],
+            ..Default::default()
+        })
+    }
+
+    /// Pushes one tiny image to `repo` (path without host) once and tags it with every tag.
+    pub async fn push_tags(&self, repo: &str, tags: &[&str]) {
+        if let Err(e) = self.try_push_tags(repo, tags).await {
+            panic!("pushing {repo}:{tags:?} to the test registry: {e:#}\nregistry log: {}", self.log());
+        }
+    }
+
+    async fn try_push_tags(&self, repo: &str, tags: &[&str]) -> Result<()> {
+        let client = self.oci_client();
+        let auth = RegistryAuth::Basic(USER.into(), PASSWORD.into());
+        client.store_auth_if_needed(&self.host, &auth).await;
+        let (layer, diff_id) = tiny_layer(repo)?;
+        let layer_digest = digest(&layer);
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+            "config": {}
+        }))?;
+        let config_digest = digest(&config);
+        let reference = |tag: &str| Reference::with_tag(self.host.clone(), repo.to_string(), tag.to_string());
+        let first = reference(tags.first().copied().unwrap_or("latest"));
+        client.auth(&first, &auth, oci_client::RegistryOperation::Push).await.context("auth")?;
+        client.push_blob(&first, layer.clone(), &layer_digest).await.context("pushing the layer")?;
+        client.push_blob(&first, config.clone(), &config_digest).await.context("pushing the config")?;
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer_digest, "size": layer.len()}]
+        }))?;
+        for tag in tags {
+            client
+                .push_manifest_raw(
+                    &reference(tag),
+                    manifest.clone(),
+                    "application/vnd.oci.image.manifest.v1+json".parse()?,
+                )
+                .await
+                .with_context(|| format!("tagging {tag}"))?;
+        }
+        Ok(())
+    }
+
+    /// The tags of `repo` as the registry lists them.
+    pub async fn tags(&self, repo: &str) -> Vec<String> {
+        let r = self
+            .http_client()
+            .get(format!("https://{}/v2/{repo}/tags/list", self.host))
+            .basic_auth(USER, Some(PASSWORD))
+            .send()
+            .await
+            .expect("listing tags");
+        let v: serde_json::Value = r.json().await.unwrap_or_default();
+        v["tags"].as_array().into_iter().flatten().filter_map(|t| t.as_str().map(String::from)).collect()
+    }
+
+    /// Stops the registry (the address then refuses connections).
+    pub async fn stop(&mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+fn digest(data: &[u8]) -> String {
+    format!("sha256:{}", hex::encode(Sha256::digest(data)))
+}
+
+/// A gzip layer holding one small file; returns (gzip bytes, diff_id).
+fn tiny_layer(name: &str) -> Result<(Vec<u8>, String)> {
+    let content = format!("layer of {name}\n");
+    let mut tar = Vec::new();
+    let mut header = [0u8; 512];
+    let file = b"etc/desktop-snapshot-test";
+    header[..file.len()].copy_from_slice(file);
+    header[100..107].copy_from_slice(b"0000644");
+    header[108..115].copy_from_slice(b"0000000");
+    header[116..123].copy_from_slice(b"0000000");
+    header[124..135].copy_from_slice(format!("{:011o}", content.len()).as_bytes());
+    header[136..147].copy_from_slice(b"00000000000");
+    header[156] = b'0';
+    header[257..263].copy_from_slice(b"ustar\0");
+    header[263..265].copy_from_slice(b"00");
+    header[148..156].copy_from_slice(b"        ");
+    let sum: u32 = header.iter().map(|b| u32::from(*b)).sum();
+    header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
+    tar.extend_from_slice(&header);
+    tar.extend_from_slice(content.as_bytes());
+    tar.resize(tar.len().div_ceil(512) * 512 + 1024, 0);
+    let diff_id = digest(&tar);
+    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
+    std::io::Write::write_all(&mut gz, &tar)?;
+    Ok((gz.finish()?, diff_id))
+}
+
+/// The full path of a command on PATH.
+pub fn which(cmd: &str) -> Option<PathBuf> {
+    std::env::var_os("PATH")?
+        .to_str()?
+        .split(':')
+        .map(|d| Path::new(d).join(cmd))
+        .find(|p| p.is_file())
+}

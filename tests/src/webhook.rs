@@ -1,0 +1,156 @@
+//! The real `snapshot-webhook` binary, served over HTTPS on loopback, and a
+//! client that checks its certificate against the CA only, as kube-apiserver
+//! does with the webhook configuration's caBundle.
+
+use crate::{ports, workspace_binary};
+use snapshot_certs::Authority;
+use std::{
+    path::{Path, PathBuf},
+    process::Stdio,
+    time::Duration,
+};
+use tokio::process::{Child, Command};
+
+/// Where the webhook's registry is and how to trust and log in to it.
+pub struct RegistryAccess<'a> {
+    pub host: &'a str,
+    pub ca: Option<&'a Path>,
+    pub credentials: Option<&'a Path>,
+}
+
+pub struct Webhook {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    pub ca_pem: String,
+    child: Child,
+}
+
+impl Webhook {
+    /// Starts the webhook; `extra` flags are appended (later flags win).
+    pub async fn start(registry: RegistryAccess<'_>, extra: &[&str]) -> Self {
+        crate::init_crypto();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let ca_pem = write_serving_cert(dir.path(), true);
+        let port = ports::free_port();
+        let log = std::fs::File::create(dir.path().join("webhook.log")).expect("log file");
+        let mut cmd = Command::new(workspace_binary("snapshot-webhook"));
+        cmd.arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .arg("--tls-cert")
+            .arg(dir.path().join("tls.crt"))
+            .arg("--tls-key")
+            .arg(dir.path().join("tls.key"))
+            .args(["--tls-reload-interval", "200ms", "--log-format", "json"])
+            .args(["--registry", registry.host]);
+        if let Some(ca) = registry.ca {
+            cmd.arg("--registry-ca").arg(ca);
+        }
+        if let Some(c) = registry.credentials {
+            cmd.arg("--registry-credentials").arg(c);
+        }
+        cmd.args(extra)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
+        let child = cmd.spawn().expect("spawning snapshot-webhook");
+        let webhook = Self { port, dir, ca_pem, child };
+        let client = webhook.client();
+        let url = webhook.url("/readyz");
+        let ready = ports::wait_until(Duration::from_secs(15), || {
+            let (client, url) = (client.clone(), url.clone());
+            async move { matches!(client.get(&url).send().await, Ok(r) if r.status().is_success()) }
+        })
+        .await;
+        assert!(ready, "snapshot-webhook did not become ready on {url}; its log:\n{}", webhook.log());
+        webhook
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("https://localhost:{}{path}", self.port)
+    }
+
+    /// The webhook's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("webhook.log")).unwrap_or_default()
+    }
+
+    /// A client trusting only the CA the webhook's certificate was made with.
+    pub fn client(&self) -> reqwest::Client {
+        client_trusting(&self.ca_pem)
+    }
+
+    /// The Prometheus text of `/metrics`.
+    pub async fn metrics(&self) -> String {
+        self.client().get(self.url("/metrics")).send().await.expect("GET /metrics").text().await.unwrap_or_default()
+    }
+
+    /// The value of one metric sample (exact name with labels), 0 when absent.
+    pub async fn metric(&self, sample: &str) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+            .unwrap_or(0.0)
+    }
+
+    /// Replaces the serving certificate on disk (atomically, as kubelet does with
+    /// secret volumes): signed by the same CA, or by a new one. Returns the CA in force.
+    pub fn rotate_cert(&mut self, new_ca: bool) -> String {
+        if new_ca {
+            self.ca_pem = write_serving_cert(self.dir.path(), true);
+        } else {
+            write_serving_cert(self.dir.path(), false);
+        }
+        self.ca_pem.clone()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+}
+
+/// Writes tls.crt / tls.key (and, with `new_ca`, a new ca.crt/ca.key) in `dir`;
+/// returns the CA's PEM.
+fn write_serving_cert(dir: &Path, new_ca: bool) -> String {
+    let (ca_crt, ca_key) = (dir.join("ca.crt"), dir.join("ca.key"));
+    let authority = if new_ca || !ca_crt.exists() {
+        let a = Authority::new("webhook test CA", 2).expect("CA");
+        std::fs::write(&ca_crt, &a.cert_pem).expect("ca.crt");
+        std::fs::write(&ca_key, a.key_pem()).expect("ca.key");
+        a
+    } else {
+        let cert = std::fs::read_to_string(&ca_crt).expect("ca.crt");
+        let key = std::fs::read_to_string(&ca_key).expect("ca.key");
+        Authority::from_pem(&cert, &key).expect("CA")
+    };
+    let serving = authority.serving(&["localhost".into(), "127.0.0.1".into()], 1).expect("serving cert");
+    replace(&dir.join("tls.key"), &serving.key_pem, &dir.join("tls.crt"), &serving.cert_pem);
+    authority.cert_pem
+}
+
+/// Swaps both files through one directory rename, so a reader never sees a
+/// certificate with the other's key (the way kubelet updates secret volumes).
+fn replace(key_path: &Path, key: &str, cert_path: &Path, cert: &str) {
+    let dir = key_path.parent().expect("folder");
+    let staging: PathBuf = dir.join(".staging");
+    let _ = std::fs::remove_dir_all(&staging);
+    std::fs::create_dir_all(&staging).expect("staging");
+    std::fs::write(staging.join("tls.key"), key).expect("key");
+    std::fs::write(staging.join("tls.crt"), cert).expect("cert");
+    // Both renames happen back to back; the webhook re-reads and validates the pair,
+    // and keeps the old one if it sees a mismatched moment.
+    std::fs::rename(staging.join("tls.key"), key_path).expect("rename key");
+    std::fs::rename(staging.join("tls.crt"), cert_path).expect("rename cert");
+}
+
+/// An HTTPS client that trusts only `ca_pem`.
+pub fn client_trusting(ca_pem: &str) -> reqwest::Client {
+    crate::init_crypto();
+    let ca = reqwest::Certificate::from_pem(ca_pem.as_bytes()).expect("CA PEM");
+    reqwest::Client::builder()
+        .tls_certs_only([ca])
+        .timeout(Duration::from_secs(10))
+        .build()
+        .expect("HTTPS client")
+}

@@ -1,0 +1,502 @@
+//! End to end: the real snapshot-webhook binary over HTTPS (CA-checked, as
+//! kube-apiserver calls it) against a real registry (docker-registry, TLS,
+//! htpasswd or token auth), with AdmissionReview v1 bodies built from a
+//! realistic abcdesktop desktop pod.
+
+use harness::{
+    admission::{self, apply, as_pod, desktop_pod, image_of, review},
+    badregistry::{BadRegistry, Misbehaviour},
+    registry::{Auth, Registry, PASSWORD, USER},
+    webhook::{client_trusting, RegistryAccess, Webhook},
+};
+use serde_json::{json, Value};
+use std::time::{Duration, Instant};
+
+const IMAGE: &str = "abcdesktopio/oc.user.ubuntu.sudo.24.04:4.1";
+const REPO: &str = "abcdesktopio/oc.user.ubuntu.sudo.24.04";
+const STATUS: &str = "snapshot.abcdesktop.io/status";
+
+/// A registry with credentials on disk, and a webhook using it.
+struct Setup {
+    registry: Registry,
+    webhook: Webhook,
+}
+
+impl Setup {
+    async fn new(extra: &[&str]) -> Self {
+        Self::with(Registry::start().await, extra).await
+    }
+
+    async fn with(registry: Registry, extra: &[&str]) -> Self {
+        let creds = registry.dir.path().join("dockerconfig.json");
+        registry.write_dockerconfigjson(&creds, USER, PASSWORD);
+        let ca = registry.ca_path();
+        let webhook = Webhook::start(
+            RegistryAccess { host: &registry.host, ca: Some(&ca), credentials: Some(&creds) },
+            extra,
+        )
+        .await;
+        Self { registry, webhook }
+    }
+
+    fn snapshot(&self, tag: &str) -> String {
+        format!("{}/{REPO}:{tag}", self.registry.host)
+    }
+}
+
+/// Sends a body to /mutate; returns the status and the JSON (or text) answer.
+async fn send_raw(webhook: &Webhook, body: Vec<u8>) -> (u16, String) {
+    let r = webhook
+        .client()
+        .post(webhook.url("/mutate"))
+        .header("content-type", "application/json")
+        .body(body)
+        .send()
+        .await
+        .expect("POST /mutate");
+    let status = r.status().as_u16();
+    (status, r.text().await.unwrap_or_default())
+}
+
+async fn admit(webhook: &Webhook, object: &Value, operation: &str, dry_run: bool) -> Value {
+    let body = review(object, operation, dry_run);
+    let (status, text) = send_raw(webhook, serde_json::to_vec(&body).unwrap()).await;
+    assert_eq!(status, 200, "answer: {text}\nwebhook log:\n{}", webhook.log());
+    let answer: Value = serde_json::from_str(&text).expect("the answer is JSON");
+    assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
+    assert_eq!(answer["kind"], "AdmissionReview");
+    assert_eq!(answer["response"]["uid"], body["request"]["uid"], "the uid is echoed");
+    answer
+}
+
+/// Admits a CREATE of `user`'s desktop pod; returns the answer and the patched pod.
+async fn login(webhook: &Webhook, user: &str) -> (Value, Value) {
+    let pod = desktop_pod(user, IMAGE);
+    let answer = admit(webhook, &pod, "CREATE", false).await;
+    let patched = apply(&pod, &answer);
+    (answer, patched)
+}
+
+fn allowed(answer: &Value) -> bool {
+    admission::response(answer)["allowed"] == json!(true)
+}
+
+fn warnings(answer: &Value) -> Vec<String> {
+    admission::response(answer)["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w.as_str().map(String::from))
+        .collect()
+}
+
+fn sidecar_of(patched: &Value) -> Option<k8s_openapi::api::core::v1::Container> {
+    as_pod(patched).spec?.containers.into_iter().find(|c| c.name == "t-snapshot")
+}
+
+fn env_of(c: &k8s_openapi::api::core::v1::Container, name: &str) -> Option<String> {
+    c.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
+}
+
+#[tokio::test]
+async fn first_login_keeps_the_image_and_injects_the_sidecar() {
+    let s = Setup::new(&[]).await;
+    let (answer, patched) = login(&s.webhook, "12896316").await;
+    assert!(allowed(&answer));
+    assert!(warnings(&answer).is_empty(), "{:?}", warnings(&answer));
+    let pod = as_pod(&patched);
+    assert_eq!(image_of(&pod, "x-graphical").as_deref(), Some(IMAGE));
+    let sidecar = sidecar_of(&patched).expect("t-snapshot injected");
+    assert_eq!(sidecar.ports.as_ref().unwrap()[0].container_port, 29785);
+    assert_eq!(env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(), Some("12896316"));
+    assert_eq!(env_of(&sidecar, "SNAPSHOT_REPOSITORY"), Some(format!("{}/{REPO}", s.registry.host)));
+    let volumes = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
+    let secret = volumes.iter().find_map(|v| v.secret.as_ref()).expect("the registry secret volume");
+    assert_eq!(secret.secret_name.as_deref(), Some("abcdesktop-snapshot-registry"));
+    let socket = volumes.iter().find_map(|v| v.host_path.as_ref()).expect("the containerd socket");
+    assert_eq!(socket.type_.as_deref(), Some("Socket"));
+    // the secret is mounted in the sidecar only
+    let mounts_secret = |c: &k8s_openapi::api::core::v1::Container| {
+        c.volume_mounts.iter().flatten().any(|m| m.name == "snapshot-registry-credentials")
+    };
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(spec.containers.iter().filter(|c| mounts_secret(c)).count(), 1);
+    assert!(spec.image_pull_secrets.is_none(), "no pull secret is needed for the original image");
+    assert_eq!(pod.metadata.annotations.as_ref().unwrap()[STATUS], "no snapshot yet");
+    assert!(!patched.to_string().contains(PASSWORD), "no credential in the pod");
+    assert!(!s.webhook.log().contains(PASSWORD), "no credential in the logs");
+}
+
+#[tokio::test]
+async fn the_newest_snapshot_wins_as_a_number_and_lookalikes_never_count() {
+    let s = Setup::new(&[]).await;
+    s.registry
+        .push_tags(
+            REPO,
+            &[
+                "12896316-999",
+                "12896316-1700000000",
+                "12896316-1000",
+                "12896316-1700000000000000000",
+                "12896316-1-99999999999999999999",
+                "128963160-99999999999999999999",
+                "x12896316-99999999999999999999",
+                "12896316-latest",
+                "4.1",
+            ],
+        )
+        .await;
+    let (answer, patched) = login(&s.webhook, "12896316").await;
+    assert!(allowed(&answer));
+    let pod = as_pod(&patched);
+    assert_eq!(image_of(&pod, "x-graphical"), Some(s.snapshot("12896316-1700000000000000000")));
+    let spec = pod.spec.as_ref().unwrap();
+    let secrets = spec.image_pull_secrets.as_ref().expect("pull secret added");
+    assert_eq!(secrets.len(), 1);
+    assert_eq!(secrets[0].name, "abcdesktop-snapshot-registry");
+    let status = &pod.metadata.annotations.as_ref().unwrap()[STATUS];
+    assert!(status.starts_with("restored "), "{status}");
+    // every other container is untouched
+    let original = as_pod(&desktop_pod("12896316", IMAGE));
+    for name in ["c-printer", "s-sound", "f-filer"] {
+        assert_eq!(image_of(&pod, name), image_of(&original, name));
+    }
+    assert_eq!(spec.init_containers, original.spec.as_ref().unwrap().init_containers);
+    // a user whose id the other tags start with gets their own
+    let (_, patched) = login(&s.webhook, "12896316-1").await;
+    assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-1-99999999999999999999")));
+}
+
+#[tokio::test]
+async fn user_ids_with_special_characters_map_to_their_own_tags() {
+    let s = Setup::new(&[]).await;
+    s.registry.push_tags(REPO, &["jdoe_40example.com-5", "jdoe-9", "jdoe.example.com-7"]).await;
+    let (_, patched) = login(&s.webhook, "jdoe@example.com").await;
+    assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("jdoe_40example.com-5")));
+    let sidecar = sidecar_of(&patched).unwrap();
+    assert_eq!(env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(), Some("jdoe_40example.com"));
+}
+
+#[tokio::test]
+async fn per_user_layout() {
+    let s = Setup::new(&["--layout", "per-user"]).await;
+    s.registry.push_tags(&format!("alice/{REPO}"), &["4.1-100", "4.1-20", "4.0-900", "latest"]).await;
+    s.registry.push_tags(&format!("bob/{REPO}"), &["4.1-500"]).await;
+    let (_, patched) = login(&s.webhook, "alice").await;
+    let want = format!("{}/alice/{REPO}:4.1-100", s.registry.host);
+    assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(want));
+    let sidecar = sidecar_of(&patched).unwrap();
+    assert_eq!(env_of(&sidecar, "SNAPSHOT_REPOSITORY"), Some(format!("{}/alice/{REPO}", s.registry.host)));
+    assert_eq!(env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(), Some("4.1"));
+    let (_, patched) = login(&s.webhook, "carol").await;
+    assert_eq!(image_of(&as_pod(&patched), "x-graphical").as_deref(), Some(IMAGE));
+}
+
+/// A registry that fails in `kind`: the pod is admitted on time with its image,
+/// the sidecar, a warning, and the failure counted.
+async fn registry_failure_admits_unchanged(host: &str, ca: Option<&std::path::Path>, creds: Option<&std::path::Path>, why: &str) {
+    let webhook = Webhook::start(RegistryAccess { host, ca, credentials: creds }, &["--lookup-timeout", "300ms"]).await;
+    let started = Instant::now();
+    let (answer, patched) = login(&webhook, "12896316").await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_millis(1500), "{why}: answered after {took:?}");
+    assert!(allowed(&answer), "{why}");
+    assert_eq!(image_of(&as_pod(&patched), "x-graphical").as_deref(), Some(IMAGE), "{why}");
+    assert!(sidecar_of(&patched).is_some(), "{why}: sidecar still injected");
+    let w = warnings(&answer);
+    assert!(!w.is_empty() && w[0].contains("snapshot lookup failed"), "{why}: {w:?}");
+    let status = as_pod(&patched).metadata.annotations.unwrap()[STATUS].clone();
+    assert!(status.starts_with("not restored"), "{why}: {status}");
+    assert_eq!(webhook.metric("snapshot_webhook_admissions_total{outcome=\"registry_error\"}").await, 1.0, "{why}");
+    assert!(webhook.log().contains("desktop admitted without restore"), "{why}: logged");
+}
+
+#[tokio::test]
+async fn registry_refused() {
+    let bad = BadRegistry::start(Misbehaviour::Refused).await;
+    registry_failure_admits_unchanged(&bad.host, Some(&bad.ca_path()), None, "refused").await;
+}
+
+#[tokio::test]
+async fn registry_silent_past_the_deadline() {
+    let bad = BadRegistry::start(Misbehaviour::Silent).await;
+    registry_failure_admits_unchanged(&bad.host, Some(&bad.ca_path()), None, "silent").await;
+}
+
+#[tokio::test]
+async fn registry_answering_500() {
+    let bad = BadRegistry::start(Misbehaviour::ServerError).await;
+    registry_failure_admits_unchanged(&bad.host, Some(&bad.ca_path()), None, "500").await;
+}
+
+#[tokio::test]
+async fn registry_answering_garbage() {
+    let bad = BadRegistry::start(Misbehaviour::Garbage).await;
+    registry_failure_admits_unchanged(&bad.host, Some(&bad.ca_path()), None, "garbage").await;
+}
+
+#[tokio::test]
+async fn registry_refusing_our_credentials() {
+    let registry = Registry::start().await;
+    registry.push_tags(REPO, &["12896316-5"]).await;
+    let creds = registry.dir.path().join("wrong.json");
+    registry.write_dockerconfigjson(&creds, USER, "not-the-password");
+    registry_failure_admits_unchanged(&registry.host, Some(&registry.ca_path()), Some(&creds), "401").await;
+}
+
+#[tokio::test]
+async fn rotated_registry_credentials_are_used_without_restart() {
+    let registry = Registry::start().await;
+    registry.push_tags(REPO, &["12896316-5"]).await;
+    let creds = registry.dir.path().join("rotating.json");
+    registry.write_dockerconfigjson(&creds, USER, "old-password");
+    let webhook = Webhook::start(
+        RegistryAccess { host: &registry.host, ca: Some(&registry.ca_path()), credentials: Some(&creds) },
+        &[],
+    )
+    .await;
+    let (answer, _) = login(&webhook, "12896316").await;
+    assert!(!warnings(&answer).is_empty(), "the old password is refused");
+    registry.write_dockerconfigjson(&creds, USER, PASSWORD);
+    let restored = harness::ports::wait_until(Duration::from_secs(5), || async {
+        let (_, patched) = login(&webhook, "12896316").await;
+        image_of(&as_pod(&patched), "x-graphical") == Some(format!("{}/{REPO}:12896316-5", registry.host))
+    })
+    .await;
+    assert!(restored, "the rotated secret was not picked up; log:\n{}", webhook.log());
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_fetched_once_and_reused() {
+    let s = Setup::with(Registry::start_with(Auth::Token { lifetime_secs: 300 }).await, &[]).await;
+    s.registry.push_tags(REPO, &["12896316-7", "12896316-8"]).await;
+    let service = s.registry.token.as_ref().unwrap();
+    let before = service.issued();
+    for _ in 0..5 {
+        let (_, patched) = login(&s.webhook, "12896316").await;
+        assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-8")), "log:\n{}", s.webhook.log());
+    }
+    assert_eq!(service.issued() - before, 1, "one token for five lookups");
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_renewed_when_they_expire() {
+    let s = Setup::with(Registry::start_with(Auth::Token { lifetime_secs: 6 }).await, &[]).await;
+    s.registry.push_tags(REPO, &["12896316-7"]).await;
+    let service = s.registry.token.as_ref().unwrap();
+    let before = service.issued();
+    login(&s.webhook, "12896316").await;
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let (_, patched) = login(&s.webhook, "12896316").await;
+    assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-7")));
+    assert_eq!(service.issued() - before, 2, "a token about to expire is renewed before use");
+}
+
+#[tokio::test]
+async fn malformed_reviews_get_400_with_a_reason_and_oversized_413() {
+    let s = Setup::new(&["--max-body-bytes", "65536"]).await;
+    let cases: Vec<(Vec<u8>, &str)> = vec![
+        (b"this is not json".to_vec(), "not an AdmissionReview"),
+        (br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#.to_vec(), "no request"),
+        (serde_json::to_vec(&{
+            let mut r = review(&desktop_pod("u", IMAGE), "CREATE", false);
+            r["apiVersion"] = json!("admission.k8s.io/v1beta1");
+            r
+        }).unwrap(), "expected apiVersion admission.k8s.io/v1"),
+        (br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x"}}"#.to_vec(), "not an AdmissionReview"),
+    ];
+    for (body, want) in cases {
+        let (status, text) = send_raw(&s.webhook, body).await;
+        assert_eq!(status, 400, "{text}");
+        assert!(text.contains(want), "{want:?} not in {text:?}");
+    }
+    let mut pod = desktop_pod("u", IMAGE);
+    pod["metadata"]["annotations"]["padding"] = json!("x".repeat(100_000));
+    let (status, _) = send_raw(&s.webhook, serde_json::to_vec(&review(&pod, "CREATE", false)).unwrap()).await;
+    assert_eq!(status, 413);
+    // still serving
+    let (answer, _) = login(&s.webhook, "u").await;
+    assert!(allowed(&answer));
+}
+
+#[tokio::test]
+async fn other_kinds_other_operations_and_other_pods_pass_untouched() {
+    let s = Setup::new(&[]).await;
+    s.registry.push_tags(REPO, &["12896316-5"]).await;
+    let pod = desktop_pod("12896316", IMAGE);
+    let update = admit(&s.webhook, &pod, "UPDATE", false).await;
+    assert!(allowed(&update) && admission::patch(&update).is_none());
+    let mut plain = pod.clone();
+    plain["metadata"]["labels"]["type"] = json!("web");
+    let other = admit(&s.webhook, &plain, "CREATE", false).await;
+    assert!(allowed(&other) && admission::patch(&other).is_none());
+    let cm = json!({"apiVersion": "v1", "kind": "ConfigMap", "metadata": {"name": "c", "namespace": "abcdesktop",
+        "labels": {"type": "x11server", "access_userid": "12896316"}}, "data": {}});
+    let cm_answer = admit(&s.webhook, &cm, "CREATE", false).await;
+    assert!(allowed(&cm_answer) && admission::patch(&cm_answer).is_none());
+}
+
+#[tokio::test]
+async fn dry_run_is_answered_like_a_real_request() {
+    let s = Setup::new(&[]).await;
+    s.registry.push_tags(REPO, &["12896316-5"]).await;
+    let pod = desktop_pod("12896316", IMAGE);
+    let real = admit(&s.webhook, &pod, "CREATE", false).await;
+    let dry = admit(&s.webhook, &pod, "CREATE", true).await;
+    assert_eq!(admission::patch(&real), admission::patch(&dry));
+    assert!(admission::patch(&dry).is_some());
+}
+
+#[tokio::test]
+async fn readmitting_a_patched_pod_changes_nothing() {
+    for mode in ["container", "native"] {
+        let s = Setup::new(&["--sidecar-mode", mode]).await;
+        s.registry.push_tags(REPO, &["12896316-5"]).await;
+        let (_, patched) = login(&s.webhook, "12896316").await;
+        s.registry.push_tags(REPO, &["12896316-6"]).await;
+        let again = admit(&s.webhook, &patched, "CREATE", false).await;
+        assert!(allowed(&again));
+        let ops = admission::patch(&again).map(|p| p.0.len()).unwrap_or(0);
+        assert_eq!(ops, 0, "{mode}: {again}");
+        let pod = as_pod(&patched);
+        assert_eq!(image_of(&pod, "x-graphical"), Some(s.snapshot("12896316-5")));
+        if mode == "native" {
+            let init = pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
+            let sidecar = init.iter().find(|c| c.name == "t-snapshot").expect("native sidecar");
+            assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+        }
+    }
+}
+
+#[tokio::test]
+async fn opt_out_and_pin_annotations() {
+    let s = Setup::new(&[]).await;
+    s.registry.push_tags(REPO, &["12896316-5", "12896316-9", "bob-3"]).await;
+    let with = |annotations: Value| {
+        let mut pod = desktop_pod("12896316", IMAGE);
+        for (k, v) in annotations.as_object().unwrap() {
+            pod["metadata"]["annotations"][k] = v.clone();
+        }
+        pod
+    };
+    // opt-out: a fresh desktop, sidecar still there
+    let pod = with(json!({"snapshot.abcdesktop.io/restore": "false"}));
+    let answer = admit(&s.webhook, &pod, "CREATE", false).await;
+    let patched = apply(&pod, &answer);
+    assert_eq!(image_of(&as_pod(&patched), "x-graphical").as_deref(), Some(IMAGE));
+    assert!(sidecar_of(&patched).is_some());
+    // pin to an older snapshot of the same user: rollback
+    let pod = with(json!({"snapshot.abcdesktop.io/pin": "12896316-5"}));
+    let answer = admit(&s.webhook, &pod, "CREATE", false).await;
+    assert_eq!(image_of(&as_pod(&apply(&pod, &answer)), "x-graphical"), Some(s.snapshot("12896316-5")));
+    // pin to another user's snapshot: refused
+    let pod = with(json!({"snapshot.abcdesktop.io/pin": "bob-3"}));
+    let answer = admit(&s.webhook, &pod, "CREATE", false).await;
+    assert!(!allowed(&answer));
+    let message = admission::response(&answer)["status"]["message"].as_str().unwrap_or_default().to_string();
+    assert!(message.contains("not a snapshot of user"), "{message}");
+    // pin to a snapshot that does not exist: refused
+    let pod = with(json!({"snapshot.abcdesktop.io/pin": "12896316-7"}));
+    let answer = admit(&s.webhook, &pod, "CREATE", false).await;
+    assert!(!allowed(&answer));
+    assert!(admission::response(&answer)["status"]["message"].as_str().unwrap_or_default().contains("does not exist"));
+}
+
+#[tokio::test]
+async fn pin_by_digest() {
+    let s = Setup::new(&["--pin-digest"]).await;
+    s.registry.push_tags(REPO, &["12896316-5"]).await;
+    let (_, patched) = login(&s.webhook, "12896316").await;
+    let image = image_of(&as_pod(&patched), "x-graphical").unwrap();
+    let (name, digest) = image.split_once('@').expect("pinned by digest");
+    assert_eq!(name, s.snapshot("12896316-5"));
+    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
+}
+
+#[tokio::test]
+async fn concurrent_logins_of_one_user_all_get_the_newest() {
+    let s = Setup::new(&[]).await;
+    s.registry.push_tags(REPO, &["12896316-5", "12896316-50", "12896316-49"]).await;
+    let logins = (0..20).map(|_| login(&s.webhook, "12896316"));
+    for (answer, patched) in futures::future::join_all(logins).await {
+        assert!(allowed(&answer));
+        assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-50")));
+    }
+    let misses = s.webhook.metric("snapshot_webhook_cache_misses_total").await;
+    let coalesced = s.webhook.metric("snapshot_webhook_cache_hits_total{kind=\"coalesced\"}").await;
+    assert_eq!(misses + coalesced, 20.0);
+}
+
+#[tokio::test]
+async fn a_snapshot_pushed_just_before_login_is_seen() {
+    let s = Setup::new(&[]).await;
+    s.registry.push_tags(REPO, &["12896316-5"]).await;
+    let (_, patched) = login(&s.webhook, "12896316").await;
+    assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-5")));
+    s.registry.push_tags(REPO, &["12896316-6"]).await;
+    let (_, patched) = login(&s.webhook, "12896316").await;
+    assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-6")), "no stale answer");
+}
+
+#[tokio::test]
+async fn certificate_rotation_while_serving() {
+    let mut s = Setup::new(&[]).await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let ca = s.webhook.ca_pem.clone();
+    let url = s.webhook.url("/mutate");
+    let body = serde_json::to_vec(&review(&desktop_pod("12896316", IMAGE), "CREATE", false)).unwrap();
+    let load = {
+        let stop = stop.clone();
+        tokio::spawn(async move {
+            let mut results = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                // a new connection each time, so every request makes a handshake
+                let client = client_trusting(&ca);
+                let r = client.post(&url).body(body.clone()).send().await;
+                results.push(r.map(|r| r.status().as_u16()).map_err(|e| e.to_string()));
+            }
+            results
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    for _ in 0..3 {
+        s.webhook.rotate_cert(false);
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let results = load.await.unwrap();
+    assert!(results.len() > 10, "{} requests", results.len());
+    let failed: Vec<_> = results.iter().filter(|r| !matches!(r, Ok(200))).collect();
+    assert!(failed.is_empty(), "{} of {} failed during rotation: {:?}", failed.len(), results.len(), failed.first());
+    assert!(s.webhook.log().contains("serving certificate reloaded"));
+
+    // a new CA: clients trusting it get through within a second
+    let new_ca = s.webhook.rotate_cert(true);
+    let client = client_trusting(&new_ca);
+    let url = s.webhook.url("/healthz");
+    let ok = harness::ports::wait_until(Duration::from_secs(2), || {
+        let (client, url) = (client.clone(), url.clone());
+        async move { client.get(&url).send().await.is_ok() }
+    })
+    .await;
+    assert!(ok, "the new certificate is not served; log:\n{}", s.webhook.log());
+}
+
+#[tokio::test]
+async fn metrics_and_probes() {
+    let s = Setup::new(&[]).await;
+    login(&s.webhook, "12896316").await;
+    let text = s.webhook.metrics().await;
+    for name in [
+        "snapshot_webhook_admissions_total{outcome=\"no_snapshot\"} 1",
+        "snapshot_webhook_lookup_duration_seconds_count 1",
+        "snapshot_webhook_cache_misses_total 1",
+        "snapshot_webhook_registry_requests_total",
+    ] {
+        assert!(text.contains(name), "{name} missing in:\n{text}");
+    }
+    for path in ["/healthz", "/readyz"] {
+        let r = s.webhook.client().get(s.webhook.url(path)).send().await.unwrap();
+        assert!(r.status().is_success(), "{path}");
+    }
+}
