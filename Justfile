@@ -16,7 +16,7 @@ build:
 
 # Run the unit and end-to-end tests against real registry and containerd.
 test: deps build manifests-check
-    cargo test --workspace --locked -- --test-threads=2
+    bash scripts/test.sh
 
 # Play the whole story on this machine: login, snapshot, logoff, login again.
 demo: deps build

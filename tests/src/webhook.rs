@@ -26,7 +26,7 @@ pub struct Webhook {
 }
 
 impl Webhook {
-    /// Starts the webhook; `extra` flags are appended (later flags win).
+    /// Starts the webhook; `extra` flags are appended (each flag may be given once).
     pub async fn start(registry: RegistryAccess<'_>, extra: &[&str]) -> Self {
         crate::init_crypto();
         let dir = tempfile::tempdir().expect("temp dir");
@@ -40,7 +40,7 @@ impl Webhook {
             .arg(dir.path().join("tls.crt"))
             .arg("--tls-key")
             .arg(dir.path().join("tls.key"))
-            .args(["--tls-reload-interval", "200ms", "--log-format", "json"])
+            .args(["--tls-reload-interval", "200ms"])
             .args(["--registry", registry.host]);
         if let Some(ca) = registry.ca {
             cmd.arg("--registry-ca").arg(ca);
@@ -54,16 +54,24 @@ impl Webhook {
             .stderr(Stdio::from(log))
             .kill_on_drop(true);
         let child = cmd.spawn().expect("spawning snapshot-webhook");
-        let webhook = Self { port, dir, ca_pem, child };
+        let mut webhook = Self { port, dir, ca_pem, child };
         let client = webhook.client();
         let url = webhook.url("/readyz");
-        let ready = ports::wait_until(Duration::from_secs(15), || {
-            let (client, url) = (client.clone(), url.clone());
-            async move { matches!(client.get(&url).send().await, Ok(r) if r.status().is_success()) }
-        })
-        .await;
-        assert!(ready, "snapshot-webhook did not become ready on {url}; its log:\n{}", webhook.log());
-        webhook
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
+        loop {
+            if matches!(client.get(&url).send().await, Ok(r) if r.status().is_success()) {
+                return webhook;
+            }
+            if let Ok(Some(status)) = webhook.child.try_wait() {
+                panic!("snapshot-webhook exited ({status}) before it was ready; its log:\n{}", webhook.log());
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "snapshot-webhook did not become ready on {url} within 15 s; its log:\n{}",
+                webhook.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     pub fn url(&self, path: &str) -> String {

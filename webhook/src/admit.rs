@@ -99,7 +99,7 @@ impl Admitter {
         match r.outcome {
             Outcome::RegistryError | Outcome::Unmappable => warn!(
                 uid = fields.0, namespace = fields.1, pod = fields.2, user = %action.user, target = %target,
-                outcome = r.outcome.as_str(), reason = r.status.as_deref().unwrap_or(""), elapsed_ms,
+                outcome = r.outcome.as_str(), reason = r.detail.as_deref().unwrap_or(""), elapsed_ms,
                 dry_run = request.dry_run, "desktop admitted without restore"
             ),
             _ => info!(

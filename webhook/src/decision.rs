@@ -197,6 +197,8 @@ pub struct Resolution {
     pub warning: Option<String>,
     /// Set when the request must be refused.
     pub deny: Option<String>,
+    /// Everything known about a failure, for the log (warnings stay short).
+    pub detail: Option<String>,
 }
 
 /// Combines the plan and the registry's answer.
@@ -211,6 +213,7 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
                 sidecar: None,
                 warning: Some(format!("desktop-snapshot: no snapshot for this desktop: {e}")),
                 deny: None,
+                detail: Some(e.to_string()),
             }
         }
     };
@@ -221,6 +224,7 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
         sidecar: Some(target.clone()),
         warning: None,
         deny: None,
+        detail: None,
     };
     match (&action.want, found) {
         (Want::AlreadyDone, _) => Resolution { outcome: Outcome::AlreadyDone, ..base },
@@ -250,10 +254,13 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
         (_, Found::Nothing) => Resolution { status: Some("no snapshot yet".to_string()), ..base },
         (_, Found::Failed(e)) => Resolution {
             outcome: Outcome::RegistryError,
-            status: Some(format!("not restored: {e}")),
+            status: Some(format!("not restored: registry {}", e.kind.as_str())),
+            // kube-apiserver truncates warnings past 256 characters: the details go to the log.
             warning: Some(format!(
-                "desktop-snapshot: snapshot lookup failed ({e}); the desktop starts from its original image"
+                "desktop-snapshot: snapshot lookup failed (registry {}); the desktop starts from its original image",
+                e.kind.as_str()
             )),
+            detail: Some(e.to_string()),
             ..base
         },
         (_, Found::NotAsked) => Resolution {
