@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod badregistry;
+pub mod containerd;
 pub mod ports;
 pub mod registry;
 pub mod token;
