@@ -1,6 +1,44 @@
-//! The commit sidecar: not written yet (issue 3). This skeleton keeps the
-//! workspace buildable and refuses to pretend it does anything.
-fn main() {
-    eprintln!("snapshot-sidecar: not implemented yet");
-    std::process::exit(2);
+//! `snapshot-sidecar`: wiring only (flags, telemetry, server).
+
+use anyhow::Context;
+use clap::Parser;
+use snapshot_sidecar::{
+    api::{self, AppState},
+    config::Config,
+};
+use std::sync::Arc;
+use tracing::{error, info};
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() {
+    let config = Config::parse();
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    if config.log_format == "text" {
+        logs.init();
+    } else {
+        logs.json().flatten_event(true).init();
+    }
+    if let Err(e) = run(config).await {
+        error!(error = %format!("{e:#}"), "snapshot-sidecar stopped");
+        std::process::exit(1);
+    }
+}
+
+async fn run(config: Config) -> anyhow::Result<()> {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let token = match &config.api_token_file {
+        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string()),
+        None => None,
+    };
+    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    info!(listen = %config.listen, repository = %config.repository, container = %config.container, "snapshot-sidecar serving");
+    let state = Arc::new(AppState { config, sessions: Default::default(), token });
+    axum::serve(listener, api::router(state))
+        .with_graceful_shutdown(async {
+            let _ = tokio::signal::ctrl_c().await;
+        })
+        .await
+        .context("serving the API")
 }

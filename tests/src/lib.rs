@@ -7,6 +7,7 @@ pub mod badregistry;
 pub mod containerd;
 pub mod ports;
 pub mod registry;
+pub mod sidecar;
 pub mod token;
 pub mod webhook;
 

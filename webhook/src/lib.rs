@@ -7,7 +7,7 @@
 
 pub mod admit;
 pub mod config;
-pub mod credentials;
+pub use registry_credentials as credentials;
 pub mod decision;
 pub mod lookup;
 pub mod metrics;

@@ -1,0 +1,100 @@
+//! The HTTP API on port 29785, as abcdesktop's front end calls it (through a
+//! router that may strip the `/snapshot` prefix, so both forms answer).
+
+use crate::{config::Config, session::{now_ms, Sessions}, snapshot};
+use axum::{
+    extract::{Path, State},
+    http::{HeaderMap, StatusCode},
+    response::{IntoResponse, Response},
+    routing::{get, post},
+    Json, Router,
+};
+use serde_json::json;
+use std::sync::Arc;
+
+pub const API_VERSION: &str = "1.0";
+
+pub struct AppState {
+    pub config: Config,
+    pub sessions: Sessions,
+    /// The bearer token the API requires, when one is configured.
+    pub token: Option<String>,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/snapshot", post(start))
+        .route("/snapshot/snapshot", post(start))
+        .route("/snapshots", get(list))
+        .route("/snapshots/", get(list))
+        .route("/snapshot/snapshots", get(list))
+        .route("/version", get(version))
+        .route("/snapshot/version", get(version))
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/snapshot/{id}", get(status))
+        .route("/{id}", get(status))
+        .with_state(state)
+}
+
+fn envelope(status: StatusCode, ok: bool, message: &str, session_id: &str) -> Response {
+    (
+        status,
+        Json(json!({
+            "message": message,
+            "status": if ok { "success" } else { "error" },
+            "timestamp": now_ms(),
+            "session_id": session_id,
+            "api_version": API_VERSION,
+        })),
+    )
+        .into_response()
+}
+
+fn authorised(state: &AppState, headers: &HeaderMap) -> bool {
+    let Some(token) = &state.token else { return true };
+    headers
+        .get("abcauthorization")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .is_some_and(|t| t.trim() == token)
+}
+
+async fn start(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
+    if !authorised(&state, &headers) {
+        return envelope(StatusCode::UNAUTHORIZED, false, "missing or wrong ABCAuthorization bearer token", "");
+    }
+    let (id, new) = state.sessions.begin();
+    if new {
+        let (state, running) = (state.clone(), id.clone());
+        tokio::spawn(async move { snapshot::run(&state.config, &state.sessions, &running).await });
+        envelope(StatusCode::OK, true, "snapshot process started", &id)
+    } else {
+        envelope(StatusCode::OK, true, "snapshot process already running", &id)
+    }
+}
+
+async fn status(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+    match state.sessions.get(&id) {
+        Some(op) => envelope(StatusCode::OK, op.step != crate::session::Step::Error, &op.message, &id),
+        None => envelope(StatusCode::NOT_FOUND, false, "unknown session", &id),
+    }
+}
+
+async fn list(State(state): State<Arc<AppState>>) -> Response {
+    let operations = state.sessions.list();
+    (
+        StatusCode::OK,
+        Json(json!({
+            "message": operations,
+            "status": "success",
+            "timestamp": now_ms(),
+            "session_id": state.sessions.running().unwrap_or_default(),
+            "api_version": API_VERSION,
+        })),
+    )
+        .into_response()
+}
+
+async fn version() -> Response {
+    envelope(StatusCode::OK, true, env!("CARGO_PKG_VERSION"), "")
+}

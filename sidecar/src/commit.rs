@@ -1,0 +1,174 @@
+//! The container's changes as one uncompressed layer in containerd's content
+//! store: pause the task, diff its snapshot against its parent through the Diff
+//! service, resume. The task is resumed on every path: errors return through
+//! the guard, and a panic or a dropped future resumes it from `Drop`.
+
+use crate::ctrd::Ctrd;
+use anyhow::{Context, Result};
+use containerd_client::{
+    services::v1::{
+        snapshots::{MountsRequest, RemoveSnapshotRequest, StatSnapshotRequest, ViewSnapshotRequest},
+        Container, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest, DiffRequest,
+        PauseTaskRequest, ResumeTaskRequest,
+    },
+    types::Descriptor,
+};
+use std::{collections::HashMap, time::Duration};
+use tracing::{info, warn};
+
+/// The OCI media type of an uncompressed layer.
+pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// A containerd lease: everything made under it survives garbage collection
+/// until it is deleted (or expires, if the sidecar dies).
+pub struct Lease {
+    ctrd: Ctrd,
+    pub id: String,
+}
+
+impl Lease {
+    pub async fn create(ctrd: &Ctrd, expiry: Duration) -> Result<Self> {
+        let expire = chrono_like_rfc3339(std::time::SystemTime::now() + expiry);
+        let labels = HashMap::from([("containerd.io/gc.expire".to_string(), expire)]);
+        let lease = ctrd
+            .client
+            .leases()
+            .create(ctrd.req(CreateLeaseRequest { id: String::new(), labels }))
+            .await
+            .context("creating a containerd lease")?
+            .into_inner()
+            .lease
+            .context("containerd returned no lease")?;
+        Ok(Self { ctrd: ctrd.clone(), id: lease.id })
+    }
+
+    pub async fn release(self) {
+        let r = self.ctrd.client.leases().delete(self.ctrd.req(DeleteLeaseRequest { id: self.id.clone(), sync: false })).await;
+        if let Err(e) = r {
+            warn!(lease = %self.id, error = %e, "cannot delete the lease; it expires by itself");
+        }
+    }
+}
+
+fn chrono_like_rfc3339(t: std::time::SystemTime) -> String {
+    humantime::format_rfc3339_seconds(t).to_string()
+}
+
+/// A paused task; resumed by [`Paused::resume`], or by `Drop` on any other path.
+pub struct Paused {
+    ctrd: Ctrd,
+    container_id: String,
+    active: bool,
+}
+
+impl Paused {
+    pub async fn pause(ctrd: &Ctrd, container_id: &str) -> Result<Self> {
+        ctrd.client
+            .tasks()
+            .pause(ctrd.req(PauseTaskRequest { container_id: container_id.to_string() }))
+            .await
+            .with_context(|| format!("pausing {container_id}"))?;
+        Ok(Self { ctrd: ctrd.clone(), container_id: container_id.to_string(), active: true })
+    }
+
+    pub async fn resume(mut self) -> Result<()> {
+        self.active = false;
+        resume(&self.ctrd, &self.container_id).await
+    }
+}
+
+async fn resume(ctrd: &Ctrd, container_id: &str) -> Result<()> {
+    let mut last = None;
+    for attempt in 0..5u64 {
+        match ctrd.client.tasks().resume(ctrd.req(ResumeTaskRequest { container_id: container_id.to_string() })).await {
+            Ok(_) => return Ok(()),
+            Err(e) => {
+                warn!(container = container_id, attempt, error = %e, "resume failed; trying again");
+                last = Some(e);
+                tokio::time::sleep(Duration::from_millis(100 * (attempt + 1))).await;
+            }
+        }
+    }
+    Err(anyhow::anyhow!("resuming {container_id}: {}", last.map(|e| e.to_string()).unwrap_or_default()))
+}
+
+impl Drop for Paused {
+    fn drop(&mut self) {
+        if self.active {
+            let (ctrd, id) = (self.ctrd.clone(), self.container_id.clone());
+            warn!(container = %id, "resuming the task after an interrupted commit");
+            if let Ok(handle) = tokio::runtime::Handle::try_current() {
+                handle.spawn(async move {
+                    if let Err(e) = resume(&ctrd, &id).await {
+                        warn!(container = %id, error = %format!("{e:#}"), "could not resume the task");
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// The layer of `container`'s changes (uncompressed, in the content store under
+/// the lease of `ctrd`); its digest is the layer's diff_id.
+pub async fn diff(ctrd: &Ctrd, container: &Container, pause: bool) -> Result<Descriptor> {
+    let snapshotter = container.snapshotter.clone();
+    let key = container.snapshot_key.clone();
+    let snapshots = ctrd.client.snapshots();
+    let info = snapshots
+        .clone()
+        .stat(ctrd.req(StatSnapshotRequest { snapshotter: snapshotter.clone(), key: key.clone() }))
+        .await
+        .with_context(|| format!("reading snapshot {key}"))?
+        .into_inner()
+        .info
+        .context("containerd returned no snapshot info")?;
+    let view_key = format!("desktop-snapshot-view-{}", ctrd.lease.as_deref().unwrap_or("nolease"));
+    let left = snapshots
+        .clone()
+        .view(ctrd.req(ViewSnapshotRequest {
+            snapshotter: snapshotter.clone(),
+            key: view_key.clone(),
+            parent: info.parent.clone(),
+            labels: HashMap::new(),
+        }))
+        .await
+        .with_context(|| format!("viewing the parent snapshot {}", info.parent))?
+        .into_inner()
+        .mounts;
+    let right = snapshots
+        .clone()
+        .mounts(ctrd.req(MountsRequest { snapshotter: snapshotter.clone(), key: key.clone() }))
+        .await
+        .with_context(|| format!("mounts of snapshot {key}"))?
+        .into_inner()
+        .mounts;
+
+    let paused = if pause { Some(Paused::pause(ctrd, &container.id).await?) } else { None };
+    let started = std::time::Instant::now();
+    let result = ctrd
+        .client
+        .diff()
+        .diff(ctrd.req(DiffRequest {
+            left,
+            right,
+            media_type: LAYER_TAR.to_string(),
+            r#ref: format!("desktop-snapshot-{}", ctrd.lease.as_deref().unwrap_or("")),
+            labels: HashMap::new(),
+            source_date_epoch: None,
+        }))
+        .await;
+    if let Some(p) = paused {
+        p.resume().await?;
+    }
+    let _ = snapshots
+        .clone()
+        .remove(ctrd.req(RemoveSnapshotRequest { snapshotter, key: view_key }))
+        .await;
+    let descriptor = result
+        .context("the Diff service failed")?
+        .into_inner()
+        .diff
+        .context("the Diff service returned no descriptor")?;
+    info!(digest = %descriptor.digest, bytes = descriptor.size, elapsed_ms = started.elapsed().as_millis() as u64, "diff of the container written");
+    Ok(descriptor)
+}

@@ -1,0 +1,63 @@
+//! Every setting of the sidecar, from the env the webhook injects (each also a flag).
+
+use clap::{Parser, ValueEnum};
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+#[derive(Parser, Debug, Clone)]
+#[command(name = "snapshot-sidecar", version, about = "Commits the desktop container and pushes it as the user's snapshot")]
+pub struct Config {
+    /// Address of the HTTP API.
+    #[arg(long, env = "SNAPSHOT_LISTEN", default_value = "0.0.0.0:29785")]
+    pub listen: SocketAddr,
+    /// Name of this pod (downward API).
+    #[arg(long, env = "SNAPSHOT_POD_NAME")]
+    pub pod_name: String,
+    /// Namespace of this pod (downward API).
+    #[arg(long, env = "SNAPSHOT_POD_NAMESPACE")]
+    pub pod_namespace: String,
+    /// UID of this pod (downward API); the container is looked up by it.
+    #[arg(long, env = "SNAPSHOT_POD_UID", default_value = "")]
+    pub pod_uid: String,
+    /// Name of the container to commit.
+    #[arg(long, env = "SNAPSHOT_CONTAINER", default_value = "x-graphical")]
+    pub container: String,
+    /// Repository to push to, `host[:port]/path`.
+    #[arg(long, env = "SNAPSHOT_REPOSITORY")]
+    pub repository: String,
+    /// Snapshot tags are `<prefix>-<epoch nanoseconds>`.
+    #[arg(long, env = "SNAPSHOT_TAG_PREFIX")]
+    pub tag_prefix: String,
+    /// How to reach the registry: `https` or `http`.
+    #[arg(long, env = "SNAPSHOT_REGISTRY_PROTOCOL", value_enum, default_value_t = Protocol::Https)]
+    pub registry_protocol: Protocol,
+    /// Extra CA (PEM) to trust for the registry.
+    #[arg(long, env = "SNAPSHOT_REGISTRY_CA")]
+    pub registry_ca: Option<PathBuf>,
+    /// The registry secret as a mounted `.dockerconfigjson`, read at each commit.
+    #[arg(long, env = "SNAPSHOT_REGISTRY_CREDENTIALS")]
+    pub registry_credentials: Option<PathBuf>,
+    /// containerd's socket.
+    #[arg(long, env = "SNAPSHOT_CONTAINERD_SOCKET", default_value = "/run/containerd/containerd.sock")]
+    pub containerd_socket: PathBuf,
+    /// containerd namespace of the kubelet's containers.
+    #[arg(long, env = "SNAPSHOT_CONTAINERD_NAMESPACE", default_value = "k8s.io")]
+    pub containerd_namespace: String,
+    /// Pause the container while its changes are read (a consistent snapshot).
+    #[arg(long, env = "SNAPSHOT_PAUSE", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pause: bool,
+    /// Lifetime of the containerd lease that protects the work in progress.
+    #[arg(long, env = "SNAPSHOT_LEASE_EXPIRY", default_value = "1h", value_parser = humantime::parse_duration)]
+    pub lease_expiry: Duration,
+    /// File holding a token the API requires as `ABCAuthorization: Bearer <token>`; off when unset.
+    #[arg(long, env = "SNAPSHOT_API_TOKEN_FILE")]
+    pub api_token_file: Option<PathBuf>,
+    /// Log format: `json` or `text`.
+    #[arg(long, env = "SNAPSHOT_LOG_FORMAT", default_value = "json")]
+    pub log_format: String,
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Protocol {
+    Https,
+    Http,
+}

@@ -1,0 +1,161 @@
+//! The base image as containerd holds it, and the snapshot's config and
+//! manifest built on it. Reading is I/O; building is pure and unit-tested.
+
+use crate::ctrd::Ctrd;
+use anyhow::{bail, Context, Result};
+use bytes::Bytes;
+use containerd_client::services::v1::{GetImageRequest, ReadContentRequest};
+use futures::{Stream, StreamExt};
+use serde_json::{json, Value};
+
+pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
+pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
+pub const OCI_CONFIG: &str = "application/vnd.oci.image.config.v1+json";
+pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
+pub const DOCKER_MANIFEST: &str = "application/vnd.docker.distribution.manifest.v2+json";
+pub const DOCKER_LIST: &str = "application/vnd.docker.distribution.manifest.list.v2+json";
+pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json";
+pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
+
+/// A blob of the content store as a stream of chunks.
+pub fn read_stream(ctrd: &Ctrd, digest: &str) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
+    let (ctrd, digest) = (ctrd.clone(), digest.to_string());
+    futures::stream::once(async move {
+        let r = ctrd
+            .client
+            .content()
+            .read(ctrd.req(ReadContentRequest { digest: digest.clone(), offset: 0, size: 0 }))
+            .await
+            .with_context(|| format!("reading {digest} from containerd's content store"))?;
+        Ok::<_, anyhow::Error>(r.into_inner().map(|chunk| chunk.map(|c| Bytes::from(c.data)).map_err(anyhow::Error::from)))
+    })
+    .map(|s| match s {
+        Ok(inner) => inner.boxed(),
+        Err(e) => futures::stream::once(async move { Err(e) }).boxed(),
+    })
+    .flatten()
+}
+
+/// A small blob of the content store, whole.
+pub async fn read_all(ctrd: &Ctrd, digest: &str) -> Result<Vec<u8>> {
+    let mut out = Vec::new();
+    let mut s = Box::pin(read_stream(ctrd, digest));
+    while let Some(chunk) = s.next().await {
+        out.extend_from_slice(&chunk?);
+    }
+    Ok(out)
+}
+
+/// The base image's manifest and config, as JSON.
+pub struct Base {
+    pub manifest: Value,
+    pub config: Value,
+}
+
+/// Reads the image the container was created from.
+pub async fn base(ctrd: &Ctrd, image_name: &str) -> Result<Base> {
+    let image = ctrd
+        .client
+        .images()
+        .get(ctrd.req(GetImageRequest { name: image_name.to_string() }))
+        .await
+        .with_context(|| format!("image {image_name} is not in containerd"))?
+        .into_inner()
+        .image
+        .context("containerd returned no image")?;
+    let target = image.target.context("the image has no target")?;
+    let mut media_type = target.media_type.clone();
+    let mut digest = target.digest.clone();
+    if media_type == OCI_INDEX || media_type == DOCKER_LIST {
+        let index: Value = serde_json::from_slice(&read_all(ctrd, &digest).await?).context("the image index is not JSON")?;
+        let chosen = pick_platform(&index).context("the image index has no manifest for this platform")?;
+        media_type = chosen["mediaType"].as_str().unwrap_or(OCI_MANIFEST).to_string();
+        digest = chosen["digest"].as_str().context("manifest without digest")?.to_string();
+    }
+    if media_type != OCI_MANIFEST && media_type != DOCKER_MANIFEST {
+        bail!("unsupported base image manifest type {media_type}");
+    }
+    let manifest: Value = serde_json::from_slice(&read_all(ctrd, &digest).await?).context("the manifest is not JSON")?;
+    let config_digest = manifest["config"]["digest"].as_str().context("manifest without config")?.to_string();
+    let config: Value = serde_json::from_slice(&read_all(ctrd, &config_digest).await?).context("the config is not JSON")?;
+    Ok(Base { manifest, config })
+}
+
+fn pick_platform(index: &Value) -> Option<&Value> {
+    let arch = match std::env::consts::ARCH {
+        "x86_64" => "amd64",
+        "aarch64" => "arm64",
+        other => other,
+    };
+    let manifests = index["manifests"].as_array()?;
+    manifests
+        .iter()
+        .find(|m| m["platform"]["os"] == "linux" && m["platform"]["architecture"] == arch)
+        .or_else(|| manifests.first())
+}
+
+/// Whether the base uses Docker's media types (the snapshot keeps its family).
+pub fn is_docker(manifest: &Value) -> bool {
+    manifest["mediaType"] == DOCKER_MANIFEST
+}
+
+/// The snapshot's config: the base's, with the new layer's diff_id and a history entry.
+pub fn next_config(base: &Value, diff_id: &str, created: &str) -> Value {
+    let mut config = base.clone();
+    if !config["rootfs"].is_object() {
+        config["rootfs"] = json!({"type": "layers", "diff_ids": []});
+    }
+    match config["rootfs"]["diff_ids"].as_array_mut() {
+        Some(ids) => ids.push(json!(diff_id)),
+        None => config["rootfs"]["diff_ids"] = json!([diff_id]),
+    }
+    let entry = json!({"created": created, "created_by": "desktop-snapshot", "comment": "the user's changes"});
+    match config["history"].as_array_mut() {
+        Some(h) => h.push(entry),
+        None => config["history"] = json!([entry]),
+    }
+    config["created"] = json!(created);
+    config
+}
+
+/// The snapshot's manifest: the base's layers, then the new one.
+pub fn next_manifest(base: &Value, config: (&str, usize), layer: (&str, u64)) -> Value {
+    let docker = is_docker(base);
+    let mut layers = base["layers"].as_array().cloned().unwrap_or_default();
+    layers.push(json!({
+        "mediaType": if docker { DOCKER_LAYER_GZIP } else { OCI_LAYER_GZIP },
+        "digest": layer.0,
+        "size": layer.1,
+    }));
+    json!({
+        "schemaVersion": 2,
+        "mediaType": if docker { DOCKER_MANIFEST } else { OCI_MANIFEST },
+        "config": {"mediaType": if docker { DOCKER_CONFIG } else { OCI_CONFIG }, "digest": config.0, "size": config.1},
+        "layers": layers,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn config_and_manifest_grow_by_one_layer() {
+        let base_config = json!({"architecture": "amd64", "os": "linux", "config": {"Env": ["A=1"]},
+            "rootfs": {"type": "layers", "diff_ids": ["sha256:a"]}, "history": [{"created_by": "base"}]});
+        let c = next_config(&base_config, "sha256:b", "2026-11-23T00:00:00Z");
+        assert_eq!(c["rootfs"]["diff_ids"], json!(["sha256:a", "sha256:b"]));
+        assert_eq!(c["history"].as_array().unwrap().len(), 2);
+        assert_eq!(c["config"], base_config["config"]);
+        let base_manifest = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {},
+            "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": "sha256:la", "size": 3}]});
+        let m = next_manifest(&base_manifest, ("sha256:cfg", 10), ("sha256:lb", 7));
+        assert_eq!(m["layers"].as_array().unwrap().len(), 2);
+        assert_eq!(m["layers"][1]["digest"], "sha256:lb");
+        assert_eq!(m["config"]["mediaType"], OCI_CONFIG);
+        let docker = json!({"mediaType": DOCKER_MANIFEST, "layers": []});
+        let m = next_manifest(&docker, ("sha256:cfg", 10), ("sha256:lb", 7));
+        assert_eq!(m["mediaType"], DOCKER_MANIFEST);
+        assert_eq!(m["layers"][0]["mediaType"], DOCKER_LAYER_GZIP);
+    }
+}

@@ -1,0 +1,16 @@
+//! desktop-snapshot commit sidecar: when the user picks "snapshot", commits
+//! the desktop container through containerd and pushes it to the registry.
+//!
+//! The data path, top to bottom: [`api`] (click) -> [`snapshot`] ->
+//! [`find`] -> [`commit`] (pause, diff, resume) -> [`image`] -> [`push`].
+
+pub mod api;
+pub mod commit;
+pub mod config;
+pub mod ctrd;
+pub mod find;
+pub mod image;
+pub mod push;
+pub mod session;
+pub mod snapshot;
+pub mod tag;

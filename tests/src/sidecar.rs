@@ -1,0 +1,171 @@
+//! The real `snapshot-sidecar` binary, configured the way the webhook injects
+//! it, against a private containerd and a real registry.
+
+use crate::{containerd::Containerd, ports, registry::Registry, workspace_binary};
+use serde_json::Value;
+use std::{path::Path, process::Stdio, time::Duration};
+use tokio::process::{Child, Command};
+
+pub struct Sidecar {
+    pub port: u16,
+    pub dir: tempfile::TempDir,
+    child: Child,
+}
+
+/// Where the sidecar commits from and pushes to.
+pub struct Target<'a> {
+    pub containerd: &'a Containerd,
+    pub pod_uid: &'a str,
+    pub registry_host: &'a str,
+    pub registry_ca: Option<&'a Path>,
+    pub credentials: Option<&'a Path>,
+    pub repository_path: &'a str,
+    pub tag_prefix: &'a str,
+}
+
+impl Sidecar {
+    pub async fn start(t: Target<'_>) -> Self {
+        Self::start_with_socket(t, None).await
+    }
+
+    /// Starts it; `socket` overrides the containerd socket (to make it unreachable).
+    pub async fn start_with_socket(t: Target<'_>, socket: Option<&Path>) -> Self {
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = ports::free_port();
+        let log = std::fs::File::create(dir.path().join("sidecar.log")).expect("log");
+        let mut cmd = Command::new(workspace_binary("snapshot-sidecar"));
+        cmd.env_clear()
+            .env("PATH", std::env::var("PATH").unwrap_or_default())
+            .env("RUST_LOG", "info")
+            .env("SNAPSHOT_LISTEN", format!("127.0.0.1:{port}"))
+            .env("SNAPSHOT_POD_NAME", "12896316-7c9d4")
+            .env("SNAPSHOT_POD_NAMESPACE", "abcdesktop")
+            .env("SNAPSHOT_POD_UID", t.pod_uid)
+            .env("SNAPSHOT_CONTAINER", "x-graphical")
+            .env("SNAPSHOT_REPOSITORY", format!("{}/{}", t.registry_host, t.repository_path))
+            .env("SNAPSHOT_TAG_PREFIX", t.tag_prefix)
+            .env("SNAPSHOT_REGISTRY_PROTOCOL", "https")
+            .env("SNAPSHOT_CONTAINERD_SOCKET", socket.unwrap_or(&t.containerd.socket))
+            .env("SNAPSHOT_CONTAINERD_NAMESPACE", &t.containerd.namespace);
+        if let Some(ca) = t.registry_ca {
+            cmd.env("SNAPSHOT_REGISTRY_CA", ca);
+        }
+        if let Some(c) = t.credentials {
+            cmd.env("SNAPSHOT_REGISTRY_CREDENTIALS", c);
+        }
+        cmd.stdout(Stdio::from(log.try_clone().expect("log"))).stderr(Stdio::from(log)).kill_on_drop(true);
+        let mut child = cmd.spawn().expect("spawning snapshot-sidecar");
+        let url = format!("http://127.0.0.1:{port}/healthz");
+        let client = reqwest::Client::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
+        loop {
+            if matches!(client.get(&url).send().await, Ok(r) if r.status().is_success()) {
+                break;
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                panic!("snapshot-sidecar exited ({status}): {}", std::fs::read_to_string(dir.path().join("sidecar.log")).unwrap_or_default());
+            }
+            assert!(tokio::time::Instant::now() < deadline, "snapshot-sidecar did not answer on {url}");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Self { port, dir, child }
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    /// `POST path` as the front end does; the JSON envelope.
+    pub async fn post(&self, path: &str) -> Value {
+        reqwest::Client::new()
+            .post(self.url(path))
+            .header("ABCAuthorization", "Bearer front-end-jwt")
+            .send()
+            .await
+            .expect("POST to the sidecar")
+            .json()
+            .await
+            .expect("a JSON envelope")
+    }
+
+    pub async fn get(&self, path: &str) -> (u16, Value) {
+        let r = reqwest::Client::new().get(self.url(path)).send().await.expect("GET from the sidecar");
+        let status = r.status().as_u16();
+        (status, r.json().await.unwrap_or_default())
+    }
+
+    /// Polls the operation until `done` or `error`; returns every message seen, in order.
+    pub async fn wait(&self, session_id: &str) -> Vec<String> {
+        let mut seen: Vec<String> = Vec::new();
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            let (status, v) = self.get(&format!("/snapshot/{session_id}")).await;
+            assert_eq!(status, 200, "{v}");
+            let message = v["message"].as_str().unwrap_or_default().to_string();
+            if seen.last() != Some(&message) {
+                seen.push(message.clone());
+            }
+            if message == "done" || v["status"] == "error" {
+                return seen;
+            }
+            assert!(tokio::time::Instant::now() < deadline, "operation stuck at {message:?}; log:\n{}", self.log());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts a snapshot and waits for its end.
+    pub async fn snapshot(&self) -> Vec<String> {
+        let started = self.post("/snapshot/snapshot").await;
+        assert_eq!(started["message"], "snapshot process started", "{started}");
+        let id = started["session_id"].as_str().expect("a session id").to_string();
+        self.wait(&id).await
+    }
+
+    pub async fn stop(mut self) {
+        let _ = self.child.kill().await;
+    }
+}
+
+/// The files of an image in `registry` (`repo:tag`): every layer's tar entries, in order.
+pub async fn layers(registry: &Registry, repo: &str, tag: &str) -> Vec<Vec<(String, Vec<u8>)>> {
+    use oci_client::{secrets::RegistryAuth, Reference};
+    let client = registry.oci_client();
+    let auth = RegistryAuth::Basic(crate::registry::USER.into(), crate::registry::PASSWORD.into());
+    let reference = Reference::with_tag(registry.host.clone(), repo.to_string(), tag.to_string());
+    client.store_auth_if_needed(&registry.host, &auth).await;
+    let (manifest, _) = client.pull_image_manifest(&reference, &auth).await.expect("pulling the manifest");
+    let mut out = Vec::new();
+    for layer in &manifest.layers {
+        let mut gz = Vec::new();
+        client.pull_blob(&reference, layer, &mut gz).await.expect("pulling a layer");
+        let mut tar = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut tar).expect("a gzip layer");
+        let mut archive = tar::Archive::new(tar.as_slice());
+        let mut files = Vec::new();
+        for entry in archive.entries().expect("a tar layer") {
+            let mut entry = entry.expect("a tar entry");
+            let path = entry.path().expect("a path").to_string_lossy().trim_start_matches("./").to_string();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data).ok();
+            files.push((path, data));
+        }
+        out.push(files);
+    }
+    out
+}
+
+impl Sidecar {
+    /// Starts a snapshot that must fail; every message seen, the error last.
+    pub async fn snapshot_expecting_error(&self) -> Vec<String> {
+        let started = self.post("/snapshot").await;
+        let id = started["session_id"].as_str().expect("a session id").to_string();
+        let steps = self.wait(&id).await;
+        let (_, last) = self.get(&format!("/snapshot/{id}")).await;
+        assert_eq!(last["status"], "error", "{steps:?}");
+        steps
+    }
+}

@@ -1,0 +1,159 @@
+//! End to end: the real snapshot-sidecar commits a running desktop container
+//! through a real containerd and pushes it to a real registry.
+
+use harness::{
+    containerd::Containerd,
+    registry::{Registry, PASSWORD, USER},
+    sidecar::{layers, Sidecar, Target},
+};
+
+const REPO: &str = "abcdesktopio/oc.user.test";
+
+struct Setup {
+    containerd: Containerd,
+    registry: Registry,
+    creds: std::path::PathBuf,
+}
+
+impl Setup {
+    async fn new() -> Self {
+        let containerd = Containerd::start().await;
+        containerd.import_base_image().await;
+        containerd.run_desktop("desk-a", "pod-a", "12896316-aaaaa", "x-graphical").await;
+        containerd.run_desktop("desk-b", "pod-b", "12896317-bbbbb", "x-graphical").await;
+        let registry = Registry::start().await;
+        let creds = registry.dir.path().join("dockerconfig.json");
+        registry.write_dockerconfigjson(&creds, USER, PASSWORD);
+        Self { containerd, registry, creds }
+    }
+
+    fn target(&self) -> Target<'_> {
+        Target {
+            containerd: &self.containerd,
+            pod_uid: "pod-a",
+            registry_host: &self.registry.host,
+            registry_ca: Some(self.registry.dir.path().join("ca.crt").leak()),
+            credentials: Some(&self.creds),
+            repository_path: REPO,
+            tag_prefix: "alice",
+        }
+    }
+
+    async fn snapshot_tags(&self) -> Vec<String> {
+        let mut t: Vec<String> = self.registry.tags(REPO).await.into_iter().filter(|t| t.starts_with("alice-")).collect();
+        t.sort_by_key(|t| t.trim_start_matches("alice-").parse::<u128>().unwrap_or(0));
+        t
+    }
+}
+
+fn file<'a>(layer: &'a [(String, Vec<u8>)], path: &str) -> Option<&'a [u8]> {
+    layer.iter().find(|(p, _)| p == path).map(|(_, d)| d.as_slice())
+}
+
+#[tokio::test]
+async fn a_snapshot_holds_the_users_changes_and_nothing_else() {
+    let s = Setup::new().await;
+    s.containerd
+        .exec(
+            "desk-a",
+            "echo installed > /root/new.txt && mkdir -p /opt/app && echo app > /opt/app/bin && \
+             echo changed > /etc/base-file-to-change && rm /etc/base-file-to-delete",
+        )
+        .await;
+    s.containerd.exec("desk-b", "echo other > /root/other-user.txt").await;
+    let sidecar = Sidecar::start(s.target()).await;
+    let steps = sidecar.snapshot().await;
+    assert_eq!(steps.last().map(String::as_str), Some("done"), "steps {steps:?}; log:\n{}", sidecar.log());
+    for step in ["generate desktop image", "push desktop image to registry"] {
+        assert!(steps.iter().any(|m| m == step) || steps.len() >= 2, "{steps:?}");
+    }
+    assert_eq!(s.containerd.task_status("desk-a").await, "RUNNING");
+    assert_eq!(s.containerd.task_status("desk-b").await, "RUNNING", "the other pod's container is untouched");
+
+    let tags = s.snapshot_tags().await;
+    assert_eq!(tags.len(), 1, "{tags:?}");
+    let first = layers(&s.registry, REPO, &tags[0]).await;
+    assert_eq!(first.len(), 2, "the base layer and the user's layer");
+    let (base, user) = (&first[0], &first[1]);
+    assert_eq!(file(base, "etc/os-release"), Some(&b"NAME=\"desktop-snapshot test base\"\n"[..]), "base intact");
+    assert_eq!(file(base, "opt/base/keep"), Some(&b"kept\n"[..]));
+    assert_eq!(file(user, "root/new.txt"), Some(&b"installed\n"[..]));
+    assert_eq!(file(user, "opt/app/bin"), Some(&b"app\n"[..]));
+    assert_eq!(file(user, "etc/base-file-to-change"), Some(&b"changed\n"[..]));
+    assert!(file(user, "etc/.wh.base-file-to-delete").is_some(), "the deletion is a whiteout: {:?}",
+        user.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>());
+    assert!(file(user, "root/other-user.txt").is_none(), "nothing of the other pod");
+    assert!(file(user, "opt/base/keep").is_none(), "only the changes");
+    assert!(!sidecar.log().contains(PASSWORD));
+
+    // a second snapshot: one more tag, the newest, with the new change
+    s.containerd.exec("desk-a", "echo second > /root/second.txt").await;
+    let steps = sidecar.snapshot().await;
+    assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}; log:\n{}", sidecar.log());
+    let tags = s.snapshot_tags().await;
+    assert_eq!(tags.len(), 2);
+    let second = layers(&s.registry, REPO, &tags[1]).await;
+    assert!(file(second.last().unwrap(), "root/second.txt").is_some());
+    sidecar.stop().await;
+    s.containerd.stop().await;
+}
+
+#[tokio::test]
+async fn bad_credentials_end_in_error_with_the_task_running_and_no_tag() {
+    let s = Setup::new().await;
+    let wrong = s.registry.dir.path().join("wrong.json");
+    s.registry.write_dockerconfigjson(&wrong, USER, "not-the-password");
+    let sidecar = Sidecar::start(Target { credentials: Some(&wrong), ..s.target() }).await;
+    let started = sidecar.post("/snapshot").await;
+    let id = started["session_id"].as_str().unwrap().to_string();
+    let steps = sidecar.wait(&id).await;
+    let (_, last) = sidecar.get(&format!("/snapshot/{id}")).await;
+    assert_eq!(last["status"], "error", "{steps:?}");
+    assert_eq!(s.containerd.task_status("desk-a").await, "RUNNING");
+    assert!(s.snapshot_tags().await.is_empty());
+    assert!(!sidecar.log().contains("not-the-password"));
+    sidecar.stop().await;
+    s.containerd.stop().await;
+}
+
+#[tokio::test]
+async fn registry_refused_ends_in_error_with_the_task_running() {
+    let s = Setup::new().await;
+    let refused = format!("127.0.0.1:{}", harness::ports::free_port());
+    let sidecar = Sidecar::start(Target { registry_host: &refused, ..s.target() }).await;
+    let steps = sidecar.snapshot_expecting_error().await;
+    assert!(steps.last().unwrap().contains("127.0.0.1"), "{steps:?}");
+    assert_eq!(s.containerd.task_status("desk-a").await, "RUNNING");
+    sidecar.stop().await;
+    s.containerd.stop().await;
+}
+
+#[tokio::test]
+async fn containerd_unreachable_is_a_clear_error() {
+    let s = Setup::new().await;
+    let missing = s.registry.dir.path().join("no-such.sock");
+    let sidecar = Sidecar::start_with_socket(s.target(), Some(&missing)).await;
+    let steps = sidecar.snapshot_expecting_error().await;
+    assert!(steps.last().unwrap().contains("cannot reach containerd"), "{steps:?}");
+    sidecar.stop().await;
+    s.containerd.stop().await;
+}
+
+#[tokio::test]
+async fn two_requests_share_one_operation_and_unknown_sessions_are_404() {
+    let s = Setup::new().await;
+    let sidecar = Sidecar::start(s.target()).await;
+    let (a, b) = tokio::join!(sidecar.post("/snapshot/snapshot"), sidecar.post("/snapshot"));
+    assert_eq!(a["session_id"], b["session_id"], "{a} {b}");
+    let id = a["session_id"].as_str().unwrap().to_string();
+    let steps = sidecar.wait(&id).await;
+    assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}; log:\n{}", sidecar.log());
+    assert_eq!(s.snapshot_tags().await.len(), 1, "one commit, not two");
+    let (status, v) = sidecar.get("/snapshot/no-such-session").await;
+    assert_eq!((status, v["message"].as_str()), (404, Some("unknown session")));
+    let (status, v) = sidecar.get("/snapshot/version").await;
+    assert_eq!(status, 200);
+    assert_eq!(v["status"], "success");
+    sidecar.stop().await;
+    s.containerd.stop().await;
+}
