@@ -106,6 +106,11 @@ impl Containerd {
 
     /// Starts a task labelled like the kubelet's container `name` of pod `pod_uid`.
     pub async fn run_desktop(&self, id: &str, pod_uid: &str, pod_name: &str, name: &str) {
+        self.run_desktop_from(BASE_IMAGE, id, pod_uid, pod_name, name).await
+    }
+
+    /// The same, from any image already in this containerd.
+    pub async fn run_desktop_from(&self, image: &str, id: &str, pod_uid: &str, pod_name: &str, name: &str) {
         let labels = [
             format!("io.kubernetes.pod.uid={pod_uid}"),
             format!("io.kubernetes.pod.name={pod_name}"),
@@ -116,9 +121,42 @@ impl Containerd {
         for l in &labels {
             args.extend(["--label", l.as_str()]);
         }
-        args.extend([BASE_IMAGE, id, "/bin/sh", "-c", "sleep 100000"]);
+        args.extend([image, id, "/bin/sh", "-c", "sleep 100000"]);
         self.ctr(&args).await.unwrap_or_else(|e| panic!("starting container {id}: {e:#}\n{}", self.log()));
         self.containers.lock().unwrap_or_else(|p| p.into_inner()).push(id.to_string());
+    }
+
+    /// Pulls `image` from the test registry as the kubelet would (TLS checked against its CA).
+    pub async fn pull(&self, image: &str, registry: &crate::registry::Registry) {
+        let host = &registry.host;
+        let hosts = self.dir.path().join("certs.d").join(host);
+        std::fs::create_dir_all(&hosts).expect("hosts dir");
+        std::fs::write(
+            hosts.join("hosts.toml"),
+            format!(
+                "server = \"https://{host}\"\n[host.\"https://{host}\"]\n  ca = \"{}\"\n  capabilities = [\"pull\", \"resolve\"]\n",
+                registry.ca_path().display()
+            ),
+        )
+        .expect("hosts.toml");
+        let hosts_dir = self.dir.path().join("certs.d").to_string_lossy().into_owned();
+        let user = format!("{}:{}", crate::registry::USER, crate::registry::PASSWORD);
+        self.ctr(&["images", "pull", "--hosts-dir", &hosts_dir, "--user", &user, image])
+            .await
+            .unwrap_or_else(|e| panic!("pulling {image}: {e:#}"));
+    }
+
+    /// Stops and removes a container (the user logs off).
+    pub async fn remove(&self, id: &str) {
+        let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]).await;
+        for _ in 0..40 {
+            if self.ctr(&["tasks", "delete", id]).await.is_ok() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = self.ctr(&["containers", "delete", id]).await;
+        self.containers.lock().unwrap_or_else(|p| p.into_inner()).retain(|c| c != id);
     }
 
     /// Runs a shell command inside a running container.

@@ -1,22 +1,20 @@
-//! `just demo`: the restore half of the story on this machine, with real
-//! components: a registry (docker-registry, TLS, htpasswd), the snapshot-webhook
-//! binary over HTTPS, AdmissionReviews as kube-apiserver sends them.
-//!
-//! The commit sidecar is not written yet (issue 3): its step pushes the
-//! snapshot image to the registry under the name the sidecar will use,
-//! and says so.
+//! `just demo`: the whole story on this machine, with real components: a
+//! registry (docker-registry, TLS, htpasswd), containerd with runc, the
+//! snapshot-webhook over HTTPS answering AdmissionReviews as kube-apiserver
+//! sends them, and the snapshot-sidecar committing through containerd.
+//! The kubelet's part (pull, create, start, remove) is played with `ctr`.
 
 use harness::{
     admission::{apply, as_pod, desktop_pod, image_of, review},
+    containerd::{Containerd, BASE_IMAGE},
     registry::{Registry, PASSWORD, USER},
+    sidecar::{Sidecar, Target},
     webhook::{RegistryAccess, Webhook},
 };
 use serde_json::Value;
-use std::time::{Instant, SystemTime, UNIX_EPOCH};
+use std::time::Instant;
 
-const IMAGE: &str = "abcdesktopio/oc.user.ubuntu.sudo.24.04:4.1";
-const REPO: &str = "abcdesktopio/oc.user.ubuntu.sudo.24.04";
-const USER_ID: &str = "12896316";
+const USER_ID: &str = "jdoe@example.com";
 
 fn step(n: u32, what: &str) -> Instant {
     println!("\n{n}. {what}");
@@ -27,8 +25,9 @@ fn done(started: Instant, result: &str) {
     println!("   -> {result} ({:.0} ms)", started.elapsed().as_secs_f64() * 1000.0);
 }
 
-async fn login(webhook: &Webhook) -> (Value, Value) {
-    let pod = desktop_pod(USER_ID, IMAGE);
+/// The AdmissionReview answer for a new desktop pod, and the pod as the API server would store it.
+async fn admit(webhook: &Webhook) -> (Value, Value) {
+    let pod = desktop_pod(USER_ID, BASE_IMAGE);
     let answer: Value = webhook
         .client()
         .post(webhook.url("/mutate"))
@@ -43,60 +42,100 @@ async fn login(webhook: &Webhook) -> (Value, Value) {
     (answer, patched)
 }
 
-fn describe(answer: &Value, patched: &Value) -> String {
+fn sidecar_env(patched: &Value, name: &str) -> String {
     let pod = as_pod(patched);
-    let image = image_of(&pod, "x-graphical").unwrap_or_default();
-    let sidecar = pod.spec.as_ref().is_some_and(|s| s.containers.iter().any(|c| c.name == "t-snapshot"));
-    let warnings = answer["response"]["warnings"].as_array().map(|w| format!(", warning: {}", w[0])).unwrap_or_default();
-    format!("x-graphical runs {image}; sidecar t-snapshot injected: {sidecar}{warnings}")
+    pod.spec
+        .and_then(|s| s.containers.into_iter().find(|c| c.name == "t-snapshot"))
+        .and_then(|c| c.env)
+        .and_then(|env| env.into_iter().find(|e| e.name == name))
+        .and_then(|e| e.value)
+        .unwrap_or_else(|| panic!("the webhook did not inject the sidecar with {name}"))
 }
 
 #[tokio::main]
 async fn main() {
     harness::init_crypto();
-    println!("desktop-snapshot demo: user {USER_ID}, desktop image {IMAGE}");
+    println!("desktop-snapshot demo: user {USER_ID}, desktop image {BASE_IMAGE}");
 
-    let t = step(1, "start a private registry (docker-registry with TLS and htpasswd) and the snapshot webhook (HTTPS, CA-checked)");
-    let mut registry = Registry::start().await;
+    let t = step(1, "start containerd, a private registry (TLS, htpasswd) and the snapshot webhook (HTTPS, CA-checked)");
+    let containerd = Containerd::start().await;
+    containerd.import_base_image().await;
+    let registry = Registry::start().await;
     let creds = registry.dir.path().join("dockerconfig.json");
     registry.write_dockerconfigjson(&creds, USER, PASSWORD);
     let ca = registry.ca_path();
-    let webhook = Webhook::start(
-        RegistryAccess { host: &registry.host, ca: Some(&ca), credentials: Some(&creds) },
-        &["--log-format", "text"],
-    )
+    let webhook =
+        Webhook::start(RegistryAccess { host: &registry.host, ca: Some(&ca), credentials: Some(&creds) }, &[]).await;
+    done(t, &format!("containerd on {}, registry on {}, webhook on {}", containerd.socket.display(), registry.host, webhook.url("/mutate")));
+
+    let t = step(2, "first login: the desktop pod is created and goes through the webhook");
+    let (_, patched) = admit(&webhook).await;
+    let image = image_of(&as_pod(&patched), "x-graphical").unwrap_or_default();
+    let repository = sidecar_env(&patched, "SNAPSHOT_REPOSITORY");
+    let prefix = sidecar_env(&patched, "SNAPSHOT_TAG_PREFIX");
+    done(t, &format!("no snapshot yet: x-graphical keeps {image}; sidecar t-snapshot injected (pushes to {repository}:{prefix}-<time>)"));
+
+    let t = step(3, "the kubelet starts the desktop; the user installs an application");
+    containerd.run_desktop_from(&image, "desktop-1", "pod-1", "12896316-aaaaa", "x-graphical").await;
+    containerd
+        .exec("desktop-1", "mkdir -p /opt/notes && echo 'notes 1.0, installed by the user' > /opt/notes/VERSION && echo 'dark' > /root/.theme")
+        .await;
+    done(t, "/opt/notes/VERSION and /root/.theme written in the running container");
+
+    let t = step(4, "the user picks \"snapshot\" in the desktop menu (POST /snapshot/snapshot to the sidecar)");
+    let path = repository.split_once('/').map(|(_, p)| p.to_string()).unwrap_or_default();
+    let sidecar = Sidecar::start(Target {
+        containerd: &containerd,
+        pod_uid: "pod-1",
+        registry_host: &registry.host,
+        registry_ca: Some(&ca),
+        credentials: Some(&creds),
+        repository_path: &path,
+        tag_prefix: &prefix,
+    })
     .await;
-    done(t, &format!("registry on {}, webhook on {}", registry.host, webhook.url("/mutate")));
+    let started = sidecar.post("/snapshot/snapshot").await;
+    let id = started["session_id"].as_str().expect("a session id").to_string();
+    println!("   {} (session {id})", started["message"].as_str().unwrap_or_default());
+    let mut last = String::new();
+    loop {
+        let (_, v) = sidecar.get(&format!("/snapshot/{id}")).await;
+        let message = v["message"].as_str().unwrap_or_default().to_string();
+        if message != last {
+            println!("   [{:>5.0} ms] {message}", t.elapsed().as_secs_f64() * 1000.0);
+            last = message.clone();
+        }
+        if message == "done" {
+            break;
+        }
+        assert!(v["status"] != "error", "the snapshot failed: {message}\nsidecar log:\n{}", sidecar.log());
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(containerd.task_status("desktop-1").await, "RUNNING", "the desktop runs on");
+    done(t, &format!("snapshot pushed; the desktop kept running; tags: {:?}", registry.tags(&path).await));
 
-    let t = step(2, "first login: the desktop pod is created, the webhook looks for a snapshot");
-    let (answer, patched) = login(&webhook).await;
-    done(t, &describe(&answer, &patched));
+    let t = step(5, "log off: the desktop container is removed");
+    sidecar.stop().await;
+    containerd.remove("desktop-1").await;
+    done(t, "gone");
 
-    let t = step(3, "the user installs software and picks \"snapshot\" (stand-in: the sidecar is issue 3; the image is pushed under the sidecar's name)");
-    let ns = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-    let tag = format!("{USER_ID}-{ns}");
-    registry.push_tags(REPO, &[&format!("{USER_ID}-1700000000"), &tag]).await;
-    done(t, &format!("pushed {}/{REPO}:{tag}", registry.host));
+    let t = step(6, "second login: a new desktop pod goes through the webhook");
+    let (_, patched) = admit(&webhook).await;
+    let image = image_of(&as_pod(&patched), "x-graphical").unwrap_or_default();
+    assert!(image.starts_with(&format!("{repository}:{prefix}-")), "not restored: {image}\nwebhook log:\n{}", webhook.log());
+    done(t, &format!("x-graphical now runs {image}"));
 
-    let t = step(4, "log off, log in again: a new desktop pod is created");
-    let (answer, patched) = login(&webhook).await;
-    let restored = image_of(&as_pod(&patched), "x-graphical") == Some(format!("{}/{REPO}:{tag}", registry.host));
-    done(t, &describe(&answer, &patched));
-    assert!(restored, "the second login did not get the snapshot; webhook log:\n{}", webhook.log());
+    let t = step(7, "the kubelet pulls the snapshot and starts the desktop from it");
+    containerd.pull(&image, &registry).await;
+    containerd.run_desktop_from(&image, "desktop-2", "pod-2", "12896316-bbbbb", "x-graphical").await;
+    let found = containerd.exec("desktop-2", "cat /opt/notes/VERSION /root/.theme").await;
+    done(t, &format!("the user's files are there: {}", found.trim().replace('\n', " | ")));
+    assert!(found.contains("notes 1.0"), "the installed application is missing");
 
-    let t = step(5, "the registry goes down; the user logs in again");
-    registry.stop().await;
-    let (answer, patched) = login(&webhook).await;
-    done(t, &describe(&answer, &patched));
-
-    let t = step(6, "clean up");
-    let metrics = webhook.metrics().await;
+    let t = step(8, "clean up");
+    containerd.stop().await;
     drop(webhook);
     drop(registry);
-    done(t, "registry and webhook stopped, temp dirs removed");
-    println!("\nwebhook metrics:");
-    for line in metrics.lines().filter(|l| l.starts_with("snapshot_webhook_admissions_total")) {
-        println!("   {line}");
-    }
-    println!("\ndemo finished: the second login got the user's snapshot back.");
+    done(t, "containers, containerd, registry and webhook stopped; temp dirs removed");
+    println!("\ndemo finished: what the user installed came back at the next login.");
 }
