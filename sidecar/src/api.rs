@@ -17,6 +17,7 @@ pub const API_VERSION: &str = "1.0";
 pub struct AppState {
     pub config: Config,
     pub sessions: Sessions,
+    pub metrics: crate::metrics::Metrics,
     /// The bearer token the API requires, when one is configured.
     pub token: Option<String>,
 }
@@ -31,6 +32,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/version", get(version))
         .route("/snapshot/version", get(version))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/metrics", get(metrics))
         .route("/snapshot/{id}", get(status))
         .route("/{id}", get(status))
         .with_state(state)
@@ -66,7 +68,7 @@ async fn start(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respon
     let (id, new) = state.sessions.begin();
     if new {
         let (state, running) = (state.clone(), id.clone());
-        tokio::spawn(async move { snapshot::run(&state.config, &state.sessions, &running).await });
+        tokio::spawn(async move { snapshot::run(&state.config, &state.sessions, &state.metrics, &running).await });
         envelope(StatusCode::OK, true, "snapshot process started", &id)
     } else {
         envelope(StatusCode::OK, true, "snapshot process already running", &id)
@@ -91,6 +93,14 @@ async fn list(State(state): State<Arc<AppState>>) -> Response {
             "session_id": state.sessions.running().unwrap_or_default(),
             "api_version": API_VERSION,
         })),
+    )
+        .into_response()
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    (
+        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.render(),
     )
         .into_response()
 }

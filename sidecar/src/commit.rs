@@ -54,6 +54,28 @@ fn chrono_like_rfc3339(t: std::time::SystemTime) -> String {
     humantime::format_rfc3339_seconds(t).to_string()
 }
 
+/// Tasks paused right now, so a shutdown can resume them before the process ends.
+static PAUSED: std::sync::Mutex<Vec<(String, Ctrd)>> = std::sync::Mutex::new(Vec::new());
+
+fn paused_set() -> std::sync::MutexGuard<'static, Vec<(String, Ctrd)>> {
+    PAUSED.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+static SHUTTING_DOWN: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Resumes every task this process paused (on SIGTERM, before exiting); no task
+/// is paused after this.
+pub async fn resume_all() {
+    SHUTTING_DOWN.store(true, std::sync::atomic::Ordering::SeqCst);
+    let tasks: Vec<(String, Ctrd)> = paused_set().drain(..).collect();
+    for (id, ctrd) in tasks {
+        match resume(&ctrd, &id).await {
+            Ok(()) => warn!(container = %id, "resumed the task before shutting down"),
+            Err(e) => warn!(container = %id, error = %format!("{e:#}"), "could not resume the task"),
+        }
+    }
+}
+
 /// A paused task; resumed by [`Paused::resume`], or by `Drop` on any other path.
 pub struct Paused {
     ctrd: Ctrd,
@@ -63,16 +85,28 @@ pub struct Paused {
 
 impl Paused {
     pub async fn pause(ctrd: &Ctrd, container_id: &str) -> Result<Self> {
-        ctrd.client
-            .tasks()
-            .pause(ctrd.req(PauseTaskRequest { container_id: container_id.to_string() }))
-            .await
-            .with_context(|| format!("pausing {container_id}"))?;
-        Ok(Self { ctrd: ctrd.clone(), container_id: container_id.to_string(), active: true })
+        if SHUTTING_DOWN.load(std::sync::atomic::Ordering::SeqCst) {
+            anyhow::bail!("shutting down");
+        }
+        // Registered before the pause, so a shutdown racing with it resumes it.
+        paused_set().push((container_id.to_string(), ctrd.clone()));
+        let mut guard = Self { ctrd: ctrd.clone(), container_id: container_id.to_string(), active: true };
+        let paused = ctrd.client.tasks().pause(ctrd.req(PauseTaskRequest { container_id: container_id.to_string() })).await;
+        if let Err(e) = paused {
+            guard.active = false;
+            paused_set().retain(|(id, _)| id != container_id);
+            return Err(e).with_context(|| format!("pausing {container_id}"));
+        }
+        if SHUTTING_DOWN.load(std::sync::atomic::Ordering::SeqCst) {
+            guard.resume().await?;
+            anyhow::bail!("shutting down");
+        }
+        Ok(guard)
     }
 
     pub async fn resume(mut self) -> Result<()> {
         self.active = false;
+        paused_set().retain(|(id, _)| id != &self.container_id);
         resume(&self.ctrd, &self.container_id).await
     }
 }
@@ -95,6 +129,7 @@ async fn resume(ctrd: &Ctrd, container_id: &str) -> Result<()> {
 impl Drop for Paused {
     fn drop(&mut self) {
         if self.active {
+            paused_set().retain(|(id, _)| id != &self.container_id);
             let (ctrd, id) = (self.ctrd.clone(), self.container_id.clone());
             warn!(container = %id, "resuming the task after an interrupted commit");
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
@@ -108,9 +143,19 @@ impl Drop for Paused {
     }
 }
 
-/// The layer of `container`'s changes (uncompressed, in the content store under
-/// the lease of `ctrd`); its digest is the layer's diff_id.
-pub async fn diff(ctrd: &Ctrd, container: &Container, pause: bool) -> Result<Descriptor> {
+/// What the new layer holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scope {
+    /// The container's changes against its image.
+    Changes,
+    /// The whole root filesystem (a squash: the image becomes this one layer).
+    Everything,
+}
+
+/// The layer of `container`'s changes, or of its whole root filesystem
+/// (uncompressed, in the content store under the lease of `ctrd`); its digest is
+/// the layer's diff_id.
+pub async fn diff(ctrd: &Ctrd, container: &Container, pause: bool, scope: Scope) -> Result<Descriptor> {
     let snapshotter = container.snapshotter.clone();
     let key = container.snapshot_key.clone();
     let snapshots = ctrd.client.snapshots();
@@ -123,18 +168,23 @@ pub async fn diff(ctrd: &Ctrd, container: &Container, pause: bool) -> Result<Des
         .info
         .context("containerd returned no snapshot info")?;
     let view_key = format!("desktop-snapshot-view-{}", ctrd.lease.as_deref().unwrap_or("nolease"));
-    let left = snapshots
-        .clone()
-        .view(ctrd.req(ViewSnapshotRequest {
-            snapshotter: snapshotter.clone(),
-            key: view_key.clone(),
-            parent: info.parent.clone(),
-            labels: HashMap::new(),
-        }))
-        .await
-        .with_context(|| format!("viewing the parent snapshot {}", info.parent))?
-        .into_inner()
-        .mounts;
+    // Against an empty left side, the Diff service writes the whole tree.
+    let left = if scope == Scope::Everything {
+        Vec::new()
+    } else {
+        snapshots
+            .clone()
+            .view(ctrd.req(ViewSnapshotRequest {
+                snapshotter: snapshotter.clone(),
+                key: view_key.clone(),
+                parent: info.parent.clone(),
+                labels: HashMap::new(),
+            }))
+            .await
+            .with_context(|| format!("viewing the parent snapshot {}", info.parent))?
+            .into_inner()
+            .mounts
+    };
     let right = snapshots
         .clone()
         .mounts(ctrd.req(MountsRequest { snapshotter: snapshotter.clone(), key: key.clone() }))
@@ -169,6 +219,6 @@ pub async fn diff(ctrd: &Ctrd, container: &Container, pause: bool) -> Result<Des
         .into_inner()
         .diff
         .context("the Diff service returned no descriptor")?;
-    info!(digest = %descriptor.digest, bytes = descriptor.size, elapsed_ms = started.elapsed().as_millis() as u64, "diff of the container written");
+    info!(digest = %descriptor.digest, bytes = descriptor.size, scope = ?scope, elapsed_ms = started.elapsed().as_millis() as u64, "diff of the container written");
     Ok(descriptor)
 }

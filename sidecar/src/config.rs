@@ -45,6 +45,10 @@ pub struct Config {
     /// Pause the container while its changes are read (a consistent snapshot).
     #[arg(long, env = "SNAPSHOT_PAUSE", default_value_t = true, action = clap::ArgAction::Set)]
     pub pause: bool,
+    /// Most layers a snapshot may have; past it the whole desktop is squashed into one
+    /// layer, so a desktop can be snapshotted any number of times and still start.
+    #[arg(long, env = "SNAPSHOT_MAX_LAYERS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=127))]
+    pub max_layers: u32,
     /// Lifetime of the containerd lease that protects the work in progress.
     #[arg(long, env = "SNAPSHOT_LEASE_EXPIRY", default_value = "1h", value_parser = humantime::parse_duration)]
     pub lease_expiry: Duration,

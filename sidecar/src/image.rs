@@ -118,6 +118,22 @@ pub fn next_config(base: &Value, diff_id: &str, created: &str) -> Value {
     config
 }
 
+/// The base flattened into nothing: what a squashed snapshot builds on (its one
+/// layer holds the whole root filesystem).
+pub fn squashed(base: &Base) -> Base {
+    let mut manifest = base.manifest.clone();
+    manifest["layers"] = json!([]);
+    let mut config = base.config.clone();
+    config["rootfs"] = json!({"type": "layers", "diff_ids": []});
+    config["history"] = json!([]);
+    Base { manifest, config }
+}
+
+/// How many layers the base has.
+pub fn layer_count(base: &Base) -> usize {
+    base.manifest["layers"].as_array().map(Vec::len).unwrap_or(0)
+}
+
 /// The snapshot's manifest: the base's layers, then the new one.
 pub fn next_manifest(base: &Value, config: (&str, usize), layer: (&str, u64)) -> Value {
     let docker = is_docker(base);
@@ -153,6 +169,11 @@ mod tests {
         assert_eq!(m["layers"].as_array().unwrap().len(), 2);
         assert_eq!(m["layers"][1]["digest"], "sha256:lb");
         assert_eq!(m["config"]["mediaType"], OCI_CONFIG);
+        let squashed = squashed(&Base { manifest: base_manifest.clone(), config: base_config.clone() });
+        assert_eq!(layer_count(&squashed), 0);
+        let c = next_config(&squashed.config, "sha256:all", "2026-11-23T00:00:00Z");
+        assert_eq!(c["rootfs"]["diff_ids"], json!(["sha256:all"]));
+        assert_eq!(c["history"].as_array().unwrap().len(), 1);
         let docker = json!({"mediaType": DOCKER_MANIFEST, "layers": []});
         let m = next_manifest(&docker, ("sha256:cfg", 10), ("sha256:lb", 7));
         assert_eq!(m["mediaType"], DOCKER_MANIFEST);

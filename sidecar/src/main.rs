@@ -4,6 +4,7 @@ use anyhow::Context;
 use clap::Parser;
 use snapshot_sidecar::{
     api::{self, AppState},
+    commit,
     config::Config,
 };
 use std::sync::Arc;
@@ -34,11 +35,30 @@ async fn run(config: Config) -> anyhow::Result<()> {
     };
     let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
     info!(listen = %config.listen, repository = %config.repository, container = %config.container, "snapshot-sidecar serving");
-    let state = Arc::new(AppState { config, sessions: Default::default(), token });
+    let state = Arc::new(AppState { config, sessions: Default::default(), metrics: Default::default(), token });
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(async {
-            let _ = tokio::signal::ctrl_c().await;
+            shutdown_signal().await;
+            // A commit in progress is abandoned (no tag is written without its manifest),
+            // but the desktop must never stay frozen.
+            commit::resume_all().await;
+            info!("shutting down");
         })
         .await
         .context("serving the API")
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {},
+        _ = term => {},
+    }
 }

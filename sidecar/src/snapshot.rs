@@ -6,6 +6,7 @@ use crate::{
     ctrd::Ctrd,
     find::{self, Identity},
     image,
+    metrics::Metrics,
     push::Registry,
     session::{Sessions, Step},
     tag,
@@ -15,9 +16,11 @@ use std::time::{Instant, SystemTime};
 use tracing::{error, info};
 
 /// Runs operation `id` to its end: `done` or `error`, never stuck.
-pub async fn run(config: &Config, sessions: &Sessions, id: &str) {
+pub async fn run(config: &Config, sessions: &Sessions, metrics: &Metrics, id: &str) {
     let started = Instant::now();
-    match commit_and_push(config, sessions, id).await {
+    let result = commit_and_push(config, sessions, id).await;
+    metrics.finished(result.is_ok(), started.elapsed().as_secs_f64());
+    match result {
         Ok(image) => {
             info!(session = id, image = %image, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot done");
             sessions.done(id, image);
@@ -62,8 +65,15 @@ async fn generate_and_push(
     step: &(dyn Fn(Step) + Sync),
 ) -> Result<String> {
     let started = Instant::now();
-    let layer = commit::diff(ctrd, container, config.pause).await?;
-    let base = image::base(ctrd, &container.image).await?;
+    let mut base = image::base(ctrd, &container.image).await?;
+    let scope = if image::layer_count(&base) + 1 > config.max_layers as usize {
+        info!(layers = image::layer_count(&base), max = config.max_layers, "layer limit reached: squashing the desktop into one layer");
+        base = image::squashed(&base);
+        commit::Scope::Everything
+    } else {
+        commit::Scope::Changes
+    };
+    let layer = commit::diff(ctrd, container, config.pause, scope).await?;
     info!(elapsed_ms = started.elapsed().as_millis() as u64, "desktop image generated");
 
     step(Step::LoginRegistry);

@@ -30,6 +30,11 @@ impl Sidecar {
 
     /// Starts it; `socket` overrides the containerd socket (to make it unreachable).
     pub async fn start_with_socket(t: Target<'_>, socket: Option<&Path>) -> Self {
+        Self::start_with(t, socket, &[]).await
+    }
+
+    /// Starts it with extra environment (more settings).
+    pub async fn start_with(t: Target<'_>, socket: Option<&Path>, extra_env: &[(&str, &str)]) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = ports::free_port();
         let log = std::fs::File::create(dir.path().join("sidecar.log")).expect("log");
@@ -52,6 +57,9 @@ impl Sidecar {
         }
         if let Some(c) = t.credentials {
             cmd.env("SNAPSHOT_REGISTRY_CREDENTIALS", c);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
         }
         cmd.stdout(Stdio::from(log.try_clone().expect("log"))).stderr(Stdio::from(log)).kill_on_drop(true);
         let mut child = cmd.spawn().expect("spawning snapshot-sidecar");
@@ -127,6 +135,17 @@ impl Sidecar {
 
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
+    }
+
+    /// Sends SIGTERM (as the kubelet does when the pod goes) and waits for the exit.
+    pub async fn terminate(mut self) -> std::process::ExitStatus {
+        if let Some(pid) = self.child.id() {
+            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+        }
+        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+            .await
+            .expect("the sidecar exits within 30 s of SIGTERM")
+            .expect("waiting for the sidecar")
     }
 }
 

@@ -157,3 +157,66 @@ async fn two_requests_share_one_operation_and_unknown_sessions_are_404() {
     sidecar.stop().await;
     s.containerd.stop().await;
 }
+
+#[tokio::test]
+async fn past_the_layer_limit_the_desktop_is_squashed_into_one_layer() {
+    let s = Setup::new().await;
+    s.containerd.exec("desk-a", "echo installed > /root/new.txt && rm /etc/base-file-to-delete").await;
+    let sidecar = Sidecar::start_with(s.target(), None, &[("SNAPSHOT_MAX_LAYERS", "1")]).await;
+    let steps = sidecar.snapshot().await;
+    assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}; log:\n{}", sidecar.log());
+    let tags = s.snapshot_tags().await;
+    let image = layers(&s.registry, REPO, &tags[0]).await;
+    assert_eq!(image.len(), 1, "squashed into one layer");
+    let all = &image[0];
+    assert!(file(all, "root/new.txt").is_some(), "the user's file");
+    assert!(file(all, "etc/os-release").is_some() && file(all, "bin/busybox").is_some(), "the base's files");
+    assert!(file(all, "etc/base-file-to-delete").is_none(), "the deleted file stays deleted");
+    assert!(!all.iter().any(|(p, _)| p.contains(".wh.")), "no whiteouts in a squashed layer");
+    assert!(sidecar.log().contains("squashing"));
+    sidecar.stop().await;
+    s.containerd.stop().await;
+}
+
+#[tokio::test]
+async fn sigterm_during_a_commit_leaves_the_desktop_running() {
+    let s = Setup::new().await;
+    // enough data that the diff takes a while
+    s.containerd.exec("desk-a", "dd if=/dev/zero of=/root/big bs=1048576 count=400 2>/dev/null; sync").await;
+    let sidecar = Sidecar::start(s.target()).await;
+    let started = sidecar.post("/snapshot").await;
+    let id = started["session_id"].as_str().unwrap().to_string();
+    let mut paused = false;
+    for _ in 0..500 {
+        if s.containerd.task_status("desk-a").await == "PAUSED" {
+            paused = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(5)).await;
+    }
+    assert!(paused, "never saw the task paused; steps: {:?}", sidecar.get(&format!("/snapshot/{id}")).await);
+    let log_dir = sidecar.dir.path().to_path_buf();
+    let status = sidecar.terminate().await;
+    let log = std::fs::read_to_string(log_dir.join("sidecar.log")).unwrap_or_default();
+    assert!(status.success(), "exit {status}; log:\n{log}");
+    assert_eq!(s.containerd.task_status("desk-a").await, "RUNNING", "log:\n{log}");
+    assert!(s.snapshot_tags().await.is_empty(), "an interrupted commit leaves no tag");
+    s.containerd.stop().await;
+}
+
+#[tokio::test]
+async fn the_api_can_require_a_bearer_token_and_counts_operations() {
+    let s = Setup::new().await;
+    let token = s.registry.dir.path().join("api-token");
+    std::fs::write(&token, "front-end-jwt\n").unwrap();
+    let token_path = token.to_string_lossy().into_owned();
+    let sidecar = Sidecar::start_with(s.target(), None, &[("SNAPSHOT_API_TOKEN_FILE", &token_path)]).await;
+    let refused = reqwest::Client::new().post(sidecar.url("/snapshot")).send().await.unwrap();
+    assert_eq!(refused.status().as_u16(), 401);
+    let steps = sidecar.snapshot().await; // sends the right token
+    assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}");
+    let metrics = reqwest::get(sidecar.url("/metrics")).await.unwrap().text().await.unwrap();
+    assert!(metrics.contains("snapshot_sidecar_snapshots_total{result=\"done\"} 1"), "{metrics}");
+    sidecar.stop().await;
+    s.containerd.stop().await;
+}
