@@ -49,6 +49,13 @@ pub struct Config {
     /// layer, so a desktop can be snapshotted any number of times and still start.
     #[arg(long, env = "SNAPSHOT_MAX_LAYERS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=127))]
     pub max_layers: u32,
+    /// Compression of the new layer: `gzip` (every runtime reads it) or `zstd`
+    /// (faster, smaller; containerd >= 1.5).
+    #[arg(long, env = "SNAPSHOT_COMPRESSION", value_enum, default_value_t = crate::layer::Codec::Gzip)]
+    pub compression: crate::layer::Codec,
+    /// Threads compressing the layer (default: every core).
+    #[arg(long, env = "SNAPSHOT_COMPRESSION_THREADS", default_value_t = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))]
+    pub compression_threads: usize,
     /// Lifetime of the containerd lease that protects the work in progress.
     #[arg(long, env = "SNAPSHOT_LEASE_EXPIRY", default_value = "1h", value_parser = humantime::parse_duration)]
     pub lease_expiry: Duration,

@@ -135,11 +135,11 @@ pub fn layer_count(base: &Base) -> usize {
 }
 
 /// The snapshot's manifest: the base's layers, then the new one.
-pub fn next_manifest(base: &Value, config: (&str, usize), layer: (&str, u64)) -> Value {
+pub fn next_manifest(base: &Value, config: (&str, usize), layer: (&str, u64, &str)) -> Value {
     let docker = is_docker(base);
     let mut layers = base["layers"].as_array().cloned().unwrap_or_default();
     layers.push(json!({
-        "mediaType": if docker { DOCKER_LAYER_GZIP } else { OCI_LAYER_GZIP },
+        "mediaType": layer.2,
         "digest": layer.0,
         "size": layer.1,
     }));
@@ -165,7 +165,7 @@ mod tests {
         assert_eq!(c["config"], base_config["config"]);
         let base_manifest = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {},
             "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": "sha256:la", "size": 3}]});
-        let m = next_manifest(&base_manifest, ("sha256:cfg", 10), ("sha256:lb", 7));
+        let m = next_manifest(&base_manifest, ("sha256:cfg", 10), ("sha256:lb", 7, OCI_LAYER_GZIP));
         assert_eq!(m["layers"].as_array().unwrap().len(), 2);
         assert_eq!(m["layers"][1]["digest"], "sha256:lb");
         assert_eq!(m["config"]["mediaType"], OCI_CONFIG);
@@ -175,7 +175,7 @@ mod tests {
         assert_eq!(c["rootfs"]["diff_ids"], json!(["sha256:all"]));
         assert_eq!(c["history"].as_array().unwrap().len(), 1);
         let docker = json!({"mediaType": DOCKER_MANIFEST, "layers": []});
-        let m = next_manifest(&docker, ("sha256:cfg", 10), ("sha256:lb", 7));
+        let m = next_manifest(&docker, ("sha256:cfg", 10), ("sha256:lb", 7, DOCKER_LAYER_GZIP));
         assert_eq!(m["mediaType"], DOCKER_MANIFEST);
         assert_eq!(m["layers"][0]["mediaType"], DOCKER_LAYER_GZIP);
     }

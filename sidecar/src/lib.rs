@@ -10,6 +10,7 @@ pub mod config;
 pub mod ctrd;
 pub mod find;
 pub mod image;
+pub mod layer;
 pub mod metrics;
 pub mod push;
 pub mod session;

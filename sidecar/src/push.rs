@@ -4,9 +4,13 @@
 //! flat whatever its size); config next; the manifest, with the tag, last, so
 //! a push that fails anywhere leaves no tag.
 
-use crate::{config::Protocol, ctrd::Ctrd, image};
+use crate::{
+    config::Protocol,
+    ctrd::Ctrd,
+    image,
+    layer::{self, Codec},
+};
 use anyhow::{Context, Result};
-use async_compression::tokio::bufread::GzipEncoder;
 use bytes::Bytes;
 use futures::TryStreamExt;
 use oci_client::{
@@ -17,7 +21,6 @@ use oci_client::{
 use serde_json::Value;
 use sha2::Digest;
 use std::path::Path;
-use tokio_util::io::{ReaderStream, StreamReader};
 use tracing::info;
 
 pub struct Registry {
@@ -67,7 +70,15 @@ impl Registry {
     }
 
     /// Pushes the snapshot; returns the manifest digest.
-    pub async fn push(&self, ctrd: &Ctrd, target: &Reference, base: &image::Base, layer_diff_id: &str, created: &str) -> Result<String> {
+    pub async fn push(
+        &self,
+        ctrd: &Ctrd,
+        target: &Reference,
+        base: &image::Base,
+        layer_diff_id: &str,
+        compression: (Codec, usize),
+        created: &str,
+    ) -> Result<String> {
         self.client.store_auth_if_needed(target.resolve_registry(), &self.auth).await;
         for layer in base.manifest["layers"].as_array().into_iter().flatten() {
             let digest = layer["digest"].as_str().context("a base layer without digest")?;
@@ -83,14 +94,14 @@ impl Registry {
                 .with_context(|| format!("uploading base layer {digest}"))?;
         }
 
-        // The user's changes: uncompressed from containerd, gzip on the way.
+        // The user's changes: uncompressed from containerd, compressed on the way.
         let started = std::time::Instant::now();
-        let raw = StreamReader::new(image::read_stream(ctrd, layer_diff_id).map_err(std::io::Error::other));
-        let gzip = ReaderStream::with_capacity(GzipEncoder::new(tokio::io::BufReader::with_capacity(1 << 20, raw)), 1 << 20)
-            .map_err(|e| oci_client::errors::OciDistributionError::IoError(e));
+        let (codec, threads) = compression;
+        let compressed = layer::compress(image::read_stream(ctrd, layer_diff_id), codec, threads)
+            .map_err(oci_client::errors::OciDistributionError::IoError);
         let pushed = self
             .client
-            .push_blob_stream_chunked(target, gzip)
+            .push_blob_stream_chunked(target, compressed)
             .await
             .context("uploading the snapshot layer")?;
         info!(digest = %pushed.blob_digest, bytes = pushed.size, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot layer uploaded");
@@ -104,7 +115,11 @@ impl Registry {
             .context("uploading the image config")?;
 
         let manifest: Value =
-            image::next_manifest(&base.manifest, (&config_digest, config_bytes.len()), (&pushed.blob_digest, pushed.size));
+            image::next_manifest(
+                &base.manifest,
+                (&config_digest, config_bytes.len()),
+                (&pushed.blob_digest, pushed.size, codec.media_type(image::is_docker(&base.manifest))),
+            );
         let manifest_bytes = serde_json::to_vec(&manifest)?;
         let media_type = manifest["mediaType"].as_str().unwrap_or(image::OCI_MANIFEST).to_string();
         self.client

@@ -92,6 +92,8 @@ async fn generate_and_push(
 
     step(Step::PushImage);
     let created = humantime::format_rfc3339_seconds(now).to_string();
-    let digest = registry.push(ctrd, &target, &base, &layer.digest, &created).await?;
+    let digest = registry
+        .push(ctrd, &target, &base, &layer.digest, (config.compression, config.compression_threads), &created)
+        .await?;
     Ok(format!("{image_ref}@{digest}"))
 }

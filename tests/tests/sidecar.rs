@@ -86,7 +86,11 @@ async fn a_snapshot_holds_the_users_changes_and_nothing_else() {
     assert!(file(user, "opt/base/keep").is_none(), "only the changes");
     assert!(!sidecar.log().contains(PASSWORD));
 
-    // a second snapshot: one more tag, the newest, with the new change
+    let base_uploads = |log: &str| log.matches("uploading a base layer").count();
+    assert_eq!(base_uploads(&sidecar.log()), 1, "the base layer went up once");
+
+    // a second snapshot: one more tag, the newest, with the new change; the
+    // base layer is not uploaded again
     s.containerd.exec("desk-a", "echo second > /root/second.txt").await;
     let steps = sidecar.snapshot().await;
     assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}; log:\n{}", sidecar.log());
@@ -94,6 +98,7 @@ async fn a_snapshot_holds_the_users_changes_and_nothing_else() {
     assert_eq!(tags.len(), 2);
     let second = layers(&s.registry, REPO, &tags[1]).await;
     assert!(file(second.last().unwrap(), "root/second.txt").is_some());
+    assert_eq!(base_uploads(&sidecar.log()), 1, "only the new layer was uploaded the second time");
     sidecar.stop().await;
     s.containerd.stop().await;
 }
@@ -217,6 +222,23 @@ async fn the_api_can_require_a_bearer_token_and_counts_operations() {
     assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}");
     let metrics = reqwest::get(sidecar.url("/metrics")).await.unwrap().text().await.unwrap();
     assert!(metrics.contains("snapshot_sidecar_snapshots_total{result=\"done\"} 1"), "{metrics}");
+    sidecar.stop().await;
+    s.containerd.stop().await;
+}
+
+#[tokio::test]
+async fn zstd_snapshots_restore_too() {
+    let s = Setup::new().await;
+    s.containerd.exec("desk-a", "echo zstd > /root/z.txt").await;
+    let sidecar = Sidecar::start_with(s.target(), None, &[("SNAPSHOT_COMPRESSION", "zstd")]).await;
+    let steps = sidecar.snapshot().await;
+    assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}; log:\n{}", sidecar.log());
+    let tag = s.snapshot_tags().await.remove(0);
+    let image = format!("{}/{REPO}:{tag}", s.registry.host);
+    // the runtime reads it: pull, start, find the file
+    s.containerd.pull(&image, &s.registry).await;
+    s.containerd.run_desktop_from(&image, "desk-z", "pod-z", "1-z", "x-graphical").await;
+    assert_eq!(s.containerd.exec("desk-z", "cat /root/z.txt").await.trim(), "zstd");
     sidecar.stop().await;
     s.containerd.stop().await;
 }
