@@ -8,6 +8,7 @@ pub mod containerd;
 pub mod ports;
 pub mod registry;
 pub mod sidecar;
+pub mod story;
 pub mod token;
 pub mod webhook;
 
