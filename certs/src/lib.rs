@@ -27,12 +27,17 @@ impl Authority {
     pub fn new(common_name: &str, days: i64) -> Result<Self> {
         let key = KeyPair::generate().context("generating the CA key")?;
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, common_name);
+        params
+            .distinguished_name
+            .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
         validity(&mut params, days);
         let cert = params.self_signed(&key).context("self-signing the CA")?;
-        Ok(Self { cert_pem: cert.pem(), issuer: Issuer::new(params, key) })
+        Ok(Self {
+            cert_pem: cert.pem(),
+            issuer: Issuer::new(params, key),
+        })
     }
 
     /// The CA's private key, PEM (to sign again later with [`Authority::from_pem`]).
@@ -43,30 +48,49 @@ impl Authority {
     /// Loads an existing CA from its certificate and key (PEM).
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self> {
         let key = KeyPair::from_pem(key_pem).context("reading the CA key")?;
-        let issuer = Issuer::from_ca_cert_pem(cert_pem, key).context("reading the CA certificate")?;
-        Ok(Self { cert_pem: cert_pem.to_string(), issuer })
+        let issuer =
+            Issuer::from_ca_cert_pem(cert_pem, key).context("reading the CA certificate")?;
+        Ok(Self {
+            cert_pem: cert_pem.to_string(),
+            issuer,
+        })
     }
 
     /// A serving certificate for `names` (DNS names or IP addresses), valid for `days`.
     pub fn serving(&self, names: &[String], days: i64) -> Result<Serving> {
-        anyhow::ensure!(!names.is_empty(), "a serving certificate needs at least one name");
+        anyhow::ensure!(
+            !names.is_empty(),
+            "a serving certificate needs at least one name"
+        );
         let key = KeyPair::generate().context("generating the serving key")?;
         let mut params = CertificateParams::default();
-        params.distinguished_name.push(DnType::CommonName, names[0].as_str());
+        params
+            .distinguished_name
+            .push(DnType::CommonName, names[0].as_str());
         params.subject_alt_names = names
             .iter()
             .map(|n| match n.parse::<IpAddr>() {
                 Ok(ip) => Ok(SanType::IpAddress(ip)),
                 Err(_) => Ok(SanType::DnsName(
-                    n.as_str().try_into().with_context(|| format!("{n:?} is not a DNS name"))?,
+                    n.as_str()
+                        .try_into()
+                        .with_context(|| format!("{n:?} is not a DNS name"))?,
                 )),
             })
             .collect::<Result<_>>()?;
-        params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+        params.key_usages = vec![
+            KeyUsagePurpose::DigitalSignature,
+            KeyUsagePurpose::KeyEncipherment,
+        ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
         validity(&mut params, days);
-        let cert = params.signed_by(&key, &self.issuer).context("signing the serving certificate")?;
-        Ok(Serving { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+        let cert = params
+            .signed_by(&key, &self.issuer)
+            .context("signing the serving certificate")?;
+        Ok(Serving {
+            cert_pem: cert.pem(),
+            key_pem: key.serialize_pem(),
+        })
     }
 }
 
@@ -100,13 +124,19 @@ mod tests {
 
     fn verify(ca_pem: &str, cert_pem: &str, name: &str) -> Result<(), rustls::Error> {
         let mut roots = rustls::RootCertStore::empty();
-        roots.add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap()).unwrap();
+        roots
+            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
+            .unwrap();
         let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
         let verifier =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider).build().unwrap();
+            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+                .build()
+                .unwrap();
         let leaf = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
         let name = ServerName::try_from(name.to_string()).unwrap();
-        verifier.verify_server_cert(&leaf, &[], &name, &[], UnixTime::now()).map(|_| ())
+        verifier
+            .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
+            .map(|_| ())
     }
 
     #[test]

@@ -7,7 +7,11 @@ use snapshot_certs::{ca_bundle, service_names, Authority};
 use std::{fs, path::Path, path::PathBuf};
 
 #[derive(Parser, Debug)]
-#[command(name = "snapshot-certs", version, about = "CA and serving certificate for snapshot-webhook")]
+#[command(
+    name = "snapshot-certs",
+    version,
+    about = "CA and serving certificate for snapshot-webhook"
+)]
 struct Args {
     /// Service name of the webhook.
     #[arg(long, default_value = "snapshot-webhook")]
@@ -45,8 +49,10 @@ fn run(args: Args) -> Result<()> {
     let (ca_crt, ca_key) = (args.out.join("ca.crt"), args.out.join("ca.key"));
     let authority = if args.reuse_ca && ca_crt.exists() && ca_key.exists() {
         eprintln!("reusing the CA in {}", args.out.display());
-        let cert = fs::read_to_string(&ca_crt).with_context(|| format!("reading {}", ca_crt.display()))?;
-        let key = fs::read_to_string(&ca_key).with_context(|| format!("reading {}", ca_key.display()))?;
+        let cert =
+            fs::read_to_string(&ca_crt).with_context(|| format!("reading {}", ca_crt.display()))?;
+        let key =
+            fs::read_to_string(&ca_key).with_context(|| format!("reading {}", ca_key.display()))?;
         Authority::from_pem(&cert, &key)?
     } else {
         let authority = Authority::new(&format!("{} CA", args.service), args.days.max(1) * 2)?;
@@ -60,7 +66,11 @@ fn run(args: Args) -> Result<()> {
     write(&args.out.join("tls.crt"), &serving.cert_pem, false)?;
     write(&args.out.join("tls.key"), &serving.key_pem, true)?;
     let bundle = ca_bundle(&authority.cert_pem);
-    eprintln!("wrote ca.crt, ca.key, tls.crt, tls.key in {} for {}", args.out.display(), names.join(", "));
+    eprintln!(
+        "wrote ca.crt, ca.key, tls.crt, tls.key in {} for {}",
+        args.out.display(),
+        names.join(", ")
+    );
     if let Some(patch) = &args.write_ca_bundle {
         write(patch, &ca_bundle_patch(&bundle), false)?;
         eprintln!("wrote the caBundle into {}", patch.display());

@@ -32,7 +32,12 @@ pub enum CredentialsError {
 /// The credentials for `registry` (`host[:port]`); anonymous when the file has no entry for it.
 pub fn auth_for(document: &[u8], registry: &str) -> Result<RegistryAuth, CredentialsError> {
     let config: DockerConfig = serde_json::from_slice(document)?;
-    let Some(entry) = config.auths.iter().find(|(k, _)| host_of(k) == registry).map(|(_, v)| v) else {
+    let Some(entry) = config
+        .auths
+        .iter()
+        .find(|(k, _)| host_of(k) == registry)
+        .map(|(_, v)| v)
+    else {
         return Ok(RegistryAuth::Anonymous);
     };
     if let (Some(u), Some(p)) = (&entry.username, &entry.password) {
@@ -43,16 +48,28 @@ pub fn auth_for(document: &[u8], registry: &str) -> Result<RegistryAuth, Credent
     entry
         .auth
         .as_deref()
-        .and_then(|a| base64::engine::general_purpose::STANDARD.decode(a.trim()).ok())
+        .and_then(|a| {
+            base64::engine::general_purpose::STANDARD
+                .decode(a.trim())
+                .ok()
+        })
         .and_then(|raw| String::from_utf8(raw).ok())
-        .and_then(|s| s.split_once(':').map(|(u, p)| RegistryAuth::Basic(u.to_string(), p.to_string())))
-        .ok_or_else(|| CredentialsError::Incomplete { registry: registry.to_string() })
+        .and_then(|s| {
+            s.split_once(':')
+                .map(|(u, p)| RegistryAuth::Basic(u.to_string(), p.to_string()))
+        })
+        .ok_or_else(|| CredentialsError::Incomplete {
+            registry: registry.to_string(),
+        })
 }
 
 /// `https://host:port/v1/` -> `host:port`: docker config keys come in several forms.
 fn host_of(key: &str) -> &str {
     let k = key.trim();
-    let k = k.strip_prefix("https://").or_else(|| k.strip_prefix("http://")).unwrap_or(k);
+    let k = k
+        .strip_prefix("https://")
+        .or_else(|| k.strip_prefix("http://"))
+        .unwrap_or(k);
     k.split('/').next().unwrap_or(k)
 }
 
@@ -78,18 +95,41 @@ mod tests {
             }}}}"#
         );
         let d = doc.as_bytes();
-        assert_eq!(basic(auth_for(d, "reg.example:5000").unwrap()), Some(("alice".into(), "pw".into())));
-        assert_eq!(basic(auth_for(d, "other.example").unwrap()), Some(("bob".into(), "s3:cret".into())));
-        assert!(matches!(auth_for(d, "unknown.example").unwrap(), RegistryAuth::Anonymous));
-        assert!(matches!(auth_for(d, "broken.example"), Err(CredentialsError::Incomplete { .. })));
-        assert!(matches!(auth_for(b"not json", "x"), Err(CredentialsError::Json(_))));
+        assert_eq!(
+            basic(auth_for(d, "reg.example:5000").unwrap()),
+            Some(("alice".into(), "pw".into()))
+        );
+        assert_eq!(
+            basic(auth_for(d, "other.example").unwrap()),
+            Some(("bob".into(), "s3:cret".into()))
+        );
+        assert!(matches!(
+            auth_for(d, "unknown.example").unwrap(),
+            RegistryAuth::Anonymous
+        ));
+        assert!(matches!(
+            auth_for(d, "broken.example"),
+            Err(CredentialsError::Incomplete { .. })
+        ));
+        assert!(matches!(
+            auth_for(b"not json", "x"),
+            Err(CredentialsError::Json(_))
+        ));
     }
 
     #[test]
     fn errors_never_show_the_password() {
-        let e = auth_for(br#"{"auths": {"r": {"username": "u", "password": "topsecret"}}"#, "r").unwrap_err();
+        let e = auth_for(
+            br#"{"auths": {"r": {"username": "u", "password": "topsecret"}}"#,
+            "r",
+        )
+        .unwrap_err();
         assert!(!e.to_string().contains("topsecret"));
-        let a = auth_for(br#"{"auths": {"r": {"username": "u", "password": "topsecret"}}}"#, "r").unwrap();
+        let a = auth_for(
+            br#"{"auths": {"r": {"username": "u", "password": "topsecret"}}}"#,
+            "r",
+        )
+        .unwrap();
         assert!(!format!("{a:?}").contains("topsecret"));
     }
 }

@@ -1,7 +1,11 @@
 //! The HTTP API on port 29785, as abcdesktop's front end calls it (through a
 //! router that may strip the `/snapshot` prefix, so both forms answer).
 
-use crate::{config::Config, session::{now_ms, Sessions}, snapshot};
+use crate::{
+    config::Config,
+    session::{now_ms, Sessions},
+    snapshot,
+};
 use axum::{
     extract::{Path, State},
     http::{HeaderMap, StatusCode},
@@ -53,7 +57,9 @@ fn envelope(status: StatusCode, ok: bool, message: &str, session_id: &str) -> Re
 }
 
 fn authorised(state: &AppState, headers: &HeaderMap) -> bool {
-    let Some(token) = &state.token else { return true };
+    let Some(token) = &state.token else {
+        return true;
+    };
     headers
         .get("abcauthorization")
         .and_then(|v| v.to_str().ok())
@@ -63,21 +69,38 @@ fn authorised(state: &AppState, headers: &HeaderMap) -> bool {
 
 async fn start(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Response {
     if !authorised(&state, &headers) {
-        return envelope(StatusCode::UNAUTHORIZED, false, "missing or wrong ABCAuthorization bearer token", "");
+        return envelope(
+            StatusCode::UNAUTHORIZED,
+            false,
+            "missing or wrong ABCAuthorization bearer token",
+            "",
+        );
     }
     let (id, new) = state.sessions.begin();
     if new {
         let (state, running) = (state.clone(), id.clone());
-        tokio::spawn(async move { snapshot::run(&state.config, &state.sessions, &state.metrics, &running).await });
+        tokio::spawn(async move {
+            snapshot::run(&state.config, &state.sessions, &state.metrics, &running).await
+        });
         envelope(StatusCode::OK, true, "snapshot process started", &id)
     } else {
-        envelope(StatusCode::OK, true, "snapshot process already running", &id)
+        envelope(
+            StatusCode::OK,
+            true,
+            "snapshot process already running",
+            &id,
+        )
     }
 }
 
 async fn status(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
     match state.sessions.get(&id) {
-        Some(op) => envelope(StatusCode::OK, op.step != crate::session::Step::Error, &op.message, &id),
+        Some(op) => envelope(
+            StatusCode::OK,
+            op.step != crate::session::Step::Error,
+            &op.message,
+            &id,
+        ),
         None => envelope(StatusCode::NOT_FOUND, false, "unknown session", &id),
     }
 }
@@ -99,7 +122,10 @@ async fn list(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
-        [(axum::http::header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.metrics.render(),
     )
         .into_response()

@@ -7,9 +7,11 @@ use crate::ctrd::Ctrd;
 use anyhow::{Context, Result};
 use containerd_client::{
     services::v1::{
-        snapshots::{MountsRequest, RemoveSnapshotRequest, StatSnapshotRequest, ViewSnapshotRequest},
-        Container, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest, DiffRequest,
-        PauseTaskRequest, ResumeTaskRequest,
+        snapshots::{
+            MountsRequest, RemoveSnapshotRequest, StatSnapshotRequest, ViewSnapshotRequest,
+        },
+        Container, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest,
+        DiffRequest, PauseTaskRequest, ResumeTaskRequest,
     },
     types::Descriptor,
 };
@@ -33,17 +35,31 @@ impl Lease {
         let lease = ctrd
             .client
             .leases()
-            .create(ctrd.req(CreateLeaseRequest { id: String::new(), labels }))
+            .create(ctrd.req(CreateLeaseRequest {
+                id: String::new(),
+                labels,
+            }))
             .await
             .context("creating a containerd lease")?
             .into_inner()
             .lease
             .context("containerd returned no lease")?;
-        Ok(Self { ctrd: ctrd.clone(), id: lease.id })
+        Ok(Self {
+            ctrd: ctrd.clone(),
+            id: lease.id,
+        })
     }
 
     pub async fn release(self) {
-        let r = self.ctrd.client.leases().delete(self.ctrd.req(DeleteLeaseRequest { id: self.id.clone(), sync: false })).await;
+        let r = self
+            .ctrd
+            .client
+            .leases()
+            .delete(self.ctrd.req(DeleteLeaseRequest {
+                id: self.id.clone(),
+                sync: false,
+            }))
+            .await;
         if let Err(e) = r {
             warn!(lease = %self.id, error = %e, "cannot delete the lease; it expires by itself");
         }
@@ -71,7 +87,9 @@ pub async fn resume_all() {
     for (id, ctrd) in tasks {
         match resume(&ctrd, &id).await {
             Ok(()) => warn!(container = %id, "resumed the task before shutting down"),
-            Err(e) => warn!(container = %id, error = %format!("{e:#}"), "could not resume the task"),
+            Err(e) => {
+                warn!(container = %id, error = %format!("{e:#}"), "could not resume the task")
+            }
         }
     }
 }
@@ -90,8 +108,18 @@ impl Paused {
         }
         // Registered before the pause, so a shutdown racing with it resumes it.
         paused_set().push((container_id.to_string(), ctrd.clone()));
-        let mut guard = Self { ctrd: ctrd.clone(), container_id: container_id.to_string(), active: true };
-        let paused = ctrd.client.tasks().pause(ctrd.req(PauseTaskRequest { container_id: container_id.to_string() })).await;
+        let mut guard = Self {
+            ctrd: ctrd.clone(),
+            container_id: container_id.to_string(),
+            active: true,
+        };
+        let paused = ctrd
+            .client
+            .tasks()
+            .pause(ctrd.req(PauseTaskRequest {
+                container_id: container_id.to_string(),
+            }))
+            .await;
         if let Err(e) = paused {
             guard.active = false;
             paused_set().retain(|(id, _)| id != container_id);
@@ -114,7 +142,14 @@ impl Paused {
 async fn resume(ctrd: &Ctrd, container_id: &str) -> Result<()> {
     let mut last = None;
     for attempt in 0..5u64 {
-        match ctrd.client.tasks().resume(ctrd.req(ResumeTaskRequest { container_id: container_id.to_string() })).await {
+        match ctrd
+            .client
+            .tasks()
+            .resume(ctrd.req(ResumeTaskRequest {
+                container_id: container_id.to_string(),
+            }))
+            .await
+        {
             Ok(_) => return Ok(()),
             Err(e) => {
                 warn!(container = container_id, attempt, error = %e, "resume failed; trying again");
@@ -123,7 +158,10 @@ async fn resume(ctrd: &Ctrd, container_id: &str) -> Result<()> {
             }
         }
     }
-    Err(anyhow::anyhow!("resuming {container_id}: {}", last.map(|e| e.to_string()).unwrap_or_default()))
+    Err(anyhow::anyhow!(
+        "resuming {container_id}: {}",
+        last.map(|e| e.to_string()).unwrap_or_default()
+    ))
 }
 
 impl Drop for Paused {
@@ -155,19 +193,30 @@ pub enum Scope {
 /// The layer of `container`'s changes, or of its whole root filesystem
 /// (uncompressed, in the content store under the lease of `ctrd`); its digest is
 /// the layer's diff_id.
-pub async fn diff(ctrd: &Ctrd, container: &Container, pause: bool, scope: Scope) -> Result<Descriptor> {
+pub async fn diff(
+    ctrd: &Ctrd,
+    container: &Container,
+    pause: bool,
+    scope: Scope,
+) -> Result<Descriptor> {
     let snapshotter = container.snapshotter.clone();
     let key = container.snapshot_key.clone();
     let snapshots = ctrd.client.snapshots();
     let info = snapshots
         .clone()
-        .stat(ctrd.req(StatSnapshotRequest { snapshotter: snapshotter.clone(), key: key.clone() }))
+        .stat(ctrd.req(StatSnapshotRequest {
+            snapshotter: snapshotter.clone(),
+            key: key.clone(),
+        }))
         .await
         .with_context(|| format!("reading snapshot {key}"))?
         .into_inner()
         .info
         .context("containerd returned no snapshot info")?;
-    let view_key = format!("desktop-snapshot-view-{}", ctrd.lease.as_deref().unwrap_or("nolease"));
+    let view_key = format!(
+        "desktop-snapshot-view-{}",
+        ctrd.lease.as_deref().unwrap_or("nolease")
+    );
     // Against an empty left side, the Diff service writes the whole tree.
     let left = if scope == Scope::Everything {
         Vec::new()
@@ -187,13 +236,20 @@ pub async fn diff(ctrd: &Ctrd, container: &Container, pause: bool, scope: Scope)
     };
     let right = snapshots
         .clone()
-        .mounts(ctrd.req(MountsRequest { snapshotter: snapshotter.clone(), key: key.clone() }))
+        .mounts(ctrd.req(MountsRequest {
+            snapshotter: snapshotter.clone(),
+            key: key.clone(),
+        }))
         .await
         .with_context(|| format!("mounts of snapshot {key}"))?
         .into_inner()
         .mounts;
 
-    let paused = if pause { Some(Paused::pause(ctrd, &container.id).await?) } else { None };
+    let paused = if pause {
+        Some(Paused::pause(ctrd, &container.id).await?)
+    } else {
+        None
+    };
     let started = std::time::Instant::now();
     let result = ctrd
         .client
@@ -212,7 +268,10 @@ pub async fn diff(ctrd: &Ctrd, container: &Container, pause: bool, scope: Scope)
     }
     let _ = snapshots
         .clone()
-        .remove(ctrd.req(RemoveSnapshotRequest { snapshotter, key: view_key }))
+        .remove(ctrd.req(RemoveSnapshotRequest {
+            snapshotter,
+            key: view_key,
+        }))
         .await;
     let descriptor = result
         .context("the Diff service failed")?

@@ -4,7 +4,11 @@ use clap::{Parser, ValueEnum};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "snapshot-sidecar", version, about = "Commits the desktop container and pushes it as the user's snapshot")]
+#[command(
+    name = "snapshot-sidecar",
+    version,
+    about = "Commits the desktop container and pushes it as the user's snapshot"
+)]
 pub struct Config {
     /// Address of the HTTP API.
     #[arg(long, env = "SNAPSHOT_LISTEN", default_value = "0.0.0.0:29785")]
@@ -37,7 +41,11 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_REGISTRY_CREDENTIALS")]
     pub registry_credentials: Option<PathBuf>,
     /// containerd's socket.
-    #[arg(long, env = "SNAPSHOT_CONTAINERD_SOCKET", default_value = "/run/containerd/containerd.sock")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_CONTAINERD_SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
     pub containerd_socket: PathBuf,
     /// containerd namespace of the kubelet's containers.
     #[arg(long, env = "SNAPSHOT_CONTAINERD_NAMESPACE", default_value = "k8s.io")]

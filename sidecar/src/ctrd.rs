@@ -17,12 +17,19 @@ impl Ctrd {
         let client = containerd_client::Client::from_path(socket)
             .await
             .with_context(|| format!("cannot reach containerd at {}", socket.display()))?;
-        Ok(Self { client: std::sync::Arc::new(client), namespace: namespace.to_string(), lease: None })
+        Ok(Self {
+            client: std::sync::Arc::new(client),
+            namespace: namespace.to_string(),
+            lease: None,
+        })
     }
 
     /// The same connection, with the work attached to `lease`.
     pub fn with_lease(&self, lease: &str) -> Self {
-        Self { lease: Some(lease.to_string()), ..self.clone() }
+        Self {
+            lease: Some(lease.to_string()),
+            ..self.clone()
+        }
     }
 
     /// A request carrying the namespace and the lease.

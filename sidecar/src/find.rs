@@ -21,9 +21,15 @@ pub struct Identity<'a> {
 /// containerd filters for `identity` (labels with dots must be quoted).
 pub fn filters(id: &Identity<'_>) -> Vec<String> {
     let q = |s: &str| s.replace('\\', "\\\\").replace('"', "\\\"");
-    let name = format!("labels.\"io.kubernetes.container.name\"==\"{}\"", q(id.container));
+    let name = format!(
+        "labels.\"io.kubernetes.container.name\"==\"{}\"",
+        q(id.container)
+    );
     if !id.pod_uid.is_empty() {
-        vec![format!("labels.\"io.kubernetes.pod.uid\"==\"{}\",{name}", q(id.pod_uid))]
+        vec![format!(
+            "labels.\"io.kubernetes.pod.uid\"==\"{}\",{name}",
+            q(id.pod_uid)
+        )]
     } else {
         vec![format!(
             "labels.\"io.kubernetes.pod.name\"==\"{}\",labels.\"io.kubernetes.pod.namespace\"==\"{}\",{name}",
@@ -37,7 +43,9 @@ pub async fn container(ctrd: &Ctrd, id: &Identity<'_>) -> Result<Container> {
     let found = ctrd
         .client
         .containers()
-        .list(ctrd.req(ListContainersRequest { filters: filters(id) }))
+        .list(ctrd.req(ListContainersRequest {
+            filters: filters(id),
+        }))
         .await
         .context("listing containers")?
         .into_inner()
@@ -53,15 +61,31 @@ pub async fn container(ctrd: &Ctrd, id: &Identity<'_>) -> Result<Container> {
     }
     let mut running = Vec::new();
     for c in found {
-        let task = ctrd.client.tasks().get(ctrd.req(GetTaskRequest { container_id: c.id.clone(), exec_id: String::new() })).await;
-        if matches!(&task, Ok(t) if t.get_ref().process.as_ref().is_some_and(|p| p.status == RUNNING)) {
+        let task = ctrd
+            .client
+            .tasks()
+            .get(ctrd.req(GetTaskRequest {
+                container_id: c.id.clone(),
+                exec_id: String::new(),
+            }))
+            .await;
+        if matches!(&task, Ok(t) if t.get_ref().process.as_ref().is_some_and(|p| p.status == RUNNING))
+        {
             running.push(c);
         }
     }
     match running.len() {
         1 => Ok(running.remove(0)),
-        0 => bail!("container {:?} of pod {} has no running task", id.container, id.pod_name),
-        n => bail!("{n} running containers {:?} of pod {}: refusing to guess", id.container, id.pod_name),
+        0 => bail!(
+            "container {:?} of pod {} has no running task",
+            id.container,
+            id.pod_name
+        ),
+        n => bail!(
+            "{n} running containers {:?} of pod {}: refusing to guess",
+            id.container,
+            id.pod_name
+        ),
     }
 }
 
@@ -71,12 +95,20 @@ mod tests {
 
     #[test]
     fn filters_by_uid_or_by_name_and_namespace() {
-        let by_uid = Identity { pod_uid: "u-1", pod_name: "p", pod_namespace: "ns", container: "x-graphical" };
+        let by_uid = Identity {
+            pod_uid: "u-1",
+            pod_name: "p",
+            pod_namespace: "ns",
+            container: "x-graphical",
+        };
         assert_eq!(
             filters(&by_uid),
             vec!["labels.\"io.kubernetes.pod.uid\"==\"u-1\",labels.\"io.kubernetes.container.name\"==\"x-graphical\""]
         );
-        let by_name = Identity { pod_uid: "", ..by_uid };
+        let by_name = Identity {
+            pod_uid: "",
+            ..by_uid
+        };
         assert!(filters(&by_name)[0].contains("labels.\"io.kubernetes.pod.namespace\"==\"ns\""));
     }
 }

@@ -18,16 +18,27 @@ pub const DOCKER_CONFIG: &str = "application/vnd.docker.container.image.v1+json"
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
 /// A blob of the content store as a stream of chunks.
-pub fn read_stream(ctrd: &Ctrd, digest: &str) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
+pub fn read_stream(
+    ctrd: &Ctrd,
+    digest: &str,
+) -> impl Stream<Item = Result<Bytes>> + Send + 'static {
     let (ctrd, digest) = (ctrd.clone(), digest.to_string());
     futures::stream::once(async move {
         let r = ctrd
             .client
             .content()
-            .read(ctrd.req(ReadContentRequest { digest: digest.clone(), offset: 0, size: 0 }))
+            .read(ctrd.req(ReadContentRequest {
+                digest: digest.clone(),
+                offset: 0,
+                size: 0,
+            }))
             .await
             .with_context(|| format!("reading {digest} from containerd's content store"))?;
-        Ok::<_, anyhow::Error>(r.into_inner().map(|chunk| chunk.map(|c| Bytes::from(c.data)).map_err(anyhow::Error::from)))
+        Ok::<_, anyhow::Error>(r.into_inner().map(|chunk| {
+            chunk
+                .map(|c| Bytes::from(c.data))
+                .map_err(anyhow::Error::from)
+        }))
     })
     .map(|s| match s {
         Ok(inner) => inner.boxed(),
@@ -57,7 +68,9 @@ pub async fn base(ctrd: &Ctrd, image_name: &str) -> Result<Base> {
     let image = ctrd
         .client
         .images()
-        .get(ctrd.req(GetImageRequest { name: image_name.to_string() }))
+        .get(ctrd.req(GetImageRequest {
+            name: image_name.to_string(),
+        }))
         .await
         .with_context(|| format!("image {image_name} is not in containerd"))?
         .into_inner()
@@ -67,17 +80,30 @@ pub async fn base(ctrd: &Ctrd, image_name: &str) -> Result<Base> {
     let mut media_type = target.media_type.clone();
     let mut digest = target.digest.clone();
     if media_type == OCI_INDEX || media_type == DOCKER_LIST {
-        let index: Value = serde_json::from_slice(&read_all(ctrd, &digest).await?).context("the image index is not JSON")?;
-        let chosen = pick_platform(&index).context("the image index has no manifest for this platform")?;
-        media_type = chosen["mediaType"].as_str().unwrap_or(OCI_MANIFEST).to_string();
-        digest = chosen["digest"].as_str().context("manifest without digest")?.to_string();
+        let index: Value = serde_json::from_slice(&read_all(ctrd, &digest).await?)
+            .context("the image index is not JSON")?;
+        let chosen =
+            pick_platform(&index).context("the image index has no manifest for this platform")?;
+        media_type = chosen["mediaType"]
+            .as_str()
+            .unwrap_or(OCI_MANIFEST)
+            .to_string();
+        digest = chosen["digest"]
+            .as_str()
+            .context("manifest without digest")?
+            .to_string();
     }
     if media_type != OCI_MANIFEST && media_type != DOCKER_MANIFEST {
         bail!("unsupported base image manifest type {media_type}");
     }
-    let manifest: Value = serde_json::from_slice(&read_all(ctrd, &digest).await?).context("the manifest is not JSON")?;
-    let config_digest = manifest["config"]["digest"].as_str().context("manifest without config")?.to_string();
-    let config: Value = serde_json::from_slice(&read_all(ctrd, &config_digest).await?).context("the config is not JSON")?;
+    let manifest: Value = serde_json::from_slice(&read_all(ctrd, &digest).await?)
+        .context("the manifest is not JSON")?;
+    let config_digest = manifest["config"]["digest"]
+        .as_str()
+        .context("manifest without config")?
+        .to_string();
+    let config: Value = serde_json::from_slice(&read_all(ctrd, &config_digest).await?)
+        .context("the config is not JSON")?;
     Ok(Base { manifest, config })
 }
 
@@ -131,7 +157,10 @@ pub fn squashed(base: &Base) -> Base {
 
 /// How many layers the base has.
 pub fn layer_count(base: &Base) -> usize {
-    base.manifest["layers"].as_array().map(Vec::len).unwrap_or(0)
+    base.manifest["layers"]
+        .as_array()
+        .map(Vec::len)
+        .unwrap_or(0)
 }
 
 /// The snapshot's manifest: the base's layers, then the new one.
@@ -165,17 +194,28 @@ mod tests {
         assert_eq!(c["config"], base_config["config"]);
         let base_manifest = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {},
             "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": "sha256:la", "size": 3}]});
-        let m = next_manifest(&base_manifest, ("sha256:cfg", 10), ("sha256:lb", 7, OCI_LAYER_GZIP));
+        let m = next_manifest(
+            &base_manifest,
+            ("sha256:cfg", 10),
+            ("sha256:lb", 7, OCI_LAYER_GZIP),
+        );
         assert_eq!(m["layers"].as_array().unwrap().len(), 2);
         assert_eq!(m["layers"][1]["digest"], "sha256:lb");
         assert_eq!(m["config"]["mediaType"], OCI_CONFIG);
-        let squashed = squashed(&Base { manifest: base_manifest.clone(), config: base_config.clone() });
+        let squashed = squashed(&Base {
+            manifest: base_manifest.clone(),
+            config: base_config.clone(),
+        });
         assert_eq!(layer_count(&squashed), 0);
         let c = next_config(&squashed.config, "sha256:all", "2026-11-23T00:00:00Z");
         assert_eq!(c["rootfs"]["diff_ids"], json!(["sha256:all"]));
         assert_eq!(c["history"].as_array().unwrap().len(), 1);
         let docker = json!({"mediaType": DOCKER_MANIFEST, "layers": []});
-        let m = next_manifest(&docker, ("sha256:cfg", 10), ("sha256:lb", 7, DOCKER_LAYER_GZIP));
+        let m = next_manifest(
+            &docker,
+            ("sha256:cfg", 10),
+            ("sha256:lb", 7, DOCKER_LAYER_GZIP),
+        );
         assert_eq!(m["mediaType"], DOCKER_MANIFEST);
         assert_eq!(m["layers"][0]["mediaType"], DOCKER_LAYER_GZIP);
     }

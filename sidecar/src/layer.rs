@@ -31,7 +31,11 @@ impl Codec {
 }
 
 /// Compresses `input` with `codec` on `threads` threads; the output as a stream of chunks.
-pub fn compress<S>(input: S, codec: Codec, threads: usize) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static
+pub fn compress<S>(
+    input: S,
+    codec: Codec,
+    threads: usize,
+) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static
 where
     S: Stream<Item = anyhow::Result<Bytes>> + Send + 'static,
 {
@@ -39,14 +43,29 @@ where
     let reader = SyncIoBridge::new(StreamReader::new(Box::pin(input.map_err(io::Error::other))));
     let errors = tx.clone();
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = run(reader, ChannelWriter { tx, buf: BytesMut::with_capacity(CHUNK) }, codec, threads.max(1)) {
+        if let Err(e) = run(
+            reader,
+            ChannelWriter {
+                tx,
+                buf: BytesMut::with_capacity(CHUNK),
+            },
+            codec,
+            threads.max(1),
+        ) {
             let _ = errors.blocking_send(Err(e));
         }
     });
-    futures::stream::unfold(rx, |mut rx| async move { rx.recv().await.map(|item| (item, rx)) })
+    futures::stream::unfold(rx, |mut rx| async move {
+        rx.recv().await.map(|item| (item, rx))
+    })
 }
 
-fn run(mut reader: impl io::Read, writer: ChannelWriter, codec: Codec, threads: usize) -> io::Result<()> {
+fn run(
+    mut reader: impl io::Read,
+    writer: ChannelWriter,
+    codec: Codec,
+    threads: usize,
+) -> io::Result<()> {
     match codec {
         Codec::Gzip => {
             use gzp::{deflate::Gzip, par::compress::ParCompressBuilder, ZWriter};
@@ -81,7 +100,9 @@ impl ChannelWriter {
             return Ok(());
         }
         let chunk = self.buf.split().freeze();
-        self.tx.blocking_send(Ok(chunk)).map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
+        self.tx
+            .blocking_send(Ok(chunk))
+            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
     }
 }
 
@@ -106,7 +127,11 @@ mod tests {
     use std::io::Read;
 
     async fn roundtrip(codec: Codec, data: Vec<u8>) -> Vec<u8> {
-        let input = futures::stream::iter(data.chunks(100_000).map(|c| Ok(Bytes::copy_from_slice(c))).collect::<Vec<_>>());
+        let input = futures::stream::iter(
+            data.chunks(100_000)
+                .map(|c| Ok(Bytes::copy_from_slice(c)))
+                .collect::<Vec<_>>(),
+        );
         let mut out = Vec::new();
         let mut s = Box::pin(compress(input, codec, 2));
         while let Some(chunk) = s.next().await {
@@ -114,25 +139,40 @@ mod tests {
         }
         let mut back = Vec::new();
         match codec {
-            Codec::Gzip => flate2::read::MultiGzDecoder::new(out.as_slice()).read_to_end(&mut back).unwrap(),
-            Codec::Zstd => zstd::Decoder::new(out.as_slice()).unwrap().read_to_end(&mut back).unwrap(),
+            Codec::Gzip => flate2::read::MultiGzDecoder::new(out.as_slice())
+                .read_to_end(&mut back)
+                .unwrap(),
+            Codec::Zstd => zstd::Decoder::new(out.as_slice())
+                .unwrap()
+                .read_to_end(&mut back)
+                .unwrap(),
         };
         back
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn both_codecs_round_trip() {
-        let data: Vec<u8> = (0..5_000_000u32).map(|i| (i % 251) as u8 ^ (i / 7919) as u8).collect();
+        let data: Vec<u8> = (0..5_000_000u32)
+            .map(|i| (i % 251) as u8 ^ (i / 7919) as u8)
+            .collect();
         for codec in [Codec::Gzip, Codec::Zstd] {
             assert_eq!(roundtrip(codec, data.clone()).await, data, "{codec:?}");
-            assert!(roundtrip(codec, Vec::new()).await.is_empty(), "{codec:?} empty");
+            assert!(
+                roundtrip(codec, Vec::new()).await.is_empty(),
+                "{codec:?} empty"
+            );
         }
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn an_input_error_reaches_the_output() {
-        let input = futures::stream::iter(vec![Ok(Bytes::from_static(b"abc")), Err(anyhow::anyhow!("containerd went away"))]);
+        let input = futures::stream::iter(vec![
+            Ok(Bytes::from_static(b"abc")),
+            Err(anyhow::anyhow!("containerd went away")),
+        ]);
         let results: Vec<_> = compress(input, Codec::Gzip, 2).collect().await;
-        assert!(results.iter().any(|r| r.as_ref().is_err_and(|e| e.to_string().contains("containerd went away"))));
+        assert!(results.iter().any(|r| r
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("containerd went away"))));
     }
 }

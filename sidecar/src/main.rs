@@ -15,7 +15,9 @@ use tracing_subscriber::EnvFilter;
 async fn main() {
     let config = Config::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    let logs = tracing_subscriber::fmt().with_env_filter(filter).with_target(false);
+    let logs = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_target(false);
     if config.log_format == "text" {
         logs.init();
     } else {
@@ -30,12 +32,24 @@ async fn main() {
 async fn run(config: Config) -> anyhow::Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let token = match &config.api_token_file {
-        Some(p) => Some(std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?.trim().to_string()),
+        Some(p) => Some(
+            std::fs::read_to_string(p)
+                .with_context(|| format!("reading {}", p.display()))?
+                .trim()
+                .to_string(),
+        ),
         None => None,
     };
-    let listener = tokio::net::TcpListener::bind(config.listen).await.with_context(|| format!("binding {}", config.listen))?;
+    let listener = tokio::net::TcpListener::bind(config.listen)
+        .await
+        .with_context(|| format!("binding {}", config.listen))?;
     info!(listen = %config.listen, repository = %config.repository, container = %config.container, "snapshot-sidecar serving");
-    let state = Arc::new(AppState { config, sessions: Default::default(), metrics: Default::default(), token });
+    let state = Arc::new(AppState {
+        config,
+        sessions: Default::default(),
+        metrics: Default::default(),
+        token,
+    });
     axum::serve(listener, api::router(state))
         .with_graceful_shutdown(async {
             shutdown_signal().await;

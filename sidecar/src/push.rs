@@ -39,15 +39,23 @@ impl Registry {
         let host = repository.split('/').next().unwrap_or(repository);
         let auth = match credentials {
             Some(path) => {
-                let doc = tokio::fs::read(path).await.with_context(|| format!("reading {}", path.display()))?;
-                registry_credentials::auth_for(&doc, host).with_context(|| format!("reading {}", path.display()))?
+                let doc = tokio::fs::read(path)
+                    .await
+                    .with_context(|| format!("reading {}", path.display()))?;
+                registry_credentials::auth_for(&doc, host)
+                    .with_context(|| format!("reading {}", path.display()))?
             }
             None => RegistryAuth::Anonymous,
         };
         let mut extra = Vec::new();
         if let Some(ca) = ca {
-            let data = tokio::fs::read(ca).await.with_context(|| format!("reading {}", ca.display()))?;
-            extra.push(Certificate { encoding: CertificateEncoding::Pem, data });
+            let data = tokio::fs::read(ca)
+                .await
+                .with_context(|| format!("reading {}", ca.display()))?;
+            extra.push(Certificate {
+                encoding: CertificateEncoding::Pem,
+                data,
+            });
         }
         let client = Client::new(ClientConfig {
             protocol: match protocol {
@@ -79,14 +87,26 @@ impl Registry {
         compression: (Codec, usize),
         created: &str,
     ) -> Result<String> {
-        self.client.store_auth_if_needed(target.resolve_registry(), &self.auth).await;
+        self.client
+            .store_auth_if_needed(target.resolve_registry(), &self.auth)
+            .await;
         for layer in base.manifest["layers"].as_array().into_iter().flatten() {
-            let digest = layer["digest"].as_str().context("a base layer without digest")?;
+            let digest = layer["digest"]
+                .as_str()
+                .context("a base layer without digest")?;
             let size = layer["size"].as_u64();
-            if self.client.blob_exists(target, digest).await.context("asking the registry for a base layer")? {
+            if self
+                .client
+                .blob_exists(target, digest)
+                .await
+                .context("asking the registry for a base layer")?
+            {
                 continue;
             }
-            info!(digest, "uploading a base layer from the node's content store");
+            info!(
+                digest,
+                "uploading a base layer from the node's content store"
+            );
             let stream = image::read_stream(ctrd, digest).map_err(to_oci);
             self.client
                 .push_blob_stream(target, stream, digest, size)
@@ -108,25 +128,41 @@ impl Registry {
 
         let config = image::next_config(&base.config, layer_diff_id, created);
         let config_bytes = serde_json::to_vec(&config)?;
-        let config_digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&config_bytes)));
+        let config_digest = format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(&config_bytes))
+        );
         self.client
             .push_blob(target, config_bytes.clone(), &config_digest)
             .await
             .context("uploading the image config")?;
 
-        let manifest: Value =
-            image::next_manifest(
-                &base.manifest,
-                (&config_digest, config_bytes.len()),
-                (&pushed.blob_digest, pushed.size, codec.media_type(image::is_docker(&base.manifest))),
-            );
+        let manifest: Value = image::next_manifest(
+            &base.manifest,
+            (&config_digest, config_bytes.len()),
+            (
+                &pushed.blob_digest,
+                pushed.size,
+                codec.media_type(image::is_docker(&base.manifest)),
+            ),
+        );
         let manifest_bytes = serde_json::to_vec(&manifest)?;
-        let media_type = manifest["mediaType"].as_str().unwrap_or(image::OCI_MANIFEST).to_string();
+        let media_type = manifest["mediaType"]
+            .as_str()
+            .unwrap_or(image::OCI_MANIFEST)
+            .to_string();
         self.client
-            .push_manifest_raw(target, Bytes::from(manifest_bytes.clone()), media_type.parse().context("media type")?)
+            .push_manifest_raw(
+                target,
+                Bytes::from(manifest_bytes.clone()),
+                media_type.parse().context("media type")?,
+            )
             .await
             .context("uploading the manifest (the tag)")?;
-        Ok(format!("sha256:{}", hex::encode(sha2::Sha256::digest(&manifest_bytes))))
+        Ok(format!(
+            "sha256:{}",
+            hex::encode(sha2::Sha256::digest(&manifest_bytes))
+        ))
     }
 }
 

@@ -62,7 +62,10 @@ struct Inner {
 
 /// Epoch milliseconds.
 pub fn now_ms() -> u128 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis()).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis())
+        .unwrap_or(0)
 }
 
 impl Sessions {
@@ -76,7 +79,13 @@ impl Sessions {
         let id = format!("{:x}-{}", now_ms(), inner.counter);
         inner.operations.insert(
             id.clone(),
-            Operation { session_id: id.clone(), step: Step::Starting, message: Step::Starting.words().into(), started: now_ms(), image: None },
+            Operation {
+                session_id: id.clone(),
+                step: Step::Starting,
+                message: Step::Starting.words().into(),
+                started: now_ms(),
+                image: None,
+            },
         );
         inner.running = Some(id.clone());
         (id, true)
@@ -109,15 +118,30 @@ impl Sessions {
     }
 
     pub fn get(&self, id: &str) -> Option<Operation> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).operations.get(id).cloned()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .operations
+            .get(id)
+            .cloned()
     }
 
     pub fn list(&self) -> Vec<Operation> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).operations.values().cloned().collect()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .operations
+            .values()
+            .cloned()
+            .collect()
     }
 
     pub fn running(&self) -> Option<String> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner()).running.clone()
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .running
+            .clone()
     }
 }
 

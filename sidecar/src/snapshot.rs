@@ -67,20 +67,29 @@ async fn generate_and_push(
     let started = Instant::now();
     let mut base = image::base(ctrd, &container.image).await?;
     let scope = if image::layer_count(&base) + 1 > config.max_layers as usize {
-        info!(layers = image::layer_count(&base), max = config.max_layers, "layer limit reached: squashing the desktop into one layer");
+        info!(
+            layers = image::layer_count(&base),
+            max = config.max_layers,
+            "layer limit reached: squashing the desktop into one layer"
+        );
         base = image::squashed(&base);
         commit::Scope::Everything
     } else {
         commit::Scope::Changes
     };
     let layer = commit::diff(ctrd, container, config.pause, scope).await?;
-    info!(elapsed_ms = started.elapsed().as_millis() as u64, "desktop image generated");
+    info!(
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "desktop image generated"
+    );
 
     step(Step::LoginRegistry);
     let now = SystemTime::now();
     let tag = tag::snapshot_tag(&config.tag_prefix, now);
     let image_ref = format!("{}:{tag}", config.repository);
-    let target: oci_client::Reference = image_ref.parse().with_context(|| format!("{image_ref} is not an image reference"))?;
+    let target: oci_client::Reference = image_ref
+        .parse()
+        .with_context(|| format!("{image_ref} is not an image reference"))?;
     let registry = Registry::login(
         &config.repository,
         config.registry_protocol,
@@ -93,7 +102,14 @@ async fn generate_and_push(
     step(Step::PushImage);
     let created = humantime::format_rfc3339_seconds(now).to_string();
     let digest = registry
-        .push(ctrd, &target, &base, &layer.digest, (config.compression, config.compression_threads), &created)
+        .push(
+            ctrd,
+            &target,
+            &base,
+            &layer.digest,
+            (config.compression, config.compression_threads),
+            &created,
+        )
         .await?;
     Ok(format!("{image_ref}@{digest}"))
 }

@@ -4,7 +4,10 @@
 use std::time::{SystemTime, UNIX_EPOCH};
 
 pub fn snapshot_tag(prefix: &str, now: SystemTime) -> String {
-    let ns = now.duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+    let ns = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
     format!("{prefix}-{ns}")
 }
 
@@ -16,6 +19,9 @@ mod tests {
     #[test]
     fn nanoseconds_after_the_prefix() {
         let t = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
-        assert_eq!(snapshot_tag("jdoe_40example.com", t), "jdoe_40example.com-1700000000123456789");
+        assert_eq!(
+            snapshot_tag("jdoe_40example.com", t),
+            "jdoe_40example.com-1700000000123456789"
+        );
     }
 }

@@ -8,9 +8,12 @@ use serde_json::{json, Value};
 /// The realistic desktop pod of tests/fixtures, for `user`, with the graphical image `image`.
 pub fn desktop_pod(user: &str, image: &str) -> Value {
     let text = include_str!("../fixtures/desktop-pod.json");
-    let mut pod: Value = serde_json::from_str(text).expect("tests/fixtures/desktop-pod.json is JSON");
+    let mut pod: Value =
+        serde_json::from_str(text).expect("tests/fixtures/desktop-pod.json is JSON");
     pod["metadata"]["labels"]["access_userid"] = json!(user);
-    let containers = pod["spec"]["containers"].as_array_mut().expect("containers");
+    let containers = pod["spec"]["containers"]
+        .as_array_mut()
+        .expect("containers");
     for c in containers.iter_mut() {
         if c["name"] == "x-graphical" {
             c["image"] = json!(image);
@@ -60,7 +63,9 @@ pub fn response(answer: &Value) -> &Value {
 /// The decoded JSON Patch of an answer, if any.
 pub fn patch(answer: &Value) -> Option<json_patch::Patch> {
     let encoded = answer["response"]["patch"].as_str()?;
-    let raw = base64::engine::general_purpose::STANDARD.decode(encoded).expect("patch is base64");
+    let raw = base64::engine::general_purpose::STANDARD
+        .decode(encoded)
+        .expect("patch is base64");
     Some(serde_json::from_slice(&raw).expect("patch is a JSON Patch"))
 }
 
@@ -80,5 +85,11 @@ pub fn as_pod(object: &Value) -> Pod {
 
 /// The image of container `name`.
 pub fn image_of(pod: &Pod, name: &str) -> Option<String> {
-    pod.spec.as_ref()?.containers.iter().find(|c| c.name == name)?.image.clone()
+    pod.spec
+        .as_ref()?
+        .containers
+        .iter()
+        .find(|c| c.name == name)?
+        .image
+        .clone()
 }

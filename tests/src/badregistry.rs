@@ -36,7 +36,9 @@ impl BadRegistry {
         let host = match kind {
             Misbehaviour::Refused => format!("127.0.0.1:{}", ports::free_port()),
             Misbehaviour::Silent => {
-                let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.expect("bind");
+                let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind");
                 let addr = listener.local_addr().expect("addr");
                 silent = Some(tokio::spawn(async move {
                     let mut held = Vec::new();
@@ -47,7 +49,9 @@ impl BadRegistry {
                 addr.to_string()
             }
             Misbehaviour::ServerError | Misbehaviour::Garbage => {
-                let serving = authority.serving(&["127.0.0.1".into()], 2).expect("serving cert");
+                let serving = authority
+                    .serving(&["127.0.0.1".into()], 2)
+                    .expect("serving cert");
                 let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
                     serving.cert_pem.into_bytes(),
                     serving.key_pem.into_bytes(),
@@ -68,7 +72,9 @@ impl BadRegistry {
                     }
                 }));
                 let h = axum_server::Handle::new();
-                let server = axum_server::from_tcp_rustls(listener, tls).expect("server").handle(h.clone());
+                let server = axum_server::from_tcp_rustls(listener, tls)
+                    .expect("server")
+                    .handle(h.clone());
                 tokio::spawn(async move {
                     let _ = server.serve(app.into_make_service()).await;
                 });
@@ -76,7 +82,12 @@ impl BadRegistry {
                 addr.to_string()
             }
         };
-        Self { host, dir, handle, silent }
+        Self {
+            host,
+            dir,
+            handle,
+            silent,
+        }
     }
 
     pub fn ca_path(&self) -> PathBuf {

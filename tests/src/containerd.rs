@@ -39,7 +39,10 @@ impl Containerd {
         let binary = crate::registry::which("containerd")
             .context("containerd is not installed (Debian packages containerd and runc; `just deps` installs them)")?;
         crate::registry::which("runc").context("runc is not installed (Debian package runc)")?;
-        let dir = tempfile::Builder::new().prefix("ctrd").tempdir_in("/tmp").context("temp dir")?;
+        let dir = tempfile::Builder::new()
+            .prefix("ctrd")
+            .tempdir_in("/tmp")
+            .context("temp dir")?;
         let socket = dir.path().join("c.sock");
         let n = INSTANCE.fetch_add(1, Ordering::SeqCst);
         let namespace = format!("snapshot-test-{}-{n}", std::process::id());
@@ -63,13 +66,23 @@ impl Containerd {
             .kill_on_drop(true)
             .spawn()
             .context("spawning containerd")?;
-        let me = Self { dir, socket, namespace, containers: Default::default(), child };
+        let me = Self {
+            dir,
+            socket,
+            namespace,
+            containers: Default::default(),
+            child,
+        };
         let up = crate::ports::wait_until(Duration::from_secs(10), || async {
             me.socket.exists() && me.ctr(&["version"]).await.is_ok()
         })
         .await;
         if !up {
-            bail!("no answer on {} within 10 s; its log:\n{}", me.socket.display(), me.log());
+            bail!(
+                "no answer on {} within 10 s; its log:\n{}",
+                me.socket.display(),
+                me.log()
+            );
         }
         Ok(me)
     }
@@ -89,7 +102,11 @@ impl Containerd {
             .await
             .context("running ctr")?;
         if !out.status.success() {
-            bail!("ctr {}: {}", args.join(" "), String::from_utf8_lossy(&out.stderr).trim());
+            bail!(
+                "ctr {}: {}",
+                args.join(" "),
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
         }
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
@@ -99,18 +116,28 @@ impl Containerd {
         let tar = self.dir.path().join("base.tar");
         build_oci_archive(&tar, BASE_IMAGE).expect("building the base image");
         let path = tar.to_string_lossy().into_owned();
-        self.ctr(&["images", "import", "--no-unpack", &path]).await.expect("importing the base image");
+        self.ctr(&["images", "import", "--no-unpack", &path])
+            .await
+            .expect("importing the base image");
         // unpack into the overlayfs snapshotter, as the kubelet would have
         self.ctr(&["images", "unpack", BASE_IMAGE]).await.ok();
     }
 
     /// Starts a task labelled like the kubelet's container `name` of pod `pod_uid`.
     pub async fn run_desktop(&self, id: &str, pod_uid: &str, pod_name: &str, name: &str) {
-        self.run_desktop_from(BASE_IMAGE, id, pod_uid, pod_name, name).await
+        self.run_desktop_from(BASE_IMAGE, id, pod_uid, pod_name, name)
+            .await
     }
 
     /// The same, from any image already in this containerd.
-    pub async fn run_desktop_from(&self, image: &str, id: &str, pod_uid: &str, pod_name: &str, name: &str) {
+    pub async fn run_desktop_from(
+        &self,
+        image: &str,
+        id: &str,
+        pod_uid: &str,
+        pod_name: &str,
+        name: &str,
+    ) {
         let labels = [
             format!("io.kubernetes.pod.uid={pod_uid}"),
             format!("io.kubernetes.pod.name={pod_name}"),
@@ -122,8 +149,13 @@ impl Containerd {
             args.extend(["--label", l.as_str()]);
         }
         args.extend([image, id, "/bin/sh", "-c", "sleep 100000"]);
-        self.ctr(&args).await.unwrap_or_else(|e| panic!("starting container {id}: {e:#}\n{}", self.log()));
-        self.containers.lock().unwrap_or_else(|p| p.into_inner()).push(id.to_string());
+        self.ctr(&args)
+            .await
+            .unwrap_or_else(|e| panic!("starting container {id}: {e:#}\n{}", self.log()));
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id.to_string());
     }
 
     /// Pulls `image` from the test registry as the kubelet would (TLS checked against its CA).
@@ -139,11 +171,24 @@ impl Containerd {
             ),
         )
         .expect("hosts.toml");
-        let hosts_dir = self.dir.path().join("certs.d").to_string_lossy().into_owned();
+        let hosts_dir = self
+            .dir
+            .path()
+            .join("certs.d")
+            .to_string_lossy()
+            .into_owned();
         let user = format!("{}:{}", crate::registry::USER, crate::registry::PASSWORD);
-        self.ctr(&["images", "pull", "--hosts-dir", &hosts_dir, "--user", &user, image])
-            .await
-            .unwrap_or_else(|e| panic!("pulling {image}: {e:#}"));
+        self.ctr(&[
+            "images",
+            "pull",
+            "--hosts-dir",
+            &hosts_dir,
+            "--user",
+            &user,
+            image,
+        ])
+        .await
+        .unwrap_or_else(|e| panic!("pulling {image}: {e:#}"));
     }
 
     /// Stops and removes a container (the user logs off).
@@ -156,15 +201,27 @@ impl Containerd {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         let _ = self.ctr(&["containers", "delete", id]).await;
-        self.containers.lock().unwrap_or_else(|p| p.into_inner()).retain(|c| c != id);
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .retain(|c| c != id);
     }
 
     /// Runs a shell command inside a running container.
     pub async fn exec(&self, id: &str, script: &str) -> String {
         let exec_id = format!("e{}", INSTANCE.fetch_add(1, Ordering::SeqCst));
-        self.ctr(&["tasks", "exec", "--exec-id", &exec_id, id, "/bin/sh", "-c", script])
-            .await
-            .unwrap_or_else(|e| panic!("exec in {id}: {e:#}"))
+        self.ctr(&[
+            "tasks",
+            "exec",
+            "--exec-id",
+            &exec_id,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+        .await
+        .unwrap_or_else(|e| panic!("exec in {id}: {e:#}"))
     }
 
     /// The task status of a container (RUNNING, PAUSED, STOPPED).
@@ -178,7 +235,11 @@ impl Containerd {
     }
 
     async fn clean(&self) {
-        let ids = self.containers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let ids = self
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         for id in ids {
             let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]).await;
             for _ in 0..20 {
@@ -202,7 +263,11 @@ impl Containerd {
 impl Drop for Containerd {
     fn drop(&mut self) {
         // Best effort when a test panicked before calling stop().
-        let ids = self.containers.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        let ids = self
+            .containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone();
         for id in ids {
             let ctr = |args: &[&str]| {
                 std::process::Command::new("ctr")
@@ -227,10 +292,17 @@ impl Drop for Containerd {
 fn unmount_below(dir: &Path) {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let prefix = dir.to_string_lossy().into_owned();
-    let mut points: Vec<&str> = mounts.lines().filter_map(|l| l.split(' ').nth(1)).filter(|p| p.starts_with(&prefix)).collect();
+    let mut points: Vec<&str> = mounts
+        .lines()
+        .filter_map(|l| l.split(' ').nth(1))
+        .filter(|p| p.starts_with(&prefix))
+        .collect();
     points.sort_by_key(|p| std::cmp::Reverse(p.len()));
     for p in points {
-        let _ = std::process::Command::new("umount").arg("-l").arg(p).status();
+        let _ = std::process::Command::new("umount")
+            .arg("-l")
+            .arg(p)
+            .status();
     }
 }
 
@@ -241,7 +313,8 @@ fn sha(data: &[u8]) -> String {
 /// The base image's files: busybox and its applets, and a few files of the "distribution".
 fn base_layer() -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
-    let busybox = std::fs::read("/bin/busybox").context("reading /bin/busybox (Debian package busybox-static)")?;
+    let busybox = std::fs::read("/bin/busybox")
+        .context("reading /bin/busybox (Debian package busybox-static)")?;
     let mut dir = |path: &str| -> Result<()> {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Directory);
@@ -251,7 +324,9 @@ fn base_layer() -> Result<Vec<u8>> {
         b.append_data(&mut h, path, std::io::empty())?;
         Ok(())
     };
-    for d in ["bin", "etc", "tmp", "root", "opt", "opt/base", "home", "proc", "sys", "dev", "run"] {
+    for d in [
+        "bin", "etc", "tmp", "root", "opt", "opt/base", "home", "proc", "sys", "dev", "run",
+    ] {
         dir(d)?;
     }
     let mut file = |path: &str, mode: u32, data: &[u8]| -> Result<()> {
@@ -263,11 +338,22 @@ fn base_layer() -> Result<Vec<u8>> {
         Ok(())
     };
     file("bin/busybox", 0o755, &busybox)?;
-    file("etc/os-release", 0o644, b"NAME=\"desktop-snapshot test base\"\n")?;
-    file("etc/base-file-to-delete", 0o644, b"the user will delete me\n")?;
+    file(
+        "etc/os-release",
+        0o644,
+        b"NAME=\"desktop-snapshot test base\"\n",
+    )?;
+    file(
+        "etc/base-file-to-delete",
+        0o644,
+        b"the user will delete me\n",
+    )?;
     file("etc/base-file-to-change", 0o644, b"original\n")?;
     file("opt/base/keep", 0o644, b"kept\n")?;
-    for applet in ["sh", "sleep", "cat", "ls", "rm", "mkdir", "echo", "dd", "touch", "mv", "head", "sync", "true"] {
+    for applet in [
+        "sh", "sleep", "cat", "ls", "rm", "mkdir", "echo", "dd", "touch", "mv", "head", "sync",
+        "true",
+    ] {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);
         h.set_mode(0o777);

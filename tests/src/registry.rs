@@ -72,11 +72,23 @@ impl Registry {
                     bail!("htpasswd failed: {}", String::from_utf8_lossy(&out.stderr));
                 }
                 std::fs::write(&htpasswd, &out.stdout)?;
-                (format!("auth:\n  htpasswd:\n    realm: test\n    path: {}\n", htpasswd.display()), None)
+                (
+                    format!(
+                        "auth:\n  htpasswd:\n    realm: test\n    path: {}\n",
+                        htpasswd.display()
+                    ),
+                    None,
+                )
             }
             Auth::Token { lifetime_secs } => {
-                let service =
-                    TokenService::start(&serving.cert_pem, &serving.key_pem, USER, PASSWORD, lifetime_secs).await?;
+                let service = TokenService::start(
+                    &serving.cert_pem,
+                    &serving.key_pem,
+                    USER,
+                    PASSWORD,
+                    lifetime_secs,
+                )
+                .await?;
                 let bundle = dir.path().join("token-signer.crt");
                 std::fs::write(&bundle, &service.signing_cert_pem)?;
                 (service.registry_auth_yaml(&bundle), Some(service))
@@ -101,16 +113,29 @@ impl Registry {
             .kill_on_drop(true)
             .spawn()
             .context("spawning docker-registry")?;
-        let registry = Self { host, dir, ca_pem: authority.cert_pem.clone(), authority, token, child };
+        let registry = Self {
+            host,
+            dir,
+            ca_pem: authority.cert_pem.clone(),
+            authority,
+            token,
+            child,
+        };
         let client = registry.http_client();
         let url = format!("https://{}/v2/", registry.host);
-        let up = ports::wait_until(Duration::from_secs(10), || {
-            let (client, url) = (client.clone(), url.clone());
-            async move { matches!(client.get(&url).send().await, Ok(r) if r.status().as_u16() == 401) }
-        })
-        .await;
+        let up =
+            ports::wait_until(Duration::from_secs(10), || {
+                let (client, url) = (client.clone(), url.clone());
+                async move {
+                    matches!(client.get(&url).send().await, Ok(r) if r.status().as_u16() == 401)
+                }
+            })
+            .await;
         if !up {
-            bail!("no answer on {url} within 10 s; its log: {}", registry.log());
+            bail!(
+                "no answer on {url} within 10 s; its log: {}",
+                registry.log()
+            );
         }
         Ok(registry)
     }
@@ -156,7 +181,10 @@ impl Registry {
     /// Pushes one tiny image to `repo` (path without host) once and tags it with every tag.
     pub async fn push_tags(&self, repo: &str, tags: &[&str]) {
         if let Err(e) = self.try_push_tags(repo, tags).await {
-            panic!("pushing {repo}:{tags:?} to the test registry: {e:#}\nregistry log: {}", self.log());
+            panic!(
+                "pushing {repo}:{tags:?} to the test registry: {e:#}\nregistry log: {}",
+                self.log()
+            );
         }
     }
 
@@ -172,11 +200,21 @@ impl Registry {
             "config": {}
         }))?;
         let config_digest = digest(&config);
-        let reference = |tag: &str| Reference::with_tag(self.host.clone(), repo.to_string(), tag.to_string());
+        let reference =
+            |tag: &str| Reference::with_tag(self.host.clone(), repo.to_string(), tag.to_string());
         let first = reference(tags.first().copied().unwrap_or("latest"));
-        client.auth(&first, &auth, oci_client::RegistryOperation::Push).await.context("auth")?;
-        client.push_blob(&first, layer.clone(), &layer_digest).await.context("pushing the layer")?;
-        client.push_blob(&first, config.clone(), &config_digest).await.context("pushing the config")?;
+        client
+            .auth(&first, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .context("auth")?;
+        client
+            .push_blob(&first, layer.clone(), &layer_digest)
+            .await
+            .context("pushing the layer")?;
+        client
+            .push_blob(&first, config.clone(), &config_digest)
+            .await
+            .context("pushing the config")?;
         let manifest = serde_json::to_vec(&serde_json::json!({
             "schemaVersion": 2,
             "mediaType": "application/vnd.oci.image.manifest.v1+json",
@@ -206,7 +244,12 @@ impl Registry {
             .await
             .expect("listing tags");
         let v: serde_json::Value = r.json().await.unwrap_or_default();
-        v["tags"].as_array().into_iter().flatten().filter_map(|t| t.as_str().map(String::from)).collect()
+        v["tags"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|t| t.as_str().map(String::from))
+            .collect()
     }
 
     /// Stops the registry (the address then refuses connections).

@@ -34,7 +34,11 @@ impl Sidecar {
     }
 
     /// Starts it with extra environment (more settings).
-    pub async fn start_with(t: Target<'_>, socket: Option<&Path>, extra_env: &[(&str, &str)]) -> Self {
+    pub async fn start_with(
+        t: Target<'_>,
+        socket: Option<&Path>,
+        extra_env: &[(&str, &str)],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = ports::free_port();
         let log = std::fs::File::create(dir.path().join("sidecar.log")).expect("log");
@@ -47,10 +51,16 @@ impl Sidecar {
             .env("SNAPSHOT_POD_NAMESPACE", "abcdesktop")
             .env("SNAPSHOT_POD_UID", t.pod_uid)
             .env("SNAPSHOT_CONTAINER", "x-graphical")
-            .env("SNAPSHOT_REPOSITORY", format!("{}/{}", t.registry_host, t.repository_path))
+            .env(
+                "SNAPSHOT_REPOSITORY",
+                format!("{}/{}", t.registry_host, t.repository_path),
+            )
             .env("SNAPSHOT_TAG_PREFIX", t.tag_prefix)
             .env("SNAPSHOT_REGISTRY_PROTOCOL", "https")
-            .env("SNAPSHOT_CONTAINERD_SOCKET", socket.unwrap_or(&t.containerd.socket))
+            .env(
+                "SNAPSHOT_CONTAINERD_SOCKET",
+                socket.unwrap_or(&t.containerd.socket),
+            )
             .env("SNAPSHOT_CONTAINERD_NAMESPACE", &t.containerd.namespace);
         if let Some(ca) = t.registry_ca {
             cmd.env("SNAPSHOT_REGISTRY_CA", ca);
@@ -61,7 +71,9 @@ impl Sidecar {
         for (k, v) in extra_env {
             cmd.env(k, v);
         }
-        cmd.stdout(Stdio::from(log.try_clone().expect("log"))).stderr(Stdio::from(log)).kill_on_drop(true);
+        cmd.stdout(Stdio::from(log.try_clone().expect("log")))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true);
         let mut child = cmd.spawn().expect("spawning snapshot-sidecar");
         let url = format!("http://127.0.0.1:{port}/healthz");
         let client = reqwest::Client::new();
@@ -71,9 +83,15 @@ impl Sidecar {
                 break;
             }
             if let Ok(Some(status)) = child.try_wait() {
-                panic!("snapshot-sidecar exited ({status}): {}", std::fs::read_to_string(dir.path().join("sidecar.log")).unwrap_or_default());
+                panic!(
+                    "snapshot-sidecar exited ({status}): {}",
+                    std::fs::read_to_string(dir.path().join("sidecar.log")).unwrap_or_default()
+                );
             }
-            assert!(tokio::time::Instant::now() < deadline, "snapshot-sidecar did not answer on {url}");
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "snapshot-sidecar did not answer on {url}"
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Self { port, dir, child }
@@ -101,7 +119,11 @@ impl Sidecar {
     }
 
     pub async fn get(&self, path: &str) -> (u16, Value) {
-        let r = reqwest::Client::new().get(self.url(path)).send().await.expect("GET from the sidecar");
+        let r = reqwest::Client::new()
+            .get(self.url(path))
+            .send()
+            .await
+            .expect("GET from the sidecar");
         let status = r.status().as_u16();
         (status, r.json().await.unwrap_or_default())
     }
@@ -120,7 +142,11 @@ impl Sidecar {
             if message == "done" || v["status"] == "error" {
                 return seen;
             }
-            assert!(tokio::time::Instant::now() < deadline, "operation stuck at {message:?}; log:\n{}", self.log());
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "operation stuck at {message:?}; log:\n{}",
+                self.log()
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
     }
@@ -129,7 +155,10 @@ impl Sidecar {
     pub async fn snapshot(&self) -> Vec<String> {
         let started = self.post("/snapshot/snapshot").await;
         assert_eq!(started["message"], "snapshot process started", "{started}");
-        let id = started["session_id"].as_str().expect("a session id").to_string();
+        let id = started["session_id"]
+            .as_str()
+            .expect("a session id")
+            .to_string();
         self.wait(&id).await
     }
 
@@ -140,7 +169,9 @@ impl Sidecar {
     /// Sends SIGTERM (as the kubelet does when the pod goes) and waits for the exit.
     pub async fn terminate(mut self) -> std::process::ExitStatus {
         if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status();
+            let _ = std::process::Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status();
         }
         tokio::time::timeout(Duration::from_secs(30), self.child.wait())
             .await
@@ -153,21 +184,36 @@ impl Sidecar {
 pub async fn layers(registry: &Registry, repo: &str, tag: &str) -> Vec<Vec<(String, Vec<u8>)>> {
     use oci_client::{secrets::RegistryAuth, Reference};
     let client = registry.oci_client();
-    let auth = RegistryAuth::Basic(crate::registry::USER.into(), crate::registry::PASSWORD.into());
+    let auth = RegistryAuth::Basic(
+        crate::registry::USER.into(),
+        crate::registry::PASSWORD.into(),
+    );
     let reference = Reference::with_tag(registry.host.clone(), repo.to_string(), tag.to_string());
     client.store_auth_if_needed(&registry.host, &auth).await;
-    let (manifest, _) = client.pull_image_manifest(&reference, &auth).await.expect("pulling the manifest");
+    let (manifest, _) = client
+        .pull_image_manifest(&reference, &auth)
+        .await
+        .expect("pulling the manifest");
     let mut out = Vec::new();
     for layer in &manifest.layers {
         let mut gz = Vec::new();
-        client.pull_blob(&reference, layer, &mut gz).await.expect("pulling a layer");
+        client
+            .pull_blob(&reference, layer, &mut gz)
+            .await
+            .expect("pulling a layer");
         let mut tar = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut tar).expect("a gzip layer");
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut tar)
+            .expect("a gzip layer");
         let mut archive = tar::Archive::new(tar.as_slice());
         let mut files = Vec::new();
         for entry in archive.entries().expect("a tar layer") {
             let mut entry = entry.expect("a tar entry");
-            let path = entry.path().expect("a path").to_string_lossy().trim_start_matches("./").to_string();
+            let path = entry
+                .path()
+                .expect("a path")
+                .to_string_lossy()
+                .trim_start_matches("./")
+                .to_string();
             let mut data = Vec::new();
             std::io::Read::read_to_end(&mut entry, &mut data).ok();
             files.push((path, data));
@@ -181,7 +227,10 @@ impl Sidecar {
     /// Starts a snapshot that must fail; every message seen, the error last.
     pub async fn snapshot_expecting_error(&self) -> Vec<String> {
         let started = self.post("/snapshot").await;
-        let id = started["session_id"].as_str().expect("a session id").to_string();
+        let id = started["session_id"]
+            .as_str()
+            .expect("a session id")
+            .to_string();
         let steps = self.wait(&id).await;
         let (_, last) = self.get(&format!("/snapshot/{id}")).await;
         assert_eq!(last["status"], "error", "{steps:?}");

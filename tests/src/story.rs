@@ -39,11 +39,21 @@ impl Node {
         registry.write_dockerconfigjson(&creds, USER, PASSWORD);
         let ca = registry.ca_path();
         let webhook = Webhook::start(
-            RegistryAccess { host: &registry.host, ca: Some(&ca), credentials: Some(&creds) },
+            RegistryAccess {
+                host: &registry.host,
+                ca: Some(&ca),
+                credentials: Some(&creds),
+            },
             webhook_flags,
         )
         .await;
-        Self { containerd, registry, webhook, creds, pods: AtomicUsize::new(0) }
+        Self {
+            containerd,
+            registry,
+            webhook,
+            creds,
+            pods: AtomicUsize::new(0),
+        }
     }
 
     /// The AdmissionReview of a new desktop pod for `user`: the pod as stored.
@@ -72,7 +82,15 @@ impl Node {
         }
         let n = self.pods.fetch_add(1, Ordering::SeqCst);
         let (pod_uid, container) = (format!("pod-{n}"), format!("desktop-{n}"));
-        self.containerd.run_desktop_from(&image, &container, &pod_uid, &format!("{n}-pod"), "x-graphical").await;
+        self.containerd
+            .run_desktop_from(
+                &image,
+                &container,
+                &pod_uid,
+                &format!("{n}-pod"),
+                "x-graphical",
+            )
+            .await;
         Desktop {
             user: user.to_string(),
             pod_uid,
@@ -85,7 +103,11 @@ impl Node {
 
     /// The sidecar of `desktop`, configured from what the webhook injected.
     pub async fn sidecar(&self, desktop: &Desktop, extra_env: &[(&str, &str)]) -> Sidecar {
-        let path = desktop.repository.split_once('/').map(|(_, p)| p.to_string()).unwrap_or_default();
+        let path = desktop
+            .repository
+            .split_once('/')
+            .map(|(_, p)| p.to_string())
+            .unwrap_or_default();
         let ca = self.registry.ca_path();
         Sidecar::start_with(
             Target {
@@ -107,7 +129,12 @@ impl Node {
     pub async fn snapshot(&self, desktop: &Desktop, extra_env: &[(&str, &str)]) {
         let sidecar = self.sidecar(desktop, extra_env).await;
         let steps = sidecar.snapshot().await;
-        assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}; log:\n{}", sidecar.log());
+        assert_eq!(
+            steps.last().map(String::as_str),
+            Some("done"),
+            "{steps:?}; log:\n{}",
+            sidecar.log()
+        );
         sidecar.stop().await;
     }
 

@@ -79,12 +79,23 @@ struct TokenQuery {
 impl TokenService {
     /// Starts the service over TLS with `serving` (a certificate for 127.0.0.1 the
     /// registry's clients trust); tokens live `lifetime_secs`.
-    pub async fn start(serving_cert_pem: &str, serving_key_pem: &str, user: &str, password: &str, lifetime_secs: u64) -> Result<Self> {
+    pub async fn start(
+        serving_cert_pem: &str,
+        serving_key_pem: &str,
+        user: &str,
+        password: &str,
+        lifetime_secs: u64,
+    ) -> Result<Self> {
         let _ = rustls::crypto::ring::default_provider().install_default();
         let signing_key = rcgen::KeyPair::generate().context("generating the token signing key")?;
-        let mut params = rcgen::CertificateParams::new(vec!["token-signer".to_string()]).context("signer params")?;
-        params.distinguished_name.push(rcgen::DnType::CommonName, "token-signer");
-        let signing_cert = params.self_signed(&signing_key).context("self-signing the token signer")?;
+        let mut params = rcgen::CertificateParams::new(vec!["token-signer".to_string()])
+            .context("signer params")?;
+        params
+            .distinguished_name
+            .push(rcgen::DnType::CommonName, "token-signer");
+        let signing_cert = params
+            .self_signed(&signing_key)
+            .context("self-signing the token signer")?;
         let key = jsonwebtoken::EncodingKey::from_ec_pem(signing_key.serialize_pem().as_bytes())
             .context("loading the token signing key")?;
         let x5c = base64::engine::general_purpose::STANDARD.encode(signing_cert.der());
@@ -102,11 +113,14 @@ impl TokenService {
         )
         .await
         .context("token service TLS")?;
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").context("binding the token service")?;
+        let listener =
+            std::net::TcpListener::bind("127.0.0.1:0").context("binding the token service")?;
         listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let handle = axum_server::Handle::new();
-        let app = Router::new().route("/token", get(token)).with_state(state.clone());
+        let app = Router::new()
+            .route("/token", get(token))
+            .with_state(state.clone());
         let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
         tokio::spawn(async move {
             let _ = server.serve(app.into_make_service()).await;
@@ -140,7 +154,11 @@ impl Drop for TokenService {
     }
 }
 
-async fn token(State(state): State<Arc<Shared>>, Query(q): Query<TokenQuery>, headers: HeaderMap) -> Response {
+async fn token(
+    State(state): State<Arc<Shared>>,
+    Query(q): Query<TokenQuery>,
+    headers: HeaderMap,
+) -> Response {
     let given = headers
         .get("authorization")
         .and_then(|v| v.to_str().ok())
@@ -150,7 +168,10 @@ async fn token(State(state): State<Arc<Shared>>, Query(q): Query<TokenQuery>, he
     if given.as_deref() != Some(&format!("{}:{}", state.user, state.password)) {
         return (StatusCode::UNAUTHORIZED, "bad credentials").into_response();
     }
-    let now = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
+    let now = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or(0);
     let access = q
         .scope
         .iter()
@@ -158,7 +179,11 @@ async fn token(State(state): State<Arc<Shared>>, Query(q): Query<TokenQuery>, he
         .filter_map(|s| {
             let mut parts = s.splitn(3, ':');
             let (kind, name, actions) = (parts.next()?, parts.next()?, parts.next()?);
-            Some(Access { kind: kind.into(), name: name.into(), actions: actions.split(',').map(String::from).collect() })
+            Some(Access {
+                kind: kind.into(),
+                name: name.into(),
+                actions: actions.split(',').map(String::from).collect(),
+            })
         })
         .collect();
     let n = state.issued.fetch_add(1, Ordering::SeqCst);

@@ -54,7 +54,12 @@ impl Webhook {
             .stderr(Stdio::from(log))
             .kill_on_drop(true);
         let child = cmd.spawn().expect("spawning snapshot-webhook");
-        let mut webhook = Self { port, dir, ca_pem, child };
+        let mut webhook = Self {
+            port,
+            dir,
+            ca_pem,
+            child,
+        };
         let client = webhook.client();
         let url = webhook.url("/readyz");
         let deadline = tokio::time::Instant::now() + Duration::from_secs(15);
@@ -63,7 +68,10 @@ impl Webhook {
                 return webhook;
             }
             if let Ok(Some(status)) = webhook.child.try_wait() {
-                panic!("snapshot-webhook exited ({status}) before it was ready; its log:\n{}", webhook.log());
+                panic!(
+                    "snapshot-webhook exited ({status}) before it was ready; its log:\n{}",
+                    webhook.log()
+                );
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -90,7 +98,14 @@ impl Webhook {
 
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> String {
-        self.client().get(self.url("/metrics")).send().await.expect("GET /metrics").text().await.unwrap_or_default()
+        self.client()
+            .get(self.url("/metrics"))
+            .send()
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .unwrap_or_default()
     }
 
     /// The value of one metric sample (exact name with labels), 0 when absent.
@@ -98,7 +113,10 @@ impl Webhook {
         self.metrics()
             .await
             .lines()
-            .find_map(|l| l.strip_prefix(sample).and_then(|rest| rest.trim().parse().ok()))
+            .find_map(|l| {
+                l.strip_prefix(sample)
+                    .and_then(|rest| rest.trim().parse().ok())
+            })
             .unwrap_or(0.0)
     }
 
@@ -132,8 +150,15 @@ fn write_serving_cert(dir: &Path, new_ca: bool) -> String {
         let key = std::fs::read_to_string(&ca_key).expect("ca.key");
         Authority::from_pem(&cert, &key).expect("CA")
     };
-    let serving = authority.serving(&["localhost".into(), "127.0.0.1".into()], 1).expect("serving cert");
-    replace(&dir.join("tls.key"), &serving.key_pem, &dir.join("tls.crt"), &serving.cert_pem);
+    let serving = authority
+        .serving(&["localhost".into(), "127.0.0.1".into()], 1)
+        .expect("serving cert");
+    replace(
+        &dir.join("tls.key"),
+        &serving.key_pem,
+        &dir.join("tls.crt"),
+        &serving.cert_pem,
+    );
     authority.cert_pem
 }
 

@@ -19,12 +19,20 @@ impl Setup {
     async fn new() -> Self {
         let containerd = Containerd::start().await;
         containerd.import_base_image().await;
-        containerd.run_desktop("desk-a", "pod-a", "12896316-aaaaa", "x-graphical").await;
-        containerd.run_desktop("desk-b", "pod-b", "12896317-bbbbb", "x-graphical").await;
+        containerd
+            .run_desktop("desk-a", "pod-a", "12896316-aaaaa", "x-graphical")
+            .await;
+        containerd
+            .run_desktop("desk-b", "pod-b", "12896317-bbbbb", "x-graphical")
+            .await;
         let registry = Registry::start().await;
         let creds = registry.dir.path().join("dockerconfig.json");
         registry.write_dockerconfigjson(&creds, USER, PASSWORD);
-        Self { containerd, registry, creds }
+        Self {
+            containerd,
+            registry,
+            creds,
+        }
     }
 
     fn target(&self) -> Target<'_> {
@@ -40,14 +48,23 @@ impl Setup {
     }
 
     async fn snapshot_tags(&self) -> Vec<String> {
-        let mut t: Vec<String> = self.registry.tags(REPO).await.into_iter().filter(|t| t.starts_with("alice-")).collect();
+        let mut t: Vec<String> = self
+            .registry
+            .tags(REPO)
+            .await
+            .into_iter()
+            .filter(|t| t.starts_with("alice-"))
+            .collect();
         t.sort_by_key(|t| t.trim_start_matches("alice-").parse::<u128>().unwrap_or(0));
         t
     }
 }
 
 fn file<'a>(layer: &'a [(String, Vec<u8>)], path: &str) -> Option<&'a [u8]> {
-    layer.iter().find(|(p, _)| p == path).map(|(_, d)| d.as_slice())
+    layer
+        .iter()
+        .find(|(p, _)| p == path)
+        .map(|(_, d)| d.as_slice())
 }
 
 #[tokio::test]
@@ -60,45 +77,87 @@ async fn a_snapshot_holds_the_users_changes_and_nothing_else() {
              echo changed > /etc/base-file-to-change && rm /etc/base-file-to-delete",
         )
         .await;
-    s.containerd.exec("desk-b", "echo other > /root/other-user.txt").await;
+    s.containerd
+        .exec("desk-b", "echo other > /root/other-user.txt")
+        .await;
     let sidecar = Sidecar::start(s.target()).await;
     let steps = sidecar.snapshot().await;
-    assert_eq!(steps.last().map(String::as_str), Some("done"), "steps {steps:?}; log:\n{}", sidecar.log());
+    assert_eq!(
+        steps.last().map(String::as_str),
+        Some("done"),
+        "steps {steps:?}; log:\n{}",
+        sidecar.log()
+    );
     for step in ["generate desktop image", "push desktop image to registry"] {
-        assert!(steps.iter().any(|m| m == step) || steps.len() >= 2, "{steps:?}");
+        assert!(
+            steps.iter().any(|m| m == step) || steps.len() >= 2,
+            "{steps:?}"
+        );
     }
     assert_eq!(s.containerd.task_status("desk-a").await, "RUNNING");
-    assert_eq!(s.containerd.task_status("desk-b").await, "RUNNING", "the other pod's container is untouched");
+    assert_eq!(
+        s.containerd.task_status("desk-b").await,
+        "RUNNING",
+        "the other pod's container is untouched"
+    );
 
     let tags = s.snapshot_tags().await;
     assert_eq!(tags.len(), 1, "{tags:?}");
     let first = layers(&s.registry, REPO, &tags[0]).await;
     assert_eq!(first.len(), 2, "the base layer and the user's layer");
     let (base, user) = (&first[0], &first[1]);
-    assert_eq!(file(base, "etc/os-release"), Some(&b"NAME=\"desktop-snapshot test base\"\n"[..]), "base intact");
+    assert_eq!(
+        file(base, "etc/os-release"),
+        Some(&b"NAME=\"desktop-snapshot test base\"\n"[..]),
+        "base intact"
+    );
     assert_eq!(file(base, "opt/base/keep"), Some(&b"kept\n"[..]));
     assert_eq!(file(user, "root/new.txt"), Some(&b"installed\n"[..]));
     assert_eq!(file(user, "opt/app/bin"), Some(&b"app\n"[..]));
-    assert_eq!(file(user, "etc/base-file-to-change"), Some(&b"changed\n"[..]));
-    assert!(file(user, "etc/.wh.base-file-to-delete").is_some(), "the deletion is a whiteout: {:?}",
-        user.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>());
-    assert!(file(user, "root/other-user.txt").is_none(), "nothing of the other pod");
+    assert_eq!(
+        file(user, "etc/base-file-to-change"),
+        Some(&b"changed\n"[..])
+    );
+    assert!(
+        file(user, "etc/.wh.base-file-to-delete").is_some(),
+        "the deletion is a whiteout: {:?}",
+        user.iter().map(|(p, _)| p.as_str()).collect::<Vec<_>>()
+    );
+    assert!(
+        file(user, "root/other-user.txt").is_none(),
+        "nothing of the other pod"
+    );
     assert!(file(user, "opt/base/keep").is_none(), "only the changes");
     assert!(!sidecar.log().contains(PASSWORD));
 
     let base_uploads = |log: &str| log.matches("uploading a base layer").count();
-    assert_eq!(base_uploads(&sidecar.log()), 1, "the base layer went up once");
+    assert_eq!(
+        base_uploads(&sidecar.log()),
+        1,
+        "the base layer went up once"
+    );
 
     // a second snapshot: one more tag, the newest, with the new change; the
     // base layer is not uploaded again
-    s.containerd.exec("desk-a", "echo second > /root/second.txt").await;
+    s.containerd
+        .exec("desk-a", "echo second > /root/second.txt")
+        .await;
     let steps = sidecar.snapshot().await;
-    assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}; log:\n{}", sidecar.log());
+    assert_eq!(
+        steps.last().map(String::as_str),
+        Some("done"),
+        "{steps:?}; log:\n{}",
+        sidecar.log()
+    );
     let tags = s.snapshot_tags().await;
     assert_eq!(tags.len(), 2);
     let second = layers(&s.registry, REPO, &tags[1]).await;
     assert!(file(second.last().unwrap(), "root/second.txt").is_some());
-    assert_eq!(base_uploads(&sidecar.log()), 1, "only the new layer was uploaded the second time");
+    assert_eq!(
+        base_uploads(&sidecar.log()),
+        1,
+        "only the new layer was uploaded the second time"
+    );
     sidecar.stop().await;
     s.containerd.stop().await;
 }
@@ -107,8 +166,13 @@ async fn a_snapshot_holds_the_users_changes_and_nothing_else() {
 async fn bad_credentials_end_in_error_with_the_task_running_and_no_tag() {
     let s = Setup::new().await;
     let wrong = s.registry.dir.path().join("wrong.json");
-    s.registry.write_dockerconfigjson(&wrong, USER, "not-the-password");
-    let sidecar = Sidecar::start(Target { credentials: Some(&wrong), ..s.target() }).await;
+    s.registry
+        .write_dockerconfigjson(&wrong, USER, "not-the-password");
+    let sidecar = Sidecar::start(Target {
+        credentials: Some(&wrong),
+        ..s.target()
+    })
+    .await;
     let started = sidecar.post("/snapshot").await;
     let id = started["session_id"].as_str().unwrap().to_string();
     let steps = sidecar.wait(&id).await;
@@ -125,7 +189,11 @@ async fn bad_credentials_end_in_error_with_the_task_running_and_no_tag() {
 async fn registry_refused_ends_in_error_with_the_task_running() {
     let s = Setup::new().await;
     let refused = format!("127.0.0.1:{}", harness::ports::free_port());
-    let sidecar = Sidecar::start(Target { registry_host: &refused, ..s.target() }).await;
+    let sidecar = Sidecar::start(Target {
+        registry_host: &refused,
+        ..s.target()
+    })
+    .await;
     let steps = sidecar.snapshot_expecting_error().await;
     assert!(steps.last().unwrap().contains("127.0.0.1"), "{steps:?}");
     assert_eq!(s.containerd.task_status("desk-a").await, "RUNNING");
@@ -139,7 +207,10 @@ async fn containerd_unreachable_is_a_clear_error() {
     let missing = s.registry.dir.path().join("no-such.sock");
     let sidecar = Sidecar::start_with_socket(s.target(), Some(&missing)).await;
     let steps = sidecar.snapshot_expecting_error().await;
-    assert!(steps.last().unwrap().contains("cannot reach containerd"), "{steps:?}");
+    assert!(
+        steps.last().unwrap().contains("cannot reach containerd"),
+        "{steps:?}"
+    );
     sidecar.stop().await;
     s.containerd.stop().await;
 }
@@ -148,14 +219,25 @@ async fn containerd_unreachable_is_a_clear_error() {
 async fn two_requests_share_one_operation_and_unknown_sessions_are_404() {
     let s = Setup::new().await;
     let sidecar = Sidecar::start(s.target()).await;
-    let (a, b) = tokio::join!(sidecar.post("/snapshot/snapshot"), sidecar.post("/snapshot"));
+    let (a, b) = tokio::join!(
+        sidecar.post("/snapshot/snapshot"),
+        sidecar.post("/snapshot")
+    );
     assert_eq!(a["session_id"], b["session_id"], "{a} {b}");
     let id = a["session_id"].as_str().unwrap().to_string();
     let steps = sidecar.wait(&id).await;
-    assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}; log:\n{}", sidecar.log());
+    assert_eq!(
+        steps.last().map(String::as_str),
+        Some("done"),
+        "{steps:?}; log:\n{}",
+        sidecar.log()
+    );
     assert_eq!(s.snapshot_tags().await.len(), 1, "one commit, not two");
     let (status, v) = sidecar.get("/snapshot/no-such-session").await;
-    assert_eq!((status, v["message"].as_str()), (404, Some("unknown session")));
+    assert_eq!(
+        (status, v["message"].as_str()),
+        (404, Some("unknown session"))
+    );
     let (status, v) = sidecar.get("/snapshot/version").await;
     assert_eq!(status, 200);
     assert_eq!(v["status"], "success");
@@ -166,18 +248,37 @@ async fn two_requests_share_one_operation_and_unknown_sessions_are_404() {
 #[tokio::test]
 async fn past_the_layer_limit_the_desktop_is_squashed_into_one_layer() {
     let s = Setup::new().await;
-    s.containerd.exec("desk-a", "echo installed > /root/new.txt && rm /etc/base-file-to-delete").await;
+    s.containerd
+        .exec(
+            "desk-a",
+            "echo installed > /root/new.txt && rm /etc/base-file-to-delete",
+        )
+        .await;
     let sidecar = Sidecar::start_with(s.target(), None, &[("SNAPSHOT_MAX_LAYERS", "1")]).await;
     let steps = sidecar.snapshot().await;
-    assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}; log:\n{}", sidecar.log());
+    assert_eq!(
+        steps.last().map(String::as_str),
+        Some("done"),
+        "{steps:?}; log:\n{}",
+        sidecar.log()
+    );
     let tags = s.snapshot_tags().await;
     let image = layers(&s.registry, REPO, &tags[0]).await;
     assert_eq!(image.len(), 1, "squashed into one layer");
     let all = &image[0];
     assert!(file(all, "root/new.txt").is_some(), "the user's file");
-    assert!(file(all, "etc/os-release").is_some() && file(all, "bin/busybox").is_some(), "the base's files");
-    assert!(file(all, "etc/base-file-to-delete").is_none(), "the deleted file stays deleted");
-    assert!(!all.iter().any(|(p, _)| p.contains(".wh.")), "no whiteouts in a squashed layer");
+    assert!(
+        file(all, "etc/os-release").is_some() && file(all, "bin/busybox").is_some(),
+        "the base's files"
+    );
+    assert!(
+        file(all, "etc/base-file-to-delete").is_none(),
+        "the deleted file stays deleted"
+    );
+    assert!(
+        !all.iter().any(|(p, _)| p.contains(".wh.")),
+        "no whiteouts in a squashed layer"
+    );
     assert!(sidecar.log().contains("squashing"));
     sidecar.stop().await;
     s.containerd.stop().await;
@@ -187,7 +288,12 @@ async fn past_the_layer_limit_the_desktop_is_squashed_into_one_layer() {
 async fn sigterm_during_a_commit_leaves_the_desktop_running() {
     let s = Setup::new().await;
     // enough data that the diff takes a while
-    s.containerd.exec("desk-a", "dd if=/dev/zero of=/root/big bs=1048576 count=400 2>/dev/null; sync").await;
+    s.containerd
+        .exec(
+            "desk-a",
+            "dd if=/dev/zero of=/root/big bs=1048576 count=400 2>/dev/null; sync",
+        )
+        .await;
     let sidecar = Sidecar::start(s.target()).await;
     let started = sidecar.post("/snapshot").await;
     let id = started["session_id"].as_str().unwrap().to_string();
@@ -199,13 +305,24 @@ async fn sigterm_during_a_commit_leaves_the_desktop_running() {
         }
         tokio::time::sleep(std::time::Duration::from_millis(5)).await;
     }
-    assert!(paused, "never saw the task paused; steps: {:?}", sidecar.get(&format!("/snapshot/{id}")).await);
+    assert!(
+        paused,
+        "never saw the task paused; steps: {:?}",
+        sidecar.get(&format!("/snapshot/{id}")).await
+    );
     let log_dir = sidecar.dir.path().to_path_buf();
     let status = sidecar.terminate().await;
     let log = std::fs::read_to_string(log_dir.join("sidecar.log")).unwrap_or_default();
     assert!(status.success(), "exit {status}; log:\n{log}");
-    assert_eq!(s.containerd.task_status("desk-a").await, "RUNNING", "log:\n{log}");
-    assert!(s.snapshot_tags().await.is_empty(), "an interrupted commit leaves no tag");
+    assert_eq!(
+        s.containerd.task_status("desk-a").await,
+        "RUNNING",
+        "log:\n{log}"
+    );
+    assert!(
+        s.snapshot_tags().await.is_empty(),
+        "an interrupted commit leaves no tag"
+    );
     s.containerd.stop().await;
 }
 
@@ -215,13 +332,30 @@ async fn the_api_can_require_a_bearer_token_and_counts_operations() {
     let token = s.registry.dir.path().join("api-token");
     std::fs::write(&token, "front-end-jwt\n").unwrap();
     let token_path = token.to_string_lossy().into_owned();
-    let sidecar = Sidecar::start_with(s.target(), None, &[("SNAPSHOT_API_TOKEN_FILE", &token_path)]).await;
-    let refused = reqwest::Client::new().post(sidecar.url("/snapshot")).send().await.unwrap();
+    let sidecar = Sidecar::start_with(
+        s.target(),
+        None,
+        &[("SNAPSHOT_API_TOKEN_FILE", &token_path)],
+    )
+    .await;
+    let refused = reqwest::Client::new()
+        .post(sidecar.url("/snapshot"))
+        .send()
+        .await
+        .unwrap();
     assert_eq!(refused.status().as_u16(), 401);
     let steps = sidecar.snapshot().await; // sends the right token
     assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}");
-    let metrics = reqwest::get(sidecar.url("/metrics")).await.unwrap().text().await.unwrap();
-    assert!(metrics.contains("snapshot_sidecar_snapshots_total{result=\"done\"} 1"), "{metrics}");
+    let metrics = reqwest::get(sidecar.url("/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(
+        metrics.contains("snapshot_sidecar_snapshots_total{result=\"done\"} 1"),
+        "{metrics}"
+    );
     sidecar.stop().await;
     s.containerd.stop().await;
 }
@@ -232,13 +366,23 @@ async fn zstd_snapshots_restore_too() {
     s.containerd.exec("desk-a", "echo zstd > /root/z.txt").await;
     let sidecar = Sidecar::start_with(s.target(), None, &[("SNAPSHOT_COMPRESSION", "zstd")]).await;
     let steps = sidecar.snapshot().await;
-    assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}; log:\n{}", sidecar.log());
+    assert_eq!(
+        steps.last().map(String::as_str),
+        Some("done"),
+        "{steps:?}; log:\n{}",
+        sidecar.log()
+    );
     let tag = s.snapshot_tags().await.remove(0);
     let image = format!("{}/{REPO}:{tag}", s.registry.host);
     // the runtime reads it: pull, start, find the file
     s.containerd.pull(&image, &s.registry).await;
-    s.containerd.run_desktop_from(&image, "desk-z", "pod-z", "1-z", "x-graphical").await;
-    assert_eq!(s.containerd.exec("desk-z", "cat /root/z.txt").await.trim(), "zstd");
+    s.containerd
+        .run_desktop_from(&image, "desk-z", "pod-z", "1-z", "x-graphical")
+        .await;
+    assert_eq!(
+        s.containerd.exec("desk-z", "cat /root/z.txt").await.trim(),
+        "zstd"
+    );
     sidecar.stop().await;
     s.containerd.stop().await;
 }

@@ -6,11 +6,21 @@ use harness::story::Node;
 #[tokio::test]
 async fn the_demo_plays_the_whole_story() {
     let demo = harness::workspace_binary("demo");
-    let out = tokio::process::Command::new(&demo).output().await.expect("running the demo");
+    let out = tokio::process::Command::new(&demo)
+        .output()
+        .await
+        .expect("running the demo");
     let stdout = String::from_utf8_lossy(&out.stdout);
     let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(out.status.success(), "the demo failed ({}):\n{stdout}\n{stderr}", out.status);
-    assert!(stdout.contains("the user's files are there: notes 1.0, installed by the user | dark"), "{stdout}");
+    assert!(
+        out.status.success(),
+        "the demo failed ({}):\n{stdout}\n{stderr}",
+        out.status
+    );
+    assert!(
+        stdout.contains("the user's files are there: notes 1.0, installed by the user | dark"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]
@@ -18,16 +28,31 @@ async fn two_users_on_one_node_each_get_their_own_desktop_back() {
     let node = Node::start(&[]).await;
     let alice = node.login("alice").await;
     let bob = node.login("Bob.Smith@example.com").await;
-    node.containerd.exec(&alice.container, "echo alice > /root/owner").await;
-    node.containerd.exec(&bob.container, "echo bob > /root/owner").await;
+    node.containerd
+        .exec(&alice.container, "echo alice > /root/owner")
+        .await;
+    node.containerd
+        .exec(&bob.container, "echo bob > /root/owner")
+        .await;
     node.snapshot(&alice, &[]).await;
     node.snapshot(&bob, &[]).await;
     node.logoff(alice).await;
     node.logoff(bob).await;
     for (user, owner) in [("alice", "alice"), ("Bob.Smith@example.com", "bob")] {
         let desktop = node.login(user).await;
-        assert_ne!(desktop.image, harness::containerd::BASE_IMAGE, "{user} restored");
-        assert_eq!(node.containerd.exec(&desktop.container, "cat /root/owner").await.trim(), owner, "{user}");
+        assert_ne!(
+            desktop.image,
+            harness::containerd::BASE_IMAGE,
+            "{user} restored"
+        );
+        assert_eq!(
+            node.containerd
+                .exec(&desktop.container, "cat /root/owner")
+                .await
+                .trim(),
+            owner,
+            "{user}"
+        );
         node.logoff(desktop).await;
     }
     node.stop().await;
@@ -37,15 +62,25 @@ async fn two_users_on_one_node_each_get_their_own_desktop_back() {
 async fn snapshot_then_immediate_relogin_gets_the_newest() {
     let node = Node::start(&[]).await;
     let first = node.login("carol").await;
-    node.containerd.exec(&first.container, "echo 1 > /root/version").await;
+    node.containerd
+        .exec(&first.container, "echo 1 > /root/version")
+        .await;
     node.snapshot(&first, &[]).await;
     // the webhook has just answered for carol (a warm cache, if it had one)
     let _ = node.admit("carol").await;
-    node.containerd.exec(&first.container, "echo 2 > /root/version").await;
+    node.containerd
+        .exec(&first.container, "echo 2 > /root/version")
+        .await;
     node.snapshot(&first, &[]).await;
     node.logoff(first).await;
     let again = node.login("carol").await;
-    assert_eq!(node.containerd.exec(&again.container, "cat /root/version").await.trim(), "2");
+    assert_eq!(
+        node.containerd
+            .exec(&again.container, "cat /root/version")
+            .await
+            .trim(),
+        "2"
+    );
     node.stop().await;
 }
 
@@ -56,24 +91,42 @@ async fn thirty_successive_snapshots_all_restore_and_stay_under_the_layer_limit(
     let mut desktop = node.login("dave").await;
     for round in 1..=30u32 {
         node.containerd
-            .exec(&desktop.container, &format!("echo {round} > /root/round && echo r{round} > /root/file-{round}"))
+            .exec(
+                &desktop.container,
+                &format!("echo {round} > /root/round && echo r{round} > /root/file-{round}"),
+            )
             .await;
-        node.snapshot(&desktop, &[("SNAPSHOT_MAX_LAYERS", MAX_LAYERS)]).await;
+        node.snapshot(&desktop, &[("SNAPSHOT_MAX_LAYERS", MAX_LAYERS)])
+            .await;
         node.logoff(desktop).await;
         desktop = node.login("dave").await;
         let seen = node
             .containerd
-            .exec(&desktop.container, &format!("cat /root/round /root/file-1 /root/file-{round} /etc/os-release"))
+            .exec(
+                &desktop.container,
+                &format!("cat /root/round /root/file-1 /root/file-{round} /etc/os-release"),
+            )
             .await;
         let lines: Vec<&str> = seen.lines().collect();
         assert_eq!(lines[0], round.to_string(), "round {round}: {seen}");
-        assert_eq!(lines[1], "r1", "round {round}: the first round's file survives squashes");
+        assert_eq!(
+            lines[1], "r1",
+            "round {round}: the first round's file survives squashes"
+        );
         assert_eq!(lines[2], format!("r{round}"));
-        assert!(seen.contains("desktop-snapshot test base"), "round {round}: the base's files");
+        assert!(
+            seen.contains("desktop-snapshot test base"),
+            "round {round}: the base's files"
+        );
         let path = desktop.repository.split_once('/').unwrap().1.to_string();
         let tag = desktop.image.rsplit_once(':').unwrap().1.to_string();
-        let layers = harness::sidecar::layers(&node.registry, &path, &tag).await.len();
-        assert!(layers <= MAX_LAYERS.parse::<usize>().unwrap(), "round {round}: {layers} layers");
+        let layers = harness::sidecar::layers(&node.registry, &path, &tag)
+            .await
+            .len();
+        assert!(
+            layers <= MAX_LAYERS.parse::<usize>().unwrap(),
+            "round {round}: {layers} layers"
+        );
     }
     node.stop().await;
 }

@@ -32,7 +32,11 @@ impl Setup {
         registry.write_dockerconfigjson(&creds, USER, PASSWORD);
         let ca = registry.ca_path();
         let webhook = Webhook::start(
-            RegistryAccess { host: &registry.host, ca: Some(&ca), credentials: Some(&creds) },
+            RegistryAccess {
+                host: &registry.host,
+                ca: Some(&ca),
+                credentials: Some(&creds),
+            },
             extra,
         )
         .await;
@@ -61,11 +65,19 @@ async fn send_raw(webhook: &Webhook, body: Vec<u8>) -> (u16, String) {
 async fn admit(webhook: &Webhook, object: &Value, operation: &str, dry_run: bool) -> Value {
     let body = review(object, operation, dry_run);
     let (status, text) = send_raw(webhook, serde_json::to_vec(&body).unwrap()).await;
-    assert_eq!(status, 200, "answer: {text}\nwebhook log:\n{}", webhook.log());
+    assert_eq!(
+        status,
+        200,
+        "answer: {text}\nwebhook log:\n{}",
+        webhook.log()
+    );
     let answer: Value = serde_json::from_str(&text).expect("the answer is JSON");
     assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(answer["kind"], "AdmissionReview");
-    assert_eq!(answer["response"]["uid"], body["request"]["uid"], "the uid is echoed");
+    assert_eq!(
+        answer["response"]["uid"], body["request"]["uid"],
+        "the uid is echoed"
+    );
     answer
 }
 
@@ -91,11 +103,20 @@ fn warnings(answer: &Value) -> Vec<String> {
 }
 
 fn sidecar_of(patched: &Value) -> Option<k8s_openapi::api::core::v1::Container> {
-    as_pod(patched).spec?.containers.into_iter().find(|c| c.name == "t-snapshot")
+    as_pod(patched)
+        .spec?
+        .containers
+        .into_iter()
+        .find(|c| c.name == "t-snapshot")
 }
 
 fn env_of(c: &k8s_openapi::api::core::v1::Container, name: &str) -> Option<String> {
-    c.env.as_ref()?.iter().find(|e| e.name == name)?.value.clone()
+    c.env
+        .as_ref()?
+        .iter()
+        .find(|e| e.name == name)?
+        .value
+        .clone()
 }
 
 #[tokio::test]
@@ -108,23 +129,56 @@ async fn first_login_keeps_the_image_and_injects_the_sidecar() {
     assert_eq!(image_of(&pod, "x-graphical").as_deref(), Some(IMAGE));
     let sidecar = sidecar_of(&patched).expect("t-snapshot injected");
     assert_eq!(sidecar.ports.as_ref().unwrap()[0].container_port, 29785);
-    assert_eq!(env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(), Some("12896316"));
-    assert_eq!(env_of(&sidecar, "SNAPSHOT_REPOSITORY"), Some(format!("{}/{REPO}", s.registry.host)));
+    assert_eq!(
+        env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(),
+        Some("12896316")
+    );
+    assert_eq!(
+        env_of(&sidecar, "SNAPSHOT_REPOSITORY"),
+        Some(format!("{}/{REPO}", s.registry.host))
+    );
     let volumes = pod.spec.as_ref().unwrap().volumes.as_ref().unwrap();
-    let secret = volumes.iter().find_map(|v| v.secret.as_ref()).expect("the registry secret volume");
-    assert_eq!(secret.secret_name.as_deref(), Some("abcdesktop-snapshot-registry"));
-    let socket = volumes.iter().find_map(|v| v.host_path.as_ref()).expect("the containerd socket");
+    let secret = volumes
+        .iter()
+        .find_map(|v| v.secret.as_ref())
+        .expect("the registry secret volume");
+    assert_eq!(
+        secret.secret_name.as_deref(),
+        Some("abcdesktop-snapshot-registry")
+    );
+    let socket = volumes
+        .iter()
+        .find_map(|v| v.host_path.as_ref())
+        .expect("the containerd socket");
     assert_eq!(socket.type_.as_deref(), Some("Socket"));
     // the secret is mounted in the sidecar only
     let mounts_secret = |c: &k8s_openapi::api::core::v1::Container| {
-        c.volume_mounts.iter().flatten().any(|m| m.name == "snapshot-registry-credentials")
+        c.volume_mounts
+            .iter()
+            .flatten()
+            .any(|m| m.name == "snapshot-registry-credentials")
     };
     let spec = pod.spec.as_ref().unwrap();
-    assert_eq!(spec.containers.iter().filter(|c| mounts_secret(c)).count(), 1);
-    assert!(spec.image_pull_secrets.is_none(), "no pull secret is needed for the original image");
-    assert_eq!(pod.metadata.annotations.as_ref().unwrap()[STATUS], "no snapshot yet");
-    assert!(!patched.to_string().contains(PASSWORD), "no credential in the pod");
-    assert!(!s.webhook.log().contains(PASSWORD), "no credential in the logs");
+    assert_eq!(
+        spec.containers.iter().filter(|c| mounts_secret(c)).count(),
+        1
+    );
+    assert!(
+        spec.image_pull_secrets.is_none(),
+        "no pull secret is needed for the original image"
+    );
+    assert_eq!(
+        pod.metadata.annotations.as_ref().unwrap()[STATUS],
+        "no snapshot yet"
+    );
+    assert!(
+        !patched.to_string().contains(PASSWORD),
+        "no credential in the pod"
+    );
+    assert!(
+        !s.webhook.log().contains(PASSWORD),
+        "no credential in the logs"
+    );
 }
 
 #[tokio::test]
@@ -149,7 +203,10 @@ async fn the_newest_snapshot_wins_as_a_number_and_lookalikes_never_count() {
     let (answer, patched) = login(&s.webhook, "12896316").await;
     assert!(allowed(&answer));
     let pod = as_pod(&patched);
-    assert_eq!(image_of(&pod, "x-graphical"), Some(s.snapshot("12896316-1700000000000000000")));
+    assert_eq!(
+        image_of(&pod, "x-graphical"),
+        Some(s.snapshot("12896316-1700000000000000000"))
+    );
     let spec = pod.spec.as_ref().unwrap();
     let secrets = spec.image_pull_secrets.as_ref().expect("pull secret added");
     assert_eq!(secrets.len(), 1);
@@ -161,54 +218,122 @@ async fn the_newest_snapshot_wins_as_a_number_and_lookalikes_never_count() {
     for name in ["c-printer", "s-sound", "f-filer"] {
         assert_eq!(image_of(&pod, name), image_of(&original, name));
     }
-    assert_eq!(spec.init_containers, original.spec.as_ref().unwrap().init_containers);
+    assert_eq!(
+        spec.init_containers,
+        original.spec.as_ref().unwrap().init_containers
+    );
     // a user whose id the other tags start with gets their own
     let (_, patched) = login(&s.webhook, "12896316-1").await;
-    assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-1-99999999999999999999")));
+    assert_eq!(
+        image_of(&as_pod(&patched), "x-graphical"),
+        Some(s.snapshot("12896316-1-99999999999999999999"))
+    );
 }
 
 #[tokio::test]
 async fn user_ids_with_special_characters_map_to_their_own_tags() {
     let s = Setup::new(&[]).await;
-    s.registry.push_tags(REPO, &["jdoe_40example.com-5", "jdoe-9", "jdoe.example.com-7"]).await;
+    s.registry
+        .push_tags(
+            REPO,
+            &["jdoe_40example.com-5", "jdoe-9", "jdoe.example.com-7"],
+        )
+        .await;
     let (_, patched) = login(&s.webhook, "jdoe@example.com").await;
-    assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("jdoe_40example.com-5")));
+    assert_eq!(
+        image_of(&as_pod(&patched), "x-graphical"),
+        Some(s.snapshot("jdoe_40example.com-5"))
+    );
     let sidecar = sidecar_of(&patched).unwrap();
-    assert_eq!(env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(), Some("jdoe_40example.com"));
+    assert_eq!(
+        env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(),
+        Some("jdoe_40example.com")
+    );
 }
 
 #[tokio::test]
 async fn per_user_layout() {
     let s = Setup::new(&["--layout", "per-user"]).await;
-    s.registry.push_tags(&format!("alice/{REPO}"), &["4.1-100", "4.1-20", "4.0-900", "latest"]).await;
-    s.registry.push_tags(&format!("bob/{REPO}"), &["4.1-500"]).await;
+    s.registry
+        .push_tags(
+            &format!("alice/{REPO}"),
+            &["4.1-100", "4.1-20", "4.0-900", "latest"],
+        )
+        .await;
+    s.registry
+        .push_tags(&format!("bob/{REPO}"), &["4.1-500"])
+        .await;
     let (_, patched) = login(&s.webhook, "alice").await;
     let want = format!("{}/alice/{REPO}:4.1-100", s.registry.host);
     assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(want));
     let sidecar = sidecar_of(&patched).unwrap();
-    assert_eq!(env_of(&sidecar, "SNAPSHOT_REPOSITORY"), Some(format!("{}/alice/{REPO}", s.registry.host)));
-    assert_eq!(env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(), Some("4.1"));
+    assert_eq!(
+        env_of(&sidecar, "SNAPSHOT_REPOSITORY"),
+        Some(format!("{}/alice/{REPO}", s.registry.host))
+    );
+    assert_eq!(
+        env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(),
+        Some("4.1")
+    );
     let (_, patched) = login(&s.webhook, "carol").await;
-    assert_eq!(image_of(&as_pod(&patched), "x-graphical").as_deref(), Some(IMAGE));
+    assert_eq!(
+        image_of(&as_pod(&patched), "x-graphical").as_deref(),
+        Some(IMAGE)
+    );
 }
 
 /// A registry that fails in `kind`: the pod is admitted on time with its image,
 /// the sidecar, a warning, and the failure counted.
-async fn registry_failure_admits_unchanged(host: &str, ca: Option<&std::path::Path>, creds: Option<&std::path::Path>, why: &str) {
-    let webhook = Webhook::start(RegistryAccess { host, ca, credentials: creds }, &["--lookup-timeout", "300ms"]).await;
+async fn registry_failure_admits_unchanged(
+    host: &str,
+    ca: Option<&std::path::Path>,
+    creds: Option<&std::path::Path>,
+    why: &str,
+) {
+    let webhook = Webhook::start(
+        RegistryAccess {
+            host,
+            ca,
+            credentials: creds,
+        },
+        &["--lookup-timeout", "300ms"],
+    )
+    .await;
     let started = Instant::now();
     let (answer, patched) = login(&webhook, "12896316").await;
     let took = started.elapsed();
-    assert!(took < Duration::from_millis(1500), "{why}: answered after {took:?}");
+    assert!(
+        took < Duration::from_millis(1500),
+        "{why}: answered after {took:?}"
+    );
     assert!(allowed(&answer), "{why}");
-    assert_eq!(image_of(&as_pod(&patched), "x-graphical").as_deref(), Some(IMAGE), "{why}");
-    assert!(sidecar_of(&patched).is_some(), "{why}: sidecar still injected");
+    assert_eq!(
+        image_of(&as_pod(&patched), "x-graphical").as_deref(),
+        Some(IMAGE),
+        "{why}"
+    );
+    assert!(
+        sidecar_of(&patched).is_some(),
+        "{why}: sidecar still injected"
+    );
     let w = warnings(&answer);
-    assert!(!w.is_empty() && w[0].contains("snapshot lookup failed"), "{why}: {w:?}");
+    assert!(
+        !w.is_empty() && w[0].contains("snapshot lookup failed"),
+        "{why}: {w:?}"
+    );
     let status = as_pod(&patched).metadata.annotations.unwrap()[STATUS].clone();
     assert!(status.starts_with("not restored"), "{why}: {status}");
-    assert_eq!(webhook.metric("snapshot_webhook_admissions_total{outcome=\"registry_error\"}").await, 1.0, "{why}");
-    assert!(webhook.log().contains("desktop admitted without restore"), "{why}: logged");
+    assert_eq!(
+        webhook
+            .metric("snapshot_webhook_admissions_total{outcome=\"registry_error\"}")
+            .await,
+        1.0,
+        "{why}"
+    );
+    assert!(
+        webhook.log().contains("desktop admitted without restore"),
+        "{why}: logged"
+    );
 }
 
 #[tokio::test]
@@ -241,7 +366,13 @@ async fn registry_refusing_our_credentials() {
     registry.push_tags(REPO, &["12896316-5"]).await;
     let creds = registry.dir.path().join("wrong.json");
     registry.write_dockerconfigjson(&creds, USER, "not-the-password");
-    registry_failure_admits_unchanged(&registry.host, Some(&registry.ca_path()), Some(&creds), "401").await;
+    registry_failure_admits_unchanged(
+        &registry.host,
+        Some(&registry.ca_path()),
+        Some(&creds),
+        "401",
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -251,7 +382,11 @@ async fn rotated_registry_credentials_are_used_without_restart() {
     let creds = registry.dir.path().join("rotating.json");
     registry.write_dockerconfigjson(&creds, USER, "old-password");
     let webhook = Webhook::start(
-        RegistryAccess { host: &registry.host, ca: Some(&registry.ca_path()), credentials: Some(&creds) },
+        RegistryAccess {
+            host: &registry.host,
+            ca: Some(&registry.ca_path()),
+            credentials: Some(&creds),
+        },
         &[],
     )
     .await;
@@ -260,36 +395,63 @@ async fn rotated_registry_credentials_are_used_without_restart() {
     registry.write_dockerconfigjson(&creds, USER, PASSWORD);
     let restored = harness::ports::wait_until(Duration::from_secs(5), || async {
         let (_, patched) = login(&webhook, "12896316").await;
-        image_of(&as_pod(&patched), "x-graphical") == Some(format!("{}/{REPO}:12896316-5", registry.host))
+        image_of(&as_pod(&patched), "x-graphical")
+            == Some(format!("{}/{REPO}:12896316-5", registry.host))
     })
     .await;
-    assert!(restored, "the rotated secret was not picked up; log:\n{}", webhook.log());
+    assert!(
+        restored,
+        "the rotated secret was not picked up; log:\n{}",
+        webhook.log()
+    );
 }
 
 #[tokio::test]
 async fn bearer_tokens_are_fetched_once_and_reused() {
-    let s = Setup::with(Registry::start_with(Auth::Token { lifetime_secs: 300 }).await, &[]).await;
-    s.registry.push_tags(REPO, &["12896316-7", "12896316-8"]).await;
+    let s = Setup::with(
+        Registry::start_with(Auth::Token { lifetime_secs: 300 }).await,
+        &[],
+    )
+    .await;
+    s.registry
+        .push_tags(REPO, &["12896316-7", "12896316-8"])
+        .await;
     let service = s.registry.token.as_ref().unwrap();
     let before = service.issued();
     for _ in 0..5 {
         let (_, patched) = login(&s.webhook, "12896316").await;
-        assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-8")), "log:\n{}", s.webhook.log());
+        assert_eq!(
+            image_of(&as_pod(&patched), "x-graphical"),
+            Some(s.snapshot("12896316-8")),
+            "log:\n{}",
+            s.webhook.log()
+        );
     }
     assert_eq!(service.issued() - before, 1, "one token for five lookups");
 }
 
 #[tokio::test]
 async fn bearer_tokens_are_renewed_when_they_expire() {
-    let s = Setup::with(Registry::start_with(Auth::Token { lifetime_secs: 6 }).await, &[]).await;
+    let s = Setup::with(
+        Registry::start_with(Auth::Token { lifetime_secs: 6 }).await,
+        &[],
+    )
+    .await;
     s.registry.push_tags(REPO, &["12896316-7"]).await;
     let service = s.registry.token.as_ref().unwrap();
     let before = service.issued();
     login(&s.webhook, "12896316").await;
     tokio::time::sleep(Duration::from_secs(3)).await;
     let (_, patched) = login(&s.webhook, "12896316").await;
-    assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-7")));
-    assert_eq!(service.issued() - before, 2, "a token about to expire is renewed before use");
+    assert_eq!(
+        image_of(&as_pod(&patched), "x-graphical"),
+        Some(s.snapshot("12896316-7"))
+    );
+    assert_eq!(
+        service.issued() - before,
+        2,
+        "a token about to expire is renewed before use"
+    );
 }
 
 #[tokio::test]
@@ -312,7 +474,11 @@ async fn malformed_reviews_get_400_with_a_reason_and_oversized_413() {
     }
     let mut pod = desktop_pod("u", IMAGE);
     pod["metadata"]["annotations"]["padding"] = json!("x".repeat(100_000));
-    let (status, _) = send_raw(&s.webhook, serde_json::to_vec(&review(&pod, "CREATE", false)).unwrap()).await;
+    let (status, _) = send_raw(
+        &s.webhook,
+        serde_json::to_vec(&review(&pod, "CREATE", false)).unwrap(),
+    )
+    .await;
     assert_eq!(status, 413);
     // still serving
     let (answer, _) = login(&s.webhook, "u").await;
@@ -359,10 +525,16 @@ async fn readmitting_a_patched_pod_changes_nothing() {
         let ops = admission::patch(&again).map(|p| p.0.len()).unwrap_or(0);
         assert_eq!(ops, 0, "{mode}: {again}");
         let pod = as_pod(&patched);
-        assert_eq!(image_of(&pod, "x-graphical"), Some(s.snapshot("12896316-5")));
+        assert_eq!(
+            image_of(&pod, "x-graphical"),
+            Some(s.snapshot("12896316-5"))
+        );
         if mode == "native" {
             let init = pod.spec.as_ref().unwrap().init_containers.as_ref().unwrap();
-            let sidecar = init.iter().find(|c| c.name == "t-snapshot").expect("native sidecar");
+            let sidecar = init
+                .iter()
+                .find(|c| c.name == "t-snapshot")
+                .expect("native sidecar");
             assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
         }
     }
@@ -371,7 +543,9 @@ async fn readmitting_a_patched_pod_changes_nothing() {
 #[tokio::test]
 async fn opt_out_and_pin_annotations() {
     let s = Setup::new(&[]).await;
-    s.registry.push_tags(REPO, &["12896316-5", "12896316-9", "bob-3"]).await;
+    s.registry
+        .push_tags(REPO, &["12896316-5", "12896316-9", "bob-3"])
+        .await;
     let with = |annotations: Value| {
         let mut pod = desktop_pod("12896316", IMAGE);
         for (k, v) in annotations.as_object().unwrap() {
@@ -383,23 +557,35 @@ async fn opt_out_and_pin_annotations() {
     let pod = with(json!({"snapshot.abcdesktop.io/restore": "false"}));
     let answer = admit(&s.webhook, &pod, "CREATE", false).await;
     let patched = apply(&pod, &answer);
-    assert_eq!(image_of(&as_pod(&patched), "x-graphical").as_deref(), Some(IMAGE));
+    assert_eq!(
+        image_of(&as_pod(&patched), "x-graphical").as_deref(),
+        Some(IMAGE)
+    );
     assert!(sidecar_of(&patched).is_some());
     // pin to an older snapshot of the same user: rollback
     let pod = with(json!({"snapshot.abcdesktop.io/pin": "12896316-5"}));
     let answer = admit(&s.webhook, &pod, "CREATE", false).await;
-    assert_eq!(image_of(&as_pod(&apply(&pod, &answer)), "x-graphical"), Some(s.snapshot("12896316-5")));
+    assert_eq!(
+        image_of(&as_pod(&apply(&pod, &answer)), "x-graphical"),
+        Some(s.snapshot("12896316-5"))
+    );
     // pin to another user's snapshot: refused
     let pod = with(json!({"snapshot.abcdesktop.io/pin": "bob-3"}));
     let answer = admit(&s.webhook, &pod, "CREATE", false).await;
     assert!(!allowed(&answer));
-    let message = admission::response(&answer)["status"]["message"].as_str().unwrap_or_default().to_string();
+    let message = admission::response(&answer)["status"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .to_string();
     assert!(message.contains("not a snapshot of user"), "{message}");
     // pin to a snapshot that does not exist: refused
     let pod = with(json!({"snapshot.abcdesktop.io/pin": "12896316-7"}));
     let answer = admit(&s.webhook, &pod, "CREATE", false).await;
     assert!(!allowed(&answer));
-    assert!(admission::response(&answer)["status"]["message"].as_str().unwrap_or_default().contains("does not exist"));
+    assert!(admission::response(&answer)["status"]["message"]
+        .as_str()
+        .unwrap_or_default()
+        .contains("does not exist"));
 }
 
 #[tokio::test]
@@ -410,20 +596,34 @@ async fn pin_by_digest() {
     let image = image_of(&as_pod(&patched), "x-graphical").unwrap();
     let (name, digest) = image.split_once('@').expect("pinned by digest");
     assert_eq!(name, s.snapshot("12896316-5"));
-    assert!(digest.starts_with("sha256:") && digest.len() == 71, "{digest}");
+    assert!(
+        digest.starts_with("sha256:") && digest.len() == 71,
+        "{digest}"
+    );
 }
 
 #[tokio::test]
 async fn concurrent_logins_of_one_user_all_get_the_newest() {
     let s = Setup::new(&[]).await;
-    s.registry.push_tags(REPO, &["12896316-5", "12896316-50", "12896316-49"]).await;
+    s.registry
+        .push_tags(REPO, &["12896316-5", "12896316-50", "12896316-49"])
+        .await;
     let logins = (0..20).map(|_| login(&s.webhook, "12896316"));
     for (answer, patched) in futures::future::join_all(logins).await {
         assert!(allowed(&answer));
-        assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-50")));
+        assert_eq!(
+            image_of(&as_pod(&patched), "x-graphical"),
+            Some(s.snapshot("12896316-50"))
+        );
     }
-    let misses = s.webhook.metric("snapshot_webhook_cache_misses_total").await;
-    let coalesced = s.webhook.metric("snapshot_webhook_cache_hits_total{kind=\"coalesced\"}").await;
+    let misses = s
+        .webhook
+        .metric("snapshot_webhook_cache_misses_total")
+        .await;
+    let coalesced = s
+        .webhook
+        .metric("snapshot_webhook_cache_hits_total{kind=\"coalesced\"}")
+        .await;
     assert_eq!(misses + coalesced, 20.0);
 }
 
@@ -432,10 +632,17 @@ async fn a_snapshot_pushed_just_before_login_is_seen() {
     let s = Setup::new(&[]).await;
     s.registry.push_tags(REPO, &["12896316-5"]).await;
     let (_, patched) = login(&s.webhook, "12896316").await;
-    assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-5")));
+    assert_eq!(
+        image_of(&as_pod(&patched), "x-graphical"),
+        Some(s.snapshot("12896316-5"))
+    );
     s.registry.push_tags(REPO, &["12896316-6"]).await;
     let (_, patched) = login(&s.webhook, "12896316").await;
-    assert_eq!(image_of(&as_pod(&patched), "x-graphical"), Some(s.snapshot("12896316-6")), "no stale answer");
+    assert_eq!(
+        image_of(&as_pod(&patched), "x-graphical"),
+        Some(s.snapshot("12896316-6")),
+        "no stale answer"
+    );
 }
 
 #[tokio::test]
@@ -444,7 +651,8 @@ async fn certificate_rotation_while_serving() {
     let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
     let ca = s.webhook.ca_pem.clone();
     let url = s.webhook.url("/mutate");
-    let body = serde_json::to_vec(&review(&desktop_pod("12896316", IMAGE), "CREATE", false)).unwrap();
+    let body =
+        serde_json::to_vec(&review(&desktop_pod("12896316", IMAGE), "CREATE", false)).unwrap();
     let load = {
         let stop = stop.clone();
         tokio::spawn(async move {
@@ -467,7 +675,13 @@ async fn certificate_rotation_while_serving() {
     let results = load.await.unwrap();
     assert!(results.len() > 10, "{} requests", results.len());
     let failed: Vec<_> = results.iter().filter(|r| !matches!(r, Ok(200))).collect();
-    assert!(failed.is_empty(), "{} of {} failed during rotation: {:?}", failed.len(), results.len(), failed.first());
+    assert!(
+        failed.is_empty(),
+        "{} of {} failed during rotation: {:?}",
+        failed.len(),
+        results.len(),
+        failed.first()
+    );
     assert!(s.webhook.log().contains("serving certificate reloaded"));
 
     // a new CA: clients trusting it get through within a second
@@ -479,7 +693,11 @@ async fn certificate_rotation_while_serving() {
         async move { client.get(&url).send().await.is_ok() }
     })
     .await;
-    assert!(ok, "the new certificate is not served; log:\n{}", s.webhook.log());
+    assert!(
+        ok,
+        "the new certificate is not served; log:\n{}",
+        s.webhook.log()
+    );
 }
 
 #[tokio::test]
@@ -496,7 +714,13 @@ async fn metrics_and_probes() {
         assert!(text.contains(name), "{name} missing in:\n{text}");
     }
     for path in ["/healthz", "/readyz"] {
-        let r = s.webhook.client().get(s.webhook.url(path)).send().await.unwrap();
+        let r = s
+            .webhook
+            .client()
+            .get(s.webhook.url(path))
+            .send()
+            .await
+            .unwrap();
         assert!(r.status().is_success(), "{path}");
     }
 }

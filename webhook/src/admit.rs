@@ -33,10 +33,17 @@ impl Admitter {
             Err(e) => {
                 self.metrics.admission(Outcome::Invalid);
                 warn!(uid = %request.uid, error = %e, "the request's object is not a valid Pod");
-                return response.deny(format!("desktop-snapshot: the object is not a valid Pod: {e}"));
+                return response.deny(format!(
+                    "desktop-snapshot: the object is not a valid Pod: {e}"
+                ));
             }
         };
-        let plan = decision::plan(&self.rules, &request.operation, &request.kind.kind, pod.as_ref());
+        let plan = decision::plan(
+            &self.rules,
+            &request.operation,
+            &request.kind.kind,
+            pod.as_ref(),
+        );
         let action = match plan {
             Plan::Ignore(why) => {
                 self.metrics.admission(Outcome::Ignored);
@@ -58,7 +65,13 @@ impl Admitter {
             return response.deny(why);
         }
         let Some(pod) = pod else { return response };
-        let response = match patch::build(&pod, action.container, &action.original_image, &resolution, &self.sidecar) {
+        let response = match patch::build(
+            &pod,
+            action.container,
+            &action.original_image,
+            &resolution,
+            &self.sidecar,
+        ) {
             Ok(p) if p.0.is_empty() => response,
             Ok(p) => match response.clone().with_patch(p) {
                 Ok(r) => r,
@@ -76,7 +89,9 @@ impl Admitter {
     }
 
     async fn ask_registry(&self, action: &decision::Action) -> Found {
-        let Ok(target) = &action.target else { return Found::NotAsked };
+        let Ok(target) = &action.target else {
+            return Found::NotAsked;
+        };
         let tag = match &action.want {
             Want::Fresh | Want::AlreadyDone => return Found::NotAsked,
             Want::Pinned(pin) => pin.clone(),
@@ -86,16 +101,33 @@ impl Admitter {
             },
         };
         match self.lookup.digest(target, &tag).await {
-            Ok(Some(d)) => Found::Snapshot { tag, digest: self.pin_digest.then_some(d) },
+            Ok(Some(d)) => Found::Snapshot {
+                tag,
+                digest: self.pin_digest.then_some(d),
+            },
             Ok(None) => Found::Nothing,
             Err(e) => Found::Failed(e),
         }
     }
 
-    fn log(&self, request: &AdmissionRequest<DynamicObject>, action: &decision::Action, r: &Resolution, started: Instant) {
-        let target = action.target.as_ref().map(ToString::to_string).unwrap_or_else(|e| e.to_string());
+    fn log(
+        &self,
+        request: &AdmissionRequest<DynamicObject>,
+        action: &decision::Action,
+        r: &Resolution,
+        started: Instant,
+    ) {
+        let target = action
+            .target
+            .as_ref()
+            .map(ToString::to_string)
+            .unwrap_or_else(|e| e.to_string());
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
-        let fields = (request.uid.as_str(), request.namespace.as_deref().unwrap_or(""), request.name.as_str());
+        let fields = (
+            request.uid.as_str(),
+            request.namespace.as_deref().unwrap_or(""),
+            request.name.as_str(),
+        );
         match r.outcome {
             Outcome::RegistryError | Outcome::Unmappable => warn!(
                 uid = fields.0, namespace = fields.1, pod = fields.2, user = %action.user, target = %target,
@@ -115,7 +147,11 @@ fn pod_of(request: &AdmissionRequest<DynamicObject>) -> Result<Option<Pod>, serd
     if request.kind.kind != "Pod" {
         return Ok(None);
     }
-    request.object.as_ref().map(|o| serde_json::to_value(o).and_then(serde_json::from_value)).transpose()
+    request
+        .object
+        .as_ref()
+        .map(|o| serde_json::to_value(o).and_then(serde_json::from_value))
+        .transpose()
 }
 
 fn with_warning(mut response: AdmissionResponse, warning: Option<String>) -> AdmissionResponse {

@@ -5,18 +5,30 @@ use clap::{Parser, ValueEnum};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
 #[derive(Parser, Debug, Clone)]
-#[command(name = "snapshot-webhook", version, about = "Restores each desktop user's newest snapshot when a desktop pod is created")]
+#[command(
+    name = "snapshot-webhook",
+    version,
+    about = "Restores each desktop user's newest snapshot when a desktop pod is created"
+)]
 pub struct Config {
     /// Address to serve HTTPS on.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_LISTEN", default_value = "0.0.0.0:8443")]
     pub listen: SocketAddr,
 
     /// Serving certificate (PEM); re-read when it changes on disk.
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_TLS_CERT", default_value = "/etc/snapshot-webhook/tls/tls.crt")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_TLS_CERT",
+        default_value = "/etc/snapshot-webhook/tls/tls.crt"
+    )]
     pub tls_cert: PathBuf,
 
     /// Private key of the serving certificate (PEM).
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_TLS_KEY", default_value = "/etc/snapshot-webhook/tls/tls.key")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_TLS_KEY",
+        default_value = "/etc/snapshot-webhook/tls/tls.key"
+    )]
     pub tls_key: PathBuf,
 
     /// How often the certificate files are checked for a change.
@@ -43,7 +55,11 @@ pub struct Config {
     /// Name of the `kubernetes.io/dockerconfigjson` secret of the registry, in the desktop
     /// namespace (od.config `desktop.snapshotregistrysecretname`): added to the pod's
     /// `imagePullSecrets` and mounted in the sidecar.
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_REGISTRY_SECRET_NAME", default_value = "abcdesktop-snapshot-registry")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_REGISTRY_SECRET_NAME",
+        default_value = "abcdesktop-snapshot-registry"
+    )]
     pub registry_secret_name: String,
 
     /// Where snapshots live: `shared` (`<registry>/<image path>:<user>-<timestamp>`) or
@@ -52,15 +68,27 @@ pub struct Config {
     pub layout: Layout,
 
     /// Pods this webhook acts on: comma-separated `key=value` labels, all required.
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_POD_SELECTOR", default_value = "type=x11server")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_POD_SELECTOR",
+        default_value = "type=x11server"
+    )]
     pub pod_selector: String,
 
     /// Pod label that holds the user id.
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_USER_LABEL", default_value = "access_userid")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_USER_LABEL",
+        default_value = "access_userid"
+    )]
     pub user_label: String,
 
     /// Name of the graphical container (the one restored and committed).
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_GRAPHICAL_CONTAINER", default_value = "x-graphical")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_GRAPHICAL_CONTAINER",
+        default_value = "x-graphical"
+    )]
     pub graphical_container: String,
 
     /// Time budget of one registry lookup; past it the pod keeps its image.
@@ -72,15 +100,27 @@ pub struct Config {
     pub pin_digest: bool,
 
     /// Image of the commit sidecar.
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_IMAGE", default_value = "desktop-snapshot/snapshot-sidecar:0.1.0")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_SIDECAR_IMAGE",
+        default_value = "desktop-snapshot/snapshot-sidecar:0.1.0"
+    )]
     pub sidecar_image: String,
 
     /// imagePullPolicy of the sidecar.
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_PULL_POLICY", default_value = "IfNotPresent")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_SIDECAR_PULL_POLICY",
+        default_value = "IfNotPresent"
+    )]
     pub sidecar_pull_policy: String,
 
     /// Name of the injected sidecar container.
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_NAME", default_value = "t-snapshot")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_SIDECAR_NAME",
+        default_value = "t-snapshot"
+    )]
     pub sidecar_name: String,
 
     /// Port of the sidecar's HTTP API.
@@ -93,11 +133,19 @@ pub struct Config {
     pub sidecar_mode: SidecarMode,
 
     /// The node's containerd socket, mounted in the sidecar.
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_CONTAINERD_SOCKET", default_value = "/run/containerd/containerd.sock")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_CONTAINERD_SOCKET",
+        default_value = "/run/containerd/containerd.sock"
+    )]
     pub containerd_socket: String,
 
     /// containerd namespace of the kubelet's containers.
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_CONTAINERD_NAMESPACE", default_value = "k8s.io")]
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_CONTAINERD_NAMESPACE",
+        default_value = "k8s.io"
+    )]
     pub containerd_namespace: String,
 
     /// Largest AdmissionReview body accepted, in bytes.

@@ -85,18 +85,30 @@ pub fn plan(rules: &Rules, operation: &Operation, kind: &str, pod: Option<&Pod>)
     if kind != "Pod" {
         return Plan::Ignore("not a Pod");
     }
-    let Some(pod) = pod else { return Plan::Ignore("no pod in the request") };
+    let Some(pod) = pod else {
+        return Plan::Ignore("no pod in the request");
+    };
     let labels = pod.metadata.labels.as_ref();
     let label = |k: &str| labels.and_then(|l| l.get(k)).map(String::as_str);
-    if !rules.selector.iter().all(|(k, v)| label(k) == Some(v.as_str())) {
+    if !rules
+        .selector
+        .iter()
+        .all(|(k, v)| label(k) == Some(v.as_str()))
+    {
         return Plan::Ignore("not a desktop pod (selector does not match)");
     }
     let Some(user) = label(&rules.user_label) else {
         return Plan::Ignore("desktop pod without a user label");
     };
-    let containers = pod.spec.as_ref().map(|s| s.containers.as_slice()).unwrap_or_default();
-    let Some((index, graphical)) =
-        containers.iter().enumerate().find(|(_, c)| c.name == rules.graphical_container)
+    let containers = pod
+        .spec
+        .as_ref()
+        .map(|s| s.containers.as_slice())
+        .unwrap_or_default();
+    let Some((index, graphical)) = containers
+        .iter()
+        .enumerate()
+        .find(|(_, c)| c.name == rules.graphical_container)
     else {
         return Plan::Ignore("desktop pod without a graphical container");
     };
@@ -126,7 +138,13 @@ pub fn plan(rules: &Rules, operation: &Operation, kind: &str, pod: Option<&Pod>)
     } else {
         Want::Newest
     };
-    Plan::Act(Action { user: user.to_string(), container: index, original_image: image.to_string(), target, want })
+    Plan::Act(Action {
+        user: user.to_string(),
+        container: index,
+        original_image: image.to_string(),
+        target,
+        want,
+    })
 }
 
 /// What the registry said, for the wanted snapshot.
@@ -135,7 +153,10 @@ pub enum Found {
     /// No lookup was needed.
     NotAsked,
     /// The newest snapshot (or the pinned tag) and, when asked for, its digest.
-    Snapshot { tag: String, digest: Option<String> },
+    Snapshot {
+        tag: String,
+        digest: Option<String>,
+    },
     /// The user has no snapshot (or the pinned tag does not exist).
     Nothing,
     Failed(LookupError),
@@ -144,7 +165,10 @@ pub enum Found {
 impl Found {
     pub fn from_newest(r: Result<Option<Snapshot>, LookupError>) -> Self {
         match r {
-            Ok(Some(s)) => Found::Snapshot { tag: s.tag, digest: None },
+            Ok(Some(s)) => Found::Snapshot {
+                tag: s.tag,
+                digest: None,
+            },
             Ok(None) => Found::Nothing,
             Err(e) => Found::Failed(e),
         }
@@ -211,7 +235,9 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
                 image: None,
                 status: (action.want != Want::AlreadyDone).then(|| format!("not restored: {e}")),
                 sidecar: None,
-                warning: Some(format!("desktop-snapshot: no snapshot for this desktop: {e}")),
+                warning: Some(format!(
+                    "desktop-snapshot: no snapshot for this desktop: {e}"
+                )),
                 deny: None,
                 detail: Some(e.to_string()),
             }
@@ -304,7 +330,10 @@ mod tests {
     }
 
     fn desktop(annotations: serde_json::Value) -> Pod {
-        pod(json!({"type": "x11server", "access_userid": "alice"}), annotations)
+        pod(
+            json!({"type": "x11server", "access_userid": "alice"}),
+            annotations,
+        )
     }
 
     #[test]
@@ -312,20 +341,95 @@ mod tests {
         let r = rules();
         let create = Operation::Create;
         let cases: Vec<(&str, Operation, &str, Option<Pod>, &str)> = vec![
-            ("update", Operation::Update, "Pod", Some(desktop(json!({}))), "ignore"),
+            (
+                "update",
+                Operation::Update,
+                "Pod",
+                Some(desktop(json!({}))),
+                "ignore",
+            ),
             ("delete", Operation::Delete, "Pod", None, "ignore"),
             ("other kind", create.clone(), "Deployment", None, "ignore"),
-            ("no label", create.clone(), "Pod", Some(pod(json!({"access_userid": "alice"}), json!({}))), "ignore"),
-            ("wrong label", create.clone(), "Pod", Some(pod(json!({"type": "x11", "access_userid": "alice"}), json!({}))), "ignore"),
-            ("no user", create.clone(), "Pod", Some(pod(json!({"type": "x11server"}), json!({}))), "ignore"),
-            ("newest", create.clone(), "Pod", Some(desktop(json!({}))), "newest"),
-            ("opt-out", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_RESTORE: "false"}))), "fresh"),
-            ("restore true", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_RESTORE: "true"}))), "newest"),
-            ("pin own", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_PIN: "alice-12"}))), "pinned"),
-            ("pin other", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_PIN: "bob-12"}))), "deny"),
-            ("pin look-alike", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_PIN: "alice-1-12"}))), "deny"),
-            ("pin not a snapshot", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_PIN: "latest"}))), "deny"),
-            ("already", create.clone(), "Pod", Some(desktop(json!({ANNOTATION_STATUS: "restored x"}))), "already"),
+            (
+                "no label",
+                create.clone(),
+                "Pod",
+                Some(pod(json!({"access_userid": "alice"}), json!({}))),
+                "ignore",
+            ),
+            (
+                "wrong label",
+                create.clone(),
+                "Pod",
+                Some(pod(
+                    json!({"type": "x11", "access_userid": "alice"}),
+                    json!({}),
+                )),
+                "ignore",
+            ),
+            (
+                "no user",
+                create.clone(),
+                "Pod",
+                Some(pod(json!({"type": "x11server"}), json!({}))),
+                "ignore",
+            ),
+            (
+                "newest",
+                create.clone(),
+                "Pod",
+                Some(desktop(json!({}))),
+                "newest",
+            ),
+            (
+                "opt-out",
+                create.clone(),
+                "Pod",
+                Some(desktop(json!({ANNOTATION_RESTORE: "false"}))),
+                "fresh",
+            ),
+            (
+                "restore true",
+                create.clone(),
+                "Pod",
+                Some(desktop(json!({ANNOTATION_RESTORE: "true"}))),
+                "newest",
+            ),
+            (
+                "pin own",
+                create.clone(),
+                "Pod",
+                Some(desktop(json!({ANNOTATION_PIN: "alice-12"}))),
+                "pinned",
+            ),
+            (
+                "pin other",
+                create.clone(),
+                "Pod",
+                Some(desktop(json!({ANNOTATION_PIN: "bob-12"}))),
+                "deny",
+            ),
+            (
+                "pin look-alike",
+                create.clone(),
+                "Pod",
+                Some(desktop(json!({ANNOTATION_PIN: "alice-1-12"}))),
+                "deny",
+            ),
+            (
+                "pin not a snapshot",
+                create.clone(),
+                "Pod",
+                Some(desktop(json!({ANNOTATION_PIN: "latest"}))),
+                "deny",
+            ),
+            (
+                "already",
+                create.clone(),
+                "Pod",
+                Some(desktop(json!({ANNOTATION_STATUS: "restored x"}))),
+                "already",
+            ),
         ];
         for (name, op, kind, pod, want) in cases {
             let got = match plan(&r, &op, kind, pod.as_ref()) {
@@ -346,7 +450,12 @@ mod tests {
     }
 
     fn action(want: Want) -> Action {
-        match plan(&rules(), &Operation::Create, "Pod", Some(&desktop(json!({})))) {
+        match plan(
+            &rules(),
+            &Operation::Create,
+            "Pod",
+            Some(&desktop(json!({}))),
+        ) {
             Plan::Act(a) => Action { want, ..a },
             other => panic!("{other:?}"),
         }
@@ -355,34 +464,103 @@ mod tests {
     #[test]
     fn resolve_table() {
         let err = LookupError::new(ErrorKind::Timeout, "no answer within 1s");
-        let snap = |t: &str| Found::Snapshot { tag: t.into(), digest: None };
+        let snap = |t: &str| Found::Snapshot {
+            tag: t.into(),
+            digest: None,
+        };
         let cases: Vec<(Want, Found, Outcome, Option<&str>, bool)> = vec![
-            (Want::Newest, snap("alice-5"), Outcome::Restored, Some("reg.example:5000/abcdesktopio/oc.user:alice-5"), false),
-            (Want::Newest, Found::Snapshot { tag: "alice-5".into(), digest: Some("sha256:ab".into()) }, Outcome::Restored,
-             Some("reg.example:5000/abcdesktopio/oc.user:alice-5@sha256:ab"), false),
-            (Want::Newest, Found::Nothing, Outcome::NoSnapshot, None, false),
-            (Want::Newest, Found::Failed(err.clone()), Outcome::RegistryError, None, false),
-            (Want::Pinned("alice-3".into()), snap("alice-3"), Outcome::Pinned, Some("reg.example:5000/abcdesktopio/oc.user:alice-3"), false),
-            (Want::Pinned("alice-3".into()), Found::Nothing, Outcome::Denied, None, true),
-            (Want::Pinned("alice-3".into()), Found::Failed(err), Outcome::RegistryError, None, false),
+            (
+                Want::Newest,
+                snap("alice-5"),
+                Outcome::Restored,
+                Some("reg.example:5000/abcdesktopio/oc.user:alice-5"),
+                false,
+            ),
+            (
+                Want::Newest,
+                Found::Snapshot {
+                    tag: "alice-5".into(),
+                    digest: Some("sha256:ab".into()),
+                },
+                Outcome::Restored,
+                Some("reg.example:5000/abcdesktopio/oc.user:alice-5@sha256:ab"),
+                false,
+            ),
+            (
+                Want::Newest,
+                Found::Nothing,
+                Outcome::NoSnapshot,
+                None,
+                false,
+            ),
+            (
+                Want::Newest,
+                Found::Failed(err.clone()),
+                Outcome::RegistryError,
+                None,
+                false,
+            ),
+            (
+                Want::Pinned("alice-3".into()),
+                snap("alice-3"),
+                Outcome::Pinned,
+                Some("reg.example:5000/abcdesktopio/oc.user:alice-3"),
+                false,
+            ),
+            (
+                Want::Pinned("alice-3".into()),
+                Found::Nothing,
+                Outcome::Denied,
+                None,
+                true,
+            ),
+            (
+                Want::Pinned("alice-3".into()),
+                Found::Failed(err),
+                Outcome::RegistryError,
+                None,
+                false,
+            ),
             (Want::Fresh, Found::NotAsked, Outcome::OptedOut, None, false),
-            (Want::AlreadyDone, Found::NotAsked, Outcome::AlreadyDone, None, false),
+            (
+                Want::AlreadyDone,
+                Found::NotAsked,
+                Outcome::AlreadyDone,
+                None,
+                false,
+            ),
         ];
         for (want, found, outcome, image, denied) in cases {
             let r = resolve(&action(want.clone()), found.clone());
             assert_eq!(r.outcome, outcome, "{want:?} {found:?}");
             assert_eq!(r.image.as_deref(), image, "{want:?} {found:?}");
             assert_eq!(r.deny.is_some(), denied, "{want:?} {found:?}");
-            assert!(r.sidecar.is_some(), "the sidecar is always injected for a mappable user");
-            assert_eq!(r.warning.is_some(), outcome == Outcome::RegistryError, "{want:?}");
-            assert_eq!(r.status.is_none(), outcome == Outcome::AlreadyDone || denied, "{want:?}");
+            assert!(
+                r.sidecar.is_some(),
+                "the sidecar is always injected for a mappable user"
+            );
+            assert_eq!(
+                r.warning.is_some(),
+                outcome == Outcome::RegistryError,
+                "{want:?}"
+            );
+            assert_eq!(
+                r.status.is_none(),
+                outcome == Outcome::AlreadyDone || denied,
+                "{want:?}"
+            );
         }
     }
 
     #[test]
     fn unmappable_user_gets_no_sidecar() {
-        let p = pod(json!({"type": "x11server", "access_userid": "x".repeat(300)}), json!({}));
-        let Plan::Act(a) = plan(&rules(), &Operation::Create, "Pod", Some(&p)) else { panic!() };
+        let p = pod(
+            json!({"type": "x11server", "access_userid": "x".repeat(300)}),
+            json!({}),
+        );
+        let Plan::Act(a) = plan(&rules(), &Operation::Create, "Pod", Some(&p)) else {
+            panic!()
+        };
         let r = resolve(&a, Found::NotAsked);
         assert_eq!(r.outcome, Outcome::Unmappable);
         assert!(r.sidecar.is_none() && r.image.is_none() && r.warning.is_some());

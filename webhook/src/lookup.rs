@@ -46,7 +46,11 @@ impl Lookup {
     /// Touches the caches once, so their clocks are set up before the first admission
     /// rather than during it (it takes a noticeable fraction of the deadline).
     pub async fn warm_up(&self) {
-        let probe = Target { registry: String::new(), path: String::new(), tag_prefix: String::new() };
+        let probe = Target {
+            registry: String::new(),
+            path: String::new(),
+            tag_prefix: String::new(),
+        };
         let _ = self.in_flight.get(&probe).await;
         let _ = self.digests.get("").await;
         self.registry.warm_up().await;
@@ -60,7 +64,9 @@ impl Lookup {
     pub async fn newest(&self, target: &Target) -> Result<Option<Snapshot>, LookupError> {
         let started = Instant::now();
         let result = timeout(self.deadline, self.newest_shared(target)).await;
-        self.metrics.lookup_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .lookup_seconds
+            .observe(started.elapsed().as_secs_f64());
         let result = match result {
             Ok(shared) => (*shared).clone(),
             Err(_) => Err(self.timed_out()),
@@ -79,7 +85,9 @@ impl Lookup {
             .entry(target.clone())
             .or_insert_with(async move {
                 let tags = registry.tags(&t.path).await;
-                Arc::new(tags.map(|list| tag::newest(list.iter().flatten().map(String::as_str), &t.tag_prefix)))
+                Arc::new(tags.map(|list| {
+                    tag::newest(list.iter().flatten().map(String::as_str), &t.tag_prefix)
+                }))
             })
             .await;
         if entry.is_fresh() {
@@ -105,7 +113,9 @@ impl Lookup {
             Ok(r) => r,
             Err(_) => Err(self.timed_out()),
         };
-        self.metrics.lookup_seconds.observe(started.elapsed().as_secs_f64());
+        self.metrics
+            .lookup_seconds
+            .observe(started.elapsed().as_secs_f64());
         match &result {
             Ok(Some(d)) => self.digests.insert(key, d.clone()).await,
             Ok(None) => {}
@@ -115,6 +125,12 @@ impl Lookup {
     }
 
     fn timed_out(&self) -> LookupError {
-        LookupError::new(ErrorKind::Timeout, format!("no answer within {}", humantime::format_duration(self.deadline)))
+        LookupError::new(
+            ErrorKind::Timeout,
+            format!(
+                "no answer within {}",
+                humantime::format_duration(self.deadline)
+            ),
+        )
     }
 }

@@ -34,7 +34,9 @@ async fn run(config: Config) -> Result<()> {
     let _ = rustls::crypto::ring::default_provider().install_default();
 
     let ca_pem = match &config.registry_ca {
-        Some(p) => Some(std::fs::read(p).with_context(|| format!("reading --registry-ca {}", p.display()))?),
+        Some(p) => Some(
+            std::fs::read(p).with_context(|| format!("reading --registry-ca {}", p.display()))?,
+        ),
         None => None,
     };
     let registry = Arc::new(Registry::new(RegistrySettings {
@@ -43,10 +45,15 @@ async fn run(config: Config) -> Result<()> {
         ca_pem,
         credentials_file: config.registry_credentials.clone(),
     })?);
-    registry.reload_credentials().await.context("loading the registry credentials")?;
+    registry
+        .reload_credentials()
+        .await
+        .context("loading the registry credentials")?;
     let metrics = Arc::new(Metrics::new(registry.requests.clone()));
     let rules = Rules {
-        selector: Rules::parse_selector(&config.pod_selector).map_err(anyhow::Error::msg).context("--pod-selector")?,
+        selector: Rules::parse_selector(&config.pod_selector)
+            .map_err(anyhow::Error::msg)
+            .context("--pod-selector")?,
         user_label: config.user_label.clone(),
         graphical_container: config.graphical_container.clone(),
         registry: config.registry.clone(),
@@ -67,10 +74,22 @@ async fn run(config: Config) -> Result<()> {
     let lookup = Lookup::new(registry.clone(), config.lookup_timeout, metrics.clone());
     lookup.warm_up().await;
     snapshot_webhook::target::warm_up();
-    let admitter = Admitter { rules, sidecar, lookup, metrics, pin_digest: config.pin_digest };
-    let state = Arc::new(AppState { admitter, ready: AtomicBool::new(false) });
+    let admitter = Admitter {
+        rules,
+        sidecar,
+        lookup,
+        metrics,
+        pin_digest: config.pin_digest,
+    };
+    let state = Arc::new(AppState {
+        admitter,
+        ready: AtomicBool::new(false),
+    });
 
-    let certs = tls::CertFiles { cert: config.tls_cert.clone(), key: config.tls_key.clone() };
+    let certs = tls::CertFiles {
+        cert: config.tls_cert.clone(),
+        key: config.tls_key.clone(),
+    };
     let tls_config = certs.load().await?;
     tokio::spawn(certs.watch(tls_config.clone(), config.tls_reload_interval));
     tokio::spawn(reload_credentials(registry, config.tls_reload_interval));
@@ -94,13 +113,18 @@ async fn reload_credentials(registry: Arc<Registry>, every: Duration) {
         match registry.reload_credentials().await {
             Ok(true) => info!("registry credentials reloaded"),
             Ok(false) => {}
-            Err(e) => warn!(error = %format!("{e:#}"), "cannot reload the registry credentials; keeping the ones in use"),
+            Err(e) => {
+                warn!(error = %format!("{e:#}"), "cannot reload the registry credentials; keeping the ones in use")
+            }
         }
     }
 }
 
 /// On SIGTERM or Ctrl-C: stop being ready, let requests in flight finish, stop.
-async fn shutdown_on_signal(handle: axum_server::Handle<std::net::SocketAddr>, state: Arc<AppState>) {
+async fn shutdown_on_signal(
+    handle: axum_server::Handle<std::net::SocketAddr>,
+    state: Arc<AppState>,
+) {
     let ctrl_c = tokio::signal::ctrl_c();
     #[cfg(unix)]
     let term = async {

@@ -32,11 +32,25 @@ impl Metrics {
     pub fn new(registry_requests: Counter) -> Self {
         let mut registry = Registry::with_prefix("snapshot_webhook");
         let admissions = Family::<OutcomeLabel, Counter>::default();
-        registry.register("admissions", "Admission requests answered, by outcome", admissions.clone());
+        registry.register(
+            "admissions",
+            "Admission requests answered, by outcome",
+            admissions.clone(),
+        );
         let registry_errors = Family::<KindLabel, Counter>::default();
-        registry.register("registry_errors", "Registry lookups that failed, by kind", registry_errors.clone());
-        let lookup_seconds = Histogram::new([0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5]);
-        registry.register("lookup_duration_seconds", "Time to ask the registry for a snapshot", lookup_seconds.clone());
+        registry.register(
+            "registry_errors",
+            "Registry lookups that failed, by kind",
+            registry_errors.clone(),
+        );
+        let lookup_seconds = Histogram::new([
+            0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+        ]);
+        registry.register(
+            "lookup_duration_seconds",
+            "Time to ask the registry for a snapshot",
+            lookup_seconds.clone(),
+        );
         let cache = Family::<KindLabel, Counter>::default();
         registry.register(
             "cache_hits",
@@ -44,9 +58,19 @@ impl Metrics {
             cache.clone(),
         );
         let cache_miss = Counter::default();
-        registry.register("cache_misses", "Lookups that sent their own registry request", cache_miss.clone());
-        registry.register("registry_requests", "HTTP requests sent to the registry", registry_requests);
-        let cache_coalesced = cache.get_or_create(&KindLabel { kind: "coalesced" }).clone();
+        registry.register(
+            "cache_misses",
+            "Lookups that sent their own registry request",
+            cache_miss.clone(),
+        );
+        registry.register(
+            "registry_requests",
+            "HTTP requests sent to the registry",
+            registry_requests,
+        );
+        let cache_coalesced = cache
+            .get_or_create(&KindLabel { kind: "coalesced" })
+            .clone();
         let cache_digest_hit = cache.get_or_create(&KindLabel { kind: "digest" }).clone();
         Self {
             registry,
@@ -60,11 +84,19 @@ impl Metrics {
     }
 
     pub fn admission(&self, outcome: Outcome) {
-        self.admissions.get_or_create(&OutcomeLabel { outcome: outcome.as_str() }).inc();
+        self.admissions
+            .get_or_create(&OutcomeLabel {
+                outcome: outcome.as_str(),
+            })
+            .inc();
     }
 
     pub fn registry_error(&self, kind: ErrorKind) {
-        self.registry_errors.get_or_create(&KindLabel { kind: kind.as_str() }).inc();
+        self.registry_errors
+            .get_or_create(&KindLabel {
+                kind: kind.as_str(),
+            })
+            .inc();
     }
 
     /// The Prometheus text exposition.

@@ -25,7 +25,10 @@ pub fn build(
 
     if let Some(image) = resolution.image.as_deref() {
         if image != original_image {
-            ops.push(replace(&["spec", "containers", &container.to_string(), "image"], json!(image)));
+            ops.push(replace(
+                &["spec", "containers", &container.to_string(), "image"],
+                json!(image),
+            ));
         }
         let secrets = spec.and_then(|s| s.image_pull_secrets.as_ref());
         let wanted = json!({ "name": sidecar.registry_secret_name });
@@ -40,12 +43,22 @@ pub fn build(
 
     if let Some(target) = &resolution.sidecar {
         let present = spec.is_some_and(|s| {
-            s.containers.iter().chain(s.init_containers.iter().flatten()).any(|c| c.name == sidecar.name)
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .any(|c| c.name == sidecar.name)
         });
         if !present {
-            let list = if sidecar.native { "initContainers" } else { "containers" };
+            let list = if sidecar.native {
+                "initContainers"
+            } else {
+                "containers"
+            };
             let container = to_value(&sidecar.container(target, original_image))?;
-            match (sidecar.native, spec.and_then(|s| s.init_containers.as_ref())) {
+            match (
+                sidecar.native,
+                spec.and_then(|s| s.init_containers.as_ref()),
+            ) {
                 (true, None) => ops.push(add(&["spec", list], json!([container]))),
                 _ => ops.push(add(&["spec", list, "-"], container)),
             }
@@ -68,10 +81,20 @@ pub fn build(
 
     if let Some(status) = resolution.status.as_deref() {
         let annotations = pod.metadata.annotations.as_ref();
-        if annotations.and_then(|a| a.get(ANNOTATION_STATUS)).map(String::as_str) != Some(status) {
+        if annotations
+            .and_then(|a| a.get(ANNOTATION_STATUS))
+            .map(String::as_str)
+            != Some(status)
+        {
             match annotations {
-                None => ops.push(add(&["metadata", "annotations"], json!({ ANNOTATION_STATUS: status }))),
-                Some(_) => ops.push(add(&["metadata", "annotations", ANNOTATION_STATUS], json!(status))),
+                None => ops.push(add(
+                    &["metadata", "annotations"],
+                    json!({ ANNOTATION_STATUS: status }),
+                )),
+                Some(_) => ops.push(add(
+                    &["metadata", "annotations", ANNOTATION_STATUS],
+                    json!(status),
+                )),
             }
         }
     }
@@ -83,11 +106,17 @@ fn pointer(tokens: &[&str]) -> PointerBuf {
 }
 
 fn add(tokens: &[&str], value: Value) -> PatchOperation {
-    PatchOperation::Add(AddOperation { path: pointer(tokens), value })
+    PatchOperation::Add(AddOperation {
+        path: pointer(tokens),
+        value,
+    })
 }
 
 fn replace(tokens: &[&str], value: Value) -> PatchOperation {
-    PatchOperation::Replace(ReplaceOperation { path: pointer(tokens), value })
+    PatchOperation::Replace(ReplaceOperation {
+        path: pointer(tokens),
+        value,
+    })
 }
 
 fn to_value<T: Serialize>(v: &T) -> Result<Value, serde_json::Error> {
@@ -147,29 +176,60 @@ mod tests {
 
     /// Runs plan -> resolve -> build -> apply, returning the patched pod.
     fn run(pod: &Pod, found: Found, native: bool) -> (Pod, usize) {
-        let Plan::Act(action) = decision::plan(&rules(), &Operation::Create, "Pod", Some(pod)) else { panic!() };
+        let Plan::Act(action) = decision::plan(&rules(), &Operation::Create, "Pod", Some(pod))
+        else {
+            panic!()
+        };
         let r = decision::resolve(&action, found);
-        let patch = build(pod, action.container, &action.original_image, &r, &spec(native)).unwrap();
+        let patch = build(
+            pod,
+            action.container,
+            &action.original_image,
+            &r,
+            &spec(native),
+        )
+        .unwrap();
         let mut doc = serde_json::to_value(pod).unwrap();
         json_patch::patch(&mut doc, &patch).unwrap();
         (serde_json::from_value(doc).unwrap(), patch.0.len())
     }
 
     fn snap(tag: &str) -> Found {
-        Found::Snapshot { tag: tag.into(), digest: None }
+        Found::Snapshot {
+            tag: tag.into(),
+            digest: None,
+        }
     }
 
     #[test]
     fn restore_patches_image_secret_sidecar_and_status() {
         let (p, _) = run(&pod(json!({}), None), snap("alice-9"), false);
         let s = p.spec.as_ref().unwrap();
-        assert_eq!(s.containers[0].image.as_deref(), Some("reg:5000/abcdesktopio/oc.user:alice-9"));
-        assert_eq!(s.containers[0].env.as_ref().unwrap().len(), 1, "the graphical container is otherwise untouched");
+        assert_eq!(
+            s.containers[0].image.as_deref(),
+            Some("reg:5000/abcdesktopio/oc.user:alice-9")
+        );
+        assert_eq!(
+            s.containers[0].env.as_ref().unwrap().len(),
+            1,
+            "the graphical container is otherwise untouched"
+        );
         assert_eq!(s.image_pull_secrets.as_ref().unwrap()[0].name, "regcred");
-        let sc = s.containers.iter().find(|c| c.name == "t-snapshot").unwrap();
+        let sc = s
+            .containers
+            .iter()
+            .find(|c| c.name == "t-snapshot")
+            .unwrap();
         let env = sc.env.as_ref().unwrap();
-        let get = |n: &str| env.iter().find(|e| e.name == n).and_then(|e| e.value.clone());
-        assert_eq!(get("SNAPSHOT_REPOSITORY").as_deref(), Some("reg:5000/abcdesktopio/oc.user"));
+        let get = |n: &str| {
+            env.iter()
+                .find(|e| e.name == n)
+                .and_then(|e| e.value.clone())
+        };
+        assert_eq!(
+            get("SNAPSHOT_REPOSITORY").as_deref(),
+            Some("reg:5000/abcdesktopio/oc.user")
+        );
         assert_eq!(get("SNAPSHOT_TAG_PREFIX").as_deref(), Some("alice"));
         assert_eq!(s.volumes.as_ref().unwrap().len(), 2);
         assert_eq!(
@@ -185,14 +245,22 @@ mod tests {
             "volumes": [{"name": "home", "emptyDir": {}}],
             "initContainers": [{"name": "i-init", "image": "busybox"}]
         });
-        let (p, _) = run(&pod(extra, Some(json!({"keep": "me"}))), snap("alice-9"), true);
+        let (p, _) = run(
+            &pod(extra, Some(json!({"keep": "me"}))),
+            snap("alice-9"),
+            true,
+        );
         let s = p.spec.as_ref().unwrap();
         assert_eq!(s.image_pull_secrets.as_ref().unwrap().len(), 2);
         assert_eq!(s.volumes.as_ref().unwrap().len(), 3);
         let init = s.init_containers.as_ref().unwrap();
         assert_eq!(init.len(), 2);
         assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));
-        assert_eq!(s.containers.len(), 2, "native sidecar is not a plain container");
+        assert_eq!(
+            s.containers.len(),
+            2,
+            "native sidecar is not a plain container"
+        );
         assert_eq!(p.metadata.annotations.as_ref().unwrap()["keep"], "me");
     }
 
@@ -200,7 +268,10 @@ mod tests {
     fn no_snapshot_injects_only_the_sidecar() {
         let (p, _) = run(&pod(json!({}), None), Found::Nothing, false);
         let s = p.spec.as_ref().unwrap();
-        assert_eq!(s.containers[0].image.as_deref(), Some("abcdesktopio/oc.user:4.1"));
+        assert_eq!(
+            s.containers[0].image.as_deref(),
+            Some("abcdesktopio/oc.user:4.1")
+        );
         assert!(s.image_pull_secrets.is_none());
         assert_eq!(s.containers.len(), 3);
     }
@@ -225,6 +296,12 @@ mod tests {
     }
 
     fn decision_target() -> crate::target::Target {
-        crate::target::derive("abcdesktopio/oc.user:4.1", "reg:5000", Layout::Shared, "alice").unwrap()
+        crate::target::derive(
+            "abcdesktopio/oc.user:4.1",
+            "reg:5000",
+            Layout::Shared,
+            "alice",
+        )
+        .unwrap()
     }
 }

@@ -69,7 +69,10 @@ pub struct LookupError {
 
 impl LookupError {
     pub fn new(kind: ErrorKind, detail: impl Into<String>) -> Self {
-        Self { kind, detail: detail.into() }
+        Self {
+            kind,
+            detail: detail.into(),
+        }
     }
 
     fn from_reqwest(e: reqwest::Error, what: &str) -> Self {
@@ -93,7 +96,10 @@ impl LookupError {
             _ => ErrorKind::Other,
         };
         let snippet: String = String::from_utf8_lossy(body).chars().take(200).collect();
-        Self::new(kind, format!("{what}: registry answered {status}: {}", snippet.trim()))
+        Self::new(
+            kind,
+            format!("{what}: registry answered {status}: {}", snippet.trim()),
+        )
     }
 }
 
@@ -174,11 +180,15 @@ impl Registry {
             .pool_idle_timeout(Duration::from_secs(60))
             .connect_timeout(Duration::from_secs(5));
         if let Some(pem) = &settings.ca_pem {
-            for cert in reqwest::Certificate::from_pem_bundle(pem).context("reading the registry CA")? {
+            for cert in
+                reqwest::Certificate::from_pem_bundle(pem).context("reading the registry CA")?
+            {
                 builder = builder.add_root_certificate(cert);
             }
         }
-        let http = builder.build().context("building the registry HTTP client")?;
+        let http = builder
+            .build()
+            .context("building the registry HTTP client")?;
         let session = Arc::new(Self::session(&settings, None)?);
         Ok(Self {
             settings,
@@ -202,7 +212,14 @@ impl Registry {
         use anyhow::Context;
         let auth = match &document {
             Some(d) => credentials::auth_for(d, &settings.host).with_context(|| {
-                format!("reading {}", settings.credentials_file.as_deref().unwrap_or_else(|| "?".as_ref()).display())
+                format!(
+                    "reading {}",
+                    settings
+                        .credentials_file
+                        .as_deref()
+                        .unwrap_or_else(|| "?".as_ref())
+                        .display()
+                )
             })?,
             None => RegistryAuth::Anonymous,
         };
@@ -214,20 +231,31 @@ impl Registry {
             extra_root_certificates: settings
                 .ca_pem
                 .iter()
-                .map(|pem| Certificate { encoding: CertificateEncoding::Pem, data: pem.clone() })
+                .map(|pem| Certificate {
+                    encoding: CertificateEncoding::Pem,
+                    data: pem.clone(),
+                })
                 .collect(),
             connect_timeout: Some(Duration::from_secs(5)),
             ..Default::default()
         };
-        Ok(Session { document, auth, oci: Client::new(config) })
+        Ok(Session {
+            document,
+            auth,
+            oci: Client::new(config),
+        })
     }
 
     /// Re-reads the credentials file; a change takes effect for the next request.
     /// Returns whether the credentials changed.
     pub async fn reload_credentials(&self) -> anyhow::Result<bool> {
         use anyhow::Context;
-        let Some(path) = &self.settings.credentials_file else { return Ok(false) };
-        let document = tokio::fs::read(path).await.with_context(|| format!("reading {}", path.display()))?;
+        let Some(path) = &self.settings.credentials_file else {
+            return Ok(false);
+        };
+        let document = tokio::fs::read(path)
+            .await
+            .with_context(|| format!("reading {}", path.display()))?;
         let same = self.current().document.as_deref() == Some(document.as_slice());
         if same {
             return Ok(false);
@@ -239,11 +267,18 @@ impl Registry {
     }
 
     fn current(&self) -> Arc<Session> {
-        self.session.read().unwrap_or_else(|p| p.into_inner()).clone()
+        self.session
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     fn base(&self) -> String {
-        format!("{}://{}", self.settings.protocol.as_str(), self.settings.host)
+        format!(
+            "{}://{}",
+            self.settings.protocol.as_str(),
+            self.settings.host
+        )
     }
 
     /// Every tag of `path`; `None` when the repository does not exist.
@@ -258,8 +293,15 @@ impl Registry {
             }
             let response = self.get(path, &url, None).await?;
             let status = response.status();
-            let link = response.headers().get(header::LINK).and_then(|v| v.to_str().ok()).map(str::to_string);
-            let body = response.bytes().await.map_err(|e| LookupError::from_reqwest(e, "reading tags"))?;
+            let link = response
+                .headers()
+                .get(header::LINK)
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_string);
+            let body = response
+                .bytes()
+                .await
+                .map_err(|e| LookupError::from_reqwest(e, "reading tags"))?;
             if status == StatusCode::NOT_FOUND {
                 if is_unknown_repository(&body) {
                     return Ok(None);
@@ -270,14 +312,21 @@ impl Registry {
                 return Err(LookupError::from_status(status, "listing tags", &body));
             }
             let page: TagList = serde_json::from_slice(&body).map_err(|e| {
-                LookupError::new(ErrorKind::Garbage, format!("listing tags: the answer is not a tag list: {e}"))
+                LookupError::new(
+                    ErrorKind::Garbage,
+                    format!("listing tags: the answer is not a tag list: {e}"),
+                )
             })?;
             for t in page.tags.unwrap_or_default() {
                 if seen_tags.insert(t.clone()) {
                     tags.push(t);
                 }
             }
-            match link.as_deref().and_then(next_link).and_then(|l| self.same_origin(&l)) {
+            match link
+                .as_deref()
+                .and_then(next_link)
+                .and_then(|l| self.same_origin(&l))
+            {
                 Some(next) => url = next,
                 None => break,
             }
@@ -302,7 +351,11 @@ impl Registry {
         }
         if !status.is_success() {
             let body = response.bytes().await.unwrap_or_default();
-            return Err(LookupError::from_status(status, "reading the manifest", &body));
+            return Err(LookupError::from_status(
+                status,
+                "reading the manifest",
+                &body,
+            ));
         }
         let digest = response
             .headers()
@@ -313,15 +366,26 @@ impl Registry {
         match digest {
             Some(d) => Ok(Some(d)),
             None => {
-                let body = response.bytes().await.map_err(|e| LookupError::from_reqwest(e, "reading the manifest"))?;
+                let body = response
+                    .bytes()
+                    .await
+                    .map_err(|e| LookupError::from_reqwest(e, "reading the manifest"))?;
                 use sha2::Digest;
-                Ok(Some(format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body)))))
+                Ok(Some(format!(
+                    "sha256:{}",
+                    hex::encode(sha2::Sha256::digest(&body))
+                )))
             }
         }
     }
 
     /// GET with the cached authorization; on 401 the authorization is renewed once.
-    async fn get(&self, path: &str, url: &str, accept: Option<String>) -> Result<reqwest::Response, LookupError> {
+    async fn get(
+        &self,
+        path: &str,
+        url: &str,
+        accept: Option<String>,
+    ) -> Result<reqwest::Response, LookupError> {
         for attempt in 0..2 {
             let authorization = self.authorization(path).await?;
             let mut request = self.http.get(url);
@@ -334,7 +398,10 @@ impl Registry {
                 Authorization::Bearer(t) => request.bearer_auth(t),
             };
             self.requests.inc();
-            let response = request.send().await.map_err(|e| LookupError::from_reqwest(e, "registry request"))?;
+            let response = request
+                .send()
+                .await
+                .map_err(|e| LookupError::from_reqwest(e, "registry request"))?;
             if response.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
                 self.authorizations.invalidate(path).await;
                 continue;
@@ -351,30 +418,48 @@ impl Registry {
             }
         }
         let session = self.current();
-        let reference = oci_client::Reference::with_tag(self.settings.host.clone(), path.to_string(), "latest".into());
+        let reference = oci_client::Reference::with_tag(
+            self.settings.host.clone(),
+            path.to_string(),
+            "latest".into(),
+        );
         self.requests.inc();
-        let token = session.oci.auth(&reference, &session.auth, RegistryOperation::Pull).await.map_err(|e| {
-            use oci_client::errors::OciDistributionError as E;
-            let kind = match &e {
-                E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => ErrorKind::Unauthorized,
-                E::RegistryTokenDecodeError(_) | E::JsonError(_) => ErrorKind::Garbage,
-                E::RequestError(r) if r.is_timeout() => ErrorKind::Timeout,
-                E::RequestError(r) if r.is_connect() => ErrorKind::Connect,
-                _ => ErrorKind::Other,
-            };
-            LookupError::new(kind, format!("authenticating: {}", error_chain(&e)))
-        })?;
+        let token = session
+            .oci
+            .auth(&reference, &session.auth, RegistryOperation::Pull)
+            .await
+            .map_err(|e| {
+                use oci_client::errors::OciDistributionError as E;
+                let kind = match &e {
+                    E::AuthenticationFailure(_) | E::UnauthorizedError { .. } => {
+                        ErrorKind::Unauthorized
+                    }
+                    E::RegistryTokenDecodeError(_) | E::JsonError(_) => ErrorKind::Garbage,
+                    E::RequestError(r) if r.is_timeout() => ErrorKind::Timeout,
+                    E::RequestError(r) if r.is_connect() => ErrorKind::Connect,
+                    _ => ErrorKind::Other,
+                };
+                LookupError::new(kind, format!("authenticating: {}", error_chain(&e)))
+            })?;
         let (authorization, lifetime) = match (token, &session.auth) {
             (Some(t), _) => {
                 let lifetime = jwt_lifetime(&t).unwrap_or(DEFAULT_TOKEN_LIFETIME);
                 (Authorization::Bearer(t), lifetime)
             }
-            (None, RegistryAuth::Basic(u, p)) => (Authorization::Basic(u.clone(), p.clone()), NON_TOKEN_LIFETIME),
+            (None, RegistryAuth::Basic(u, p)) => (
+                Authorization::Basic(u.clone(), p.clone()),
+                NON_TOKEN_LIFETIME,
+            ),
             (None, _) => (Authorization::None, NON_TOKEN_LIFETIME),
         };
         // Renew a little before the registry would refuse the token.
-        let expires = Instant::now() + lifetime.saturating_sub(Duration::from_secs(5)).max(Duration::from_secs(1));
-        self.authorizations.insert(path.to_string(), (authorization.clone(), expires)).await;
+        let expires = Instant::now()
+            + lifetime
+                .saturating_sub(Duration::from_secs(5))
+                .max(Duration::from_secs(1));
+        self.authorizations
+            .insert(path.to_string(), (authorization.clone(), expires))
+            .await;
         Ok(authorization)
     }
 
@@ -383,7 +468,8 @@ impl Registry {
         if link.starts_with('/') {
             return Some(format!("{}{link}", self.base()));
         }
-        link.starts_with(&format!("{}/", self.base())).then(|| link.to_string())
+        link.starts_with(&format!("{}/", self.base()))
+            .then(|| link.to_string())
     }
 }
 
@@ -415,9 +501,14 @@ fn jwt_lifetime(token: &str) -> Option<Duration> {
         exp: u64,
     }
     let payload = token.split('.').nth(1)?;
-    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(payload.trim_end_matches('=')).ok()?;
+    let raw = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(payload.trim_end_matches('='))
+        .ok()?;
     let claims: Claims = serde_json::from_slice(&raw).ok()?;
-    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).ok()?.as_secs();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()?
+        .as_secs();
     Some(Duration::from_secs(claims.exp.saturating_sub(now)))
 }
 
@@ -428,8 +519,14 @@ mod tests {
     #[test]
     fn link_table() {
         let table: &[(&str, Option<&str>)] = &[
-            (r#"</v2/a/tags/list?n=2&last=b>; rel="next""#, Some("/v2/a/tags/list?n=2&last=b")),
-            (r#"<https://r.example/v2/a/tags/list?last=b&n=2>;rel=next"#, Some("https://r.example/v2/a/tags/list?last=b&n=2")),
+            (
+                r#"</v2/a/tags/list?n=2&last=b>; rel="next""#,
+                Some("/v2/a/tags/list?n=2&last=b"),
+            ),
+            (
+                r#"<https://r.example/v2/a/tags/list?last=b&n=2>;rel=next"#,
+                Some("https://r.example/v2/a/tags/list?last=b&n=2"),
+            ),
             (r#"</x>; rel="prev", </y>; rel="next""#, Some("/y")),
             (r#"</x>; rel="prev""#, None),
             ("garbage", None),
@@ -442,8 +539,13 @@ mod tests {
 
     #[test]
     fn jwt_exp_is_read() {
-        let exp = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs() + 300;
-        let payload = base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{exp}}}"#));
+        let exp = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .unwrap()
+            .as_secs()
+            + 300;
+        let payload =
+            base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(format!(r#"{{"exp":{exp}}}"#));
         let life = jwt_lifetime(&format!("h.{payload}.s")).unwrap();
         assert!(life > Duration::from_secs(290) && life <= Duration::from_secs(300));
         assert_eq!(jwt_lifetime("opaque-token"), None);

@@ -40,7 +40,10 @@ async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let request = match parse_review(&body) {
         Ok(r) => r,
         Err(message) => {
-            state.admitter.metrics.admission(crate::decision::Outcome::Invalid);
+            state
+                .admitter
+                .metrics
+                .admission(crate::decision::Outcome::Invalid);
             warn!(error = %message, bytes = body.len(), "malformed AdmissionReview");
             return (StatusCode::BAD_REQUEST, message).into_response();
         }
@@ -48,7 +51,11 @@ async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
     let response = state.admitter.admit(&request).await;
     match review_json(response) {
         Ok(v) => Json(v).into_response(),
-        Err(e) => (StatusCode::INTERNAL_SERVER_ERROR, format!("cannot encode the AdmissionReview: {e}")).into_response(),
+        Err(e) => (
+            StatusCode::INTERNAL_SERVER_ERROR,
+            format!("cannot encode the AdmissionReview: {e}"),
+        )
+            .into_response(),
     }
 }
 
@@ -74,7 +81,9 @@ pub fn parse_review(body: &[u8]) -> Result<AdmissionRequest<DynamicObject>, Stri
             review.types.api_version, review.types.kind
         ));
     }
-    review.try_into().map_err(|_| "the AdmissionReview has no request".to_string())
+    review
+        .try_into()
+        .map_err(|_| "the AdmissionReview has no request".to_string())
 }
 
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
@@ -87,7 +96,10 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         state.admitter.metrics.render(),
     )
         .into_response()
@@ -105,8 +117,14 @@ mod tests {
         assert_eq!(parse_review(ok.as_bytes()).unwrap().uid, "u1");
         let bad: &[(&str, &str)] = &[
             ("not json", "not an AdmissionReview"),
-            (r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#, "no request"),
-            (r#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":null}"#, "expected apiVersion"),
+            (
+                r#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview"}"#,
+                "no request",
+            ),
+            (
+                r#"{"apiVersion":"admission.k8s.io/v1beta1","kind":"AdmissionReview","request":null}"#,
+                "expected apiVersion",
+            ),
         ];
         for (body, want) in bad {
             let e = parse_review(body.as_bytes()).unwrap_err();

@@ -48,7 +48,10 @@ impl SidecarSpec {
             name: name.to_string(),
             value: None,
             value_from: Some(EnvVarSource {
-                field_ref: Some(ObjectFieldSelector { field_path: path.to_string(), api_version: None }),
+                field_ref: Some(ObjectFieldSelector {
+                    field_path: path.to_string(),
+                    api_version: None,
+                }),
                 ..Default::default()
             }),
         };
@@ -77,8 +80,14 @@ impl SidecarSpec {
                 plain("SNAPSHOT_REPOSITORY", &target.repository()),
                 plain("SNAPSHOT_TAG_PREFIX", &target.tag_prefix),
                 plain("SNAPSHOT_BASE_IMAGE", original_image),
-                plain("SNAPSHOT_REGISTRY_PROTOCOL", self.registry_protocol.as_str()),
-                plain("SNAPSHOT_REGISTRY_CREDENTIALS", &format!("{CREDENTIALS_DIR}/{CREDENTIALS_FILE}")),
+                plain(
+                    "SNAPSHOT_REGISTRY_PROTOCOL",
+                    self.registry_protocol.as_str(),
+                ),
+                plain(
+                    "SNAPSHOT_REGISTRY_CREDENTIALS",
+                    &format!("{CREDENTIALS_DIR}/{CREDENTIALS_FILE}"),
+                ),
                 plain("SNAPSHOT_CONTAINERD_SOCKET", &self.containerd_socket),
                 plain("SNAPSHOT_CONTAINERD_NAMESPACE", &self.containerd_namespace),
                 plain("SNAPSHOT_LISTEN", &format!("0.0.0.0:{}", self.port)),

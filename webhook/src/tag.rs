@@ -27,12 +27,17 @@ pub fn split(tag: &str) -> Option<(&str, &str)> {
 /// The tag if it is a snapshot of `prefix`.
 pub fn owned_by(tag: &str, prefix: &str) -> Option<Snapshot> {
     let (p, digits) = split(tag)?;
-    (p == prefix).then(|| Snapshot { tag: tag.to_string(), timestamp: normalise(digits).to_string() })
+    (p == prefix).then(|| Snapshot {
+        tag: tag.to_string(),
+        timestamp: normalise(digits).to_string(),
+    })
 }
 
 /// The newest snapshot of `prefix` among `tags`, in any order.
 pub fn newest<'a>(tags: impl IntoIterator<Item = &'a str>, prefix: &str) -> Option<Snapshot> {
-    tags.into_iter().filter_map(|t| owned_by(t, prefix)).max_by(compare)
+    tags.into_iter()
+        .filter_map(|t| owned_by(t, prefix))
+        .max_by(compare)
 }
 
 /// Orders snapshots by timestamp as a number, then by tag text.
@@ -62,23 +67,58 @@ mod tests {
         let table: &[(&[&str], &str, Option<&str>)] = &[
             (&[], "alice", None),
             (&["latest", "4.1"], "alice", None),
-            (&["alice-1", "alice-2", "alice-10"], "alice", Some("alice-10")),
+            (
+                &["alice-1", "alice-2", "alice-10"],
+                "alice",
+                Some("alice-10"),
+            ),
             (&["alice-999", "alice-1000"], "alice", Some("alice-1000")),
             (&["alice-1000", "alice-999"], "alice", Some("alice-1000")),
             // the width of the timestamp changed over time (seconds, then nanoseconds)
-            (&["alice-1700000000", "alice-1700000000123456789", "alice-1800000000"], "alice", Some("alice-1700000000123456789")),
+            (
+                &[
+                    "alice-1700000000",
+                    "alice-1700000000123456789",
+                    "alice-1800000000",
+                ],
+                "alice",
+                Some("alice-1700000000123456789"),
+            ),
             // look-alike users never count
-            (&["alice-1-500", "alicex-900", "xalice-901", "alice-5"], "alice", Some("alice-5")),
+            (
+                &["alice-1-500", "alicex-900", "xalice-901", "alice-5"],
+                "alice",
+                Some("alice-5"),
+            ),
             (&["alice-1-500", "alice-5"], "alice-1", Some("alice-1-500")),
-            (&["alice-", "alice-abc", "alice-12a", "alice"], "alice", None),
+            (
+                &["alice-", "alice-abc", "alice-12a", "alice"],
+                "alice",
+                None,
+            ),
             // equal numbers: the tag text decides, whatever the order
             (&["alice-7", "alice-007"], "alice", Some("alice-7")),
             (&["alice-007", "alice-7"], "alice", Some("alice-7")),
             // longer than u128
-            (&["u-999999999999999999999999999999999999999999", "u-1000000000000000000000000000000000000000000"], "u", Some("u-1000000000000000000000000000000000000000000")),
-            (&["jdoe_40example.com-3", "jdoe-4"], "jdoe_40example.com", Some("jdoe_40example.com-3")),
+            (
+                &[
+                    "u-999999999999999999999999999999999999999999",
+                    "u-1000000000000000000000000000000000000000000",
+                ],
+                "u",
+                Some("u-1000000000000000000000000000000000000000000"),
+            ),
+            (
+                &["jdoe_40example.com-3", "jdoe-4"],
+                "jdoe_40example.com",
+                Some("jdoe_40example.com-3"),
+            ),
             // per-user layout: the prefix is the base tag
-            (&["4.1-100", "4.1-200", "4.2-300", "latest-400"], "4.1", Some("4.1-200")),
+            (
+                &["4.1-100", "4.1-200", "4.2-300", "latest-400"],
+                "4.1",
+                Some("4.1-200"),
+            ),
         ];
         for (tags, prefix, want) in table {
             let got = newest(tags.iter().copied(), prefix).map(|s| s.tag);

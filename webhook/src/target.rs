@@ -57,7 +57,10 @@ impl fmt::Display for NoTarget {
         match self {
             NoTarget::BadImage(e) => write!(f, "the graphical image is not a valid reference: {e}"),
             NoTarget::User(e) => write!(f, "the user id cannot be a registry name: {e}"),
-            NoTarget::NoBaseTag => write!(f, "the graphical image has a digest but no tag to build snapshot tags on"),
+            NoTarget::NoBaseTag => write!(
+                f,
+                "the graphical image has a digest but no tag to build snapshot tags on"
+            ),
         }
     }
 }
@@ -69,14 +72,25 @@ pub fn warm_up() {
 }
 
 /// Derives the target for `user_id` from the graphical container's `image`.
-pub fn derive(image: &str, registry: &str, layout: Layout, user_id: &str) -> Result<Target, NoTarget> {
-    let reference: Reference = image.parse().map_err(|e| NoTarget::BadImage(format!("{e}")))?;
+pub fn derive(
+    image: &str,
+    registry: &str,
+    layout: Layout,
+    user_id: &str,
+) -> Result<Target, NoTarget> {
+    let reference: Reference = image
+        .parse()
+        .map_err(|e| NoTarget::BadImage(format!("{e}")))?;
     let ours = reference.registry() == registry;
     let mut path = reference.repository().to_string();
     match layout {
         Layout::Shared => {
             let tag_prefix = userid::tag_prefix(user_id).map_err(NoTarget::User)?;
-            Ok(Target { registry: registry.to_string(), path, tag_prefix })
+            Ok(Target {
+                registry: registry.to_string(),
+                path,
+                tag_prefix,
+            })
         }
         Layout::PerUser => {
             let component = userid::repository_component(user_id).map_err(NoTarget::User)?;
@@ -94,7 +108,11 @@ pub fn derive(image: &str, registry: &str, layout: Layout, user_id: &str) -> Res
                     }
                 }
             }
-            Ok(Target { registry: registry.to_string(), path: format!("{component}/{path}"), tag_prefix: base_tag })
+            Ok(Target {
+                registry: registry.to_string(),
+                path: format!("{component}/{path}"),
+                tag_prefix: base_tag,
+            })
         }
     }
 }
@@ -134,7 +152,11 @@ mod tests {
             let got = derive(image, REG, *layout, user);
             match (got, want) {
                 (Ok(t), Ok((path, prefix))) => {
-                    assert_eq!((t.path.as_str(), t.tag_prefix.as_str()), (*path, *prefix), "{image}");
+                    assert_eq!(
+                        (t.path.as_str(), t.tag_prefix.as_str()),
+                        (*path, *prefix),
+                        "{image}"
+                    );
                     assert_eq!(t.registry, REG);
                 }
                 (Err(_), Err(())) => {}
@@ -146,7 +168,10 @@ mod tests {
     #[test]
     fn image_and_ownership() {
         let t = derive("abcdesktopio/oc.user:4.1", REG, Layout::Shared, "alice").unwrap();
-        assert_eq!(t.image("alice-5"), "registry.example.net/abcdesktopio/oc.user:alice-5");
+        assert_eq!(
+            t.image("alice-5"),
+            "registry.example.net/abcdesktopio/oc.user:alice-5"
+        );
         assert_eq!(t.repository(), "registry.example.net/abcdesktopio/oc.user");
         assert!(t.owns("alice-5"));
         assert!(!t.owns("alice-1-5"));

@@ -15,15 +15,21 @@ pub struct CertFiles {
 
 impl CertFiles {
     async fn read(&self) -> Result<(Vec<u8>, Vec<u8>)> {
-        let cert = tokio::fs::read(&self.cert).await.with_context(|| format!("reading {}", self.cert.display()))?;
-        let key = tokio::fs::read(&self.key).await.with_context(|| format!("reading {}", self.key.display()))?;
+        let cert = tokio::fs::read(&self.cert)
+            .await
+            .with_context(|| format!("reading {}", self.cert.display()))?;
+        let key = tokio::fs::read(&self.key)
+            .await
+            .with_context(|| format!("reading {}", self.key.display()))?;
         Ok((cert, key))
     }
 
     /// The rustls configuration from the files as they are now.
     pub async fn load(&self) -> Result<RustlsConfig> {
         let (cert, key) = self.read().await?;
-        RustlsConfig::from_pem(cert, key).await.context("the serving certificate or key is not usable")
+        RustlsConfig::from_pem(cert, key)
+            .await
+            .context("the serving certificate or key is not usable")
     }
 
     /// Checks the files every `interval` and swaps the certificate when they changed
@@ -45,12 +51,17 @@ impl CertFiles {
             if last.as_ref() == Some(&current) {
                 continue;
             }
-            match config.reload_from_pem(current.0.clone(), current.1.clone()).await {
+            match config
+                .reload_from_pem(current.0.clone(), current.1.clone())
+                .await
+            {
                 Ok(()) => {
                     info!(cert = %self.cert.display(), "serving certificate reloaded");
                     last = Some(current);
                 }
-                Err(e) => warn!(error = %e, "the new serving certificate is not usable yet; keeping the one in service"),
+                Err(e) => {
+                    warn!(error = %e, "the new serving certificate is not usable yet; keeping the one in service")
+                }
             }
         }
     }

@@ -65,7 +65,10 @@ pub fn tag_prefix(user_id: &str) -> Result<String, Unmappable> {
         }
     }
     if out.len() > MAX_PREFIX_LEN {
-        return Err(Unmappable::TooLong { mapped_len: out.len(), max: MAX_PREFIX_LEN });
+        return Err(Unmappable::TooLong {
+            mapped_len: out.len(),
+            max: MAX_PREFIX_LEN,
+        });
     }
     Ok(out)
 }
@@ -105,7 +108,10 @@ pub fn repository_component(user_id: &str) -> Result<String, Unmappable> {
         s
     };
     if out.len() > MAX_COMPONENT_LEN {
-        return Err(Unmappable::TooLong { mapped_len: out.len(), max: MAX_COMPONENT_LEN });
+        return Err(Unmappable::TooLong {
+            mapped_len: out.len(),
+            max: MAX_COMPONENT_LEN,
+        });
     }
     Ok(out)
 }
@@ -154,7 +160,11 @@ mod tests {
             ("", Err(Unmappable::Empty)),
         ];
         for (id, want) in table {
-            assert_eq!(tag_prefix(id).as_deref(), want.as_ref().map(|s| *s), "{id:?}");
+            assert_eq!(
+                tag_prefix(id).as_deref(),
+                want.as_ref().map(|s| *s),
+                "{id:?}"
+            );
         }
         let long = "x".repeat(MAX_PREFIX_LEN + 1);
         assert!(matches!(tag_prefix(&long), Err(Unmappable::TooLong { .. })));
@@ -184,7 +194,8 @@ mod tests {
         let b = p.as_bytes();
         !b.is_empty()
             && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
-            && b.iter().all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
+            && b.iter()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, b'_' | b'.' | b'-'))
     }
 
     proptest! {

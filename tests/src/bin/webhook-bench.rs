@@ -44,19 +44,39 @@ async fn main() {
         "workload", "max adm/s", "at adm/s", "p50 ms", "p99 ms", "max ms", "req/lookup"
     );
     run("htpasswd", Registry::start().await, true).await;
-    run("token", Registry::start_with(Auth::Token { lifetime_secs: 3600 }).await, false).await;
+    run(
+        "token",
+        Registry::start_with(Auth::Token {
+            lifetime_secs: 3600,
+        })
+        .await,
+        false,
+    )
+    .await;
 }
 
 /// The workloads against one registry; `all` adds the no-lookup and cold ones.
 async fn run(auth: &str, registry: Registry, all: bool) {
     let users: Vec<String> = (0..USERS).map(|i| format!("{}", 10_000_000 + i)).collect();
-    let tags: Vec<String> = users.iter().flat_map(|u| [format!("{u}-1700000000000000000"), format!("{u}-1700000001000000000")]).collect();
+    let tags: Vec<String> = users
+        .iter()
+        .flat_map(|u| {
+            [
+                format!("{u}-1700000000000000000"),
+                format!("{u}-1700000001000000000"),
+            ]
+        })
+        .collect();
     let tag_refs: Vec<&str> = tags.iter().map(String::as_str).collect();
     registry.push_tags(REPO, &tag_refs).await;
     let creds = registry.dir.path().join("dockerconfig.json");
     registry.write_dockerconfigjson(&creds, USER, PASSWORD);
     let ca = registry.ca_path();
-    let access = || RegistryAccess { host: &registry.host, ca: Some(&ca), credentials: Some(&creds) };
+    let access = || RegistryAccess {
+        host: &registry.host,
+        ca: Some(&ca),
+        credentials: Some(&creds),
+    };
 
     let body = |user: &str, annotations: serde_json::Value| {
         let mut pod = desktop_pod(user, IMAGE);
@@ -87,7 +107,10 @@ async fn run(auth: &str, registry: Registry, all: bool) {
         workloads.push(Workload {
             name: "no lookup (opt-out: sidecar only)".to_string(),
             rate: RATE,
-            bodies: users.iter().map(|u| body(u, json!({"snapshot.abcdesktop.io/restore": "false"}))).collect(),
+            bodies: users
+                .iter()
+                .map(|u| body(u, json!({"snapshot.abcdesktop.io/restore": "false"})))
+                .collect(),
         });
     }
 
@@ -104,7 +127,11 @@ async fn run(auth: &str, registry: Registry, all: bool) {
         let latency = open_loop(&client, &url, &w.bodies, w.rate).await;
         let after = counters(&webhook).await;
         let lookups = after.1 - before.1;
-        let per_lookup = if lookups > 0.0 { format!("{:.2}", (after.0 - before.0) / lookups) } else { "-".into() };
+        let per_lookup = if lookups > 0.0 {
+            format!("{:.2}", (after.0 - before.0) / lookups)
+        } else {
+            "-".into()
+        };
         println!(
             "{:<44} {:>9.0} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>10}",
             w.name,
@@ -130,7 +157,12 @@ async fn run(auth: &str, registry: Registry, all: bool) {
         let client = webhook.client();
         send(&client, &webhook.url("/healthz"), Vec::new()).await;
         let started = Instant::now();
-        send(&client, &webhook.url("/mutate"), workloads[0].bodies[i as usize].clone()).await;
+        send(
+            &client,
+            &webhook.url("/mutate"),
+            workloads[0].bodies[i as usize].clone(),
+        )
+        .await;
         cold.record(started.elapsed().as_micros() as u64).ok();
         cold_requests += counters(&webhook).await.0;
     }
@@ -148,14 +180,22 @@ async fn run(auth: &str, registry: Registry, all: bool) {
 
 /// (registry requests, lookups) so far.
 async fn counters(webhook: &Webhook) -> (f64, f64) {
-    let requests = webhook.metric("snapshot_webhook_registry_requests_total").await;
+    let requests = webhook
+        .metric("snapshot_webhook_registry_requests_total")
+        .await;
     let misses = webhook.metric("snapshot_webhook_cache_misses_total").await;
-    let coalesced = webhook.metric("snapshot_webhook_cache_hits_total{kind=\"coalesced\"}").await;
+    let coalesced = webhook
+        .metric("snapshot_webhook_cache_hits_total{kind=\"coalesced\"}")
+        .await;
     (requests, misses + coalesced)
 }
 
 async fn send(client: &reqwest::Client, url: &str, body: Vec<u8>) {
-    let r = if body.is_empty() { client.get(url).send().await } else { client.post(url).body(body).send().await };
+    let r = if body.is_empty() {
+        client.get(url).send().await
+    } else {
+        client.post(url).body(body).send().await
+    };
     match r {
         Ok(r) if r.status().is_success() => {
             let _ = r.bytes().await;
@@ -175,18 +215,32 @@ async fn closed_loop(client: &reqwest::Client, url: &str, bodies: &[Vec<u8>]) ->
         tokio::spawn(async move {
             let mut n = 0usize;
             while Instant::now() < deadline {
-                send(&client, &url, bodies[(w + n * CONCURRENCY) % bodies.len()].clone()).await;
+                send(
+                    &client,
+                    &url,
+                    bodies[(w + n * CONCURRENCY) % bodies.len()].clone(),
+                )
+                .await;
                 n += 1;
             }
             n
         })
     });
-    let done: usize = futures::future::join_all(workers).await.into_iter().map(|r| r.expect("worker")).sum();
+    let done: usize = futures::future::join_all(workers)
+        .await
+        .into_iter()
+        .map(|r| r.expect("worker"))
+        .sum();
     done as f64 / started.elapsed().as_secs_f64()
 }
 
 /// Latency at RATE admissions per second, from each request's scheduled time.
-async fn open_loop(client: &reqwest::Client, url: &str, bodies: &[Vec<u8>], rate: u64) -> Histogram<u64> {
+async fn open_loop(
+    client: &reqwest::Client,
+    url: &str,
+    bodies: &[Vec<u8>],
+    rate: u64,
+) -> Histogram<u64> {
     let total = rate * SECONDS;
     let interval = Duration::from_nanos(1_000_000_000 / rate);
     let start = tokio::time::Instant::now();
@@ -194,7 +248,11 @@ async fn open_loop(client: &reqwest::Client, url: &str, bodies: &[Vec<u8>], rate
     for i in 0..total {
         let scheduled = start + interval * i as u32;
         tokio::time::sleep_until(scheduled).await;
-        let (client, url, body) = (client.clone(), url.to_string(), bodies[i as usize % bodies.len()].clone());
+        let (client, url, body) = (
+            client.clone(),
+            url.to_string(),
+            bodies[i as usize % bodies.len()].clone(),
+        );
         tasks.push(tokio::spawn(async move {
             send(&client, &url, body).await;
             scheduled.elapsed().as_micros() as u64
