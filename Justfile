@@ -22,10 +22,11 @@ test: deps build manifests-check
 demo: deps build
     bash scripts/demo.sh
 
-# Measure admissions/s and latency over TLS (release build), and print the figures.
+# Measure the webhook (admissions/s, latency) and the sidecar (MB/s, RSS, vs stock tools), release build.
 bench: deps
-    cargo build --release --locked -p snapshot-webhook -p snapshot-tests --bins
+    cargo build --release --locked --workspace --bins
     ./target/release/webhook-bench
+    ./target/release/sidecar-bench
 
 # Make a CA and the webhook's serving certificate, and fill the caBundle into the manifests.
 certs service="snapshot-webhook" namespace="desktop-snapshot" out=".certs":

@@ -352,7 +352,7 @@ fn base_layer() -> Result<Vec<u8>> {
     file("opt/base/keep", 0o644, b"kept\n")?;
     for applet in [
         "sh", "sleep", "cat", "ls", "rm", "mkdir", "echo", "dd", "touch", "mv", "head", "sync",
-        "true",
+        "true", "yes", "seq", "cp", "find", "wc",
     ] {
         let mut h = tar::Header::new_gnu();
         h.set_entry_type(tar::EntryType::Symlink);

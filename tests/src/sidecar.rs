@@ -162,6 +162,10 @@ impl Sidecar {
         self.wait(&id).await
     }
 
+    pub fn pid(&self) -> Option<u32> {
+        self.child.id()
+    }
+
     pub async fn stop(mut self) {
         let _ = self.child.kill().await;
     }

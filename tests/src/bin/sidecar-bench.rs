@@ -1,0 +1,297 @@
+//! `just bench` (sidecar part): commit-and-push throughput and peak memory of
+//! snapshot-sidecar, next to the same work done with stock tools
+//! (`ctr snapshots diff`, containerd's own gzip, then `skopeo copy`), on the
+//! same change sets, against the same containerd and registry.
+//!
+//! Change sets: `large` is about 1 GiB written in the container (half
+//! compressible text, half random); `small` is 1 MiB changed on a root
+//! filesystem that already holds 20,000 files.
+
+use harness::{
+    containerd::Containerd,
+    registry::{Registry, PASSWORD, USER},
+    sidecar::{Sidecar, Target},
+};
+use std::time::{Duration, Instant};
+
+const REPO: &str = "abcdesktopio/oc.user.test";
+
+#[tokio::main]
+async fn main() {
+    harness::init_crypto();
+    let containerd = Containerd::start().await;
+    containerd.import_base_image().await;
+    let registry = Registry::start().await;
+    let creds = registry.dir.path().join("dockerconfig.json");
+    registry.write_dockerconfigjson(&creds, USER, PASSWORD);
+
+    let large_mib = std::env::var("BENCH_LARGE_MIB")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(1024u64);
+    let half = large_mib / 2;
+    containerd
+        .run_desktop("large", "pod-large", "1-large", "x-graphical")
+        .await;
+    containerd
+        .exec(
+            "large",
+            &format!(
+                "yes 'the quick brown fox jumps over the lazy desktop user 0123456789' | head -c {} > /root/text && \
+                 dd if=/dev/urandom of=/root/random bs=1048576 count={half} 2>/dev/null && sync",
+                half * 1024 * 1024
+            ),
+        )
+        .await;
+    containerd
+        .run_desktop("small", "pod-small", "1-small", "x-graphical")
+        .await;
+    containerd
+        .exec(
+            "small",
+            "mkdir -p /usr/share/big && cd /usr/share/big && for d in $(seq 1 100); do mkdir $d; for f in $(seq 1 200); do echo $d-$f > $d/$f; done; done",
+        )
+        .await;
+    // the 20,000 files become part of the image the small change is made on:
+    // snapshot them, start a desktop from that snapshot, change 1 MiB in it
+    let ca = registry.ca_path();
+    let prep = Sidecar::start_with(
+        target(&containerd, &registry, &ca, &creds, "pod-small", "prep"),
+        None,
+        &[("RUST_LOG", "warn")],
+    )
+    .await;
+    let steps = prep.snapshot().await;
+    assert_eq!(
+        steps.last().map(String::as_str),
+        Some("done"),
+        "{steps:?}\n{}",
+        prep.log()
+    );
+    prep.stop().await;
+    let prep_tag = registry
+        .tags(REPO)
+        .await
+        .into_iter()
+        .find(|t| t.starts_with("prep-"))
+        .expect("the prepared image");
+    let large_rootfs = format!("{}/{REPO}:{prep_tag}", registry.host);
+    containerd.pull(&large_rootfs, &registry).await;
+    containerd
+        .run_desktop_from(
+            &large_rootfs,
+            "small2",
+            "pod-small2",
+            "1-small2",
+            "x-graphical",
+        )
+        .await;
+    containerd
+        .exec(
+            "small2",
+            "dd if=/dev/urandom of=/root/one-mib bs=1048576 count=1 2>/dev/null && sync",
+        )
+        .await;
+
+    println!(
+        "snapshot-sidecar benchmark: {large_mib} MiB large change set, {} cores, containerd {}, registry on loopback over TLS",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        containerd.ctr(&["version"]).await.unwrap_or_default().lines().find(|l| l.trim_start().starts_with("Version")).unwrap_or("").trim()
+    );
+    println!(
+        "{:<36} {:>9} {:>10} {:>10} {:>12}",
+        "run", "seconds", "MB/s", "peak RSS", "vs stock"
+    );
+
+    for (set, container, mib) in [("large", "large", large_mib), ("small", "small2", 1)] {
+        let stock = stock(&containerd, &registry, container).await;
+        println!(
+            "{:<36} {:>9.2} {:>10.1} {:>10} {:>12}",
+            format!("{set}: ctr diff + skopeo copy"),
+            stock,
+            mib as f64 / stock,
+            "-",
+            "1.00"
+        );
+        for codec in ["gzip", "zstd"] {
+            let sidecar = Sidecar::start_with(
+                target(
+                    &containerd,
+                    &registry,
+                    &ca,
+                    &creds,
+                    &format!("pod-{container}"),
+                    &format!("{set}-{codec}"),
+                ),
+                None,
+                &[("SNAPSHOT_COMPRESSION", codec), ("RUST_LOG", "warn")],
+            )
+            .await;
+            let started = Instant::now();
+            let steps = sidecar.snapshot().await;
+            let seconds = started.elapsed().as_secs_f64();
+            assert_eq!(
+                steps.last().map(String::as_str),
+                Some("done"),
+                "{steps:?}\n{}",
+                sidecar.log()
+            );
+            let rss = peak_rss_mib(sidecar.pid());
+            println!(
+                "{:<36} {:>9.2} {:>10.1} {:>9.0}M {:>11.2}x",
+                format!("{set}: snapshot-sidecar {codec}"),
+                seconds,
+                mib as f64 / seconds,
+                rss,
+                stock / seconds
+            );
+            sidecar.stop().await;
+        }
+    }
+    containerd.stop().await;
+}
+
+fn target<'a>(
+    containerd: &'a Containerd,
+    registry: &'a Registry,
+    ca: &'a std::path::Path,
+    creds: &'a std::path::Path,
+    pod_uid: &'a str,
+    prefix: &'a str,
+) -> Target<'a> {
+    Target {
+        containerd,
+        pod_uid,
+        registry_host: &registry.host,
+        registry_ca: Some(ca),
+        credentials: Some(creds),
+        repository_path: REPO,
+        tag_prefix: prefix,
+    }
+}
+
+/// The stock tools' time for the same work: diff with containerd's gzip, take the
+/// blob out, write an OCI layout around it, push with skopeo.
+async fn stock(containerd: &Containerd, registry: &Registry, container: &str) -> f64 {
+    let info: serde_json::Value = serde_json::from_str(
+        &containerd
+            .ctr(&["containers", "info", container])
+            .await
+            .expect("container info"),
+    )
+    .expect("json");
+    let key = info["SnapshotKey"]
+        .as_str()
+        .expect("snapshot key")
+        .to_string();
+    let started = Instant::now();
+    let dir = tempfile::tempdir().expect("temp dir");
+    let layout = dir.path().join("oci");
+    std::fs::create_dir_all(layout.join("blobs/sha256")).expect("layout");
+    // ctr writes the gzip layer containerd made to stdout
+    let raw = dir.path().join("layer.tar.gz");
+    let diff = tokio::process::Command::new("ctr")
+        .arg("--address")
+        .arg(&containerd.socket)
+        .args([
+            "--namespace",
+            &containerd.namespace,
+            "snapshots",
+            "--snapshotter",
+            "overlayfs",
+            "diff",
+        ])
+        .args([
+            "--media-type",
+            "application/vnd.oci.image.layer.v1.tar+gzip",
+            &key,
+        ])
+        .stdout(std::fs::File::create(&raw).expect("layer file"))
+        .status()
+        .await
+        .expect("ctr snapshots diff");
+    assert!(diff.success(), "ctr snapshots diff failed");
+    let digest = {
+        use sha2::Digest;
+        let mut hasher = sha2::Sha256::new();
+        let mut f = std::fs::File::open(&raw).expect("layer");
+        std::io::copy(&mut f, &mut hasher).expect("hashing the layer");
+        format!("sha256:{}", hex::encode(hasher.finalize()))
+    };
+    let layer_path = layout
+        .join("blobs/sha256")
+        .join(digest.trim_start_matches("sha256:"));
+    std::fs::rename(&raw, &layer_path).expect("moving the layer");
+    let size = std::fs::metadata(&layer_path).map(|m| m.len()).unwrap_or(0);
+    let config = serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}})).unwrap();
+    let cfg_digest = sha256(&config);
+    std::fs::write(layout.join("blobs/sha256").join(&cfg_digest[7..]), &config).unwrap();
+    let manifest = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_digest, "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size}]}))
+    .unwrap();
+    let man_digest = sha256(&manifest);
+    std::fs::write(
+        layout.join("blobs/sha256").join(&man_digest[7..]),
+        &manifest,
+    )
+    .unwrap();
+    std::fs::write(
+        layout.join("oci-layout"),
+        br#"{"imageLayoutVersion":"1.0.0"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        layout.join("index.json"),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": man_digest, "size": manifest.len()}]})).unwrap(),
+    )
+    .unwrap();
+    let certs = dir.path().join("certs");
+    std::fs::create_dir_all(&certs).unwrap();
+    std::fs::copy(registry.ca_path(), certs.join("ca.crt")).unwrap();
+    let status = tokio::process::Command::new("skopeo")
+        .args([
+            "copy",
+            "-q",
+            "--dest-creds",
+            &format!("{USER}:{PASSWORD}"),
+            "--dest-cert-dir",
+        ])
+        .arg(&certs)
+        .arg(format!("oci:{}", layout.display()))
+        .arg(format!(
+            "docker://{}/{REPO}:stock-{container}",
+            registry.host
+        ))
+        .status()
+        .await
+        .expect("skopeo");
+    assert!(status.success(), "skopeo copy failed");
+    let seconds = started.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    seconds
+}
+
+fn sha256(data: &[u8]) -> String {
+    use sha2::Digest;
+    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+}
+
+/// Peak resident memory of a process (VmHWM), in MiB.
+fn peak_rss_mib(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return 0.0 };
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmHWM:"))
+                .map(String::from)
+        })
+        .and_then(|l| {
+            l.split_whitespace()
+                .nth(1)
+                .and_then(|kb| kb.parse::<f64>().ok())
+        })
+        .map(|kb| kb / 1024.0)
+        .unwrap_or(0.0)
+}
