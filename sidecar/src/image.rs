@@ -47,6 +47,18 @@ pub fn read_stream(
     .flatten()
 }
 
+/// Whether the node's content store holds `digest`.
+pub async fn in_content_store(ctrd: &Ctrd, digest: &str) -> bool {
+    use containerd_client::services::v1::InfoRequest;
+    ctrd.client
+        .content()
+        .info(ctrd.req(InfoRequest {
+            digest: digest.to_string(),
+        }))
+        .await
+        .is_ok()
+}
+
 /// A small blob of the content store, whole.
 pub async fn read_all(ctrd: &Ctrd, digest: &str) -> Result<Vec<u8>> {
     let mut out = Vec::new();

@@ -26,6 +26,10 @@ use tracing::info;
 pub struct Registry {
     client: Client,
     auth: RegistryAuth,
+    /// The credentials document, for the base image's registry when it is another one.
+    credentials: Option<Vec<u8>>,
+    extra_roots: Vec<Certificate>,
+    protocol: Protocol,
 }
 
 impl Registry {
@@ -37,35 +41,98 @@ impl Registry {
         credentials: Option<&Path>,
     ) -> Result<Self> {
         let host = repository.split('/').next().unwrap_or(repository);
-        let auth = match credentials {
-            Some(path) => {
-                let doc = tokio::fs::read(path)
+        let document = match credentials {
+            Some(path) => Some(
+                tokio::fs::read(path)
                     .await
-                    .with_context(|| format!("reading {}", path.display()))?;
-                registry_credentials::auth_for(&doc, host)
-                    .with_context(|| format!("reading {}", path.display()))?
-            }
+                    .with_context(|| format!("reading {}", path.display()))?,
+            ),
+            None => None,
+        };
+        let auth = match &document {
+            Some(doc) => registry_credentials::auth_for(doc, host)
+                .context("reading the registry credentials")?,
             None => RegistryAuth::Anonymous,
         };
-        let mut extra = Vec::new();
+        let mut extra_roots = Vec::new();
         if let Some(ca) = ca {
-            let data = tokio::fs::read(ca)
+            let data = tokio::fs::read_to_string(ca)
                 .await
                 .with_context(|| format!("reading {}", ca.display()))?;
-            extra.push(Certificate {
-                encoding: CertificateEncoding::Pem,
-                data,
-            });
+            // one certificate per PEM block: a bundle may trust several registries
+            for block in data.split_inclusive("-----END CERTIFICATE-----") {
+                if block.contains("-----BEGIN CERTIFICATE-----") {
+                    extra_roots.push(Certificate {
+                        encoding: CertificateEncoding::Pem,
+                        data: block.trim().as_bytes().to_vec(),
+                    });
+                }
+            }
         }
-        let client = Client::new(ClientConfig {
-            protocol: match protocol {
-                Protocol::Https => ClientProtocol::Https,
-                Protocol::Http => ClientProtocol::Http,
-            },
-            extra_root_certificates: extra,
-            ..Default::default()
-        });
-        Ok(Self { client, auth })
+        let client = Client::new(client_config(protocol, &extra_roots));
+        Ok(Self {
+            client,
+            auth,
+            credentials: document,
+            extra_roots,
+            protocol,
+        })
+    }
+
+    /// Puts one base layer in the target repository: mounted from the base image's
+    /// repository when both are on this registry, else streamed from the node's
+    /// content store, else from the base image's registry.
+    async fn upload_base_layer(
+        &self,
+        ctrd: &Ctrd,
+        target: &Reference,
+        base: Option<&Reference>,
+        digest: &str,
+        size: Option<u64>,
+    ) -> Result<()> {
+        if let Some(source) = base.filter(|b| b.resolve_registry() == target.resolve_registry()) {
+            if self.client.mount_blob(target, source, digest).await.is_ok() {
+                info!(digest, from = %source.repository(), "base layer mounted");
+                return Ok(());
+            }
+        }
+        if image::in_content_store(ctrd, digest).await {
+            info!(
+                digest,
+                "uploading a base layer from the node's content store"
+            );
+            let stream = image::read_stream(ctrd, digest).map_err(to_oci);
+            self.client
+                .push_blob_stream(target, stream, digest, size)
+                .await
+                .with_context(|| format!("uploading base layer {digest}"))?;
+            return Ok(());
+        }
+        let source = base.with_context(|| {
+            format!("base layer {digest} is neither on the node nor in a known registry")
+        })?;
+        info!(digest, from = %source.whole(), "streaming a base layer from the base image's registry");
+        let from = Client::new(client_config(self.protocol, &self.extra_roots));
+        let auth = match &self.credentials {
+            Some(doc) => registry_credentials::auth_for(doc, source.resolve_registry())
+                .unwrap_or(RegistryAuth::Anonymous),
+            None => RegistryAuth::Anonymous,
+        };
+        from.auth(source, &auth, RegistryOperation::Pull)
+            .await
+            .with_context(|| format!("logging in to {}", source.resolve_registry()))?;
+        let pulled = from
+            .pull_blob_stream(source, digest)
+            .await
+            .with_context(|| format!("downloading base layer {digest} from {}", source.whole()))?;
+        let stream = pulled
+            .stream
+            .map_err(oci_client::errors::OciDistributionError::IoError);
+        self.client
+            .push_blob_stream(target, stream, digest, size)
+            .await
+            .with_context(|| format!("uploading base layer {digest}"))?;
+        Ok(())
     }
 
     /// Authenticates for pushing to `target` (checks the credentials early).
@@ -78,10 +145,12 @@ impl Registry {
     }
 
     /// Pushes the snapshot; returns the manifest digest.
+    #[allow(clippy::too_many_arguments)]
     pub async fn push(
         &self,
         ctrd: &Ctrd,
         target: &Reference,
+        base_image: Option<&Reference>,
         base: &image::Base,
         layer_diff_id: &str,
         compression: (Codec, usize),
@@ -103,15 +172,8 @@ impl Registry {
             {
                 continue;
             }
-            info!(
-                digest,
-                "uploading a base layer from the node's content store"
-            );
-            let stream = image::read_stream(ctrd, digest).map_err(to_oci);
-            self.client
-                .push_blob_stream(target, stream, digest, size)
-                .await
-                .with_context(|| format!("uploading base layer {digest}"))?;
+            self.upload_base_layer(ctrd, target, base_image, digest, size)
+                .await?;
         }
 
         // The user's changes: uncompressed from containerd, compressed on the way.
@@ -163,6 +225,17 @@ impl Registry {
             "sha256:{}",
             hex::encode(sha2::Sha256::digest(&manifest_bytes))
         ))
+    }
+}
+
+fn client_config(protocol: Protocol, roots: &[Certificate]) -> ClientConfig {
+    ClientConfig {
+        protocol: match protocol {
+            Protocol::Https => ClientProtocol::Https,
+            Protocol::Http => ClientProtocol::Http,
+        },
+        extra_root_certificates: roots.to_vec(),
+        ..Default::default()
     }
 }
 

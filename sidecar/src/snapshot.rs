@@ -105,6 +105,7 @@ async fn generate_and_push(
         .push(
             ctrd,
             &target,
+            container.image.parse().ok().as_ref(),
             &base,
             &layer.digest,
             (config.compression, config.compression_threads),

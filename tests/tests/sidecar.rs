@@ -386,3 +386,104 @@ async fn zstd_snapshots_restore_too() {
     sidecar.stop().await;
     s.containerd.stop().await;
 }
+
+/// Base layers the target repository lacks: mounted within one registry, and
+/// streamed from the base image's registry when the node no longer has them.
+#[tokio::test]
+async fn base_layers_are_mounted_or_streamed_from_the_base_registry() {
+    use base64::Engine;
+    let s = Setup::new().await;
+    s.containerd
+        .exec("desk-a", "echo first > /root/first.txt")
+        .await;
+    let sidecar = Sidecar::start(s.target()).await;
+    assert_eq!(
+        sidecar.snapshot().await.last().map(String::as_str),
+        Some("done")
+    );
+    sidecar.stop().await;
+    let tag = s.snapshot_tags().await.remove(0);
+    let image = format!("{}/{REPO}:{tag}", s.registry.host);
+    s.containerd.pull(&image, &s.registry).await;
+    s.containerd
+        .run_desktop_from(&image, "desk-c", "pod-c", "1-c", "x-graphical")
+        .await;
+    s.containerd
+        .exec("desk-c", "echo third > /root/third.txt")
+        .await;
+
+    // same registry, another repository: mounted, not uploaded
+    let mut per_user = s.target();
+    per_user.pod_uid = "pod-c";
+    per_user.repository_path = "alice/abcdesktopio/oc.user.test";
+    let sidecar = Sidecar::start(per_user).await;
+    assert_eq!(
+        sidecar.snapshot().await.last().map(String::as_str),
+        Some("done"),
+        "{}",
+        sidecar.log()
+    );
+    assert!(
+        sidecar.log().contains("base layer mounted"),
+        "{}",
+        sidecar.log()
+    );
+    assert!(
+        !sidecar.log().contains("uploading a base layer"),
+        "{}",
+        sidecar.log()
+    );
+    sidecar.stop().await;
+
+    // the node lost the base layers; the target is another registry: streamed from the first
+    let client = s.registry.oci_client();
+    let auth = oci_client::secrets::RegistryAuth::Basic(USER.into(), PASSWORD.into());
+    let reference: oci_client::Reference = image.parse().unwrap();
+    let (manifest, _) = client.pull_image_manifest(&reference, &auth).await.unwrap();
+    for layer in &manifest.layers {
+        s.containerd
+            .ctr(&["content", "rm", &layer.digest])
+            .await
+            .unwrap();
+    }
+    let other = Registry::start().await;
+    let both = s.registry.dir.path().join("both.json");
+    let b64 = base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"));
+    let entry = serde_json::json!({"username": USER, "password": PASSWORD, "auth": b64});
+    std::fs::write(&both, serde_json::json!({"auths": {s.registry.host.clone(): entry.clone(), other.host.clone(): entry}}).to_string()).unwrap();
+    let bundle = s.registry.dir.path().join("bundle.crt");
+    std::fs::write(&bundle, format!("{}{}", s.registry.ca_pem, other.ca_pem)).unwrap();
+    let bundle_path: &'static std::path::Path = bundle.leak();
+    let sidecar = Sidecar::start(Target {
+        containerd: &s.containerd,
+        pod_uid: "pod-c",
+        registry_host: &other.host,
+        registry_ca: Some(bundle_path),
+        credentials: Some(&both),
+        repository_path: REPO,
+        tag_prefix: "alice",
+    })
+    .await;
+    assert_eq!(
+        sidecar.snapshot().await.last().map(String::as_str),
+        Some("done"),
+        "{}",
+        sidecar.log()
+    );
+    assert!(
+        sidecar
+            .log()
+            .contains("streaming a base layer from the base image's registry"),
+        "{}",
+        sidecar.log()
+    );
+    let tags: Vec<String> = other.tags(REPO).await;
+    let restored = layers(&other, REPO, &tags[0]).await;
+    assert_eq!(restored.len(), 3, "base, first snapshot, new layer");
+    assert!(
+        file(&restored[1], "root/first.txt").is_some()
+            && file(&restored[2], "root/third.txt").is_some()
+    );
+    sidecar.stop().await;
+    s.containerd.stop().await;
+}
