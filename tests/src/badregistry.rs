@@ -105,3 +105,105 @@ impl Drop for BadRegistry {
         }
     }
 }
+
+/// A TLS proxy in front of a real registry that forwards everything but the
+/// requests `fail` picks, which get 500: a registry failing in the middle of a
+/// push, which a real one cannot be made to do on demand.
+pub struct FailingProxy {
+    pub host: String,
+    pub dir: tempfile::TempDir,
+    handle: axum_server::Handle<SocketAddr>,
+}
+
+impl FailingProxy {
+    pub async fn start(upstream: &crate::registry::Registry, fail: fn(&str, &str) -> bool) -> Self {
+        use axum::{body::Bytes, extract::Request};
+        crate::init_crypto();
+        let dir = tempfile::tempdir().expect("temp dir");
+        let authority = Authority::new("proxy CA", 2).expect("CA");
+        std::fs::write(dir.path().join("ca.crt"), &authority.cert_pem).expect("ca.crt");
+        let serving = authority
+            .serving(&["127.0.0.1".into()], 2)
+            .expect("serving cert");
+        let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
+            serving.cert_pem.into_bytes(),
+            serving.key_pem.into_bytes(),
+        )
+        .await
+        .expect("TLS config");
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
+        listener.set_nonblocking(true).expect("nonblocking");
+        let host = listener.local_addr().expect("addr").to_string();
+        let client = upstream.http_client();
+        let (up, me) = (upstream.host.clone(), host.clone());
+        let app = Router::new().fallback(any(move |request: Request| {
+            let (client, up, me) = (client.clone(), up.clone(), me.clone());
+            async move {
+                let method = request.method().as_str().to_string();
+                let path = request
+                    .uri()
+                    .path_and_query()
+                    .map(|p| p.to_string())
+                    .unwrap_or_default();
+                if fail(&method, &path) {
+                    return (
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        r#"{"errors":[{"code":"UNKNOWN","message":"disk full"}]}"#,
+                    )
+                        .into_response();
+                }
+                let headers = request.headers().clone();
+                let body: Bytes = axum::body::to_bytes(request.into_body(), usize::MAX)
+                    .await
+                    .unwrap_or_default();
+                let mut forward = client.request(
+                    method.parse().expect("method"),
+                    format!("https://{up}{path}"),
+                );
+                for (k, v) in headers
+                    .iter()
+                    .filter(|(k, _)| *k != "host" && *k != "content-length")
+                {
+                    forward = forward.header(k.as_str(), v.as_bytes());
+                }
+                match forward.body(body).send().await {
+                    Ok(r) => {
+                        let status = StatusCode::from_u16(r.status().as_u16())
+                            .unwrap_or(StatusCode::BAD_GATEWAY);
+                        let mut out = axum::http::HeaderMap::new();
+                        for (k, v) in r.headers() {
+                            let v = v.to_str().unwrap_or_default().replace(&up, &me);
+                            if let (Ok(k), Ok(v)) = (
+                                axum::http::HeaderName::from_bytes(k.as_str().as_bytes()),
+                                v.parse(),
+                            ) {
+                                out.insert(k, v);
+                            }
+                        }
+                        let body = r.bytes().await.unwrap_or_default();
+                        (status, out, body).into_response()
+                    }
+                    Err(e) => (StatusCode::BAD_GATEWAY, e.to_string()).into_response(),
+                }
+            }
+        }));
+        let handle = axum_server::Handle::new();
+        let server = axum_server::from_tcp_rustls(listener, tls)
+            .expect("server")
+            .handle(handle.clone());
+        tokio::spawn(async move {
+            let _ = server.serve(app.into_make_service()).await;
+        });
+        Self { host, dir, handle }
+    }
+
+    pub fn ca_path(&self) -> PathBuf {
+        self.dir.path().join("ca.crt")
+    }
+}
+
+impl Drop for FailingProxy {
+    fn drop(&mut self) {
+        self.handle.shutdown();
+    }
+}

@@ -487,3 +487,55 @@ async fn base_layers_are_mounted_or_streamed_from_the_base_registry() {
     sidecar.stop().await;
     s.containerd.stop().await;
 }
+
+/// The registry answers 500 in the middle of the push: on a layer upload, or on
+/// the manifest itself. The operation ends in `error`, the desktop runs on, and
+/// no tag appears: the previous snapshot stays the newest.
+#[tokio::test]
+async fn a_500_in_the_middle_of_a_push_leaves_no_tag() {
+    use harness::badregistry::FailingProxy;
+    let s = Setup::new().await;
+    s.containerd.exec("desk-a", "echo x > /root/x.txt").await;
+    let cases: [(&str, fn(&str, &str) -> bool); 2] = [
+        ("layer upload", |m, p| {
+            m == "PATCH" && p.contains("/blobs/uploads/")
+        }),
+        ("manifest", |m, p| m == "PUT" && p.contains("/manifests/")),
+    ];
+    for (what, fail) in cases {
+        let proxy = FailingProxy::start(&s.registry, fail).await;
+        let proxy_creds = s
+            .registry
+            .dir
+            .path()
+            .join(format!("proxy-{}.json", what.len()));
+        s.registry
+            .write_dockerconfigjson(&proxy_creds, USER, PASSWORD);
+        let doc = std::fs::read_to_string(&proxy_creds)
+            .unwrap()
+            .replace(&s.registry.host, &proxy.host);
+        std::fs::write(&proxy_creds, doc).unwrap();
+        let ca: &'static std::path::Path = proxy.ca_path().leak();
+        let sidecar = Sidecar::start(Target {
+            registry_host: &proxy.host,
+            registry_ca: Some(ca),
+            credentials: Some(&proxy_creds),
+            ..s.target()
+        })
+        .await;
+        let steps = sidecar.snapshot_expecting_error().await;
+        assert!(
+            steps.iter().any(|m| m == "push desktop image to registry"),
+            "{what}: {steps:?}"
+        );
+        assert!(steps.last().unwrap().contains("500"), "{what}: {steps:?}");
+        assert_eq!(
+            s.containerd.task_status("desk-a").await,
+            "RUNNING",
+            "{what}"
+        );
+        assert!(s.snapshot_tags().await.is_empty(), "{what}: no tag");
+        sidecar.stop().await;
+    }
+    s.containerd.stop().await;
+}
