@@ -52,15 +52,7 @@ impl BadRegistry {
                 let serving = authority
                     .serving(&["127.0.0.1".into()], 2)
                     .expect("serving cert");
-                let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
-                    serving.cert_pem.into_bytes(),
-                    serving.key_pem.into_bytes(),
-                )
-                .await
-                .expect("TLS config");
-                let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-                listener.set_nonblocking(true).expect("nonblocking");
-                let addr = listener.local_addr().expect("addr");
+                let (listener, addr) = crate::tls::bind();
                 let app = Router::new().fallback(any(move || async move {
                     match kind {
                         Misbehaviour::ServerError => (
@@ -71,13 +63,7 @@ impl BadRegistry {
                         _ => (StatusCode::OK, "<html>definitely not a tag list").into_response(),
                     }
                 }));
-                let h = axum_server::Handle::new();
-                let server = axum_server::from_tcp_rustls(listener, tls)
-                    .expect("server")
-                    .handle(h.clone());
-                tokio::spawn(async move {
-                    let _ = server.serve(app.into_make_service()).await;
-                });
+                let h = crate::tls::serve(listener, &serving.cert_pem, &serving.key_pem, app).await;
                 handle = Some(h);
                 addr.to_string()
             }
@@ -125,15 +111,8 @@ impl FailingProxy {
         let serving = authority
             .serving(&["127.0.0.1".into()], 2)
             .expect("serving cert");
-        let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
-            serving.cert_pem.into_bytes(),
-            serving.key_pem.into_bytes(),
-        )
-        .await
-        .expect("TLS config");
-        let listener = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-        listener.set_nonblocking(true).expect("nonblocking");
-        let host = listener.local_addr().expect("addr").to_string();
+        let (listener, addr) = crate::tls::bind();
+        let host = addr.to_string();
         let client = upstream.http_client();
         let (up, me) = (upstream.host.clone(), host.clone());
         let app = Router::new().fallback(any(move |request: Request| {
@@ -187,13 +166,7 @@ impl FailingProxy {
                 }
             }
         }));
-        let handle = axum_server::Handle::new();
-        let server = axum_server::from_tcp_rustls(listener, tls)
-            .expect("server")
-            .handle(handle.clone());
-        tokio::spawn(async move {
-            let _ = server.serve(app.into_make_service()).await;
-        });
+        let handle = crate::tls::serve(listener, &serving.cert_pem, &serving.key_pem, app).await;
         Self { host, dir, handle }
     }
 

@@ -9,6 +9,7 @@ pub mod ports;
 pub mod registry;
 pub mod sidecar;
 pub mod story;
+pub mod tls;
 pub mod token;
 pub mod webhook;
 

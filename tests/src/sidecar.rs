@@ -151,6 +151,18 @@ impl Sidecar {
         }
     }
 
+    /// Starts a snapshot that must succeed; every message seen.
+    pub async fn snapshot_done(&self) -> Vec<String> {
+        let steps = self.snapshot().await;
+        assert_eq!(
+            steps.last().map(String::as_str),
+            Some("done"),
+            "{steps:?}; log:\n{}",
+            self.log()
+        );
+        steps
+    }
+
     /// Starts a snapshot and waits for its end.
     pub async fn snapshot(&self) -> Vec<String> {
         let started = self.post("/snapshot/snapshot").await;

@@ -107,24 +107,11 @@ impl TokenService {
             x5c,
             issued: AtomicUsize::new(0),
         });
-        let tls = axum_server::tls_rustls::RustlsConfig::from_pem(
-            serving_cert_pem.as_bytes().to_vec(),
-            serving_key_pem.as_bytes().to_vec(),
-        )
-        .await
-        .context("token service TLS")?;
-        let listener =
-            std::net::TcpListener::bind("127.0.0.1:0").context("binding the token service")?;
-        listener.set_nonblocking(true)?;
-        let addr = listener.local_addr()?;
-        let handle = axum_server::Handle::new();
+        let (listener, addr) = crate::tls::bind();
         let app = Router::new()
             .route("/token", get(token))
             .with_state(state.clone());
-        let server = axum_server::from_tcp_rustls(listener, tls)?.handle(handle.clone());
-        tokio::spawn(async move {
-            let _ = server.serve(app.into_make_service()).await;
-        });
+        let handle = crate::tls::serve(listener, serving_cert_pem, serving_key_pem, app).await;
         Ok(Self {
             realm: format!("https://{addr}/token"),
             signing_cert_pem: signing_cert.pem(),

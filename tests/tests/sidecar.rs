@@ -142,13 +142,7 @@ async fn a_snapshot_holds_the_users_changes_and_nothing_else() {
     s.containerd
         .exec("desk-a", "echo second > /root/second.txt")
         .await;
-    let steps = sidecar.snapshot().await;
-    assert_eq!(
-        steps.last().map(String::as_str),
-        Some("done"),
-        "{steps:?}; log:\n{}",
-        sidecar.log()
-    );
+    sidecar.snapshot_done().await;
     let tags = s.snapshot_tags().await;
     assert_eq!(tags.len(), 2);
     let second = layers(&s.registry, REPO, &tags[1]).await;
@@ -255,13 +249,7 @@ async fn past_the_layer_limit_the_desktop_is_squashed_into_one_layer() {
         )
         .await;
     let sidecar = Sidecar::start_with(s.target(), None, &[("SNAPSHOT_MAX_LAYERS", "1")]).await;
-    let steps = sidecar.snapshot().await;
-    assert_eq!(
-        steps.last().map(String::as_str),
-        Some("done"),
-        "{steps:?}; log:\n{}",
-        sidecar.log()
-    );
+    sidecar.snapshot_done().await;
     let tags = s.snapshot_tags().await;
     let image = layers(&s.registry, REPO, &tags[0]).await;
     assert_eq!(image.len(), 1, "squashed into one layer");
@@ -365,13 +353,7 @@ async fn zstd_snapshots_restore_too() {
     let s = Setup::new().await;
     s.containerd.exec("desk-a", "echo zstd > /root/z.txt").await;
     let sidecar = Sidecar::start_with(s.target(), None, &[("SNAPSHOT_COMPRESSION", "zstd")]).await;
-    let steps = sidecar.snapshot().await;
-    assert_eq!(
-        steps.last().map(String::as_str),
-        Some("done"),
-        "{steps:?}; log:\n{}",
-        sidecar.log()
-    );
+    sidecar.snapshot_done().await;
     let tag = s.snapshot_tags().await.remove(0);
     let image = format!("{}/{REPO}:{tag}", s.registry.host);
     // the runtime reads it: pull, start, find the file
@@ -397,10 +379,7 @@ async fn base_layers_are_mounted_or_streamed_from_the_base_registry() {
         .exec("desk-a", "echo first > /root/first.txt")
         .await;
     let sidecar = Sidecar::start(s.target()).await;
-    assert_eq!(
-        sidecar.snapshot().await.last().map(String::as_str),
-        Some("done")
-    );
+    sidecar.snapshot_done().await;
     sidecar.stop().await;
     let tag = s.snapshot_tags().await.remove(0);
     let image = format!("{}/{REPO}:{tag}", s.registry.host);
@@ -417,12 +396,7 @@ async fn base_layers_are_mounted_or_streamed_from_the_base_registry() {
     per_user.pod_uid = "pod-c";
     per_user.repository_path = "alice/abcdesktopio/oc.user.test";
     let sidecar = Sidecar::start(per_user).await;
-    assert_eq!(
-        sidecar.snapshot().await.last().map(String::as_str),
-        Some("done"),
-        "{}",
-        sidecar.log()
-    );
+    sidecar.snapshot_done().await;
     assert!(
         sidecar.log().contains("base layer mounted"),
         "{}",
@@ -464,12 +438,7 @@ async fn base_layers_are_mounted_or_streamed_from_the_base_registry() {
         tag_prefix: "alice",
     })
     .await;
-    assert_eq!(
-        sidecar.snapshot().await.last().map(String::as_str),
-        Some("done"),
-        "{}",
-        sidecar.log()
-    );
+    sidecar.snapshot_done().await;
     assert!(
         sidecar
             .log()
@@ -496,7 +465,8 @@ async fn a_500_in_the_middle_of_a_push_leaves_no_tag() {
     use harness::badregistry::FailingProxy;
     let s = Setup::new().await;
     s.containerd.exec("desk-a", "echo x > /root/x.txt").await;
-    let cases: [(&str, fn(&str, &str) -> bool); 2] = [
+    type Failing = fn(&str, &str) -> bool;
+    let cases: [(&str, Failing); 2] = [
         ("layer upload", |m, p| {
             m == "PATCH" && p.contains("/blobs/uploads/")
         }),
