@@ -167,6 +167,13 @@ impl Registry {
         std::fs::write(path, doc.to_string()).expect("writing a .dockerconfigjson");
     }
 
+    /// A `.dockerconfigjson` with the right credentials, written beside the registry.
+    pub fn credentials_file(&self) -> PathBuf {
+        let path = self.dir.path().join("dockerconfig.json");
+        self.write_dockerconfigjson(&path, USER, PASSWORD);
+        path
+    }
+
     /// An oci-client that trusts this registry.
     pub fn oci_client(&self) -> Client {
         Client::new(ClientConfig {

@@ -5,9 +5,9 @@
 use crate::{
     admission::{apply, as_pod, desktop_pod, image_of, review},
     containerd::{Containerd, BASE_IMAGE},
-    registry::{Registry, PASSWORD, USER},
+    registry::Registry,
     sidecar::{Sidecar, Target},
-    webhook::{RegistryAccess, Webhook},
+    webhook::Webhook,
 };
 use serde_json::Value;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -35,18 +35,8 @@ impl Node {
         let containerd = Containerd::start().await;
         containerd.import_base_image().await;
         let registry = Registry::start().await;
-        let creds = registry.dir.path().join("dockerconfig.json");
-        registry.write_dockerconfigjson(&creds, USER, PASSWORD);
-        let ca = registry.ca_path();
-        let webhook = Webhook::start(
-            RegistryAccess {
-                host: &registry.host,
-                ca: Some(&ca),
-                credentials: Some(&creds),
-            },
-            webhook_flags,
-        )
-        .await;
+        let creds = registry.credentials_file();
+        let webhook = Webhook::for_registry(&registry, webhook_flags).await;
         Self {
             containerd,
             registry,

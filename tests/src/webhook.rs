@@ -26,6 +26,20 @@ pub struct Webhook {
 }
 
 impl Webhook {
+    /// Starts the webhook on `registry`, trusting its CA, with its right credentials.
+    pub async fn for_registry(registry: &crate::registry::Registry, extra: &[&str]) -> Self {
+        let (ca, credentials) = (registry.ca_path(), registry.credentials_file());
+        Self::start(
+            RegistryAccess {
+                host: &registry.host,
+                ca: Some(&ca),
+                credentials: Some(&credentials),
+            },
+            extra,
+        )
+        .await
+    }
+
     /// Starts the webhook; `extra` flags are appended (each flag may be given once).
     pub async fn start(registry: RegistryAccess<'_>, extra: &[&str]) -> Self {
         crate::init_crypto();

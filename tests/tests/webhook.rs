@@ -28,18 +28,7 @@ impl Setup {
     }
 
     async fn with(registry: Registry, extra: &[&str]) -> Self {
-        let creds = registry.dir.path().join("dockerconfig.json");
-        registry.write_dockerconfigjson(&creds, USER, PASSWORD);
-        let ca = registry.ca_path();
-        let webhook = Webhook::start(
-            RegistryAccess {
-                host: &registry.host,
-                ca: Some(&ca),
-                credentials: Some(&creds),
-            },
-            extra,
-        )
-        .await;
+        let webhook = Webhook::for_registry(&registry, extra).await;
         Self { registry, webhook }
     }
 
