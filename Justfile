@@ -36,6 +36,18 @@ certs service="snapshot-webhook" namespace="desktop-snapshot" out=".certs":
 manifests-check:
     bash scripts/manifests-check.sh
 
+# Build the webhook and sidecar OCI images (static binaries, no Docker daemon) into target/images.
+images tag="0.1.0":
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu -p snapshot-webhook -p snapshot-sidecar
+    cargo build --release --locked -p snapshot-tests --bin oci-image
+    ./target/release/oci-image target/x86_64-unknown-linux-gnu/release/snapshot-webhook snapshot-webhook {{tag}} 65532 target/images/snapshot-webhook
+    ./target/release/oci-image target/x86_64-unknown-linux-gnu/release/snapshot-sidecar snapshot-sidecar {{tag}} 0 target/images/snapshot-sidecar
+
+# Push the images built by `just images` to a registry, e.g. `just push-images registry.example.net/desktop-snapshot`.
+push-images prefix tag="0.1.0":
+    skopeo copy oci:target/images/snapshot-webhook:{{tag}} docker://{{prefix}}/snapshot-webhook:{{tag}}
+    skopeo copy oci:target/images/snapshot-sidecar:{{tag}} docker://{{prefix}}/snapshot-sidecar:{{tag}}
+
 # Format and lint.
 lint:
     cargo fmt --all --check

@@ -62,6 +62,11 @@ pub struct Config {
     )]
     pub registry_secret_name: String,
 
+    /// ConfigMap (in the desktop namespace) whose key `ca.crt` is the registry's CA, for a
+    /// registry with a private CA: mounted in the sidecar, which then trusts it.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_REGISTRY_CA_CONFIGMAP")]
+    pub sidecar_registry_ca_configmap: Option<String>,
+
     /// Where snapshots live: `shared` (`<registry>/<image path>:<user>-<timestamp>`) or
     /// `per-user` (`<registry>/<user>/<image path>:<base tag>-<timestamp>`).
     #[arg(long, env = "SNAPSHOT_WEBHOOK_LAYOUT", value_enum, default_value_t = Layout::Shared)]

@@ -67,6 +67,7 @@ async fn run(config: Config) -> Result<()> {
         native: config.sidecar_mode == SidecarMode::Native,
         graphical_container: config.graphical_container.clone(),
         registry_secret_name: config.registry_secret_name.clone(),
+        registry_ca_configmap: config.sidecar_registry_ca_configmap.clone(),
         registry_protocol: config.registry_protocol,
         containerd_socket: config.containerd_socket.clone(),
         containerd_namespace: config.containerd_namespace.clone(),

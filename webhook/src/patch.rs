@@ -141,6 +141,7 @@ mod tests {
             native,
             graphical_container: "x-graphical".into(),
             registry_secret_name: "regcred".into(),
+            registry_ca_configmap: Some("registry-ca".into()),
             registry_protocol: Protocol::Https,
             containerd_socket: "/run/containerd/containerd.sock".into(),
             containerd_namespace: "k8s.io".into(),
@@ -231,7 +232,15 @@ mod tests {
             Some("reg:5000/abcdesktopio/oc.user")
         );
         assert_eq!(get("SNAPSHOT_TAG_PREFIX").as_deref(), Some("alice"));
-        assert_eq!(s.volumes.as_ref().unwrap().len(), 2);
+        assert_eq!(
+            s.volumes.as_ref().unwrap().len(),
+            3,
+            "credentials, socket, registry CA"
+        );
+        assert_eq!(
+            get("SNAPSHOT_REGISTRY_CA").as_deref(),
+            Some("/var/run/desktop-snapshot/registry-ca/ca.crt")
+        );
         assert_eq!(
             p.metadata.annotations.unwrap()[ANNOTATION_STATUS],
             "restored reg:5000/abcdesktopio/oc.user:alice-9"
@@ -252,7 +261,7 @@ mod tests {
         );
         let s = p.spec.as_ref().unwrap();
         assert_eq!(s.image_pull_secrets.as_ref().unwrap().len(), 2);
-        assert_eq!(s.volumes.as_ref().unwrap().len(), 3);
+        assert_eq!(s.volumes.as_ref().unwrap().len(), 4);
         let init = s.init_containers.as_ref().unwrap();
         assert_eq!(init.len(), 2);
         assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));

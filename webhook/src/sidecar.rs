@@ -8,9 +8,9 @@
 use crate::{config::Protocol, target::Target};
 use k8s_openapi::{
     api::core::v1::{
-        Container, ContainerPort, EnvVar, EnvVarSource, HostPathVolumeSource, KeyToPath,
-        ObjectFieldSelector, ResourceRequirements, SecretVolumeSource, SecurityContext, Volume,
-        VolumeMount,
+        ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
+        HostPathVolumeSource, KeyToPath, ObjectFieldSelector, ResourceRequirements,
+        SecretVolumeSource, SecurityContext, Volume, VolumeMount,
     },
     apimachinery::pkg::api::resource::Quantity,
 };
@@ -20,6 +20,8 @@ pub const CREDENTIALS_VOLUME: &str = "snapshot-registry-credentials";
 pub const CONTAINERD_VOLUME: &str = "snapshot-containerd";
 pub const CREDENTIALS_DIR: &str = "/var/run/desktop-snapshot/registry";
 pub const CREDENTIALS_FILE: &str = ".dockerconfigjson";
+pub const CA_VOLUME: &str = "snapshot-registry-ca";
+pub const CA_DIR: &str = "/var/run/desktop-snapshot/registry-ca";
 
 /// How the sidecar is made, from the webhook's configuration.
 #[derive(Debug, Clone)]
@@ -31,6 +33,8 @@ pub struct SidecarSpec {
     pub native: bool,
     pub graphical_container: String,
     pub registry_secret_name: String,
+    /// ConfigMap holding the registry's CA (`ca.crt`), when it has a private one.
+    pub registry_ca_configmap: Option<String>,
     pub registry_protocol: Protocol,
     pub containerd_socket: String,
     pub containerd_namespace: String,
@@ -72,39 +76,58 @@ impl SidecarSpec {
                 protocol: Some("TCP".to_string()),
                 ..Default::default()
             }]),
-            env: Some(vec![
-                field("SNAPSHOT_POD_NAME", "metadata.name"),
-                field("SNAPSHOT_POD_NAMESPACE", "metadata.namespace"),
-                field("SNAPSHOT_POD_UID", "metadata.uid"),
-                plain("SNAPSHOT_CONTAINER", &self.graphical_container),
-                plain("SNAPSHOT_REPOSITORY", &target.repository()),
-                plain("SNAPSHOT_TAG_PREFIX", &target.tag_prefix),
-                plain("SNAPSHOT_BASE_IMAGE", original_image),
-                plain(
-                    "SNAPSHOT_REGISTRY_PROTOCOL",
-                    self.registry_protocol.as_str(),
-                ),
-                plain(
-                    "SNAPSHOT_REGISTRY_CREDENTIALS",
-                    &format!("{CREDENTIALS_DIR}/{CREDENTIALS_FILE}"),
-                ),
-                plain("SNAPSHOT_CONTAINERD_SOCKET", &self.containerd_socket),
-                plain("SNAPSHOT_CONTAINERD_NAMESPACE", &self.containerd_namespace),
-                plain("SNAPSHOT_LISTEN", &format!("0.0.0.0:{}", self.port)),
-            ]),
-            volume_mounts: Some(vec![
-                VolumeMount {
-                    name: CREDENTIALS_VOLUME.to_string(),
-                    mount_path: CREDENTIALS_DIR.to_string(),
+            env: Some(
+                vec![
+                    field("SNAPSHOT_POD_NAME", "metadata.name"),
+                    field("SNAPSHOT_POD_NAMESPACE", "metadata.namespace"),
+                    field("SNAPSHOT_POD_UID", "metadata.uid"),
+                    plain("SNAPSHOT_CONTAINER", &self.graphical_container),
+                    plain("SNAPSHOT_REPOSITORY", &target.repository()),
+                    plain("SNAPSHOT_TAG_PREFIX", &target.tag_prefix),
+                    plain("SNAPSHOT_BASE_IMAGE", original_image),
+                    plain(
+                        "SNAPSHOT_REGISTRY_PROTOCOL",
+                        self.registry_protocol.as_str(),
+                    ),
+                    plain(
+                        "SNAPSHOT_REGISTRY_CREDENTIALS",
+                        &format!("{CREDENTIALS_DIR}/{CREDENTIALS_FILE}"),
+                    ),
+                    plain("SNAPSHOT_CONTAINERD_SOCKET", &self.containerd_socket),
+                    plain("SNAPSHOT_CONTAINERD_NAMESPACE", &self.containerd_namespace),
+                    plain("SNAPSHOT_LISTEN", &format!("0.0.0.0:{}", self.port)),
+                ]
+                .into_iter()
+                .chain(
+                    self.registry_ca_configmap
+                        .as_ref()
+                        .map(|_| plain("SNAPSHOT_REGISTRY_CA", &format!("{CA_DIR}/ca.crt"))),
+                )
+                .collect(),
+            ),
+            volume_mounts: Some(
+                vec![
+                    VolumeMount {
+                        name: CREDENTIALS_VOLUME.to_string(),
+                        mount_path: CREDENTIALS_DIR.to_string(),
+                        read_only: Some(true),
+                        ..Default::default()
+                    },
+                    VolumeMount {
+                        name: CONTAINERD_VOLUME.to_string(),
+                        mount_path: self.containerd_socket.clone(),
+                        ..Default::default()
+                    },
+                ]
+                .into_iter()
+                .chain(self.registry_ca_configmap.as_ref().map(|_| VolumeMount {
+                    name: CA_VOLUME.to_string(),
+                    mount_path: CA_DIR.to_string(),
                     read_only: Some(true),
                     ..Default::default()
-                },
-                VolumeMount {
-                    name: CONTAINERD_VOLUME.to_string(),
-                    mount_path: self.containerd_socket.clone(),
-                    ..Default::default()
-                },
-            ]),
+                }))
+                .collect(),
+            ),
             resources: Some(ResourceRequirements {
                 requests: Some(quantities("32Mi", "50m")),
                 limits: Some(quantities("256Mi", "500m")),
@@ -145,5 +168,20 @@ impl SidecarSpec {
                 ..Default::default()
             },
         ]
+        .into_iter()
+        .chain(self.registry_ca_configmap.as_ref().map(|name| Volume {
+            name: CA_VOLUME.to_string(),
+            config_map: Some(ConfigMapVolumeSource {
+                name: name.clone(),
+                items: Some(vec![KeyToPath {
+                    key: "ca.crt".to_string(),
+                    path: "ca.crt".to_string(),
+                    ..Default::default()
+                }]),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }))
+        .collect()
     }
 }
