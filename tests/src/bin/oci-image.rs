@@ -47,8 +47,9 @@ fn run() -> Result<()> {
         Ok(())
     };
     add(&entrypoint[1..], 0o755, &exe)?;
-    let passwd =
-        format!("root:x:0:0:root:/:/sbin/nologin\nnonroot:x:65532:65532:nonroot:/:/sbin/nologin\n");
+    let passwd = "root:x:0:0:root:/:/sbin/nologin
+nonroot:x:65532:65532:nonroot:/:/sbin/nologin
+";
     add("etc/passwd", 0o644, passwd.as_bytes())?;
     add("etc/group", 0o644, b"root:x:0:\nnonroot:x:65532:\n")?;
     if let Ok(roots) = fs::read("/etc/ssl/certs/ca-certificates.crt") {
