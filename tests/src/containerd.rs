@@ -5,7 +5,6 @@
 //! the kubelet labels them.
 
 use anyhow::{bail, Context, Result};
-use sha2::{Digest, Sha256};
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
@@ -306,21 +305,13 @@ fn unmount_below(dir: &Path) {
     }
 }
 
-fn sha(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
 /// The base image's files: busybox and its applets, and a few files of the "distribution".
 fn base_layer() -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     let busybox = std::fs::read("/bin/busybox")
         .context("reading /bin/busybox (Debian package busybox-static)")?;
     let mut dir = |path: &str| -> Result<()> {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Directory);
-        h.set_mode(0o755);
-        h.set_size(0);
-        h.set_mtime(1_700_000_000);
+        let mut h = crate::oci::tar_header(tar::EntryType::Directory, 0o755, 0);
         b.append_data(&mut h, path, std::io::empty())?;
         Ok(())
     };
@@ -330,10 +321,7 @@ fn base_layer() -> Result<Vec<u8>> {
         dir(d)?;
     }
     let mut file = |path: &str, mode: u32, data: &[u8]| -> Result<()> {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(mode);
-        h.set_size(data.len() as u64);
-        h.set_mtime(1_700_000_000);
+        let mut h = crate::oci::tar_header(tar::EntryType::Regular, mode, data.len() as u64);
         b.append_data(&mut h, path, data)?;
         Ok(())
     };
@@ -354,11 +342,7 @@ fn base_layer() -> Result<Vec<u8>> {
         "sh", "sleep", "cat", "ls", "rm", "mkdir", "echo", "dd", "touch", "mv", "head", "sync",
         "true", "yes", "seq", "cp", "find", "wc",
     ] {
-        let mut h = tar::Header::new_gnu();
-        h.set_entry_type(tar::EntryType::Symlink);
-        h.set_mode(0o777);
-        h.set_size(0);
-        h.set_mtime(1_700_000_000);
+        let mut h = crate::oci::tar_header(tar::EntryType::Symlink, 0o777, 0);
         b.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
     }
     Ok(b.into_inner()?)
@@ -367,10 +351,8 @@ fn base_layer() -> Result<Vec<u8>> {
 /// An OCI image layout archive of the base image, for `ctr images import`.
 fn build_oci_archive(out: &Path, name: &str) -> Result<()> {
     let layer_tar = base_layer()?;
-    let diff_id = sha(&layer_tar);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, &layer_tar)?;
-    let layer = gz.finish()?;
+    let diff_id = crate::oci::sha256(&layer_tar);
+    let layer = crate::oci::gzip(&layer_tar)?;
     let config = serde_json::to_vec(&serde_json::json!({
         "architecture": "amd64", "os": "linux",
         "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
@@ -380,26 +362,24 @@ fn build_oci_archive(out: &Path, name: &str) -> Result<()> {
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&config), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha(&layer), "size": layer.len()}]
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": crate::oci::sha256(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": crate::oci::sha256(&layer), "size": layer.len()}]
     }))?;
     let index = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(&manifest), "size": manifest.len(),
+        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": crate::oci::sha256(&manifest), "size": manifest.len(),
             "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": "4.1"}}]
     }))?;
     let mut b = tar::Builder::new(std::fs::File::create(out)?);
     let mut add = |path: String, data: &[u8]| -> Result<()> {
-        let mut h = tar::Header::new_gnu();
-        h.set_mode(0o644);
-        h.set_size(data.len() as u64);
+        let mut h = crate::oci::tar_header(tar::EntryType::Regular, 0o644, data.len() as u64);
         b.append_data(&mut h, path, data)?;
         Ok(())
     };
     add("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     add("index.json".into(), &index)?;
     for blob in [&layer, &config, &manifest] {
-        add(format!("blobs/sha256/{}", &sha(blob)[7..]), blob)?;
+        add(format!("blobs/sha256/{}", &crate::oci::sha256(blob)[7..]), blob)?;
     }
     b.into_inner()?;
     Ok(())

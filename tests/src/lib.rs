@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod badregistry;
 pub mod containerd;
+pub mod oci;
 pub mod ports;
 pub mod registry;
 pub mod sidecar;

@@ -5,7 +5,6 @@ use crate::{ports, token::TokenService};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use oci_client::{client::ClientConfig, secrets::RegistryAuth, Client, Reference};
-use sha2::{Digest, Sha256};
 use snapshot_certs::Authority;
 use std::{
     path::{Path, PathBuf},
@@ -200,13 +199,13 @@ impl Registry {
         let auth = RegistryAuth::Basic(USER.into(), PASSWORD.into());
         client.store_auth_if_needed(&self.host, &auth).await;
         let (layer, diff_id) = tiny_layer(repo)?;
-        let layer_digest = digest(&layer);
+        let layer_digest = crate::oci::sha256(&layer);
         let config = serde_json::to_vec(&serde_json::json!({
             "architecture": "amd64", "os": "linux",
             "rootfs": {"type": "layers", "diff_ids": [diff_id]},
             "config": {}
         }))?;
-        let config_digest = digest(&config);
+        let config_digest = crate::oci::sha256(&config);
         let reference =
             |tag: &str| Reference::with_tag(self.host.clone(), repo.to_string(), tag.to_string());
         let first = reference(tags.first().copied().unwrap_or("latest"));
@@ -265,35 +264,15 @@ impl Registry {
     }
 }
 
-fn digest(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
-}
-
 /// A gzip layer holding one small file; returns (gzip bytes, diff_id).
 fn tiny_layer(name: &str) -> Result<(Vec<u8>, String)> {
     let content = format!("layer of {name}\n");
-    let mut tar = Vec::new();
-    let mut header = [0u8; 512];
-    let file = b"etc/desktop-snapshot-test";
-    header[..file.len()].copy_from_slice(file);
-    header[100..107].copy_from_slice(b"0000644");
-    header[108..115].copy_from_slice(b"0000000");
-    header[116..123].copy_from_slice(b"0000000");
-    header[124..135].copy_from_slice(format!("{:011o}", content.len()).as_bytes());
-    header[136..147].copy_from_slice(b"00000000000");
-    header[156] = b'0';
-    header[257..263].copy_from_slice(b"ustar\0");
-    header[263..265].copy_from_slice(b"00");
-    header[148..156].copy_from_slice(b"        ");
-    let sum: u32 = header.iter().map(|b| u32::from(*b)).sum();
-    header[148..155].copy_from_slice(format!("{sum:06o}\0").as_bytes());
-    tar.extend_from_slice(&header);
-    tar.extend_from_slice(content.as_bytes());
-    tar.resize(tar.len().div_ceil(512) * 512 + 1024, 0);
-    let diff_id = digest(&tar);
-    let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
-    std::io::Write::write_all(&mut gz, &tar)?;
-    Ok((gz.finish()?, diff_id))
+    let mut tar = tar::Builder::new(Vec::new());
+    let mut h = crate::oci::tar_header(tar::EntryType::Regular, 0o644, content.len() as u64);
+    tar.append_data(&mut h, "etc/desktop-snapshot-test", content.as_bytes())?;
+    let tar = tar.into_inner()?;
+    let diff_id = crate::oci::sha256(&tar);
+    Ok((crate::oci::gzip(&tar)?, diff_id))
 }
 
 /// The full path of a command on PATH.

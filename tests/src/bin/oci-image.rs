@@ -7,7 +7,7 @@
 
 use anyhow::{bail, Context, Result};
 use flate2::{write::GzEncoder, Compression};
-use sha2::{Digest, Sha256};
+use harness::oci::{sha256, tar_header};
 use std::{fs, path::Path};
 
 fn main() {
@@ -27,7 +27,6 @@ fn run() -> Result<()> {
     let entrypoint = format!("/usr/local/bin/{name}");
 
     let mut tar = tar::Builder::new(Vec::new());
-    let mtime = 1_700_000_000;
     for dir in [
         "etc",
         "etc/ssl",
@@ -36,13 +35,13 @@ fn run() -> Result<()> {
         "usr/local",
         "usr/local/bin",
     ] {
-        let mut h = header(tar::EntryType::Directory, 0o755, 0, mtime);
+        let mut h = tar_header(tar::EntryType::Directory, 0o755, 0);
         tar.append_data(&mut h, dir, std::io::empty())?;
     }
-    let mut h = header(tar::EntryType::Directory, 0o1777, 0, mtime);
+    let mut h = tar_header(tar::EntryType::Directory, 0o1777, 0);
     tar.append_data(&mut h, "tmp", std::io::empty())?;
     let mut add = |path: &str, mode: u32, data: &[u8]| -> Result<()> {
-        let mut h = header(tar::EntryType::Regular, mode, data.len() as u64, mtime);
+        let mut h = tar_header(tar::EntryType::Regular, mode, data.len() as u64);
         tar.append_data(&mut h, path, data)?;
         Ok(())
     };
@@ -56,7 +55,7 @@ nonroot:x:65532:65532:nonroot:/:/sbin/nologin
         add("etc/ssl/certs/ca-certificates.crt", 0o644, &roots)?;
     }
     let layer_tar = tar.into_inner()?;
-    let diff_id = sha(&layer_tar);
+    let diff_id = sha256(&layer_tar);
     let mut gz = GzEncoder::new(Vec::new(), Compression::best());
     std::io::Write::write_all(&mut gz, &layer_tar)?;
     let layer = gz.finish()?;
@@ -77,20 +76,20 @@ nonroot:x:65532:65532:nonroot:/:/sbin/nologin
     let manifest = serde_json::to_vec(&serde_json::json!({
         "schemaVersion": 2,
         "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha(&config), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha(&layer), "size": layer.len()}]
+        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": sha256(&config), "size": config.len()},
+        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": sha256(&layer), "size": layer.len()}]
     }))?;
     let out = Path::new(out);
     let _ = fs::remove_dir_all(out);
     fs::create_dir_all(out.join("blobs/sha256"))?;
     for blob in [&layer, &config, &manifest] {
-        fs::write(out.join("blobs/sha256").join(&sha(blob)[7..]), blob)?;
+        fs::write(out.join("blobs/sha256").join(&sha256(blob)[7..]), blob)?;
     }
     fs::write(out.join("oci-layout"), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     fs::write(
         out.join("index.json"),
         serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [{
-            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha(&manifest), "size": manifest.len(),
+            "mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": sha256(&manifest), "size": manifest.len(),
             "annotations": {"org.opencontainers.image.ref.name": tag, "io.containerd.image.name": format!("desktop-snapshot/{name}:{tag}")}
         }]}))?,
     )?;
@@ -107,19 +106,4 @@ nonroot:x:65532:65532:nonroot:/:/sbin/nologin
         );
     }
     Ok(())
-}
-
-fn header(kind: tar::EntryType, mode: u32, size: u64, mtime: u64) -> tar::Header {
-    let mut h = tar::Header::new_gnu();
-    h.set_entry_type(kind);
-    h.set_mode(mode);
-    h.set_size(size);
-    h.set_mtime(mtime);
-    h.set_uid(0);
-    h.set_gid(0);
-    h
-}
-
-fn sha(data: &[u8]) -> String {
-    format!("sha256:{}", hex::encode(Sha256::digest(data)))
 }

@@ -217,32 +217,33 @@ async fn stock(containerd: &Containerd, registry: &Registry, container: &str) ->
         .join(digest.trim_start_matches("sha256:"));
     std::fs::rename(&raw, &layer_path).expect("moving the layer");
     let size = std::fs::metadata(&layer_path).map(|m| m.len()).unwrap_or(0);
-    let config = serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}})).unwrap();
-    let cfg_digest = sha256(&config);
-    std::fs::write(layout.join("blobs/sha256").join(&cfg_digest[7..]), &config).unwrap();
+    let config = serde_json::to_vec(&serde_json::json!({"architecture": "amd64", "os": "linux", "rootfs": {"type": "layers", "diff_ids": []}})).expect("bench setup");
+    let cfg_digest = harness::oci::sha256(&config);
+    std::fs::write(layout.join("blobs/sha256").join(&cfg_digest[7..]), &config)
+        .expect("bench setup");
     let manifest = serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "mediaType": "application/vnd.oci.image.manifest.v1+json",
         "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": cfg_digest, "size": config.len()},
         "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": size}]}))
-    .unwrap();
-    let man_digest = sha256(&manifest);
+    .expect("bench setup");
+    let man_digest = harness::oci::sha256(&manifest);
     std::fs::write(
         layout.join("blobs/sha256").join(&man_digest[7..]),
         &manifest,
     )
-    .unwrap();
+    .expect("bench setup");
     std::fs::write(
         layout.join("oci-layout"),
         br#"{"imageLayoutVersion":"1.0.0"}"#,
     )
-    .unwrap();
+    .expect("bench setup");
     std::fs::write(
         layout.join("index.json"),
-        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": man_digest, "size": manifest.len()}]})).unwrap(),
+        serde_json::to_vec(&serde_json::json!({"schemaVersion": 2, "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": man_digest, "size": manifest.len()}]})).expect("bench setup"),
     )
-    .unwrap();
+    .expect("bench setup");
     let certs = dir.path().join("certs");
-    std::fs::create_dir_all(&certs).unwrap();
-    std::fs::copy(registry.ca_path(), certs.join("ca.crt")).unwrap();
+    std::fs::create_dir_all(&certs).expect("bench setup");
+    std::fs::copy(registry.ca_path(), certs.join("ca.crt")).expect("bench setup");
     let status = tokio::process::Command::new("skopeo")
         .args([
             "copy",
@@ -264,11 +265,6 @@ async fn stock(containerd: &Containerd, registry: &Registry, container: &str) ->
     let seconds = started.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_millis(100)).await;
     seconds
-}
-
-fn sha256(data: &[u8]) -> String {
-    use sha2::Digest;
-    format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
 }
 
 /// Peak resident memory of a process (VmHWM), in MiB.
