@@ -78,6 +78,12 @@ pub fn apply(object: &Value, answer: &Value) -> Value {
     doc
 }
 
+/// Applies the answer's patch (base64 JSON Patch in `response.patch`) to `pod`
+/// with json-patch, as kube-apiserver does, and parses the result as a Pod.
+pub fn apply_patch(pod: &Value, answer: &Value) -> Pod {
+    as_pod(&apply(pod, answer))
+}
+
 /// The patched object as a typed Pod (what the API server would store).
 pub fn as_pod(object: &Value) -> Pod {
     serde_json::from_value(object.clone()).expect("the patched object is a valid Pod")

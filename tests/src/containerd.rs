@@ -283,7 +283,7 @@ impl Drop for Containerd {
             let _ = ctr(&["tasks", "delete", "--force", &id]);
             let _ = ctr(&["containers", "delete", &id]);
         }
-        let _ = self.child.start_kill();
+        crate::kill_and_reap(&mut self.child);
         unmount_below(self.dir.path());
     }
 }
@@ -379,7 +379,10 @@ fn build_oci_archive(out: &Path, name: &str) -> Result<()> {
     add("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
     add("index.json".into(), &index)?;
     for blob in [&layer, &config, &manifest] {
-        add(format!("blobs/sha256/{}", &crate::oci::sha256(blob)[7..]), blob)?;
+        add(
+            format!("blobs/sha256/{}", &crate::oci::sha256(blob)[7..]),
+            blob,
+        )?;
     }
     b.into_inner()?;
     Ok(())

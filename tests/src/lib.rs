@@ -35,3 +35,17 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     );
     path
 }
+
+/// Kills a child process and waits (up to 2 s) until it is gone, so a temp dir
+/// removed right after is not written to by a dying process. For `Drop` impls:
+/// it does not need an async context.
+pub fn kill_and_reap(child: &mut tokio::process::Child) {
+    let _ = child.start_kill();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    while std::time::Instant::now() < deadline {
+        match child.try_wait() {
+            Ok(None) => std::thread::sleep(std::time::Duration::from_millis(5)),
+            _ => return,
+        }
+    }
+}

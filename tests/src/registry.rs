@@ -139,6 +139,21 @@ impl Registry {
         Ok(registry)
     }
 
+    /// `127.0.0.1:PORT`, the registry's host as images name it.
+    pub fn host(&self) -> &str {
+        &self.host
+    }
+
+    /// The user the registry knows.
+    pub fn username(&self) -> &'static str {
+        USER
+    }
+
+    /// That user's password.
+    pub fn password(&self) -> &'static str {
+        PASSWORD
+    }
+
     /// What the registry logged (access log included).
     pub fn log(&self) -> String {
         std::fs::read_to_string(self.dir.path().join("registry.log")).unwrap_or_default()
@@ -261,6 +276,22 @@ impl Registry {
     /// Stops the registry (the address then refuses connections).
     pub async fn stop(&mut self) {
         let _ = self.child.kill().await;
+    }
+}
+
+impl Drop for Registry {
+    /// A failing test shows the end of the registry's log; the process is killed
+    /// and reaped, then the temp dir (storage included) removed with `dir`.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- docker-registry {} logged (last lines) ----\n{}",
+                self.host,
+                crate::webhook::tail(&self.log(), 40)
+            );
+        }
+        // dead before `dir` (its storage) goes
+        crate::kill_and_reap(&mut self.child);
     }
 }
 

@@ -196,6 +196,13 @@ impl Sidecar {
     }
 }
 
+impl Drop for Sidecar {
+    /// Killed and reaped before its temp dir goes.
+    fn drop(&mut self) {
+        crate::kill_and_reap(&mut self.child);
+    }
+}
+
 /// The files of an image in `registry` (`repo:tag`): every layer's tar entries, in order.
 pub async fn layers(registry: &Registry, repo: &str, tag: &str) -> Vec<Vec<(String, Vec<u8>)>> {
     use oci_client::{secrets::RegistryAuth, Reference};

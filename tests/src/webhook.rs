@@ -56,6 +56,9 @@ impl Webhook {
             .arg(dir.path().join("tls.key"))
             .args(["--tls-reload-interval", "200ms"])
             .args(["--registry", registry.host]);
+        if !extra.contains(&"--log-format") {
+            cmd.args(["--log-format", "json"]);
+        }
         if let Some(ca) = registry.ca {
             cmd.arg("--registry-ca").arg(ca);
         }
@@ -110,6 +113,33 @@ impl Webhook {
         client_trusting(&self.ca_pem)
     }
 
+    /// POSTs an AdmissionReview (or anything JSON) to `/mutate`; returns the HTTP
+    /// status and the answer as JSON (a JSON string holding the text when the
+    /// answer is not JSON, e.g. a 400's message).
+    pub async fn send(&self, body: &serde_json::Value) -> (reqwest::StatusCode, serde_json::Value) {
+        self.send_bytes(serde_json::to_vec(body).expect("a JSON body"))
+            .await
+    }
+
+    /// POSTs raw bytes to `/mutate`, as [`Webhook::send`].
+    pub async fn send_bytes(&self, body: Vec<u8>) -> (reqwest::StatusCode, serde_json::Value) {
+        let r = match self
+            .client()
+            .post(self.url("/mutate"))
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await
+        {
+            Ok(r) => r,
+            Err(e) => panic!("POST /mutate failed: {e:#}\nwebhook log:\n{}", self.log()),
+        };
+        let status = r.status();
+        let text = r.text().await.unwrap_or_default();
+        let value = serde_json::from_str(&text).unwrap_or(serde_json::Value::String(text));
+        (status, value)
+    }
+
     /// The Prometheus text of `/metrics`.
     pub async fn metrics(&self) -> String {
         self.client()
@@ -148,6 +178,28 @@ impl Webhook {
     pub fn pid(&self) -> Option<u32> {
         self.child.id()
     }
+}
+
+impl Drop for Webhook {
+    /// A failing test shows what the webhook said; the process is killed and
+    /// reaped, then its temp dir removed with `dir`.
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!(
+                "---- snapshot-webhook on port {} logged ----\n{}",
+                self.port,
+                tail(&self.log(), 200)
+            );
+        }
+        // dead before `dir` goes
+        crate::kill_and_reap(&mut self.child);
+    }
+}
+
+/// The last `n` lines of `text`.
+pub fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
 }
 
 /// Writes tls.crt / tls.key (and, with `new_ca`, a new ca.crt/ca.key) in `dir`;

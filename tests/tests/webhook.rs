@@ -67,6 +67,15 @@ async fn admit(webhook: &Webhook, object: &Value, operation: &str, dry_run: bool
         answer["response"]["uid"], body["request"]["uid"],
         "the uid is echoed"
     );
+    if answer["response"]
+        .get("patch")
+        .is_some_and(|p| !p.is_null())
+    {
+        assert_eq!(
+            answer["response"]["patchType"], "JSONPatch",
+            "a patch comes with patchType JSONPatch: {answer}"
+        );
+    }
     answer
 }
 
@@ -278,6 +287,7 @@ async fn registry_failure_admits_unchanged(
     ca: Option<&std::path::Path>,
     creds: Option<&std::path::Path>,
     why: &str,
+    reason_words: &[&str],
 ) {
     let webhook = Webhook::start(
         RegistryAccess {
@@ -310,6 +320,11 @@ async fn registry_failure_admits_unchanged(
         !w.is_empty() && w[0].contains("snapshot lookup failed"),
         "{why}: {w:?}"
     );
+    let said = w.join(" ").to_lowercase();
+    assert!(
+        reason_words.iter().any(|r| said.contains(r)),
+        "{why}: the warning does not say why (expected one of {reason_words:?}): {w:?}"
+    );
     let status = as_pod(&patched).metadata.annotations.unwrap()[STATUS].clone();
     assert!(status.starts_with("not restored"), "{why}: {status}");
     assert_eq!(
@@ -328,25 +343,53 @@ async fn registry_failure_admits_unchanged(
 #[tokio::test]
 async fn registry_refused() {
     let bad = BadRegistry::start(Misbehaviour::Refused).await;
-    registry_failure_admits_unchanged(&bad.host, Some(&bad.ca_path()), None, "refused").await;
+    registry_failure_admits_unchanged(
+        &bad.host,
+        Some(&bad.ca_path()),
+        None,
+        "refused",
+        &["connect", "refused", "unreachable"],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn registry_silent_past_the_deadline() {
     let bad = BadRegistry::start(Misbehaviour::Silent).await;
-    registry_failure_admits_unchanged(&bad.host, Some(&bad.ca_path()), None, "silent").await;
+    registry_failure_admits_unchanged(
+        &bad.host,
+        Some(&bad.ca_path()),
+        None,
+        "silent",
+        &["timeout", "timed out", "deadline"],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn registry_answering_500() {
     let bad = BadRegistry::start(Misbehaviour::ServerError).await;
-    registry_failure_admits_unchanged(&bad.host, Some(&bad.ca_path()), None, "500").await;
+    registry_failure_admits_unchanged(
+        &bad.host,
+        Some(&bad.ca_path()),
+        None,
+        "500",
+        &["server", "500"],
+    )
+    .await;
 }
 
 #[tokio::test]
 async fn registry_answering_garbage() {
     let bad = BadRegistry::start(Misbehaviour::Garbage).await;
-    registry_failure_admits_unchanged(&bad.host, Some(&bad.ca_path()), None, "garbage").await;
+    registry_failure_admits_unchanged(
+        &bad.host,
+        Some(&bad.ca_path()),
+        None,
+        "garbage",
+        &["garbage", "invalid", "malformed", "not json"],
+    )
+    .await;
 }
 
 #[tokio::test]
@@ -360,6 +403,7 @@ async fn registry_refusing_our_credentials() {
         Some(&registry.ca_path()),
         Some(&creds),
         "401",
+        &["unauthorized", "401", "credentials", "denied"],
     )
     .await;
 }
@@ -500,6 +544,17 @@ async fn dry_run_is_answered_like_a_real_request() {
     let dry = admit(&s.webhook, &pod, "CREATE", true).await;
     assert_eq!(admission::patch(&real), admission::patch(&dry));
     assert!(admission::patch(&dry).is_some());
+    // the whole answer is the same, but for the echoed uid
+    let strip = |a: &Value| {
+        let mut r = admission::response(a).clone();
+        r.as_object_mut().unwrap().remove("uid");
+        r
+    };
+    assert_eq!(strip(&real), strip(&dry));
+    assert_eq!(
+        image_of(&as_pod(&apply(&pod, &dry)), "x-graphical"),
+        Some(s.snapshot("12896316-5"))
+    );
 }
 
 #[tokio::test]
@@ -673,20 +728,31 @@ async fn certificate_rotation_while_serving() {
     );
     assert!(s.webhook.log().contains("serving certificate reloaded"));
 
-    // a new CA: clients trusting it get through within a second
+    // a new CA: clients trusting it get through within about a second
+    // (reload interval 200 ms; 1.5 s leaves room for a busy 2-core machine)
+    let old_ca = ca_of(&s);
     let new_ca = s.webhook.rotate_cert(true);
-    let client = client_trusting(&new_ca);
+    let rotated = Instant::now();
     let url = s.webhook.url("/healthz");
-    let ok = harness::ports::wait_until(Duration::from_secs(2), || {
-        let (client, url) = (client.clone(), url.clone());
+    let ok = harness::ports::wait_until(Duration::from_millis(1500), || {
+        // a fresh client each time: a new connection, a new handshake
+        let (client, url) = (client_trusting(&new_ca), url.clone());
         async move { client.get(&url).send().await.is_ok() }
     })
     .await;
     assert!(
         ok,
-        "the new certificate is not served; log:\n{}",
+        "the certificate of the new CA is not served 1.5 s after the rotation; log:\n{}",
         s.webhook.log()
     );
+    eprintln!("new CA served after {:?}", rotated.elapsed());
+    // and a client trusting only the old CA is now turned away
+    let old = client_trusting(&old_ca).get(&url).send().await;
+    assert!(old.is_err(), "the old CA still verifies: {old:?}");
+}
+
+fn ca_of(s: &Setup) -> String {
+    s.webhook.ca_pem.clone()
 }
 
 #[tokio::test]
@@ -711,5 +777,403 @@ async fn metrics_and_probes() {
             .await
             .unwrap();
         assert!(r.status().is_success(), "{path}");
+    }
+}
+
+/// Every string a container is started with: env values, command, args.
+fn startup_strings(c: &k8s_openapi::api::core::v1::Container) -> Vec<String> {
+    c.env
+        .iter()
+        .flatten()
+        .filter_map(|e| e.value.clone())
+        .chain(c.command.iter().flatten().cloned())
+        .chain(c.args.iter().flatten().cloned())
+        .collect()
+}
+
+fn pull_secrets(pod: &k8s_openapi::api::core::v1::Pod) -> Vec<String> {
+    pod.spec
+        .as_ref()
+        .and_then(|s| s.image_pull_secrets.clone())
+        .into_iter()
+        .flatten()
+        .map(|r| r.name)
+        .collect()
+}
+
+fn has_no_patch(answer: &Value) -> bool {
+    admission::patch(answer).map(|p| p.0.len()).unwrap_or(0) == 0
+}
+
+#[tokio::test]
+async fn the_sidecar_has_what_it_needs_and_no_container_sees_the_password() {
+    let sidecar_image = "registry.example.net/desktop-snapshot/snapshot-sidecar:9.9";
+    let s = Setup::new(&[
+        "--sidecar-image",
+        sidecar_image,
+        "--registry-secret-name",
+        "od-snapshot-secret",
+    ])
+    .await;
+    s.registry.push_tags(REPO, &["12896316-5"]).await;
+    let (answer, patched) = login(&s.webhook, "12896316").await;
+    assert!(allowed(&answer));
+    let pod = admission::apply_patch(&desktop_pod("12896316", IMAGE), &answer);
+    assert_eq!(
+        image_of(&pod, "x-graphical"),
+        Some(s.snapshot("12896316-5"))
+    );
+    let spec = pod.spec.as_ref().unwrap();
+    assert_eq!(pull_secrets(&pod), ["od-snapshot-secret"]);
+    assert_eq!(
+        spec.containers
+            .iter()
+            .filter(|c| c.name == "t-snapshot")
+            .count(),
+        1,
+        "one sidecar"
+    );
+    let sidecar = sidecar_of(&patched).expect("t-snapshot injected");
+    assert_eq!(sidecar.image.as_deref(), Some(sidecar_image));
+    let port = &sidecar.ports.as_ref().expect("a port")[0];
+    assert_eq!(
+        (port.container_port, port.name.as_deref()),
+        (29785, Some("snapshot"))
+    );
+    for (name, path) in [
+        ("SNAPSHOT_POD_NAME", "metadata.name"),
+        ("SNAPSHOT_POD_NAMESPACE", "metadata.namespace"),
+        ("SNAPSHOT_POD_UID", "metadata.uid"),
+    ] {
+        let e = sidecar
+            .env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .unwrap_or_else(|| panic!("{name} missing in the sidecar's env"));
+        let field = e
+            .value_from
+            .as_ref()
+            .and_then(|v| v.field_ref.as_ref())
+            .map(|f| f.field_path.as_str());
+        assert_eq!(field, Some(path), "{name} comes from the downward API");
+    }
+    assert_eq!(
+        env_of(&sidecar, "SNAPSHOT_CONTAINER").as_deref(),
+        Some("x-graphical")
+    );
+    assert_eq!(
+        env_of(&sidecar, "SNAPSHOT_REPOSITORY"),
+        Some(format!("{}/{REPO}", s.registry.host()))
+    );
+    assert_eq!(
+        env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(),
+        Some("12896316")
+    );
+    // the registry secret as a secret volume, the node's containerd socket as a hostPath
+    let volumes = spec.volumes.as_ref().expect("volumes");
+    let secret = volumes
+        .iter()
+        .find(|v| {
+            v.secret.as_ref().and_then(|s| s.secret_name.as_deref()) == Some("od-snapshot-secret")
+        })
+        .expect("a secret volume of --registry-secret-name");
+    let socket = volumes
+        .iter()
+        .find(|v| v.host_path.is_some())
+        .expect("a hostPath volume for containerd");
+    let host_path = socket.host_path.as_ref().unwrap();
+    assert_eq!(host_path.path, "/run/containerd/containerd.sock");
+    assert_eq!(host_path.type_.as_deref(), Some("Socket"));
+    for name in ["home", "tmp", "x11socket"] {
+        assert!(
+            volumes.iter().any(|v| v.name == name),
+            "the pod's own volume {name} is kept"
+        );
+    }
+    // mounted in the sidecar only; no container is started with the password
+    let auth = {
+        use base64::Engine;
+        base64::engine::general_purpose::STANDARD.encode(format!("{USER}:{PASSWORD}"))
+    };
+    for c in spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+    {
+        let mounts: Vec<&str> = c
+            .volume_mounts
+            .iter()
+            .flatten()
+            .map(|m| m.name.as_str())
+            .collect();
+        let is_sidecar = c.name == "t-snapshot";
+        assert_eq!(
+            mounts.contains(&secret.name.as_str()),
+            is_sidecar,
+            "{}: the registry secret is mounted in the sidecar only",
+            c.name
+        );
+        assert_eq!(
+            mounts.contains(&socket.name.as_str()),
+            is_sidecar,
+            "{}: the containerd socket is mounted in the sidecar only",
+            c.name
+        );
+        for w in startup_strings(c) {
+            assert!(
+                !w.contains(PASSWORD) && !w.contains(&auth),
+                "{}: the registry password in {w:?}",
+                c.name
+            );
+        }
+    }
+    assert!(!patched.to_string().contains(PASSWORD));
+    assert!(!patched.to_string().contains(&auth));
+}
+
+#[tokio::test]
+async fn existing_pull_secrets_are_kept_and_ours_is_added_once() {
+    let s = Setup::new(&[]).await;
+    s.registry.push_tags(REPO, &["12896316-5"]).await;
+    const OURS: &str = "abcdesktop-snapshot-registry";
+    for existing in [
+        json!([{"name": "corp-mirror"}]),
+        json!([{"name": OURS}, {"name": "corp-mirror"}]),
+    ] {
+        let mut pod = desktop_pod("12896316", IMAGE);
+        pod["spec"]["imagePullSecrets"] = existing.clone();
+        let answer = admit(&s.webhook, &pod, "CREATE", false).await;
+        let patched = admission::apply_patch(&pod, &answer);
+        assert_eq!(
+            image_of(&patched, "x-graphical"),
+            Some(s.snapshot("12896316-5"))
+        );
+        let names = pull_secrets(&patched);
+        assert_eq!(
+            names.iter().filter(|n| *n == OURS).count(),
+            1,
+            "{existing}: {names:?}"
+        );
+        assert!(
+            names.iter().any(|n| n == "corp-mirror"),
+            "{existing}: {names:?}"
+        );
+        assert_eq!(names.len(), 2, "{existing}: {names:?}");
+    }
+}
+
+#[tokio::test]
+async fn shared_layout_numbers_lookalikes_and_escaped_ids() {
+    let s = Setup::new(&[]).await;
+    s.registry
+        .push_tags(
+            REPO,
+            &[
+                "alice-999",
+                "alice-1000",
+                "alice-1-500",
+                "alicex-5000",
+                "xalice-5000",
+                "Alice-7000",
+                "alice_5f-9000",
+                "alice-12a",
+                "alice-latest",
+                "a_5fb-3",
+                "a_b-9",
+                "_2dx-4",
+                "_2ex-6",
+            ],
+        )
+        .await;
+    let cases: &[(&str, Option<&str>, &str)] = &[
+        // user, snapshot restored, tag prefix
+        ("alice", Some("alice-1000"), "alice"),
+        ("alice-1", Some("alice-1-500"), "alice-1"),
+        ("alicex", Some("alicex-5000"), "alicex"),
+        ("Alice", Some("Alice-7000"), "Alice"),
+        ("alice_", Some("alice_5f-9000"), "alice_5f"),
+        ("a_b", Some("a_5fb-3"), "a_5fb"),
+        ("-x", Some("_2dx-4"), "_2dx"),
+        (".x", Some("_2ex-6"), "_2ex"),
+        ("bob", None, "bob"),
+    ];
+    for (user, want, prefix) in cases {
+        let (answer, patched) = login(&s.webhook, user).await;
+        assert!(allowed(&answer), "{user}: {answer}");
+        let want = want.map(|t| s.snapshot(t)).unwrap_or_else(|| IMAGE.into());
+        assert_eq!(
+            image_of(&as_pod(&patched), "x-graphical"),
+            Some(want),
+            "user {user:?}"
+        );
+        let sidecar = sidecar_of(&patched).expect("sidecar");
+        assert_eq!(
+            env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(),
+            Some(*prefix),
+            "user {user:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn per_user_layout_escapes_ids_that_are_not_repository_names() {
+    let s = Setup::new(&["--layout", "per-user"]).await;
+    let hex = |u: &str| format!("u__{}", hex::encode(u.as_bytes()));
+    let cases: Vec<(&str, String)> = vec![
+        ("alice", "alice".into()),
+        ("a--b", "a--b".into()),
+        ("j.doe", "j.doe".into()),
+        ("12896316", "12896316".into()),
+        ("Alice", hex("Alice")),
+        ("jdoe@example.com", hex("jdoe@example.com")),
+        ("a_b", hex("a_b")),
+        ("a..b", hex("a..b")),
+        ("-a", hex("-a")),
+        ("a.", hex("a.")),
+        ("u__61", hex("u__61")),
+    ];
+    assert_eq!(hex("Alice"), "u__416c696365");
+    s.registry
+        .push_tags(
+            &format!("alice/{REPO}"),
+            &["4.1-100", "4.1-20", "4.1-1-900", "4.10-900", "4.0-999"],
+        )
+        .await;
+    s.registry
+        .push_tags(&format!("{}/{REPO}", hex("Alice")), &["4.1-5"])
+        .await;
+    s.registry
+        .push_tags(&format!("a--b/{REPO}"), &["4.1-7"])
+        .await;
+    for (user, component) in &cases {
+        let (answer, patched) = login(&s.webhook, user).await;
+        assert!(allowed(&answer), "{user}: {answer}");
+        let sidecar = sidecar_of(&patched).expect("sidecar");
+        let repository = format!("{}/{component}/{REPO}", s.registry.host());
+        assert_eq!(
+            env_of(&sidecar, "SNAPSHOT_REPOSITORY"),
+            Some(repository.clone()),
+            "user {user:?}"
+        );
+        assert_eq!(
+            env_of(&sidecar, "SNAPSHOT_TAG_PREFIX").as_deref(),
+            Some("4.1"),
+            "user {user:?}"
+        );
+        let want = match *user {
+            "alice" => format!("{repository}:4.1-100"),
+            "Alice" => format!("{repository}:4.1-5"),
+            "a--b" => format!("{repository}:4.1-7"),
+            _ => IMAGE.to_string(),
+        };
+        assert_eq!(
+            image_of(&as_pod(&patched), "x-graphical"),
+            Some(want),
+            "user {user:?}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn pins_to_lookalike_or_non_snapshot_tags_are_refused() {
+    let s = Setup::new(&[]).await;
+    s.registry
+        .push_tags(
+            REPO,
+            &["12896316-5", "12896316-9", "12896316-1-99", "latest"],
+        )
+        .await;
+    let pinned = |tag: &str| {
+        let mut pod = desktop_pod("12896316", IMAGE);
+        pod["metadata"]["annotations"]["snapshot.abcdesktop.io/pin"] = json!(tag);
+        pod
+    };
+    for tag in ["12896316-1-99", "latest", "4.1", "12896316-"] {
+        let answer = admit(&s.webhook, &pinned(tag), "CREATE", false).await;
+        assert!(!allowed(&answer), "pin {tag:?} was allowed: {answer}");
+        let message = admission::response(&answer)["status"]["message"]
+            .as_str()
+            .unwrap_or_default()
+            .to_string();
+        assert!(
+            message.contains(tag),
+            "pin {tag:?}: the refusal names the pin: {message:?}"
+        );
+    }
+    // a pin of one's own older snapshot restores it, and re-admission keeps it
+    let pod = pinned("12896316-5");
+    let answer = admit(&s.webhook, &pod, "CREATE", false).await;
+    assert!(allowed(&answer));
+    let patched = apply(&pod, &answer);
+    assert_eq!(
+        image_of(&as_pod(&patched), "x-graphical"),
+        Some(s.snapshot("12896316-5"))
+    );
+    let again = admit(&s.webhook, &patched, "CREATE", false).await;
+    assert!(allowed(&again) && has_no_patch(&again), "{again}");
+}
+
+#[tokio::test]
+async fn readmitting_is_a_no_op_whatever_was_decided() {
+    let s = Setup::new(&[]).await;
+    // no snapshot yet: sidecar injected; a snapshot pushed before the re-admission
+    let (answer, patched) = login(&s.webhook, "12896316").await;
+    assert!(allowed(&answer) && sidecar_of(&patched).is_some());
+    s.registry.push_tags(REPO, &["12896316-5"]).await;
+    let again = admit(&s.webhook, &patched, "CREATE", false).await;
+    assert!(
+        allowed(&again) && has_no_patch(&again),
+        "no snapshot, then re-admitted: {again}"
+    );
+    // opted out
+    let mut pod = desktop_pod("12896316", IMAGE);
+    pod["metadata"]["annotations"]["snapshot.abcdesktop.io/restore"] = json!("false");
+    let answer = admit(&s.webhook, &pod, "CREATE", false).await;
+    let patched = apply(&pod, &answer);
+    assert_eq!(
+        image_of(&as_pod(&patched), "x-graphical").as_deref(),
+        Some(IMAGE)
+    );
+    assert!(sidecar_of(&patched).is_some());
+    let again = admit(&s.webhook, &patched, "CREATE", false).await;
+    assert!(
+        allowed(&again) && has_no_patch(&again),
+        "opted out, then re-admitted: {again}"
+    );
+}
+
+#[tokio::test]
+async fn native_sidecar_mode() {
+    let s = Setup::new(&["--sidecar-mode", "native"]).await;
+    for tags in [&[][..], &["12896316-5"][..]] {
+        if !tags.is_empty() {
+            s.registry.push_tags(REPO, tags).await;
+        }
+        let (answer, patched) = login(&s.webhook, "12896316").await;
+        assert!(allowed(&answer));
+        let pod = as_pod(&patched);
+        let spec = pod.spec.as_ref().unwrap();
+        assert!(
+            !spec.containers.iter().any(|c| c.name == "t-snapshot"),
+            "{tags:?}: native sidecar is not a plain container"
+        );
+        let init = spec.init_containers.as_ref().expect("init containers");
+        assert!(
+            init.iter().any(|c| c.name == "i-init"),
+            "the pod's own init container is kept"
+        );
+        let sidecar = init
+            .iter()
+            .find(|c| c.name == "t-snapshot")
+            .expect("the sidecar as an init container");
+        assert_eq!(sidecar.restart_policy.as_deref(), Some("Always"));
+        assert_eq!(sidecar.ports.as_ref().unwrap()[0].container_port, 29785);
+        let want = if tags.is_empty() {
+            IMAGE.to_string()
+        } else {
+            s.snapshot("12896316-5")
+        };
+        assert_eq!(image_of(&pod, "x-graphical"), Some(want));
     }
 }
