@@ -1,9 +1,15 @@
-//! The container's changes as one uncompressed layer in containerd's content
-//! store: pause the task, diff its snapshot against its parent through the Diff
-//! service, resume. The task is resumed on every path: errors return through
+//! The container's changes as one layer: pause the task, read its overlayfs
+//! upper directory into a compressed spool (or, as the fallback, diff its
+//! snapshot against its parent through the Diff service into containerd's
+//! content store, uncompressed), resume. The task is resumed on every path: errors return through
 //! the guard, and a panic or a dropped future resumes it from `Drop`.
 
 use crate::ctrd::Ctrd;
+use crate::{
+    layer::{Compression, Hashing},
+    spool::{self, SpoolReader},
+    upper::{self, Upper},
+};
 use anyhow::{Context, Result};
 use containerd_client::{
     services::v1::{
@@ -13,9 +19,9 @@ use containerd_client::{
         Container, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest,
         DiffRequest, PauseTaskRequest, ResumeTaskRequest,
     },
-    types::Descriptor,
+    types::{Descriptor, Mount},
 };
-use std::{collections::HashMap, time::Duration};
+use std::{collections::HashMap, io::BufWriter, path::Path, time::Duration};
 use tracing::{info, warn};
 
 /// The OCI media type of an uncompressed layer.
@@ -190,6 +196,63 @@ pub enum Scope {
     Everything,
 }
 
+/// How containerd mounts `container`'s root filesystem.
+pub async fn mounts(ctrd: &Ctrd, container: &Container) -> Result<Vec<Mount>> {
+    let key = &container.snapshot_key;
+    Ok(ctrd
+        .client
+        .snapshots()
+        .mounts(ctrd.req(MountsRequest {
+            snapshotter: container.snapshotter.clone(),
+            key: key.clone(),
+        }))
+        .await
+        .with_context(|| format!("mounts of snapshot {key}"))?
+        .into_inner()
+        .mounts)
+}
+
+/// The layer of `container`'s changes read from its overlayfs upper directory,
+/// compressed into a spool while the task is paused; the task runs again before
+/// this returns, and the upload reads the spool afterwards. Returns the
+/// layer's diff_id (sha256 of the uncompressed tar) and the spool.
+pub async fn from_upper(
+    ctrd: &Ctrd,
+    container: &Container,
+    upper: Upper,
+    pause: bool,
+    compression: Compression,
+    work_dir: &Path,
+) -> Result<(String, SpoolReader)> {
+    let (writer, reader) = spool::create(work_dir)?;
+    let paused = if pause {
+        Some(Paused::pause(ctrd, &container.id).await?)
+    } else {
+        None
+    };
+    let started = std::time::Instant::now();
+    let written = tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
+        let encoder = compression
+            .encoder(BufWriter::with_capacity(1 << 20, writer))
+            .context("starting the compressor")?;
+        let (diff_id, encoder) = upper::write_layer(&upper, Hashing::new(encoder))?.finish();
+        let spool = encoder
+            .finish()
+            .context("compressing the layer")?
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .context("writing the layer's spool file")?;
+        Ok((diff_id, spool.finish()))
+    })
+    .await;
+    if let Some(p) = paused {
+        p.resume().await?;
+    }
+    let (diff_id, compressed) = written.context("the layer writer panicked")??;
+    info!(diff_id = %diff_id, compressed_bytes = compressed, paused_ms = started.elapsed().as_millis() as u64, "layer read from the upper directory");
+    Ok((diff_id, reader))
+}
+
 /// The layer of `container`'s changes, or of its whole root filesystem
 /// (uncompressed, in the content store under the lease of `ctrd`); its digest is
 /// the layer's diff_id.
@@ -234,16 +297,7 @@ pub async fn diff(
             .into_inner()
             .mounts
     };
-    let right = snapshots
-        .clone()
-        .mounts(ctrd.req(MountsRequest {
-            snapshotter: snapshotter.clone(),
-            key: key.clone(),
-        }))
-        .await
-        .with_context(|| format!("mounts of snapshot {key}"))?
-        .into_inner()
-        .mounts;
+    let right = mounts(ctrd, container).await?;
 
     let paused = if pause {
         Some(Paused::pause(ctrd, &container.id).await?)

@@ -64,6 +64,18 @@ pub struct Config {
     /// Threads compressing the layer (default: every core).
     #[arg(long, env = "SNAPSHOT_COMPRESSION_THREADS", default_value_t = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))]
     pub compression_threads: usize,
+    /// Compression level (gzip 1-9, zstd 1-19); default gzip 1, zstd 3, fast
+    /// because the desktop is paused while its layer is compressed.
+    #[arg(long, env = "SNAPSHOT_COMPRESSION_LEVEL")]
+    pub compression_level: Option<i32>,
+    /// Where the layer comes from: `auto` reads the overlayfs upper directory
+    /// when it is reachable (time in proportion to the change) and falls back to
+    /// containerd's Diff service; `diff-service` always uses the Diff service.
+    #[arg(long, env = "SNAPSHOT_LAYER_SOURCE", value_enum, default_value_t = LayerSource::Auto)]
+    pub layer_source: LayerSource,
+    /// Directory for the compressed layer between the pause and the upload.
+    #[arg(long, env = "SNAPSHOT_WORK_DIR", default_value = "/tmp")]
+    pub work_dir: PathBuf,
     /// Lifetime of the containerd lease that protects the work in progress.
     #[arg(long, env = "SNAPSHOT_LEASE_EXPIRY", default_value = "1h", value_parser = humantime::parse_duration)]
     pub lease_expiry: Duration,
@@ -73,6 +85,22 @@ pub struct Config {
     /// Log format: `json` or `text`.
     #[arg(long, env = "SNAPSHOT_LOG_FORMAT", default_value = "json")]
     pub log_format: String,
+}
+
+impl Config {
+    pub fn compression(&self) -> crate::layer::Compression {
+        crate::layer::Compression {
+            codec: self.compression,
+            level: self.compression_level,
+            threads: self.compression_threads,
+        }
+    }
+}
+
+#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LayerSource {
+    Auto,
+    DiffService,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,5 +1,5 @@
-//! Compressing the new layer while it streams, on every core: the Diff service
-//! hands out the uncompressed tar, this turns it into gzip (parallel, with gzp;
+//! Compressing the new layer on every core: the uncompressed tar (from the
+//! upper directory or from the Diff service) becomes gzip (parallel, with gzp;
 //! the default, what every runtime reads) or zstd (multithreaded). Memory stays
 //! bounded: a few chunks in flight, never the whole layer.
 
@@ -30,28 +30,115 @@ impl Codec {
     }
 }
 
-/// Compresses `input` with `codec` on `threads` threads; the output as a stream of chunks.
+/// The snapshot's new layer, compressed, as the upload reads it.
+pub struct NewLayer {
+    /// sha256 of the uncompressed tar.
+    pub diff_id: String,
+    pub compressed: futures::stream::BoxStream<'static, io::Result<Bytes>>,
+    /// Where it came from: `upperdir` or `diff-service`.
+    pub source: &'static str,
+}
+
+/// How the new layer is compressed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compression {
+    pub codec: Codec,
+    /// The codec's level; `None` for this crate's default (gzip 1, zstd 3:
+    /// the desktop is paused while its layer is compressed).
+    pub level: Option<i32>,
+    pub threads: usize,
+}
+
+impl Compression {
+    fn level(&self) -> i32 {
+        match (self.codec, self.level) {
+            (Codec::Gzip, Some(l)) => l.clamp(1, 9),
+            (Codec::Gzip, None) => 1,
+            (Codec::Zstd, Some(l)) => l.clamp(1, 19),
+            (Codec::Zstd, None) => 3,
+        }
+    }
+
+    /// A writer that compresses into `out` on `threads` threads; `finish` flushes it.
+    pub fn encoder<W: Write + Send + 'static>(&self, out: W) -> io::Result<Encoder<W>> {
+        let threads = self.threads.max(1);
+        Ok(match self.codec {
+            Codec::Gzip => {
+                use gzp::{deflate::Gzip, par::compress::ParCompressBuilder};
+                Encoder::Gzip(
+                    ParCompressBuilder::<Gzip>::new()
+                        .num_threads(threads)
+                        .map_err(io::Error::other)?
+                        .compression_level(gzp::Compression::new(self.level() as u32))
+                        .from_writer(out),
+                )
+            }
+            Codec::Zstd => {
+                let mut z = zstd::Encoder::new(out, self.level())?;
+                z.multithread(threads as u32)?;
+                Encoder::Zstd(z)
+            }
+        })
+    }
+}
+
+/// A compressing writer of either codec.
+pub enum Encoder<W: Write + Send + 'static> {
+    Gzip(gzp::par::compress::ParCompress<'static, gzp::deflate::Gzip, W>),
+    Zstd(zstd::Encoder<'static, W>),
+}
+
+impl<W: Write + Send + 'static> Encoder<W> {
+    /// Ends the compressed stream; the inner writer back.
+    pub fn finish(self) -> io::Result<W> {
+        use gzp::ZWriter;
+        let mut w = match self {
+            Encoder::Gzip(mut z) => z.finish().map_err(io::Error::other)?,
+            Encoder::Zstd(z) => z.finish()?,
+        };
+        w.flush()?;
+        Ok(w)
+    }
+}
+
+impl<W: Write + Send + 'static> Write for Encoder<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        match self {
+            Encoder::Gzip(z) => z.write(data),
+            Encoder::Zstd(z) => z.write(data),
+        }
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        match self {
+            Encoder::Gzip(z) => z.flush(),
+            Encoder::Zstd(z) => z.flush(),
+        }
+    }
+}
+
+/// Compresses `input`; the output as a stream of chunks.
 pub fn compress<S>(
     input: S,
-    codec: Codec,
-    threads: usize,
+    compression: Compression,
 ) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static
 where
     S: Stream<Item = anyhow::Result<Bytes>> + Send + 'static,
 {
     let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
-    let reader = SyncIoBridge::new(StreamReader::new(Box::pin(input.map_err(io::Error::other))));
+    let mut reader =
+        SyncIoBridge::new(StreamReader::new(Box::pin(input.map_err(io::Error::other))));
     let errors = tx.clone();
     tokio::task::spawn_blocking(move || {
-        if let Err(e) = run(
-            reader,
-            ChannelWriter {
-                tx,
-                buf: BytesMut::with_capacity(CHUNK),
-            },
-            codec,
-            threads.max(1),
-        ) {
+        let writer = ChannelWriter {
+            tx,
+            buf: BytesMut::with_capacity(CHUNK),
+        };
+        let done = compression.encoder(writer).and_then(|mut z| {
+            io::copy(&mut reader, &mut z)?;
+            z.finish().map(drop)
+        });
+        if let Err(e) = done {
             let _ = errors.blocking_send(Err(e));
         }
     });
@@ -60,31 +147,41 @@ where
     })
 }
 
-fn run(
-    mut reader: impl io::Read,
-    writer: ChannelWriter,
-    codec: Codec,
-    threads: usize,
-) -> io::Result<()> {
-    match codec {
-        Codec::Gzip => {
-            use gzp::{deflate::Gzip, par::compress::ParCompressBuilder, ZWriter};
-            let mut z = ParCompressBuilder::<Gzip>::new()
-                .num_threads(threads)
-                .map_err(io::Error::other)?
-                .compression_level(gzp::Compression::new(3))
-                .from_writer(writer);
-            io::copy(&mut reader, &mut z)?;
-            let mut w = z.finish().map_err(io::Error::other)?;
-            w.flush()
+/// Hashes what passes through (sha256 of the uncompressed layer: its diff_id).
+pub struct Hashing<W> {
+    pub inner: W,
+    hasher: sha2::Sha256,
+}
+
+impl<W: Write> Hashing<W> {
+    pub fn new(inner: W) -> Self {
+        use sha2::Digest;
+        Self {
+            inner,
+            hasher: sha2::Sha256::new(),
         }
-        Codec::Zstd => {
-            let mut z = zstd::Encoder::new(writer, 3)?;
-            z.multithread(threads as u32)?;
-            io::copy(&mut reader, &mut z)?;
-            let mut w = z.finish()?;
-            w.flush()
-        }
+    }
+
+    /// `sha256:<hex>` of everything written, and the inner writer.
+    pub fn finish(self) -> (String, W) {
+        use sha2::Digest;
+        (
+            format!("sha256:{}", hex::encode(self.hasher.finalize())),
+            self.inner,
+        )
+    }
+}
+
+impl<W: Write> Write for Hashing<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        use sha2::Digest;
+        let n = self.inner.write(data)?;
+        self.hasher.update(&data[..n]);
+        Ok(n)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
     }
 }
 
@@ -133,7 +230,14 @@ mod tests {
                 .collect::<Vec<_>>(),
         );
         let mut out = Vec::new();
-        let mut s = Box::pin(compress(input, codec, 2));
+        let mut s = Box::pin(compress(
+            input,
+            Compression {
+                codec,
+                level: None,
+                threads: 2,
+            },
+        ));
         while let Some(chunk) = s.next().await {
             out.extend_from_slice(&chunk.unwrap());
         }
@@ -170,7 +274,16 @@ mod tests {
             Ok(Bytes::from_static(b"abc")),
             Err(anyhow::anyhow!("containerd went away")),
         ]);
-        let results: Vec<_> = compress(input, Codec::Gzip, 2).collect().await;
+        let results: Vec<_> = compress(
+            input,
+            Compression {
+                codec: Codec::Gzip,
+                level: None,
+                threads: 2,
+            },
+        )
+        .collect()
+        .await;
         assert!(results.iter().any(|r| r
             .as_ref()
             .is_err_and(|e| e.to_string().contains("containerd went away"))));

@@ -2,7 +2,9 @@
 //! the desktop container through containerd and pushes it to the registry.
 //!
 //! The data path, top to bottom: [`api`] (click) -> [`snapshot`] ->
-//! [`find`] -> [`commit`] (pause, diff, resume) -> [`image`] -> [`push`].
+//! [`find`] -> [`commit`] (pause, read the changes from the [`upper`]
+//! directory into a [`spool`] or through the Diff service, resume) -> [`image`]
+//! -> [`push`].
 
 pub mod api;
 pub mod commit;
@@ -15,4 +17,6 @@ pub mod metrics;
 pub mod push;
 pub mod session;
 pub mod snapshot;
+pub mod spool;
 pub mod tag;
+pub mod upper;

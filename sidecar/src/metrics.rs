@@ -11,9 +11,15 @@ struct ResultLabel {
     result: &'static str,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabel {
+    source: &'static str,
+}
+
 pub struct Metrics {
     registry: Registry,
     snapshots: Family<ResultLabel, Counter>,
+    layers: Family<SourceLabel, Counter>,
     pub duration: Histogram,
 }
 
@@ -26,6 +32,12 @@ impl Default for Metrics {
             "Snapshot operations finished, by result (done, error)",
             snapshots.clone(),
         );
+        let layers = Family::<SourceLabel, Counter>::default();
+        registry.register(
+            "layers",
+            "Snapshot layers pushed, by where they were read (upperdir, diff-service)",
+            layers.clone(),
+        );
         let duration = Histogram::new([0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]);
         registry.register(
             "snapshot_duration_seconds",
@@ -35,18 +47,23 @@ impl Default for Metrics {
         Self {
             registry,
             snapshots,
+            layers,
             duration,
         }
     }
 }
 
 impl Metrics {
-    pub fn finished(&self, ok: bool, seconds: f64) {
+    /// One operation ended: with the source of its layer, or failed.
+    pub fn finished(&self, source: Result<&'static str, &anyhow::Error>, seconds: f64) {
         self.snapshots
             .get_or_create(&ResultLabel {
-                result: if ok { "done" } else { "error" },
+                result: if source.is_ok() { "done" } else { "error" },
             })
             .inc();
+        if let Ok(source) = source {
+            self.layers.get_or_create(&SourceLabel { source }).inc();
+        }
         self.duration.observe(seconds);
     }
 

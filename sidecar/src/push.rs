@@ -1,6 +1,6 @@
 //! Pushing the snapshot with oci-client's blob-level calls: base layers the
 //! repository already has are skipped, the others streamed from containerd's
-//! content store; the new layer is compressed while it streams (memory stays
+//! content store; the new layer streamed as it is compressed (memory stays
 //! flat whatever its size); config next; the manifest, with the tag, last, so
 //! a push that fails anywhere leaves no tag.
 
@@ -8,7 +8,7 @@ use crate::{
     config::Protocol,
     ctrd::Ctrd,
     image,
-    layer::{self, Codec},
+    layer::{Codec, NewLayer},
 };
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -152,8 +152,8 @@ impl Registry {
         target: &Reference,
         base_image: Option<&Reference>,
         base: &image::Base,
-        layer_diff_id: &str,
-        compression: (Codec, usize),
+        layer: NewLayer,
+        codec: Codec,
         created: &str,
     ) -> Result<String> {
         self.client
@@ -176,19 +176,21 @@ impl Registry {
                 .await?;
         }
 
-        // The user's changes: uncompressed from containerd, compressed on the way.
+        // The user's changes, compressed.
         let started = std::time::Instant::now();
-        let (codec, threads) = compression;
-        let compressed = layer::compress(image::read_stream(ctrd, layer_diff_id), codec, threads)
-            .map_err(oci_client::errors::OciDistributionError::IoError);
         let pushed = self
             .client
-            .push_blob_stream_chunked(target, compressed)
+            .push_blob_stream_chunked(
+                target,
+                layer
+                    .compressed
+                    .map_err(oci_client::errors::OciDistributionError::IoError),
+            )
             .await
             .context("uploading the snapshot layer")?;
         info!(digest = %pushed.blob_digest, bytes = pushed.size, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot layer uploaded");
 
-        let config = image::next_config(&base.config, layer_diff_id, created);
+        let config = image::next_config(&base.config, &layer.diff_id, created);
         let config_bytes = serde_json::to_vec(&config)?;
         let config_digest = format!(
             "sha256:{}",

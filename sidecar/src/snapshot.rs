@@ -1,28 +1,36 @@
-//! One snapshot, top to bottom: click -> find -> pause/diff/resume -> push.
+//! One snapshot, top to bottom: click -> find -> pause/read the changes/resume
+//! -> push.
 
 use crate::{
     commit::{self, Lease},
-    config::Config,
+    config::{Config, LayerSource},
     ctrd::Ctrd,
     find::{self, Identity},
     image,
+    layer::{self, NewLayer},
     metrics::Metrics,
     push::Registry,
     session::{Sessions, Step},
     tag,
+    upper::{self, Capabilities, Unsupported, Upper},
 };
 use anyhow::{Context, Result};
+use containerd_client::services::v1::Container;
+use futures::StreamExt;
 use std::time::{Instant, SystemTime};
-use tracing::{error, info};
+use tracing::{error, info, warn};
 
 /// Runs operation `id` to its end: `done` or `error`, never stuck.
 pub async fn run(config: &Config, sessions: &Sessions, metrics: &Metrics, id: &str) {
     let started = Instant::now();
     let result = commit_and_push(config, sessions, id).await;
-    metrics.finished(result.is_ok(), started.elapsed().as_secs_f64());
+    metrics.finished(
+        result.as_ref().map(|(_, source)| *source),
+        started.elapsed().as_secs_f64(),
+    );
     match result {
-        Ok(image) => {
-            info!(session = id, image = %image, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot done");
+        Ok((image, source)) => {
+            info!(session = id, image = %image, source, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot done");
             sessions.done(id, image);
         }
         Err(e) => {
@@ -33,7 +41,11 @@ pub async fn run(config: &Config, sessions: &Sessions, metrics: &Metrics, id: &s
     }
 }
 
-async fn commit_and_push(config: &Config, sessions: &Sessions, id: &str) -> Result<String> {
+async fn commit_and_push(
+    config: &Config,
+    sessions: &Sessions,
+    id: &str,
+) -> Result<(String, &'static str)> {
     let step = |s: Step| {
         info!(session = id, step = s.words(), "step");
         sessions.step(id, s);
@@ -61,9 +73,9 @@ async fn commit_and_push(config: &Config, sessions: &Sessions, id: &str) -> Resu
 async fn generate_and_push(
     config: &Config,
     ctrd: &Ctrd,
-    container: &containerd_client::services::v1::Container,
+    container: &Container,
     step: &(dyn Fn(Step) + Sync),
-) -> Result<String> {
+) -> Result<(String, &'static str)> {
     let started = Instant::now();
     let mut base = image::base(ctrd, &container.image).await?;
     let scope = if image::layer_count(&base) + 1 > config.max_layers as usize {
@@ -77,9 +89,10 @@ async fn generate_and_push(
     } else {
         commit::Scope::Changes
     };
-    let layer = commit::diff(ctrd, container, config.pause, scope).await?;
+    let layer = new_layer(config, ctrd, container, scope).await?;
     info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
+        source = layer.source,
         "desktop image generated"
     );
 
@@ -101,16 +114,83 @@ async fn generate_and_push(
 
     step(Step::PushImage);
     let created = humantime::format_rfc3339_seconds(now).to_string();
+    let source = layer.source;
     let digest = registry
         .push(
             ctrd,
             &target,
             container.image.parse().ok().as_ref(),
             &base,
-            &layer.digest,
-            (config.compression, config.compression_threads),
+            layer,
+            config.compression,
             &created,
         )
         .await?;
-    Ok(format!("{image_ref}@{digest}"))
+    Ok((format!("{image_ref}@{digest}"), source))
+}
+
+/// The container's changes as a compressed layer: from the overlayfs upper
+/// directory when it can be read faithfully, else from the Diff service (and
+/// always from the Diff service for a squash, which needs the whole tree).
+async fn new_layer(
+    config: &Config,
+    ctrd: &Ctrd,
+    container: &Container,
+    scope: commit::Scope,
+) -> Result<NewLayer> {
+    if scope == commit::Scope::Changes && config.layer_source == LayerSource::Auto {
+        match upper_of(ctrd, container).await {
+            Ok(upper) => {
+                match commit::from_upper(
+                    ctrd,
+                    container,
+                    upper,
+                    config.pause,
+                    config.compression(),
+                    &config.work_dir,
+                )
+                .await
+                {
+                    Ok((diff_id, spool)) => {
+                        return Ok(NewLayer {
+                            diff_id,
+                            compressed: spool.stream().boxed(),
+                            source: "upperdir",
+                        })
+                    }
+                    Err(e) if e.downcast_ref::<Unsupported>().is_some() => {
+                        warn!(reason = %format!("{e:#}"), "the upper directory cannot be used; the layer comes from the Diff service")
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
+            Err(why) => {
+                info!(reason = %why, "the layer comes from the Diff service")
+            }
+        }
+    }
+    let diff = commit::diff(ctrd, container, config.pause, scope).await?;
+    Ok(NewLayer {
+        compressed: layer::compress(image::read_stream(ctrd, &diff.digest), config.compression())
+            .boxed(),
+        diff_id: diff.digest,
+        source: "diff-service",
+    })
+}
+
+/// The container's upper directory, if this sidecar can read it faithfully.
+async fn upper_of(ctrd: &Ctrd, container: &Container) -> Result<Upper, Unsupported> {
+    if container.snapshotter != "overlayfs" {
+        return Err(Unsupported(format!(
+            "the snapshotter is {}, not overlayfs",
+            container.snapshotter
+        )));
+    }
+    let mounts = commit::mounts(ctrd, container)
+        .await
+        .map_err(|e| Unsupported(format!("{e:#}")))?;
+    let upper = upper::upperdir(&mounts)
+        .ok_or_else(|| Unsupported("the root filesystem is not an overlay mount".to_string()))?;
+    upper.check(&Capabilities::read())?;
+    Ok(upper)
 }

@@ -340,7 +340,8 @@ fn base_layer() -> Result<Vec<u8>> {
     file("opt/base/keep", 0o644, b"kept\n")?;
     for applet in [
         "sh", "sleep", "cat", "ls", "rm", "mkdir", "echo", "dd", "touch", "mv", "head", "sync",
-        "true", "yes", "seq", "cp", "find", "wc",
+        "true", "yes", "seq", "cp", "find", "wc", "ln", "stat", "chmod", "chown", "md5sum",
+        "mkfifo", "sort",
     ] {
         let mut h = crate::oci::tar_header(tar::EntryType::Symlink, 0o777, 0);
         b.append_link(&mut h, format!("bin/{applet}"), "busybox")?;

@@ -39,10 +39,39 @@ impl Sidecar {
         socket: Option<&Path>,
         extra_env: &[(&str, &str)],
     ) -> Self {
+        Self::start_wrapped(t, socket, extra_env, &[]).await
+    }
+
+    /// Starts it without CAP_SYS_ADMIN, as a sidecar that cannot read overlay's
+    /// own attributes (so not the upper directory).
+    pub async fn start_without_sys_admin(t: Target<'_>, extra_env: &[(&str, &str)]) -> Self {
+        Self::start_wrapped(
+            t,
+            None,
+            extra_env,
+            &["setpriv", "--bounding-set", "-sys_admin"],
+        )
+        .await
+    }
+
+    async fn start_wrapped(
+        t: Target<'_>,
+        socket: Option<&Path>,
+        extra_env: &[(&str, &str)],
+        wrapper: &[&str],
+    ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = ports::free_port();
         let log = std::fs::File::create(dir.path().join("sidecar.log")).expect("log");
-        let mut cmd = Command::new(workspace_binary("snapshot-sidecar"));
+        let binary = workspace_binary("snapshot-sidecar");
+        let mut cmd = match wrapper {
+            [] => Command::new(&binary),
+            [program, args @ ..] => {
+                let mut c = Command::new(program);
+                c.args(args).arg(&binary);
+                c
+            }
+        };
         cmd.env_clear()
             .env("PATH", std::env::var("PATH").unwrap_or_default())
             .env("RUST_LOG", "info")
@@ -95,6 +124,16 @@ impl Sidecar {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         Self { port, dir, child }
+    }
+
+    /// The sidecar's Prometheus metrics, as text.
+    pub async fn metrics(&self) -> String {
+        reqwest::get(self.url("/metrics"))
+            .await
+            .expect("GET /metrics")
+            .text()
+            .await
+            .expect("metrics text")
     }
 
     pub fn log(&self) -> String {

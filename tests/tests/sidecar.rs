@@ -509,3 +509,138 @@ async fn a_500_in_the_middle_of_a_push_leaves_no_tag() {
     }
     s.containerd.stop().await;
 }
+
+/// What a desktop holds where users work: every path with its type, mode,
+/// owner and size; files' link counts and checksums (a directory's link count
+/// is overlay's business: a merged directory always says 1).
+async fn tree(containerd: &Containerd, id: &str) -> String {
+    containerd
+        .exec(
+            id,
+            "cd / && for f in $(find etc opt root | sort); do stat -c '%n %F %a %u:%g %s' $f; \
+             if [ -f $f ] && [ ! -L $f ]; then stat -c 'links %h' $f; md5sum $f; fi; done",
+        )
+        .await
+}
+
+#[tokio::test]
+async fn the_upper_directory_and_the_diff_service_restore_the_same_desktop() {
+    let s = Setup::new().await;
+    s.containerd
+        .exec(
+            "desk-a",
+            "echo installed > /root/new.txt && ln /root/new.txt /root/hard && \
+             ln -s /root/new.txt /root/sym && mkfifo /root/pipe && \
+             mkdir -p /root/a/b/c && echo deep > /root/a/b/c/d && \
+             chmod 600 /etc/os-release && chown 1234:4321 /root/new.txt && \
+             echo changed > /etc/base-file-to-change && rm /etc/base-file-to-delete && \
+             rm -rf /opt/base && mkdir /opt/base && echo fresh > /opt/base/fresh",
+        )
+        .await;
+    let live = tree(&s.containerd, "desk-a").await;
+    assert!(
+        live.contains("root/hard regular file 644 1234:4321 10\nlinks 2"),
+        "{live}"
+    );
+    assert!(!live.contains("opt/base/keep"), "{live}");
+
+    let mut images = Vec::new();
+    for source in ["auto", "diff-service"] {
+        let sidecar = Sidecar::start_with(
+            Target {
+                tag_prefix: &format!("alice-{source}"),
+                ..s.target()
+            },
+            None,
+            &[("SNAPSHOT_LAYER_SOURCE", source)],
+        )
+        .await;
+        let steps = sidecar.snapshot().await;
+        assert_eq!(
+            steps.last().map(String::as_str),
+            Some("done"),
+            "{steps:?}\n{}",
+            sidecar.log()
+        );
+        let used = if source == "auto" {
+            "upperdir"
+        } else {
+            "diff-service"
+        };
+        let metrics = sidecar.metrics().await;
+        assert!(
+            metrics.contains(&format!(
+                "snapshot_sidecar_layers_total{{source=\"{used}\"}} 1"
+            )),
+            "{metrics}\n{}",
+            sidecar.log()
+        );
+        assert_eq!(s.containerd.task_status("desk-a").await, "RUNNING");
+        sidecar.stop().await;
+        let tag = s
+            .registry
+            .tags(REPO)
+            .await
+            .into_iter()
+            .find(|t| t.starts_with(&format!("alice-{source}-")))
+            .expect("the snapshot's tag");
+        images.push((source, format!("{}/{REPO}:{tag}", s.registry.host)));
+    }
+    for (i, (source, image)) in images.iter().enumerate() {
+        s.containerd.pull(image, &s.registry).await;
+        let id = format!("restored-{i}");
+        s.containerd
+            .run_desktop_from(
+                image,
+                &id,
+                &format!("pod-r{i}"),
+                &format!("r{i}"),
+                "x-graphical",
+            )
+            .await;
+        let restored = tree(&s.containerd, &id).await;
+        assert_eq!(
+            restored, live,
+            "the desktop restored from the {source} layer"
+        );
+    }
+    s.containerd.stop().await;
+}
+
+#[tokio::test]
+async fn without_cap_sys_admin_the_layer_comes_from_the_diff_service() {
+    let s = Setup::new().await;
+    s.containerd
+        .exec(
+            "desk-a",
+            "echo installed > /root/new.txt && rm -rf /opt/base",
+        )
+        .await;
+    let sidecar = Sidecar::start_without_sys_admin(s.target(), &[]).await;
+    let steps = sidecar.snapshot().await;
+    assert_eq!(
+        steps.last().map(String::as_str),
+        Some("done"),
+        "{steps:?}\n{}",
+        sidecar.log()
+    );
+    assert!(
+        sidecar.log().contains("CAP_SYS_ADMIN"),
+        "the log says why: {}",
+        sidecar.log()
+    );
+    let metrics = sidecar.metrics().await;
+    assert!(
+        metrics.contains("snapshot_sidecar_layers_total{source=\"diff-service\"} 1"),
+        "{metrics}"
+    );
+    let tags = s.snapshot_tags().await;
+    let user = layers(&s.registry, REPO, &tags[0])
+        .await
+        .pop()
+        .expect("the user's layer");
+    assert_eq!(file(&user, "root/new.txt"), Some(&b"installed\n"[..]));
+    assert!(file(&user, "opt/base/keep").is_none());
+    sidecar.stop().await;
+    s.containerd.stop().await;
+}
