@@ -885,6 +885,43 @@ async fn the_sidecar_has_what_it_needs_and_no_container_sees_the_password() {
     let host_path = socket.host_path.as_ref().unwrap();
     assert_eq!(host_path.path, "/run/containerd/containerd.sock");
     assert_eq!(host_path.type_.as_deref(), Some("Socket"));
+    // containerd's overlayfs snapshots, read-only at the same path, for the fast path
+    let snapshots = volumes
+        .iter()
+        .find(|v| {
+            v.host_path
+                .as_ref()
+                .is_some_and(|h| h.type_.as_deref() == Some("Directory"))
+        })
+        .expect("a hostPath volume for containerd's snapshots");
+    let root = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs";
+    assert_eq!(snapshots.host_path.as_ref().unwrap().path, root);
+    let mount = sidecar
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.name == snapshots.name)
+        .expect("the snapshots mounted in the sidecar");
+    assert_eq!(
+        (mount.mount_path.as_str(), mount.read_only),
+        (root, Some(true))
+    );
+    let caps = sidecar
+        .security_context
+        .as_ref()
+        .and_then(|c| c.capabilities.as_ref())
+        .and_then(|c| c.add.clone());
+    assert_eq!(caps, Some(vec!["SYS_ADMIN".to_string()]));
+    let work = env_of(&sidecar, "SNAPSHOT_WORK_DIR").expect("a work directory");
+    let work_mount = sidecar
+        .volume_mounts
+        .iter()
+        .flatten()
+        .find(|m| m.mount_path == work)
+        .expect("the work directory is a volume");
+    assert!(volumes
+        .iter()
+        .any(|v| v.name == work_mount.name && v.empty_dir.is_some()));
     for name in ["home", "tmp", "x11socket"] {
         assert!(
             volumes.iter().any(|v| v.name == name),

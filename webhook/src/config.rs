@@ -153,6 +153,17 @@ pub struct Config {
     )]
     pub containerd_namespace: String,
 
+    /// containerd's overlayfs snapshotter directory on the nodes, mounted read-only
+    /// in the sidecar (with CAP_SYS_ADMIN) so it reads only what the user changed;
+    /// empty: the sidecar uses containerd's Diff service (slower, walks the whole
+    /// root filesystem).
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_CONTAINERD_SNAPSHOTTER_ROOT",
+        default_value = "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs"
+    )]
+    pub containerd_snapshotter_root: String,
+
     /// Largest AdmissionReview body accepted, in bytes.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,

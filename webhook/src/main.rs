@@ -71,6 +71,8 @@ async fn run(config: Config) -> Result<()> {
         registry_protocol: config.registry_protocol,
         containerd_socket: config.containerd_socket.clone(),
         containerd_namespace: config.containerd_namespace.clone(),
+        snapshotter_root: Some(config.containerd_snapshotter_root.clone())
+            .filter(|root| !root.is_empty()),
     };
     let lookup = Lookup::new(registry.clone(), config.lookup_timeout, metrics.clone());
     lookup.warm_up().await;

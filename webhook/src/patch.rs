@@ -145,6 +145,9 @@ mod tests {
             registry_protocol: Protocol::Https,
             containerd_socket: "/run/containerd/containerd.sock".into(),
             containerd_namespace: "k8s.io".into(),
+            snapshotter_root: Some(
+                "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs".into(),
+            ),
         }
     }
 
@@ -234,8 +237,8 @@ mod tests {
         assert_eq!(get("SNAPSHOT_TAG_PREFIX").as_deref(), Some("alice"));
         assert_eq!(
             s.volumes.as_ref().unwrap().len(),
-            3,
-            "credentials, socket, registry CA"
+            5,
+            "credentials, socket, work directory, snapshots, registry CA"
         );
         assert_eq!(
             get("SNAPSHOT_REGISTRY_CA").as_deref(),
@@ -261,7 +264,7 @@ mod tests {
         );
         let s = p.spec.as_ref().unwrap();
         assert_eq!(s.image_pull_secrets.as_ref().unwrap().len(), 2);
-        assert_eq!(s.volumes.as_ref().unwrap().len(), 4);
+        assert_eq!(s.volumes.as_ref().unwrap().len(), 6);
         let init = s.init_containers.as_ref().unwrap();
         assert_eq!(init.len(), 2);
         assert_eq!(init[1].restart_policy.as_deref(), Some("Always"));

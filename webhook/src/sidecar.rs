@@ -3,14 +3,16 @@
 //! The sidecar gets everything it needs from here, so the user-id mapping
 //! lives only in the webhook: the target repository and tag prefix as env,
 //! the pod's identity from the downward API, the registry secret as a file
-//! (never as env or args), and the node's containerd socket.
+//! (never as env or args), the node's containerd socket, and (for the fast
+//! path) containerd's overlayfs snapshots, read-only, with CAP_SYS_ADMIN to read
+//! overlay's attributes: nothing the socket does not already give.
 
 use crate::{config::Protocol, target::Target};
 use k8s_openapi::{
     api::core::v1::{
-        ConfigMapVolumeSource, Container, ContainerPort, EnvVar, EnvVarSource,
-        HostPathVolumeSource, KeyToPath, ObjectFieldSelector, ResourceRequirements,
-        SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+        Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
+        EnvVar, EnvVarSource, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
+        ResourceRequirements, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
     },
     apimachinery::pkg::api::resource::Quantity,
 };
@@ -22,6 +24,9 @@ pub const CREDENTIALS_DIR: &str = "/var/run/desktop-snapshot/registry";
 pub const CREDENTIALS_FILE: &str = ".dockerconfigjson";
 pub const CA_VOLUME: &str = "snapshot-registry-ca";
 pub const CA_DIR: &str = "/var/run/desktop-snapshot/registry-ca";
+pub const SNAPSHOTTER_VOLUME: &str = "snapshot-containerd-snapshots";
+pub const WORK_VOLUME: &str = "snapshot-work";
+pub const WORK_DIR: &str = "/var/lib/desktop-snapshot";
 
 /// How the sidecar is made, from the webhook's configuration.
 #[derive(Debug, Clone)]
@@ -38,6 +43,10 @@ pub struct SidecarSpec {
     pub registry_protocol: Protocol,
     pub containerd_socket: String,
     pub containerd_namespace: String,
+    /// containerd's overlayfs snapshotter directory on the node, mounted read-only
+    /// at the same path so the sidecar reads the container's upper directory (the
+    /// fast path); `None`: the sidecar uses containerd's Diff service.
+    pub snapshotter_root: Option<String>,
 }
 
 impl SidecarSpec {
@@ -96,6 +105,7 @@ impl SidecarSpec {
                     plain("SNAPSHOT_CONTAINERD_SOCKET", &self.containerd_socket),
                     plain("SNAPSHOT_CONTAINERD_NAMESPACE", &self.containerd_namespace),
                     plain("SNAPSHOT_LISTEN", &format!("0.0.0.0:{}", self.port)),
+                    plain("SNAPSHOT_WORK_DIR", WORK_DIR),
                 ]
                 .into_iter()
                 .chain(
@@ -118,8 +128,19 @@ impl SidecarSpec {
                         mount_path: self.containerd_socket.clone(),
                         ..Default::default()
                     },
+                    VolumeMount {
+                        name: WORK_VOLUME.to_string(),
+                        mount_path: WORK_DIR.to_string(),
+                        ..Default::default()
+                    },
                 ]
                 .into_iter()
+                .chain(self.snapshotter_root.as_ref().map(|root| VolumeMount {
+                    name: SNAPSHOTTER_VOLUME.to_string(),
+                    mount_path: root.clone(),
+                    read_only: Some(true),
+                    ..Default::default()
+                }))
                 .chain(self.registry_ca_configmap.as_ref().map(|_| VolumeMount {
                     name: CA_VOLUME.to_string(),
                     mount_path: CA_DIR.to_string(),
@@ -136,6 +157,11 @@ impl SidecarSpec {
             security_context: Some(SecurityContext {
                 run_as_user: Some(0),
                 run_as_group: Some(0),
+                // overlay's opaque-directory marks are trusted.* attributes
+                capabilities: self.snapshotter_root.as_ref().map(|_| Capabilities {
+                    add: Some(vec!["SYS_ADMIN".to_string()]),
+                    drop: None,
+                }),
                 ..Default::default()
             }),
             ..Default::default()
@@ -167,8 +193,21 @@ impl SidecarSpec {
                 }),
                 ..Default::default()
             },
+            Volume {
+                name: WORK_VOLUME.to_string(),
+                empty_dir: Some(EmptyDirVolumeSource::default()),
+                ..Default::default()
+            },
         ]
         .into_iter()
+        .chain(self.snapshotter_root.as_ref().map(|root| Volume {
+            name: SNAPSHOTTER_VOLUME.to_string(),
+            host_path: Some(HostPathVolumeSource {
+                path: root.clone(),
+                type_: Some("Directory".to_string()),
+            }),
+            ..Default::default()
+        }))
         .chain(self.registry_ca_configmap.as_ref().map(|name| Volume {
             name: CA_VOLUME.to_string(),
             config_map: Some(ConfigMapVolumeSource {

@@ -97,6 +97,8 @@ async fn main() {
         "run", "seconds", "MB/s", "peak RSS", "vs stock"
     );
 
+    // BENCH_SIDECAR_LOG=info prints each run's log (where the time goes)
+    let sidecar_log = std::env::var("BENCH_SIDECAR_LOG").unwrap_or_else(|_| "warn".to_string());
     for (set, container, mib) in [("large", "large", large_mib), ("small", "small2", 1)] {
         let stock = stock(&containerd, &registry, container).await;
         println!(
@@ -118,7 +120,7 @@ async fn main() {
                     &format!("{set}-{codec}"),
                 ),
                 None,
-                &[("SNAPSHOT_COMPRESSION", codec), ("RUST_LOG", "warn")],
+                &[("SNAPSHOT_COMPRESSION", codec), ("RUST_LOG", &sidecar_log)],
             )
             .await;
             let started = Instant::now();
@@ -139,6 +141,9 @@ async fn main() {
                 rss,
                 stock / seconds
             );
+            if sidecar_log != "warn" {
+                println!("{}", sidecar.log());
+            }
             sidecar.stop().await;
         }
     }
