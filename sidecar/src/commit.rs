@@ -6,8 +6,9 @@
 
 use crate::ctrd::Ctrd;
 use crate::{
-    layer::{Compression, Hashing},
-    spool::{self, SpoolReader},
+    image,
+    layer::{Compression, Encoder, Hashing, NewLayer, Written},
+    spool::{self, SpoolWriter},
     upper::{self, Upper},
 };
 use anyhow::{Context, Result};
@@ -21,7 +22,9 @@ use containerd_client::{
     },
     types::{Descriptor, Mount},
 };
+use futures::TryStreamExt;
 use std::{collections::HashMap, io::BufWriter, path::Path, time::Duration};
+use tokio_util::io::{StreamReader, SyncIoBridge};
 use tracing::{info, warn};
 
 /// The OCI media type of an uncompressed layer.
@@ -214,8 +217,7 @@ pub async fn mounts(ctrd: &Ctrd, container: &Container) -> Result<Vec<Mount>> {
 
 /// The layer of `container`'s changes read from its overlayfs upper directory,
 /// compressed into a spool while the task is paused; the task runs again before
-/// this returns, and the upload reads the spool afterwards. Returns the
-/// layer's diff_id (sha256 of the uncompressed tar) and the spool.
+/// this returns, and the upload reads the spool afterwards.
 pub async fn from_upper(
     ctrd: &Ctrd,
     container: &Container,
@@ -223,7 +225,7 @@ pub async fn from_upper(
     pause: bool,
     compression: Compression,
     work_dir: &Path,
-) -> Result<(String, SpoolReader)> {
+) -> Result<NewLayer> {
     let (writer, reader) = spool::create(work_dir)?;
     let paused = if pause {
         Some(Paused::pause(ctrd, &container.id).await?)
@@ -231,26 +233,71 @@ pub async fn from_upper(
         None
     };
     let started = std::time::Instant::now();
-    let written = tokio::task::spawn_blocking(move || -> Result<(String, u64)> {
-        let encoder = compression
-            .encoder(BufWriter::with_capacity(1 << 20, writer))
-            .context("starting the compressor")?;
-        let (diff_id, encoder) = upper::write_layer(&upper, Hashing::new(encoder))?.finish();
-        let spool = encoder
-            .finish()
-            .context("compressing the layer")?
-            .into_inner()
-            .map_err(|e| e.into_error())
-            .context("writing the layer's spool file")?;
-        Ok((diff_id, spool.finish()))
+    let written = tokio::task::spawn_blocking(move || {
+        compress_into(writer, compression, |out| upper::write_layer(&upper, out))
     })
     .await;
     if let Some(p) = paused {
         p.resume().await?;
     }
-    let (diff_id, compressed) = written.context("the layer writer panicked")??;
-    info!(diff_id = %diff_id, compressed_bytes = compressed, paused_ms = started.elapsed().as_millis() as u64, "layer read from the upper directory");
-    Ok((diff_id, reader))
+    let layer = written.context("the layer writer panicked")??;
+    info!(diff_id = %layer.diff_id, compressed_bytes = layer.size, paused_ms = started.elapsed().as_millis() as u64, "layer read from the upper directory");
+    Ok(NewLayer::new(layer, reader, "upperdir"))
+}
+
+/// The uncompressed layer `diff_id` from the content store, compressed into a
+/// spool (the task is not paused: the content store does not change).
+pub async fn compress_stored(
+    ctrd: &Ctrd,
+    diff_id: &str,
+    compression: Compression,
+    work_dir: &Path,
+) -> Result<NewLayer> {
+    let (writer, reader) = spool::create(work_dir)?;
+    let mut input = SyncIoBridge::new(StreamReader::new(Box::pin(
+        image::read_stream(ctrd, diff_id).map_err(std::io::Error::other),
+    )));
+    let layer = tokio::task::spawn_blocking(move || {
+        compress_into(writer, compression, |mut out| {
+            std::io::copy(&mut input, &mut out).context("reading the layer from containerd")?;
+            Ok(out)
+        })
+    })
+    .await
+    .context("the layer writer panicked")??;
+    anyhow::ensure!(
+        layer.diff_id == diff_id,
+        "the layer read back from containerd is not {diff_id}"
+    );
+    Ok(NewLayer::new(layer, reader, "diff-service"))
+}
+
+/// Where an uncompressed layer is written: hashed (its diff_id), compressed, spooled.
+type Sink = Hashing<Encoder<BufWriter<SpoolWriter>>>;
+
+/// Runs `produce` (which writes an uncompressed tar) into the compressor and the
+/// spool; the layer's diff_id, compressed digest and size.
+fn compress_into(
+    writer: SpoolWriter,
+    compression: Compression,
+    produce: impl FnOnce(Sink) -> Result<Sink>,
+) -> Result<Written> {
+    let encoder = compression
+        .encoder(BufWriter::with_capacity(1 << 20, writer))
+        .context("starting the compressor")?;
+    let (diff_id, encoder) = produce(Hashing::new(encoder))?.finish();
+    let spool = encoder
+        .finish()
+        .context("compressing the layer")?
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .context("writing the layer's spool file")?;
+    let (size, digest) = spool.finish();
+    Ok(Written {
+        diff_id,
+        digest,
+        size,
+    })
 }
 
 /// The layer of `container`'s changes, or of its whole root filesystem

@@ -1,17 +1,12 @@
 //! Compressing the new layer on every core: the uncompressed tar (from the
-//! upper directory or from the Diff service) becomes gzip (parallel, with gzp;
-//! the default, what every runtime reads) or zstd (multithreaded). Memory stays
-//! bounded: a few chunks in flight, never the whole layer.
+//! upper directory or from the Diff service) is hashed (its diff_id) and
+//! becomes gzip (parallel, with gzp; the default, what every runtime reads) or
+//! zstd (multithreaded). Memory stays bounded: a few blocks in flight, never
+//! the whole layer.
 
-use bytes::{Bytes, BytesMut};
+use crate::spool::SpoolReader;
 use clap::ValueEnum;
-use futures::{Stream, TryStreamExt};
 use std::io::{self, Write};
-use tokio::sync::mpsc;
-use tokio_util::io::{StreamReader, SyncIoBridge};
-
-/// Chunk size handed to the uploader.
-const CHUNK: usize = 1 << 20;
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
@@ -30,13 +25,36 @@ impl Codec {
     }
 }
 
-/// The snapshot's new layer, compressed, as the upload reads it.
-pub struct NewLayer {
+/// What was written into a spool.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Written {
     /// sha256 of the uncompressed tar.
     pub diff_id: String,
-    pub compressed: futures::stream::BoxStream<'static, io::Result<Bytes>>,
+    /// sha256 and size of the compressed blob.
+    pub digest: String,
+    pub size: u64,
+}
+
+/// The snapshot's new layer, compressed, as the upload reads it.
+pub struct NewLayer {
+    pub diff_id: String,
+    pub digest: String,
+    pub size: u64,
+    pub spool: SpoolReader,
     /// Where it came from: `upperdir` or `diff-service`.
     pub source: &'static str,
+}
+
+impl NewLayer {
+    pub fn new(written: Written, spool: SpoolReader, source: &'static str) -> Self {
+        Self {
+            diff_id: written.diff_id,
+            digest: written.digest,
+            size: written.size,
+            spool,
+            source,
+        }
+    }
 }
 
 /// How the new layer is compressed.
@@ -117,36 +135,6 @@ impl<W: Write + Send + 'static> Write for Encoder<W> {
     }
 }
 
-/// Compresses `input`; the output as a stream of chunks.
-pub fn compress<S>(
-    input: S,
-    compression: Compression,
-) -> impl Stream<Item = io::Result<Bytes>> + Send + 'static
-where
-    S: Stream<Item = anyhow::Result<Bytes>> + Send + 'static,
-{
-    let (tx, rx) = mpsc::channel::<io::Result<Bytes>>(4);
-    let mut reader =
-        SyncIoBridge::new(StreamReader::new(Box::pin(input.map_err(io::Error::other))));
-    let errors = tx.clone();
-    tokio::task::spawn_blocking(move || {
-        let writer = ChannelWriter {
-            tx,
-            buf: BytesMut::with_capacity(CHUNK),
-        };
-        let done = compression.encoder(writer).and_then(|mut z| {
-            io::copy(&mut reader, &mut z)?;
-            z.finish().map(drop)
-        });
-        if let Err(e) = done {
-            let _ = errors.blocking_send(Err(e));
-        }
-    });
-    futures::stream::unfold(rx, |mut rx| async move {
-        rx.recv().await.map(|item| (item, rx))
-    })
-}
-
 /// Hashes what passes through (sha256 of the uncompressed layer: its diff_id).
 pub struct Hashing<W> {
     pub inner: W,
@@ -185,62 +173,28 @@ impl<W: Write> Write for Hashing<W> {
     }
 }
 
-/// A `Write` that hands full chunks to the async side.
-struct ChannelWriter {
-    tx: mpsc::Sender<io::Result<Bytes>>,
-    buf: BytesMut,
-}
-
-impl ChannelWriter {
-    fn send(&mut self) -> io::Result<()> {
-        if self.buf.is_empty() {
-            return Ok(());
-        }
-        let chunk = self.buf.split().freeze();
-        self.tx
-            .blocking_send(Ok(chunk))
-            .map_err(|_| io::Error::new(io::ErrorKind::BrokenPipe, "the upload stopped"))
-    }
-}
-
-impl Write for ChannelWriter {
-    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        self.buf.extend_from_slice(data);
-        if self.buf.len() >= CHUNK {
-            self.send()?;
-        }
-        Ok(data.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        self.send()
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-    use futures::StreamExt;
     use std::io::Read;
 
-    async fn roundtrip(codec: Codec, data: Vec<u8>) -> Vec<u8> {
-        let input = futures::stream::iter(
-            data.chunks(100_000)
-                .map(|c| Ok(Bytes::copy_from_slice(c)))
-                .collect::<Vec<_>>(),
-        );
-        let mut out = Vec::new();
-        let mut s = Box::pin(compress(
-            input,
-            Compression {
-                codec,
-                level: None,
-                threads: 2,
-            },
-        ));
-        while let Some(chunk) = s.next().await {
-            out.extend_from_slice(&chunk.unwrap());
+    fn roundtrip(codec: Codec, level: Option<i32>, data: &[u8]) -> Vec<u8> {
+        let compression = Compression {
+            codec,
+            level,
+            threads: 2,
+        };
+        let mut z = Hashing::new(compression.encoder(Vec::new()).unwrap());
+        for chunk in data.chunks(100_000) {
+            z.write_all(chunk).unwrap();
         }
+        let (diff_id, z) = z.finish();
+        use sha2::Digest;
+        assert_eq!(
+            diff_id,
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+        );
+        let out = z.finish().unwrap();
         let mut back = Vec::new();
         match codec {
             Codec::Gzip => flate2::read::MultiGzDecoder::new(out.as_slice())
@@ -254,38 +208,16 @@ mod tests {
         back
     }
 
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn both_codecs_round_trip() {
+    #[test]
+    fn both_codecs_round_trip_at_any_level() {
         let data: Vec<u8> = (0..5_000_000u32)
             .map(|i| (i % 251) as u8 ^ (i / 7919) as u8)
             .collect();
         for codec in [Codec::Gzip, Codec::Zstd] {
-            assert_eq!(roundtrip(codec, data.clone()).await, data, "{codec:?}");
-            assert!(
-                roundtrip(codec, Vec::new()).await.is_empty(),
-                "{codec:?} empty"
-            );
+            for level in [None, Some(1), Some(9), Some(42)] {
+                assert_eq!(roundtrip(codec, level, &data), data, "{codec:?} {level:?}");
+            }
+            assert!(roundtrip(codec, None, &[]).is_empty(), "{codec:?} empty");
         }
-    }
-
-    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-    async fn an_input_error_reaches_the_output() {
-        let input = futures::stream::iter(vec![
-            Ok(Bytes::from_static(b"abc")),
-            Err(anyhow::anyhow!("containerd went away")),
-        ]);
-        let results: Vec<_> = compress(
-            input,
-            Compression {
-                codec: Codec::Gzip,
-                level: None,
-                threads: 2,
-            },
-        )
-        .collect()
-        .await;
-        assert!(results.iter().any(|r| r
-            .as_ref()
-            .is_err_and(|e| e.to_string().contains("containerd went away"))));
     }
 }

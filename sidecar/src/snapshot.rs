@@ -7,7 +7,7 @@ use crate::{
     ctrd::Ctrd,
     find::{self, Identity},
     image,
-    layer::{self, NewLayer},
+    layer::NewLayer,
     metrics::Metrics,
     push::Registry,
     session::{Sessions, Step},
@@ -16,7 +16,6 @@ use crate::{
 };
 use anyhow::{Context, Result};
 use containerd_client::services::v1::Container;
-use futures::StreamExt;
 use std::time::{Instant, SystemTime};
 use tracing::{error, info, warn};
 
@@ -151,13 +150,7 @@ async fn new_layer(
                 )
                 .await
                 {
-                    Ok((diff_id, spool)) => {
-                        return Ok(NewLayer {
-                            diff_id,
-                            compressed: spool.stream().boxed(),
-                            source: "upperdir",
-                        })
-                    }
+                    Ok(layer) => return Ok(layer),
                     Err(e) if e.downcast_ref::<Unsupported>().is_some() => {
                         warn!(reason = %format!("{e:#}"), "the upper directory cannot be used; the layer comes from the Diff service")
                     }
@@ -170,12 +163,7 @@ async fn new_layer(
         }
     }
     let diff = commit::diff(ctrd, container, config.pause, scope).await?;
-    Ok(NewLayer {
-        compressed: layer::compress(image::read_stream(ctrd, &diff.digest), config.compression())
-            .boxed(),
-        diff_id: diff.digest,
-        source: "diff-service",
-    })
+    commit::compress_stored(ctrd, &diff.digest, config.compression(), &config.work_dir).await
 }
 
 /// The container's upper directory, if this sidecar can read it faithfully.

@@ -1,6 +1,7 @@
 //! The compressed layer on local disk: written while the desktop is paused (so
-//! the pause never waits for the network), read back by the upload, which may
-//! follow the writer before it is done. The file has no name (it disappears
+//! the pause never waits for the network), with its size and digest, which a
+//! single-request upload needs before it starts; read back by the upload (the
+//! reader can also follow a writer that is not done). The file has no name (it disappears
 //! with its last handle, whatever happens to the process).
 
 use anyhow::{Context, Result};
@@ -34,6 +35,7 @@ pub fn create(dir: &Path) -> Result<(SpoolWriter, SpoolReader)> {
     Ok((
         SpoolWriter {
             file,
+            hasher: sha2::Sha256::default(),
             written: 0,
             published: 0,
             tx,
@@ -48,6 +50,7 @@ pub fn create(dir: &Path) -> Result<(SpoolWriter, SpoolReader)> {
 
 pub struct SpoolWriter {
     file: File,
+    hasher: sha2::Sha256,
     written: u64,
     published: u64,
     tx: watch::Sender<State>,
@@ -55,11 +58,13 @@ pub struct SpoolWriter {
 }
 
 impl SpoolWriter {
-    /// Everything is written: the reader may finish.
-    pub fn finish(mut self) -> u64 {
+    /// Everything is written: the reader may finish. The spool's size and digest.
+    pub fn finish(mut self) -> (u64, String) {
+        use sha2::Digest;
         self.finished = true;
         self.tx.send_replace(State::Done(self.written));
-        self.written
+        let digest = std::mem::take(&mut self.hasher).finalize();
+        (self.written, format!("sha256:{}", hex::encode(digest)))
     }
 
     /// The layer cannot be completed; the reader fails with `why`.
@@ -71,7 +76,9 @@ impl SpoolWriter {
 
 impl Write for SpoolWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        use sha2::Digest;
         let n = self.file.write(data)?;
+        self.hasher.update(&data[..n]);
         self.written += n as u64;
         if self.written - self.published >= PIECE {
             self.published = self.written;
@@ -168,7 +175,13 @@ mod tests {
             w.finish()
         });
         let pieces: Vec<Bytes> = r.stream().map(|p| p.unwrap()).collect().await;
-        assert_eq!(writer.await.unwrap(), data.len() as u64);
+        let (size, digest) = writer.await.unwrap();
+        assert_eq!(size, data.len() as u64);
+        use sha2::Digest;
+        assert_eq!(
+            digest,
+            format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)))
+        );
         assert!(pieces[..pieces.len() - 1]
             .iter()
             .all(|p| p.len() as u64 == PIECE));
