@@ -147,7 +147,57 @@ async fn main() {
             sidecar.stop().await;
         }
     }
+    // the least any client can spend: the registry taking the random half (what
+    // no codec shrinks) in one PUT
+    let floor = registry_ingest(&registry, half * 1024 * 1024).await;
+    println!(
+        "{:<36} {:>9.2} {:>10.1}",
+        format!("registry ingest alone: {half} MiB PUT"),
+        floor,
+        half as f64 / floor
+    );
     containerd.stop().await;
+}
+
+/// Seconds the registry takes to receive `bytes` random bytes in one PUT.
+async fn registry_ingest(registry: &Registry, bytes: u64) -> f64 {
+    use sha2::Digest;
+    let mut data = vec![0u8; bytes as usize];
+    let mut random = std::fs::File::open("/dev/urandom").expect("/dev/urandom");
+    std::io::Read::read_exact(&mut random, &mut data).expect("random bytes");
+    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)));
+    let client = registry.http_client();
+    let started = Instant::now();
+    let begin = client
+        .post(format!(
+            "https://{}/v2/{REPO}/blobs/uploads/",
+            registry.host
+        ))
+        .basic_auth(USER, Some(PASSWORD))
+        .send()
+        .await
+        .expect("starting an upload");
+    let location = begin
+        .headers()
+        .get("location")
+        .and_then(|l| l.to_str().ok())
+        .expect("an upload location")
+        .to_string();
+    let location = if location.starts_with("http") {
+        location
+    } else {
+        format!("https://{}{location}", registry.host)
+    };
+    let put = client
+        .put(format!("{location}&digest={digest}"))
+        .basic_auth(USER, Some(PASSWORD))
+        .header("content-type", "application/octet-stream")
+        .body(data)
+        .send()
+        .await
+        .expect("the upload");
+    assert_eq!(put.status().as_u16(), 201, "the registry took the blob");
+    started.elapsed().as_secs_f64()
 }
 
 fn target<'a>(
