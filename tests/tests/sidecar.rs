@@ -555,13 +555,7 @@ async fn the_upper_directory_and_the_diff_service_restore_the_same_desktop() {
             &[("SNAPSHOT_LAYER_SOURCE", source)],
         )
         .await;
-        let steps = sidecar.snapshot().await;
-        assert_eq!(
-            steps.last().map(String::as_str),
-            Some("done"),
-            "{steps:?}\n{}",
-            sidecar.log()
-        );
+        sidecar.snapshot_done().await;
         let used = if source == "auto" {
             "upperdir"
         } else {
@@ -617,13 +611,7 @@ async fn without_cap_sys_admin_the_layer_comes_from_the_diff_service() {
         )
         .await;
     let sidecar = Sidecar::start_without_sys_admin(s.target(), &[]).await;
-    let steps = sidecar.snapshot().await;
-    assert_eq!(
-        steps.last().map(String::as_str),
-        Some("done"),
-        "{steps:?}\n{}",
-        sidecar.log()
-    );
+    sidecar.snapshot_done().await;
     assert!(
         sidecar.log().contains("CAP_SYS_ADMIN"),
         "the log says why: {}",
