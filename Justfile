@@ -14,12 +14,12 @@ deps:
 build:
     cargo build --workspace --bins --locked
 
-# Run the unit and end-to-end tests against real registry and containerd.
-test: deps build manifests-check
+# Run the unit and end-to-end tests against real registry and containerd (the story tests run the images).
+test: deps build images manifests-check
     bash scripts/test.sh
 
-# Play the whole story on this machine: login, snapshot, logoff, login again.
-demo: deps build
+# Play the whole story on this machine, webhook and sidecar from their images: login, snapshot, logoff, login again.
+demo: deps build images
     bash scripts/demo.sh
 
 # Measure the webhook (admissions/s, latency) and the sidecar (MB/s, RSS, vs stock tools), release build.
@@ -39,9 +39,9 @@ manifests-check:
 # Build the webhook and sidecar OCI images (static binaries, no Docker daemon) into target/images.
 images tag="0.1.0":
     RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu -p snapshot-webhook -p snapshot-sidecar
-    cargo build --release --locked -p snapshot-tests --bin oci-image
-    ./target/release/oci-image target/x86_64-unknown-linux-gnu/release/snapshot-webhook snapshot-webhook {{tag}} 65532 target/images/snapshot-webhook
-    ./target/release/oci-image target/x86_64-unknown-linux-gnu/release/snapshot-sidecar snapshot-sidecar {{tag}} 0 target/images/snapshot-sidecar
+    cargo build --locked -p snapshot-tests --bin oci-image
+    ./target/debug/oci-image target/x86_64-unknown-linux-gnu/release/snapshot-webhook snapshot-webhook {{tag}} 65532 target/images/snapshot-webhook
+    ./target/debug/oci-image target/x86_64-unknown-linux-gnu/release/snapshot-sidecar snapshot-sidecar {{tag}} 0 target/images/snapshot-sidecar
 
 # Push the images built by `just images` to a registry, e.g. `just push-images registry.example.net/desktop-snapshot`.
 push-images prefix tag="0.1.0":

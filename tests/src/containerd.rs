@@ -13,6 +13,8 @@ use std::{
 };
 use tokio::process::{Child, Command};
 
+pub use crate::launch::{CtrAddress, Launched};
+
 static INSTANCE: AtomicUsize = AtomicUsize::new(0);
 
 pub const BASE_IMAGE: &str = "docker.io/abcdesktopio/oc.user.test:4.1";
@@ -122,6 +124,94 @@ impl Containerd {
         self.ctr(&["images", "unpack", BASE_IMAGE]).await.ok();
     }
 
+    /// This daemon and namespace, for synchronous `ctr` calls.
+    pub fn address(&self) -> CtrAddress {
+        CtrAddress {
+            socket: self.socket.clone(),
+            namespace: self.namespace.clone(),
+        }
+    }
+
+    /// containerd's overlayfs snapshotter directory (what the webhook mounts in the sidecar).
+    pub fn snapshotter_root(&self) -> PathBuf {
+        self.dir
+            .path()
+            .join("root")
+            .join("io.containerd.snapshotter.v1.overlayfs")
+    }
+
+    /// Imports an OCI image layout directory (`just images` output) and unpacks it.
+    pub async fn import_layout(&self, layout: &Path) -> Image {
+        let image = Image::of_layout(layout)
+            .unwrap_or_else(|e| panic!("reading the image layout {}: {e:#}", layout.display()));
+        let tar = self.dir.path().join(format!(
+            "{}.tar",
+            layout.file_name().unwrap_or_default().to_string_lossy()
+        ));
+        let archive = || -> Result<()> {
+            let mut b = tar::Builder::new(std::fs::File::create(&tar)?);
+            b.append_dir_all(".", layout)?;
+            b.into_inner()?;
+            Ok(())
+        };
+        archive().unwrap_or_else(|e| panic!("archiving {}: {e:#}", layout.display()));
+        self.ctr(&["images", "import", &tar.to_string_lossy()])
+            .await
+            .unwrap_or_else(|e| panic!("importing {}: {e:#}", image.name));
+        let _ = std::fs::remove_file(&tar);
+        image
+    }
+
+    /// Runs a component of ours from its image, in the host's network (it listens
+    /// on loopback and reaches the registry there), with `spec`'s environment,
+    /// mounts and capabilities; what it prints goes to `spec.log`.
+    pub async fn run_component(&self, image: &Image, id: &str, spec: &RunSpec) -> Launched {
+        let log = format!("file://{}", spec.log.display());
+        let mut args: Vec<String> = ["run", "-d", "--net-host", "--log-uri", &log]
+            .map(String::from)
+            .to_vec();
+        for cap in &spec.cap_add {
+            args.extend(["--cap-add".into(), format!("CAP_{cap}")]);
+        }
+        for (src, dst, read_only) in &spec.mounts {
+            let options = if *read_only { "rbind:ro" } else { "rbind:rw" };
+            args.extend([
+                "--mount".into(),
+                format!(
+                    "type=bind,src={},dst={dst},options={options}",
+                    src.display()
+                ),
+            ]);
+        }
+        for (k, v) in &spec.env {
+            args.extend(["--env".into(), format!("{k}={v}")]);
+        }
+        args.extend([image.name.clone(), id.to_string()]);
+        if !spec.args.is_empty() {
+            // ctr replaces the image's entrypoint and command with what follows the id
+            args.extend(image.entrypoint.iter().cloned());
+            args.extend(spec.args.iter().cloned());
+        }
+        let refs: Vec<&str> = args.iter().map(String::as_str).collect();
+        self.ctr(&refs).await.unwrap_or_else(|e| {
+            panic!(
+                "starting {id} from {}: {e:#}
+{}",
+                image.name,
+                self.log()
+            )
+        });
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id.to_string());
+        Launched::Container {
+            ctr: self.address(),
+            id: id.to_string(),
+            removed: false,
+        }
+    }
+
     /// Starts a task labelled like the kubelet's container `name` of pod `pod_uid`.
     pub async fn run_desktop(&self, id: &str, pod_uid: &str, pod_name: &str, name: &str) {
         self.run_desktop_from(BASE_IMAGE, id, pod_uid, pod_name, name)
@@ -192,14 +282,8 @@ impl Containerd {
 
     /// Stops and removes a container (the user logs off).
     pub async fn remove(&self, id: &str) {
-        let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", id]).await;
-        for _ in 0..40 {
-            if self.ctr(&["tasks", "delete", id]).await.is_ok() {
-                break;
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = self.ctr(&["containers", "delete", id]).await;
+        let (ctr, owned) = (self.address(), id.to_string());
+        let _ = tokio::task::spawn_blocking(move || ctr.remove(&owned)).await;
         self.containers
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -223,14 +307,14 @@ impl Containerd {
         .unwrap_or_else(|e| panic!("exec in {id}: {e:#}"))
     }
 
-    /// The task status of a container (RUNNING, PAUSED, STOPPED).
+    /// The task status of a container (RUNNING, PAUSED, STOPPED, MISSING).
     pub async fn task_status(&self, id: &str) -> String {
-        let out = self.ctr(&["tasks", "ls"]).await.unwrap_or_default();
-        out.lines()
-            .find(|l| l.split_whitespace().next() == Some(id))
-            .and_then(|l| l.split_whitespace().nth(2))
-            .unwrap_or("MISSING")
-            .to_string()
+        let (ctr, owned) = (self.address(), id.to_string());
+        tokio::task::spawn_blocking(move || ctr.task_status(&owned))
+            .await
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| "MISSING".to_string())
     }
 
     async fn clean(&self) {
@@ -239,16 +323,8 @@ impl Containerd {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
-        for id in ids {
-            let _ = self.ctr(&["tasks", "kill", "-s", "SIGKILL", &id]).await;
-            for _ in 0..20 {
-                if self.ctr(&["tasks", "delete", &id]).await.is_ok() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            let _ = self.ctr(&["containers", "delete", &id]).await;
-        }
+        let ctr = self.address();
+        let _ = tokio::task::spawn_blocking(move || ids.iter().for_each(|id| ctr.remove(id))).await;
     }
 
     /// Kills tasks, deletes containers, stops the daemon, unmounts.
@@ -267,21 +343,9 @@ impl Drop for Containerd {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .clone();
+        let ctr = self.address();
         for id in ids {
-            let ctr = |args: &[&str]| {
-                std::process::Command::new("ctr")
-                    .arg("--address")
-                    .arg(&self.socket)
-                    .args(["--namespace", &self.namespace])
-                    .args(args)
-                    .stdout(Stdio::null())
-                    .stderr(Stdio::null())
-                    .status()
-            };
-            let _ = ctr(&["tasks", "kill", "-s", "SIGKILL", &id]);
-            std::thread::sleep(Duration::from_millis(100));
-            let _ = ctr(&["tasks", "delete", "--force", &id]);
-            let _ = ctr(&["containers", "delete", &id]);
+            ctr.remove(&id);
         }
         crate::kill_and_reap(&mut self.child);
         unmount_below(self.dir.path());
@@ -387,4 +451,57 @@ fn build_oci_archive(out: &Path, name: &str) -> Result<()> {
     }
     b.into_inner()?;
     Ok(())
+}
+
+/// An image imported from an OCI layout: its name in containerd and its entrypoint.
+#[derive(Clone, Debug)]
+pub struct Image {
+    pub name: String,
+    pub entrypoint: Vec<String>,
+}
+
+impl Image {
+    /// Reads the name (`io.containerd.image.name`) and the entrypoint from a layout's
+    /// index, manifest and config.
+    fn of_layout(layout: &Path) -> Result<Self> {
+        let json = |path: PathBuf| -> Result<serde_json::Value> {
+            let text =
+                std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
+            serde_json::from_slice(&text).with_context(|| format!("{} is not JSON", path.display()))
+        };
+        let blob = |digest: &serde_json::Value| -> Result<serde_json::Value> {
+            let digest = digest.as_str().context("a digest")?;
+            let hex = digest.strip_prefix("sha256:").context("a sha256 digest")?;
+            json(layout.join("blobs/sha256").join(hex))
+        };
+        let index = json(layout.join("index.json"))?;
+        let entry = &index["manifests"][0];
+        let name = entry["annotations"]["io.containerd.image.name"]
+            .as_str()
+            .context("index.json names no image (io.containerd.image.name)")?
+            .to_string();
+        let manifest = blob(&entry["digest"])?;
+        let config = blob(&manifest["config"]["digest"])?;
+        let entrypoint = config["config"]["Entrypoint"]
+            .as_array()
+            .context("the image has no entrypoint")?
+            .iter()
+            .filter_map(|a| a.as_str().map(str::to_string))
+            .collect();
+        Ok(Self { name, entrypoint })
+    }
+}
+
+/// What a component's container gets, as the kubelet would give it.
+#[derive(Debug, Default)]
+pub struct RunSpec {
+    /// Arguments after the image's entrypoint (none: the image's own command).
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    /// (path on the host, path in the container, read-only)
+    pub mounts: Vec<(PathBuf, String, bool)>,
+    /// Linux capabilities added, Kubernetes spelling (`SYS_ADMIN`).
+    pub cap_add: Vec<String>,
+    /// Where its stdout and stderr go.
+    pub log: PathBuf,
 }

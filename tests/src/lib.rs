@@ -5,6 +5,8 @@
 pub mod admission;
 pub mod badregistry;
 pub mod containerd;
+pub mod kubelet;
+pub mod launch;
 pub mod oci;
 pub mod ports;
 pub mod registry;

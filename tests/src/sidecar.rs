@@ -1,15 +1,21 @@
 //! The real `snapshot-sidecar` binary, configured the way the webhook injects
 //! it, against a private containerd and a real registry.
 
-use crate::{containerd::Containerd, ports, registry::Registry, workspace_binary};
+use crate::{
+    containerd::{Containerd, Image, RunSpec},
+    launch::{Ended, Launched},
+    ports,
+    registry::Registry,
+    workspace_binary,
+};
 use serde_json::Value;
 use std::{path::Path, process::Stdio, time::Duration};
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 pub struct Sidecar {
     pub port: u16,
     pub dir: tempfile::TempDir,
-    child: Child,
+    launched: Launched,
 }
 
 /// Where the sidecar commits from and pushes to.
@@ -62,7 +68,7 @@ impl Sidecar {
     ) -> Self {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = ports::free_port();
-        let log = std::fs::File::create(dir.path().join("sidecar.log")).expect("log");
+        let log = std::fs::File::create(Self::log_path(dir.path())).expect("log");
         let binary = workspace_binary("snapshot-sidecar");
         let mut cmd = match wrapper {
             [] => Command::new(&binary),
@@ -103,7 +109,33 @@ impl Sidecar {
         cmd.stdout(Stdio::from(log.try_clone().expect("log")))
             .stderr(Stdio::from(log))
             .kill_on_drop(true);
-        let mut child = cmd.spawn().expect("spawning snapshot-sidecar");
+        let child = cmd.spawn().expect("spawning snapshot-sidecar");
+        Self::ready(port, dir, Launched::Process(child)).await
+    }
+
+    /// Starts it from its image (`just images`) in `containerd`, with what the
+    /// kubelet would give the injected container (`spec`); it listens on `port`
+    /// and keeps its temp files (log, volumes) in `dir` until dropped.
+    pub async fn in_container(
+        containerd: &Containerd,
+        image: &Image,
+        port: u16,
+        dir: tempfile::TempDir,
+        spec: RunSpec,
+    ) -> Self {
+        let launched = containerd
+            .run_component(image, &format!("snapshot-sidecar-{port}"), &spec)
+            .await;
+        Self::ready(port, dir, launched).await
+    }
+
+    /// The log file every way of starting it writes to.
+    pub fn log_path(dir: &Path) -> std::path::PathBuf {
+        dir.join("sidecar.log")
+    }
+
+    /// Waits until it answers `/healthz`, or panics with its log.
+    async fn ready(port: u16, dir: tempfile::TempDir, mut launched: Launched) -> Self {
         let url = format!("http://127.0.0.1:{port}/healthz");
         let client = reqwest::Client::new();
         let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
@@ -111,19 +143,24 @@ impl Sidecar {
             if matches!(client.get(&url).send().await, Ok(r) if r.status().is_success()) {
                 break;
             }
-            if let Ok(Some(status)) = child.try_wait() {
+            if let Some(how) = launched.exited() {
                 panic!(
-                    "snapshot-sidecar exited ({status}): {}",
-                    std::fs::read_to_string(dir.path().join("sidecar.log")).unwrap_or_default()
+                    "snapshot-sidecar exited ({how}): {}",
+                    std::fs::read_to_string(Self::log_path(dir.path())).unwrap_or_default()
                 );
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "snapshot-sidecar did not answer on {url}"
+                "snapshot-sidecar did not answer on {url}: {}",
+                std::fs::read_to_string(Self::log_path(dir.path())).unwrap_or_default()
             );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        Self { port, dir, child }
+        Self {
+            port,
+            dir,
+            launched,
+        }
     }
 
     /// The sidecar's Prometheus metrics, as text.
@@ -137,7 +174,7 @@ impl Sidecar {
     }
 
     pub fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.path().join("sidecar.log")).unwrap_or_default()
+        std::fs::read_to_string(Self::log_path(self.dir.path())).unwrap_or_default()
     }
 
     pub fn url(&self, path: &str) -> String {
@@ -213,32 +250,35 @@ impl Sidecar {
         self.wait(&id).await
     }
 
+    /// The process id, when it runs as a process of this machine.
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        match &self.launched {
+            Launched::Process(child) => child.id(),
+            Launched::Container { .. } => None,
+        }
     }
 
     pub async fn stop(mut self) {
-        let _ = self.child.kill().await;
+        self.launched.kill_and_reap();
     }
 
-    /// Sends SIGTERM (as the kubelet does when the pod goes) and waits for the exit.
-    pub async fn terminate(mut self) -> std::process::ExitStatus {
-        if let Some(pid) = self.child.id() {
-            let _ = std::process::Command::new("kill")
-                .args(["-TERM", &pid.to_string()])
-                .status();
-        }
-        tokio::time::timeout(Duration::from_secs(30), self.child.wait())
+    /// Sends SIGTERM (as the kubelet does when the pod goes) and waits for the
+    /// exit; how it ended and its log.
+    pub async fn terminate(mut self) -> (Ended, String) {
+        self.launched.signal("TERM");
+        let ended = self
+            .launched
+            .wait(Duration::from_secs(30))
             .await
-            .expect("the sidecar exits within 30 s of SIGTERM")
-            .expect("waiting for the sidecar")
+            .expect("the sidecar exits within 30 s of SIGTERM");
+        (ended, self.log())
     }
 }
 
 impl Drop for Sidecar {
     /// Killed and reaped before its temp dir goes.
     fn drop(&mut self) {
-        crate::kill_and_reap(&mut self.child);
+        self.launched.kill_and_reap();
     }
 }
 

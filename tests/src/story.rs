@@ -1,28 +1,47 @@
-//! One node of a cluster, for whole-story tests: containerd playing the
-//! kubelet, a registry, the webhook admitting desktop pods, and a sidecar per
-//! desktop configured from what the webhook injected.
+//! One node of a cluster, for whole-story tests: containerd with `ctr`
+//! playing the kubelet, a registry, the webhook admitting desktop pods, and
+//! a sidecar per desktop run exactly as the webhook injected it. The webhook
+//! and the sidecar run from their OCI images (`just images`), as in a cluster.
 
 use crate::{
     admission::{apply, as_pod, desktop_pod, image_of, review},
-    containerd::{Containerd, BASE_IMAGE},
+    containerd::{Containerd, Image, BASE_IMAGE},
+    kubelet::{self, Identity, Objects},
+    launch::image_layout,
+    ports,
     registry::Registry,
-    sidecar::{Sidecar, Target},
+    sidecar::Sidecar,
     webhook::Webhook,
 };
 use serde_json::Value;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::{
+    collections::BTreeMap,
+    sync::atomic::{AtomicUsize, Ordering},
+};
+
+/// The secret and configMap the webhook is told to use for the registry.
+const REGISTRY_SECRET: &str = "abcdesktop-snapshot-registry";
+const REGISTRY_CA_CONFIGMAP: &str = "snapshot-registry-ca";
+const SIDECAR: &str = "t-snapshot";
 
 pub struct Node {
     pub containerd: Containerd,
     pub registry: Registry,
     pub webhook: Webhook,
     pub creds: std::path::PathBuf,
+    /// The images the webhook and the sidecar run from.
+    pub webhook_image: Image,
+    pub sidecar_image: Image,
+    objects: Objects,
     pods: AtomicUsize,
 }
 
 /// A running desktop: its pod (as admitted) and its container.
 pub struct Desktop {
     pub user: String,
+    /// The pod as admitted (with what the webhook injected).
+    pub pod: Value,
+    pub pod_name: String,
     pub pod_uid: String,
     pub container: String,
     pub image: String,
@@ -34,14 +53,54 @@ impl Node {
     pub async fn start(webhook_flags: &[&str]) -> Self {
         let containerd = Containerd::start().await;
         containerd.import_base_image().await;
+        let webhook_image = containerd
+            .import_layout(&image_layout("snapshot-webhook"))
+            .await;
+        let sidecar_image = containerd
+            .import_layout(&image_layout("snapshot-sidecar"))
+            .await;
         let registry = Registry::start().await;
         let creds = registry.credentials_file();
-        let webhook = Webhook::for_registry(&registry, webhook_flags).await;
+        let objects = Objects {
+            secrets: BTreeMap::from([(
+                REGISTRY_SECRET.to_string(),
+                BTreeMap::from([(".dockerconfigjson".to_string(), creds.clone())]),
+            )]),
+            config_maps: BTreeMap::from([(
+                REGISTRY_CA_CONFIGMAP.to_string(),
+                BTreeMap::from([("ca.crt".to_string(), registry.ca_path())]),
+            )]),
+        };
+        let (socket, snapshots) = (
+            containerd.socket.to_string_lossy().into_owned(),
+            containerd.snapshotter_root().to_string_lossy().into_owned(),
+        );
+        let mut flags = vec![
+            "--sidecar-image",
+            &sidecar_image.name,
+            "--sidecar-pull-policy",
+            "Never",
+            "--registry-secret-name",
+            REGISTRY_SECRET,
+            "--sidecar-registry-ca-configmap",
+            REGISTRY_CA_CONFIGMAP,
+            "--containerd-socket",
+            &socket,
+            "--containerd-namespace",
+            &containerd.namespace,
+            "--containerd-snapshotter-root",
+            &snapshots,
+        ];
+        flags.extend(webhook_flags);
+        let webhook = Webhook::in_container(&containerd, &webhook_image, &registry, &flags).await;
         Self {
             containerd,
             registry,
             webhook,
             creds,
+            webhook_image,
+            sidecar_image,
+            objects,
             pods: AtomicUsize::new(0),
         }
     }
@@ -83,36 +142,51 @@ impl Node {
             .await;
         Desktop {
             user: user.to_string(),
+            pod_name: format!("{n}-pod"),
+            repository: sidecar_env(&pod, "SNAPSHOT_REPOSITORY"),
+            tag_prefix: sidecar_env(&pod, "SNAPSHOT_TAG_PREFIX"),
+            pod,
             pod_uid,
             container,
             image,
-            repository: sidecar_env(&pod, "SNAPSHOT_REPOSITORY"),
-            tag_prefix: sidecar_env(&pod, "SNAPSHOT_TAG_PREFIX"),
         }
     }
 
-    /// The sidecar of `desktop`, configured from what the webhook injected.
+    /// The sidecar of `desktop`, run from its image as the webhook injected it:
+    /// its env (downward API resolved), volumes and capabilities. Two things
+    /// differ from a pod: it shares the host's network (the pod's own would
+    /// need a CNI), so it listens on a free loopback port; `extra_env` adds to
+    /// or replaces the injected env.
     pub async fn sidecar(&self, desktop: &Desktop, extra_env: &[(&str, &str)]) -> Sidecar {
-        let path = desktop
-            .repository
-            .split_once('/')
-            .map(|(_, p)| p.to_string())
-            .unwrap_or_default();
-        let ca = self.registry.ca_path();
-        Sidecar::start_with(
-            Target {
-                containerd: &self.containerd,
-                pod_uid: &desktop.pod_uid,
-                registry_host: &self.registry.host,
-                registry_ca: Some(&ca),
-                credentials: Some(&self.creds),
-                repository_path: &path,
-                tag_prefix: &desktop.tag_prefix,
+        let pod = as_pod(&desktop.pod);
+        let image = kubelet::container(&pod, SIDECAR).image.clone();
+        assert_eq!(
+            image.as_deref(),
+            Some(self.sidecar_image.name.as_str()),
+            "the webhook injected another sidecar image"
+        );
+        let dir = tempfile::tempdir().expect("temp dir");
+        let port = ports::free_port();
+        let namespace = pod.metadata.namespace.clone().unwrap_or_default();
+        let mut spec = kubelet::run_spec(
+            &pod,
+            SIDECAR,
+            &Identity {
+                name: &desktop.pod_name,
+                namespace: &namespace,
+                uid: &desktop.pod_uid,
             },
-            None,
-            extra_env,
-        )
-        .await
+            &self.objects,
+            dir.path(),
+            Sidecar::log_path(dir.path()),
+        );
+        let listen = format!("127.0.0.1:{port}");
+        let overrides = [("SNAPSHOT_LISTEN", listen.as_str()), ("RUST_LOG", "info")];
+        for (k, v) in overrides.iter().chain(extra_env) {
+            spec.env.retain(|(name, _)| name != k);
+            spec.env.push((k.to_string(), v.to_string()));
+        }
+        Sidecar::in_container(&self.containerd, &self.sidecar_image, port, dir, spec).await
     }
 
     /// The user picks "snapshot"; panics unless it ends in `done`.
@@ -127,7 +201,9 @@ impl Node {
         self.containerd.remove(&desktop.container).await;
     }
 
+    /// Stops the webhook's container, then containerd and the registry.
     pub async fn stop(self) {
+        drop(self.webhook);
         self.containerd.stop().await;
     }
 }

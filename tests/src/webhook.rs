@@ -2,14 +2,19 @@
 //! client that checks its certificate against the CA only, as kube-apiserver
 //! does with the webhook configuration's caBundle.
 
-use crate::{ports, workspace_binary};
+use crate::{
+    containerd::{Containerd, Image, RunSpec},
+    launch::Launched,
+    ports, workspace_binary,
+};
 use snapshot_certs::Authority;
+use std::os::unix::fs::PermissionsExt;
 use std::{
     path::{Path, PathBuf},
     process::Stdio,
     time::Duration,
 };
-use tokio::process::{Child, Command};
+use tokio::process::Command;
 
 /// Where the webhook's registry is and how to trust and log in to it.
 pub struct RegistryAccess<'a> {
@@ -22,7 +27,7 @@ pub struct Webhook {
     pub port: u16,
     pub dir: tempfile::TempDir,
     pub ca_pem: String,
-    child: Child,
+    launched: Launched,
 }
 
 impl Webhook {
@@ -40,42 +45,104 @@ impl Webhook {
         .await
     }
 
-    /// Starts the webhook; `extra` flags are appended (each flag may be given once).
+    /// Starts the webhook binary; `extra` flags are appended (each flag may be given once).
     pub async fn start(registry: RegistryAccess<'_>, extra: &[&str]) -> Self {
+        Self::launch(registry, extra, None).await
+    }
+
+    /// Starts the webhook from its image (`just images`) in `containerd`, as the
+    /// Deployment runs it: its own user (65532), the serving certificate's folder,
+    /// the registry's CA and credentials mounted read-only where the flags say.
+    pub async fn in_container(
+        containerd: &Containerd,
+        image: &Image,
+        registry: &crate::registry::Registry,
+        extra: &[&str],
+    ) -> Self {
+        let (ca, credentials) = (registry.ca_path(), registry.credentials_file());
+        Self::launch(
+            RegistryAccess {
+                host: &registry.host,
+                ca: Some(&ca),
+                credentials: Some(&credentials),
+            },
+            extra,
+            Some((containerd, image)),
+        )
+        .await
+    }
+
+    async fn launch(
+        registry: RegistryAccess<'_>,
+        extra: &[&str],
+        container: Option<(&Containerd, &Image)>,
+    ) -> Self {
         crate::init_crypto();
         let dir = tempfile::tempdir().expect("temp dir");
         let ca_pem = write_serving_cert(dir.path(), true);
         let port = ports::free_port();
-        let log = std::fs::File::create(dir.path().join("webhook.log")).expect("log file");
-        let mut cmd = Command::new(workspace_binary("snapshot-webhook"));
-        cmd.arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
-            .arg("--tls-cert")
-            .arg(dir.path().join("tls.crt"))
-            .arg("--tls-key")
-            .arg(dir.path().join("tls.key"))
-            .args(["--tls-reload-interval", "200ms"])
-            .args(["--registry", registry.host]);
+        let log_path = dir.path().join("webhook.log");
+        let path = |p: &Path| p.to_string_lossy().into_owned();
+        let mut args: Vec<String> = vec![
+            "--listen".into(),
+            format!("127.0.0.1:{port}"),
+            "--tls-cert".into(),
+            path(&dir.path().join("tls.crt")),
+            "--tls-key".into(),
+            path(&dir.path().join("tls.key")),
+            "--tls-reload-interval".into(),
+            "200ms".into(),
+            "--registry".into(),
+            registry.host.to_string(),
+        ];
         if !extra.contains(&"--log-format") {
-            cmd.args(["--log-format", "json"]);
+            args.extend(["--log-format".into(), "json".into()]);
         }
         if let Some(ca) = registry.ca {
-            cmd.arg("--registry-ca").arg(ca);
+            args.extend(["--registry-ca".into(), path(ca)]);
         }
         if let Some(c) = registry.credentials {
-            cmd.arg("--registry-credentials").arg(c);
+            args.extend(["--registry-credentials".into(), path(c)]);
         }
-        cmd.args(extra)
-            .env("RUST_LOG", "info")
-            .stdout(Stdio::from(log.try_clone().expect("log")))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true);
-        let child = cmd.spawn().expect("spawning snapshot-webhook");
+        args.extend(extra.iter().map(|a| a.to_string()));
+        let launched = match container {
+            None => {
+                let log = std::fs::File::create(&log_path).expect("log file");
+                let child = Command::new(workspace_binary("snapshot-webhook"))
+                    .args(&args)
+                    .env("RUST_LOG", "info")
+                    .stdout(Stdio::from(log.try_clone().expect("log")))
+                    .stderr(Stdio::from(log))
+                    .kill_on_drop(true)
+                    .spawn()
+                    .expect("spawning snapshot-webhook");
+                Launched::Process(child)
+            }
+            Some((containerd, image)) => {
+                // the image's user (65532) reads the certificate folder, as from a secret volume
+                std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+                    .expect("chmod the certificate folder");
+                let mut mounts = vec![(dir.path().to_path_buf(), path(dir.path()), true)];
+                for file in [registry.ca, registry.credentials].into_iter().flatten() {
+                    mounts.push((file.to_path_buf(), path(file), true));
+                }
+                let spec = RunSpec {
+                    args,
+                    env: vec![("RUST_LOG".into(), "info".into())],
+                    mounts,
+                    cap_add: vec![],
+                    log: log_path,
+                };
+                containerd
+                    .run_component(image, &format!("snapshot-webhook-{port}"), &spec)
+                    .await
+            }
+        };
         let mut webhook = Self {
             port,
             dir,
             ca_pem,
-            child,
+            launched,
         };
         let client = webhook.client();
         let url = webhook.url("/readyz");
@@ -84,9 +151,9 @@ impl Webhook {
             if matches!(client.get(&url).send().await, Ok(r) if r.status().is_success()) {
                 return webhook;
             }
-            if let Ok(Some(status)) = webhook.child.try_wait() {
+            if let Some(how) = webhook.launched.exited() {
                 panic!(
-                    "snapshot-webhook exited ({status}) before it was ready; its log:\n{}",
+                    "snapshot-webhook exited ({how}) before it was ready; its log:\n{}",
                     webhook.log()
                 );
             }
@@ -175,8 +242,12 @@ impl Webhook {
         self.ca_pem.clone()
     }
 
+    /// The process id, when it runs as a process of this machine.
     pub fn pid(&self) -> Option<u32> {
-        self.child.id()
+        match &self.launched {
+            Launched::Process(child) => child.id(),
+            Launched::Container { .. } => None,
+        }
     }
 }
 
@@ -192,7 +263,7 @@ impl Drop for Webhook {
             );
         }
         // dead before `dir` goes
-        crate::kill_and_reap(&mut self.child);
+        self.launched.kill_and_reap();
     }
 }
 

@@ -298,10 +298,8 @@ async fn sigterm_during_a_commit_leaves_the_desktop_running() {
         "never saw the task paused; steps: {:?}",
         sidecar.get(&format!("/snapshot/{id}")).await
     );
-    let log_dir = sidecar.dir.path().to_path_buf();
-    let status = sidecar.terminate().await;
-    let log = std::fs::read_to_string(log_dir.join("sidecar.log")).unwrap_or_default();
-    assert!(status.success(), "exit {status}; log:\n{log}");
+    let (ended, log) = sidecar.terminate().await;
+    assert!(ended.success, "exit {ended}; log:\n{log}");
     assert_eq!(
         s.containerd.task_status("desk-a").await,
         "RUNNING",

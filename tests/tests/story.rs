@@ -21,6 +21,11 @@ async fn the_demo_plays_the_whole_story() {
         stdout.contains("the user's files are there: notes 1.0, installed by the user | dark"),
         "{stdout}"
     );
+    // the sidecar's image, run as injected (CAP_SYS_ADMIN, snapshots mounted), takes the fast path
+    assert!(
+        stdout.contains("layer read from the container's overlayfs upper directory"),
+        "{stdout}"
+    );
 }
 
 #[tokio::test]

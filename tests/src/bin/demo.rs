@@ -1,8 +1,9 @@
 //! `just demo`: the whole story on this machine, with real components: a
 //! registry (docker-registry, TLS, htpasswd), containerd with runc, the
 //! snapshot-webhook over HTTPS answering AdmissionReviews as kube-apiserver
-//! sends them, and the snapshot-sidecar committing through containerd.
-//! The kubelet's part (pull, create, start, remove) is played with `ctr`.
+//! sends them, and the snapshot-sidecar committing through containerd. Both
+//! run from their OCI images (`just images`) as containers of that containerd;
+//! the kubelet's part (pull, create, start, remove) is played with `ctr`.
 
 use harness::{containerd::BASE_IMAGE, story::Node};
 use std::time::Instant;
@@ -26,14 +27,15 @@ async fn main() {
     harness::init_crypto();
     println!("desktop-snapshot demo: user {USER_ID}, desktop image {BASE_IMAGE}");
 
-    let t = step(1, "start containerd, a private registry (TLS, htpasswd) and the snapshot webhook (HTTPS, CA-checked)");
+    let t = step(1, "start containerd, a private registry (TLS, htpasswd) and the snapshot webhook (HTTPS, CA-checked) from its image");
     let node = Node::start(&[]).await;
     done(
         t,
         &format!(
-            "containerd on {}, registry on {}, webhook on {}",
+            "containerd on {}, registry on {}, webhook ({}) on {}",
             node.containerd.socket.display(),
             node.registry.host,
+            node.webhook_image.name,
             node.webhook.url("/mutate")
         ),
     );
@@ -65,6 +67,10 @@ async fn main() {
         "the user picks \"snapshot\" in the desktop menu (POST /snapshot/snapshot to the sidecar)",
     );
     let sidecar = node.sidecar(&desktop, &[]).await;
+    println!(
+        "   sidecar t-snapshot runs {} with the env, volumes and capabilities the webhook injected",
+        node.sidecar_image.name
+    );
     let started = sidecar.post("/snapshot/snapshot").await;
     let id = started["session_id"]
         .as_str()
@@ -105,10 +111,16 @@ async fn main() {
         .split_once('/')
         .map(|(_, p)| p.to_string())
         .unwrap_or_default();
+    let metrics = sidecar.metrics().await;
+    let source = if metrics.contains("snapshot_sidecar_layers_total{source=\"upperdir\"} 1") {
+        "the container's overlayfs upper directory"
+    } else {
+        "containerd's Diff service"
+    };
     done(
         t,
         &format!(
-            "snapshot pushed; the desktop kept running; tags: {:?}",
+            "snapshot pushed; the desktop kept running; layer read from {source}; tags: {:?}",
             node.registry.tags(&path).await
         ),
     );

@@ -1,0 +1,187 @@
+//! The kubelet's part for a container of an admitted pod, on this machine:
+//! its image, its environment with the downward API resolved, its volumes
+//! made from the pod's volume list (secrets and configMaps from the files the
+//! test's "cluster" holds, hostPaths checked, emptyDirs made) and the
+//! capabilities its securityContext adds. Whatever the webhook injected is
+//! run as written, so a mismatch between the webhook and the sidecar's image
+//! fails here as it would on a node.
+
+use crate::containerd::RunSpec;
+use k8s_openapi::api::core::v1::{Container, KeyToPath, Pod, Volume};
+use std::{
+    collections::BTreeMap,
+    os::unix::fs::{FileTypeExt, PermissionsExt},
+    path::{Path, PathBuf},
+};
+
+/// The objects of the cluster a pod's volumes may name: secret and configMap
+/// name -> key -> the file holding its value.
+#[derive(Debug, Default, Clone)]
+pub struct Objects {
+    pub secrets: BTreeMap<String, BTreeMap<String, PathBuf>>,
+    pub config_maps: BTreeMap<String, BTreeMap<String, PathBuf>>,
+}
+
+/// What the API server knows of the pod once created.
+pub struct Identity<'a> {
+    pub name: &'a str,
+    pub namespace: &'a str,
+    pub uid: &'a str,
+}
+
+/// The container `name` of `pod`; panics when the pod has none.
+pub fn container<'a>(pod: &'a Pod, name: &str) -> &'a Container {
+    pod.spec
+        .iter()
+        .flat_map(|s| {
+            s.containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+        })
+        .find(|c| c.name == name)
+        .unwrap_or_else(|| panic!("the pod has no container {name}"))
+}
+
+/// How container `name` of `pod` runs: environment, mounts (volumes made under
+/// `scratch`), capabilities; its output goes to `log`.
+pub fn run_spec(
+    pod: &Pod,
+    name: &str,
+    identity: &Identity<'_>,
+    objects: &Objects,
+    scratch: &Path,
+    log: PathBuf,
+) -> RunSpec {
+    let c = container(pod, name);
+    let env = c
+        .env
+        .iter()
+        .flatten()
+        .map(|e| {
+            let value = match (&e.value, &e.value_from) {
+                (Some(v), _) => v.clone(),
+                (None, Some(from)) => {
+                    let path = from
+                        .field_ref
+                        .as_ref()
+                        .map(|f| f.field_path.as_str())
+                        .unwrap_or_else(|| panic!("env {}: only fieldRef is played here", e.name));
+                    match path {
+                        "metadata.name" => identity.name.to_string(),
+                        "metadata.namespace" => identity.namespace.to_string(),
+                        "metadata.uid" => identity.uid.to_string(),
+                        other => panic!("env {}: fieldRef {other} is not played here", e.name),
+                    }
+                }
+                (None, None) => String::new(),
+            };
+            (e.name.clone(), value)
+        })
+        .collect();
+    let volumes: Vec<&Volume> = pod
+        .spec
+        .iter()
+        .flat_map(|s| s.volumes.iter().flatten())
+        .collect();
+    let mounts = c
+        .volume_mounts
+        .iter()
+        .flatten()
+        .map(|m| {
+            assert!(
+                m.sub_path.is_none(),
+                "{}: subPath is not played here",
+                m.name
+            );
+            let volume = volumes
+                .iter()
+                .find(|v| v.name == m.name)
+                .unwrap_or_else(|| panic!("mount {} names no volume of the pod", m.name));
+            let source = make_volume(volume, objects, scratch);
+            (source, m.mount_path.clone(), m.read_only.unwrap_or(false))
+        })
+        .collect();
+    let cap_add = c
+        .security_context
+        .as_ref()
+        .and_then(|s| s.capabilities.as_ref())
+        .and_then(|caps| caps.add.clone())
+        .unwrap_or_default();
+    RunSpec {
+        args: c.args.clone().unwrap_or_default(),
+        env,
+        mounts,
+        cap_add,
+        log,
+    }
+}
+
+/// The node-side path standing for `volume`.
+fn make_volume(volume: &Volume, objects: &Objects, scratch: &Path) -> PathBuf {
+    let dir = scratch.join(&volume.name);
+    if let Some(secret) = &volume.secret {
+        let name = secret.secret_name.as_deref().unwrap_or_default();
+        let data = objects
+            .secrets
+            .get(name)
+            .unwrap_or_else(|| panic!("volume {}: no secret {name} in the cluster", volume.name));
+        project(&dir, data, secret.items.as_deref(), secret.default_mode);
+        return dir;
+    }
+    if let Some(map) = &volume.config_map {
+        let name = map.name.as_str();
+        let data = objects.config_maps.get(name).unwrap_or_else(|| {
+            panic!("volume {}: no configMap {name} in the cluster", volume.name)
+        });
+        project(&dir, data, map.items.as_deref(), map.default_mode);
+        return dir;
+    }
+    if let Some(host) = &volume.host_path {
+        let path = PathBuf::from(&host.path);
+        let meta = std::fs::metadata(&path)
+            .unwrap_or_else(|e| panic!("volume {}: hostPath {}: {e}", volume.name, host.path));
+        match host.type_.as_deref() {
+            Some("Socket") => assert!(
+                meta.file_type().is_socket(),
+                "{} is not a socket",
+                host.path
+            ),
+            Some("Directory") => assert!(meta.is_dir(), "{} is not a directory", host.path),
+            _ => {}
+        }
+        return path;
+    }
+    if volume.empty_dir.is_some() {
+        std::fs::create_dir_all(&dir).expect("an emptyDir");
+        return dir;
+    }
+    panic!("volume {}: this kind is not played here", volume.name)
+}
+
+/// Writes the keys of a secret or configMap into `dir`, as the kubelet projects them.
+fn project(
+    dir: &Path,
+    data: &BTreeMap<String, PathBuf>,
+    items: Option<&[KeyToPath]>,
+    default_mode: Option<i32>,
+) {
+    std::fs::create_dir_all(dir).expect("a volume folder");
+    let wanted: Vec<(String, String, Option<i32>)> = match items {
+        Some(items) => items
+            .iter()
+            .map(|i| (i.key.clone(), i.path.clone(), i.mode))
+            .collect(),
+        None => data.keys().map(|k| (k.clone(), k.clone(), None)).collect(),
+    };
+    for (key, path, mode) in wanted {
+        let source = data
+            .get(&key)
+            .unwrap_or_else(|| panic!("the object has no key {key}"));
+        let target = dir.join(path);
+        std::fs::copy(source, &target)
+            .unwrap_or_else(|e| panic!("projecting {}: {e}", source.display()));
+        let mode = mode.or(default_mode).unwrap_or(0o644) as u32;
+        std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
+            .expect("the file's mode");
+    }
+}
