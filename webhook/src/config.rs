@@ -164,6 +164,12 @@ pub struct Config {
     )]
     pub containerd_snapshotter_root: String,
 
+    /// CPU limit of the sidecar (a Kubernetes quantity, e.g. `1`); empty: none.
+    /// A snapshot is a burst that compresses on every core while the desktop is
+    /// paused, so a low limit lengthens the pause the user feels.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_CPU_LIMIT", default_value = "")]
+    pub sidecar_cpu_limit: String,
+
     /// Largest AdmissionReview body accepted, in bytes.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,

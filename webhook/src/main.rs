@@ -73,6 +73,7 @@ async fn run(config: Config) -> Result<()> {
         containerd_namespace: config.containerd_namespace.clone(),
         snapshotter_root: Some(config.containerd_snapshotter_root.clone())
             .filter(|root| !root.is_empty()),
+        cpu_limit: Some(config.sidecar_cpu_limit.clone()).filter(|limit| !limit.is_empty()),
     };
     let lookup = Lookup::new(registry.clone(), config.lookup_timeout, metrics.clone());
     lookup.warm_up().await;

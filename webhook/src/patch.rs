@@ -148,6 +148,7 @@ mod tests {
             snapshotter_root: Some(
                 "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs".into(),
             ),
+            cpu_limit: None,
         }
     }
 
@@ -305,6 +306,26 @@ mod tests {
         let c = spec(false).container(&decision_target(), "img");
         let text = serde_json::to_string(&c).unwrap();
         assert!(!text.contains("password") && c.args.is_none() && c.command.is_none());
+    }
+
+    #[test]
+    fn the_cpu_limit_is_left_out_unless_configured() {
+        let quantity = |spec: &SidecarSpec, which: &str| {
+            let c = spec.container(&decision_target(), "img");
+            let r = c.resources.unwrap();
+            let side = if which == "request" {
+                r.requests
+            } else {
+                r.limits
+            };
+            side.unwrap().get("cpu").map(|q| q.0.clone())
+        };
+        let mut s = spec(false);
+        for (limit, want) in [(None, None), (Some("2"), Some("2".to_string()))] {
+            s.cpu_limit = limit.map(str::to_string);
+            assert_eq!(quantity(&s, "limit"), want);
+            assert_eq!(quantity(&s, "request").as_deref(), Some("50m"));
+        }
     }
 
     fn decision_target() -> crate::target::Target {

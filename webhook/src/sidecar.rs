@@ -47,6 +47,8 @@ pub struct SidecarSpec {
     /// at the same path so the sidecar reads the container's upper directory (the
     /// fast path); `None`: the sidecar uses containerd's Diff service.
     pub snapshotter_root: Option<String>,
+    /// CPU limit; `None`: only a request, so the commit's burst uses every core.
+    pub cpu_limit: Option<String>,
 }
 
 impl SidecarSpec {
@@ -68,11 +70,12 @@ impl SidecarSpec {
                 ..Default::default()
             }),
         };
-        let quantities = |memory: &str, cpu: &str| {
-            BTreeMap::from([
-                ("memory".to_string(), Quantity(memory.to_string())),
-                ("cpu".to_string(), Quantity(cpu.to_string())),
-            ])
+        let quantities = |memory: &str, cpu: Option<&str>| {
+            let mut q = BTreeMap::from([("memory".to_string(), Quantity(memory.to_string()))]);
+            if let Some(cpu) = cpu {
+                q.insert("cpu".to_string(), Quantity(cpu.to_string()));
+            }
+            q
         };
         Container {
             name: self.name.clone(),
@@ -150,8 +153,8 @@ impl SidecarSpec {
                 .collect(),
             ),
             resources: Some(ResourceRequirements {
-                requests: Some(quantities("32Mi", "50m")),
-                limits: Some(quantities("256Mi", "500m")),
+                requests: Some(quantities("32Mi", Some("50m"))),
+                limits: Some(quantities("256Mi", self.cpu_limit.as_deref())),
                 ..Default::default()
             }),
             security_context: Some(SecurityContext {
