@@ -173,6 +173,12 @@ impl Containerd {
         for cap in &spec.cap_add {
             args.extend(["--cap-add".into(), format!("CAP_{cap}")]);
         }
+        if let Some(bytes) = spec.memory_limit {
+            args.extend(["--memory-limit".into(), bytes.to_string()]);
+        }
+        if let Some(cores) = spec.cpus {
+            args.extend(["--cpus".into(), cores.to_string()]);
+        }
         for (src, dst, read_only) in &spec.mounts {
             let options = if *read_only { "rbind:ro" } else { "rbind:rw" };
             args.extend([
@@ -502,6 +508,9 @@ pub struct RunSpec {
     pub mounts: Vec<(PathBuf, String, bool)>,
     /// Linux capabilities added, Kubernetes spelling (`SYS_ADMIN`).
     pub cap_add: Vec<String>,
+    /// Memory limit in bytes, and CPU limit in cores (the pod's `resources.limits`).
+    pub memory_limit: Option<u64>,
+    pub cpus: Option<f64>,
     /// Where its stdout and stderr go.
     pub log: PathBuf,
 }

@@ -101,6 +101,15 @@ pub fn run_spec(
             (source, m.mount_path.clone(), m.read_only.unwrap_or(false))
         })
         .collect();
+    let limit = |name: &str| {
+        c.resources
+            .as_ref()
+            .and_then(|r| r.limits.as_ref())
+            .and_then(|l| l.get(name))
+            .map(|q| {
+                quantity(&q.0).unwrap_or_else(|| panic!("limit {name}: {} is not a quantity", q.0))
+            })
+    };
     let cap_add = c
         .security_context
         .as_ref()
@@ -112,8 +121,32 @@ pub fn run_spec(
         env,
         mounts,
         cap_add,
+        memory_limit: limit("memory").map(|bytes| bytes as u64),
+        cpus: limit("cpu"),
         log,
     }
+}
+
+/// A Kubernetes quantity as a number: `256Mi` -> 268435456, `500m` -> 0.5, `2` -> 2.
+pub fn quantity(text: &str) -> Option<f64> {
+    const SUFFIXES: [(&str, f64); 11] = [
+        ("Ki", 1024.0),
+        ("Mi", 1048576.0),
+        ("Gi", 1073741824.0),
+        ("Ti", 1099511627776.0),
+        ("k", 1e3),
+        ("M", 1e6),
+        ("G", 1e9),
+        ("T", 1e12),
+        ("m", 1e-3),
+        ("u", 1e-6),
+        ("n", 1e-9),
+    ];
+    let (number, factor) = SUFFIXES
+        .iter()
+        .find_map(|(suffix, f)| text.strip_suffix(suffix).map(|n| (n, *f)))
+        .unwrap_or((text, 1.0));
+    number.parse::<f64>().ok().map(|n| n * factor)
 }
 
 /// The node-side path standing for `volume`.
@@ -183,5 +216,22 @@ fn project(
         let mode = mode.or(default_mode).unwrap_or(0o644) as u32;
         std::fs::set_permissions(&target, std::fs::Permissions::from_mode(mode))
             .expect("the file's mode");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn quantities() {
+        for (text, want) in [
+            ("256Mi", Some(268435456.0)),
+            ("32Mi", Some(33554432.0)),
+            ("500m", Some(0.5)),
+            ("2", Some(2.0)),
+            ("1G", Some(1e9)),
+            ("lots", None),
+        ] {
+            assert_eq!(super::quantity(text), want, "{text}");
+        }
     }
 }

@@ -130,8 +130,8 @@ impl Webhook {
                     args,
                     env: vec![("RUST_LOG".into(), "info".into())],
                     mounts,
-                    cap_add: vec![],
                     log: log_path,
+                    ..Default::default()
                 };
                 containerd
                     .run_component(image, &format!("snapshot-webhook-{port}"), &spec)

@@ -39,7 +39,23 @@ async fn two_users_on_one_node_each_get_their_own_desktop_back() {
     node.containerd
         .exec(&bob.container, "echo bob > /root/owner")
         .await;
-    node.snapshot(&alice, &[]).await;
+    // alice's sidecar runs with the limits the webhook wrote (256Mi, no CPU limit)
+    let sidecar = node.sidecar(&alice, &[]).await;
+    let info = node
+        .containerd
+        .ctr(&[
+            "containers",
+            "info",
+            &format!("snapshot-sidecar-{}", sidecar.port),
+        ])
+        .await
+        .expect("the sidecar's container");
+    let spec: serde_json::Value = serde_json::from_str(&info).expect("ctr's JSON");
+    let resources = &spec["Spec"]["linux"]["resources"];
+    assert_eq!(resources["memory"]["limit"], 268435456, "{resources}");
+    assert!(resources["cpu"]["quota"].is_null(), "{resources}");
+    sidecar.snapshot_done().await;
+    sidecar.stop().await;
     node.snapshot(&bob, &[]).await;
     node.logoff(alice).await;
     node.logoff(bob).await;
