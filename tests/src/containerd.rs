@@ -94,11 +94,7 @@ impl Containerd {
 
     /// Runs `ctr` against this daemon and namespace; its stdout, or its stderr as the error.
     pub async fn ctr(&self, args: &[&str]) -> Result<String> {
-        let out = Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", &self.namespace])
-            .args(args)
+        let out = Command::from(self.address().command(args))
             .output()
             .await
             .context("running ctr")?;

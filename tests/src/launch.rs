@@ -14,21 +14,25 @@ pub struct CtrAddress {
 }
 
 impl CtrAddress {
+    /// `ctr args…` against this daemon and namespace.
+    pub fn command(&self, args: &[&str]) -> std::process::Command {
+        let mut c = std::process::Command::new("ctr");
+        c.args(["--connect-timeout", "2s"])
+            .arg("--address")
+            .arg(&self.socket)
+            .args(["--namespace", &self.namespace])
+            .args(args)
+            .stdin(Stdio::null());
+        c
+    }
+
     /// Runs `ctr` synchronously; its stdout when it succeeded. Nothing when the
     /// daemon is gone (no waiting for ctr's dial timeout).
     pub fn run(&self, args: &[&str]) -> Option<String> {
         if !self.socket.exists() {
             return None;
         }
-        let out = std::process::Command::new("ctr")
-            .args(["--connect-timeout", "2s"])
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", &self.namespace])
-            .args(args)
-            .stdin(Stdio::null())
-            .output()
-            .ok()?;
+        let out = self.command(args).output().ok()?;
         out.status
             .success()
             .then(|| String::from_utf8_lossy(&out.stdout).into_owned())
@@ -45,12 +49,7 @@ impl CtrAddress {
 
     /// Deletes the stopped task of `id`; how it ended.
     pub fn delete_task(&self, id: &str) -> Ended {
-        let out = std::process::Command::new("ctr")
-            .arg("--address")
-            .arg(&self.socket)
-            .args(["--namespace", &self.namespace, "tasks", "delete", id])
-            .stdin(Stdio::null())
-            .output();
+        let out = self.command(&["tasks", "delete", id]).output();
         match out {
             Ok(out) => {
                 let said = String::from_utf8_lossy(&out.stderr).trim().to_string();
@@ -185,14 +184,9 @@ impl Drop for Launched {
     }
 }
 
-/// The directory `just images` writes the OCI layouts to (`target/images`),
-/// found from the running binary (`target/<profile>/…`).
+/// The directory `just images` writes the OCI layouts to (`target/images`).
 pub fn images_dir() -> PathBuf {
-    let exe = std::env::current_exe().expect("the test's own path");
-    let mut dir = exe.parent().expect("a folder").to_path_buf();
-    if dir.ends_with("deps") {
-        dir.pop();
-    }
+    let mut dir = crate::profile_dir();
     dir.pop();
     dir.join("images")
 }

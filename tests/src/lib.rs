@@ -21,15 +21,20 @@ pub fn init_crypto() {
     let _ = rustls::crypto::ring::default_provider().install_default();
 }
 
-/// A binary of this workspace, built by `cargo build --workspace --bins` in the same profile.
-pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+/// The build's profile folder (`target/<profile>`), found from the running
+/// binary (`target/<profile>/deps/<test>` or `target/<profile>/<bin>`).
+pub fn profile_dir() -> std::path::PathBuf {
     let exe = std::env::current_exe().expect("the test's own path");
-    // target/<profile>/deps/<test> or target/<profile>/<bin>
     let mut dir = exe.parent().expect("a folder").to_path_buf();
     if dir.ends_with("deps") {
         dir.pop();
     }
-    let path = dir.join(name);
+    dir
+}
+
+/// A binary of this workspace, built by `cargo build --workspace --bins` in the same profile.
+pub fn workspace_binary(name: &str) -> std::path::PathBuf {
+    let path = profile_dir().join(name);
     assert!(
         path.exists(),
         "{} is missing: run `cargo build --workspace --bins` first (the Justfile's test recipe does)",

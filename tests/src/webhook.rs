@@ -33,16 +33,7 @@ pub struct Webhook {
 impl Webhook {
     /// Starts the webhook on `registry`, trusting its CA, with its right credentials.
     pub async fn for_registry(registry: &crate::registry::Registry, extra: &[&str]) -> Self {
-        let (ca, credentials) = (registry.ca_path(), registry.credentials_file());
-        Self::start(
-            RegistryAccess {
-                host: &registry.host,
-                ca: Some(&ca),
-                credentials: Some(&credentials),
-            },
-            extra,
-        )
-        .await
+        Self::launch_on(registry, extra, None).await
     }
 
     /// Starts the webhook binary; `extra` flags are appended (each flag may be given once).
@@ -59,17 +50,22 @@ impl Webhook {
         registry: &crate::registry::Registry,
         extra: &[&str],
     ) -> Self {
+        Self::launch_on(registry, extra, Some((containerd, image))).await
+    }
+
+    /// Launches it on `registry`, trusting its CA, with its right credentials.
+    async fn launch_on(
+        registry: &crate::registry::Registry,
+        extra: &[&str],
+        container: Option<(&Containerd, &Image)>,
+    ) -> Self {
         let (ca, credentials) = (registry.ca_path(), registry.credentials_file());
-        Self::launch(
-            RegistryAccess {
-                host: &registry.host,
-                ca: Some(&ca),
-                credentials: Some(&credentials),
-            },
-            extra,
-            Some((containerd, image)),
-        )
-        .await
+        let access = RegistryAccess {
+            host: &registry.host,
+            ca: Some(&ca),
+            credentials: Some(&credentials),
+        };
+        Self::launch(access, extra, container).await
     }
 
     async fn launch(
