@@ -36,9 +36,9 @@ certs service="snapshot-webhook" namespace="desktop-snapshot" out=".certs":
 manifests-check:
     bash scripts/manifests-check.sh
 
-# Build the webhook and sidecar OCI images (static binaries, no Docker daemon) into target/images.
+# Build the webhook and sidecar OCI images (static binaries, no Docker daemon) into target/images, and the tests' static desktop-probe.
 images tag="0.1.0":
-    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu -p snapshot-webhook -p snapshot-sidecar
+    RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu -p snapshot-webhook -p snapshot-sidecar -p desktop-probe
     cargo build --locked -p snapshot-tests --bin oci-image
     ./target/debug/oci-image target/x86_64-unknown-linux-gnu/release/snapshot-webhook snapshot-webhook {{tag}} 65532 target/images/snapshot-webhook
     ./target/debug/oci-image target/x86_64-unknown-linux-gnu/release/snapshot-sidecar snapshot-sidecar {{tag}} 0 target/images/snapshot-sidecar

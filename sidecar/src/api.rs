@@ -3,7 +3,7 @@
 
 use crate::{
     config::Config,
-    session::{now_ms, Sessions},
+    session::{now_ms, Begin, Sessions},
     snapshot,
 };
 use axum::{
@@ -76,20 +76,30 @@ async fn start(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             "",
         );
     }
-    let (id, new) = state.sessions.begin();
-    if new {
-        let (state, running) = (state.clone(), id.clone());
-        tokio::spawn(async move {
-            snapshot::run(&state.config, &state.sessions, &state.metrics, &running).await
-        });
-        envelope(StatusCode::OK, true, "snapshot process started", &id)
-    } else {
-        envelope(
+    match state.sessions.begin(state.config.min_interval) {
+        Begin::Started(id) => {
+            let (state, running) = (state.clone(), id.clone());
+            tokio::spawn(async move {
+                snapshot::run(&state.config, &state.sessions, &state.metrics, &running).await
+            });
+            envelope(StatusCode::OK, true, "snapshot process started", &id)
+        }
+        Begin::Running(id) => envelope(
             StatusCode::OK,
             true,
             "snapshot process already running",
             &id,
-        )
+        ),
+        Begin::TooSoon { ended, wait } => envelope(
+            StatusCode::TOO_MANY_REQUESTS,
+            false,
+            &format!(
+                "the last snapshot ended {} s ago: the next one can start in {} s",
+                ended.as_secs(),
+                wait.as_secs_f64().ceil() as u64
+            ),
+            "",
+        ),
     }
 }
 

@@ -15,7 +15,8 @@ use anyhow::{Context, Result};
 use containerd_client::{
     services::v1::{
         snapshots::{
-            MountsRequest, RemoveSnapshotRequest, StatSnapshotRequest, ViewSnapshotRequest,
+            MountsRequest, RemoveSnapshotRequest, StatSnapshotRequest, UsageRequest,
+            ViewSnapshotRequest,
         },
         Container, CreateRequest as CreateLeaseRequest, DeleteRequest as DeleteLeaseRequest,
         DiffRequest, PauseTaskRequest, ResumeTaskRequest,
@@ -225,8 +226,9 @@ pub async fn from_upper(
     pause: bool,
     compression: Compression,
     work_dir: &Path,
+    max_bytes: u64,
 ) -> Result<NewLayer> {
-    let (writer, reader) = spool::create(work_dir)?;
+    let (writer, reader) = spool::create(work_dir, max_bytes)?;
     let paused = if pause {
         Some(Paused::pause(ctrd, &container.id).await?)
     } else {
@@ -252,8 +254,9 @@ pub async fn compress_stored(
     diff_id: &str,
     compression: Compression,
     work_dir: &Path,
+    max_bytes: u64,
 ) -> Result<NewLayer> {
-    let (writer, reader) = spool::create(work_dir)?;
+    let (writer, reader) = spool::create(work_dir, max_bytes)?;
     let mut input = SyncIoBridge::new(StreamReader::new(Box::pin(
         image::read_stream(ctrd, diff_id).map_err(std::io::Error::other),
     )));
@@ -300,15 +303,27 @@ fn compress_into(
     })
 }
 
+/// How many bytes `container`'s change holds on the node's disk (containerd's
+/// usage of its active snapshot: the upper directory).
+pub async fn change_bytes(ctrd: &Ctrd, container: &Container) -> Result<u64> {
+    let usage = ctrd
+        .client
+        .snapshots()
+        .usage(ctrd.req(UsageRequest {
+            snapshotter: container.snapshotter.clone(),
+            key: container.snapshot_key.clone(),
+        }))
+        .await
+        .with_context(|| format!("the size of snapshot {}", container.snapshot_key))?
+        .into_inner();
+    Ok(usage.size.max(0) as u64)
+}
+
 /// The layer of `container`'s changes, or of its whole root filesystem
 /// (uncompressed, in the content store under the lease of `ctrd`); its digest is
-/// the layer's diff_id.
-pub async fn diff(
-    ctrd: &Ctrd,
-    container: &Container,
-    pause: bool,
-    scope: Scope,
-) -> Result<Descriptor> {
+/// the layer's diff_id. The task is always paused: containerd's walk resolves
+/// paths in the container's tree, which a running desktop could swap under it.
+pub async fn diff(ctrd: &Ctrd, container: &Container, scope: Scope) -> Result<Descriptor> {
     let snapshotter = container.snapshotter.clone();
     let key = container.snapshot_key.clone();
     let snapshots = ctrd.client.snapshots();
@@ -346,11 +361,7 @@ pub async fn diff(
     };
     let right = mounts(ctrd, container).await?;
 
-    let paused = if pause {
-        Some(Paused::pause(ctrd, &container.id).await?)
-    } else {
-        None
-    };
+    let paused = Paused::pause(ctrd, &container.id).await?;
     let started = std::time::Instant::now();
     let result = ctrd
         .client
@@ -364,9 +375,7 @@ pub async fn diff(
             source_date_epoch: None,
         }))
         .await;
-    if let Some(p) = paused {
-        p.resume().await?;
-    }
+    paused.resume().await?;
     let _ = snapshots
         .clone()
         .remove(ctrd.req(RemoveSnapshotRequest {

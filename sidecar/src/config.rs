@@ -50,7 +50,18 @@ pub struct Config {
     /// containerd namespace of the kubelet's containers.
     #[arg(long, env = "SNAPSHOT_CONTAINERD_NAMESPACE", default_value = "k8s.io")]
     pub containerd_namespace: String,
+    /// Largest change a snapshot may write to the node's disk, in bytes: the
+    /// compressed layer in the work directory (and, through the Diff service,
+    /// the uncompressed change). Past it the snapshot ends in `error`, the
+    /// desktop runs on, nothing is pushed.
+    #[arg(long, env = "SNAPSHOT_MAX_CHANGE_BYTES", default_value_t = 8 << 30)]
+    pub max_change_bytes: u64,
+    /// Shortest time between the end of one snapshot and the start of the next
+    /// (each pauses the desktop and pushes a tag).
+    #[arg(long, env = "SNAPSHOT_MIN_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub min_interval: Duration,
     /// Pause the container while its changes are read (a consistent snapshot).
+    /// The Diff service always pauses it.
     #[arg(long, env = "SNAPSHOT_PAUSE", default_value_t = true, action = clap::ArgAction::Set)]
     pub pause: bool,
     /// Most layers a snapshot may have; past it the whole desktop is squashed into one

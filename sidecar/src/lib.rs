@@ -7,10 +7,12 @@
 //! -> [`push`].
 
 pub mod api;
+pub mod beneath;
 pub mod commit;
 pub mod config;
 pub mod ctrd;
 pub mod find;
+pub mod harden;
 pub mod image;
 pub mod layer;
 pub mod metrics;

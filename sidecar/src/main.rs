@@ -6,6 +6,7 @@ use snapshot_sidecar::{
     api::{self, AppState},
     commit,
     config::Config,
+    harden,
 };
 use std::sync::Arc;
 use tracing::{error, info};
@@ -13,6 +14,11 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() {
+    // first, before anything sensitive is read or opened
+    if let Err(e) = harden::not_dumpable() {
+        eprintln!("snapshot-sidecar: {e:#}");
+        std::process::exit(1);
+    }
     let config = Config::parse();
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
     let logs = tracing_subscriber::fmt()

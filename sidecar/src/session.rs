@@ -5,7 +5,7 @@ use serde::Serialize;
 use std::{
     collections::BTreeMap,
     sync::Mutex,
-    time::{SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 /// The steps, with the words the abcdesktop front end knows.
@@ -58,6 +58,22 @@ struct Inner {
     operations: BTreeMap<String, Operation>,
     running: Option<String>,
     counter: u64,
+    /// When the last operation ended (done or error).
+    last_ended: Option<Instant>,
+}
+
+/// What a request to start a snapshot got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Begin {
+    Started(String),
+    /// One is running: its id.
+    Running(String),
+    /// The last one ended less than the minimum interval ago; the next may
+    /// start after `wait`.
+    TooSoon {
+        ended: Duration,
+        wait: Duration,
+    },
 }
 
 /// Epoch milliseconds.
@@ -69,11 +85,20 @@ pub fn now_ms() -> u128 {
 }
 
 impl Sessions {
-    /// Starts an operation, or returns the running one: `(id, started_now)`.
-    pub fn begin(&self) -> (String, bool) {
+    /// Starts an operation, or returns the running one, or refuses when the
+    /// last one ended less than `min_interval` ago.
+    pub fn begin(&self, min_interval: Duration) -> Begin {
         let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(id) = &inner.running {
-            return (id.clone(), false);
+            return Begin::Running(id.clone());
+        }
+        if let Some(ended) = inner.last_ended.map(|t| t.elapsed()) {
+            if ended < min_interval {
+                return Begin::TooSoon {
+                    ended,
+                    wait: min_interval - ended,
+                };
+            }
         }
         inner.counter += 1;
         let id = format!("{:x}-{}", now_ms(), inner.counter);
@@ -88,7 +113,7 @@ impl Sessions {
             },
         );
         inner.running = Some(id.clone());
-        (id, true)
+        Begin::Started(id)
     }
 
     pub fn step(&self, id: &str, step: Step) {
@@ -114,6 +139,7 @@ impl Sessions {
         }
         if step.finished() && inner.running.as_deref() == Some(id) {
             inner.running = None;
+            inner.last_ended = Some(Instant::now());
         }
     }
 
@@ -149,23 +175,50 @@ impl Sessions {
 mod tests {
     use super::*;
 
+    fn started(b: Begin) -> String {
+        match b {
+            Begin::Started(id) => id,
+            other => panic!("not started: {other:?}"),
+        }
+    }
+
     #[test]
     fn one_operation_at_a_time_and_always_finished() {
         let s = Sessions::default();
-        let (a, new) = s.begin();
-        assert!(new);
-        let (b, new) = s.begin();
-        assert!(!new);
-        assert_eq!(a, b);
+        let a = started(s.begin(Duration::ZERO));
+        assert_eq!(s.begin(Duration::ZERO), Begin::Running(a.clone()));
         s.step(&a, Step::PushImage);
         assert_eq!(s.get(&a).unwrap().message, "push desktop image to registry");
         s.fail(&a, "registry refused".into());
         assert_eq!(s.get(&a).unwrap().step, Step::Error);
-        let (c, new) = s.begin();
-        assert!(new && c != a);
+        let c = started(s.begin(Duration::ZERO));
+        assert_ne!(c, a);
         s.done(&c, "img".into());
         assert_eq!(s.get(&c).unwrap().message, "done");
         assert_eq!(s.list().len(), 2);
         assert!(s.running().is_none());
+    }
+
+    #[test]
+    fn a_new_snapshot_waits_the_minimum_interval_after_the_last_one_ended() {
+        let s = Sessions::default();
+        let minute = Duration::from_secs(60);
+        let a = started(s.begin(minute));
+        // while it runs, the running one is answered, whatever the interval
+        assert_eq!(s.begin(minute), Begin::Running(a.clone()));
+        s.done(&a, "img".into());
+        match s.begin(minute) {
+            Begin::TooSoon { ended, wait } => {
+                assert!(ended < Duration::from_secs(5));
+                assert!(wait > Duration::from_secs(55) && wait <= minute);
+            }
+            other => panic!("{other:?}"),
+        }
+        // a failed one counts too: each attempt paused the desktop
+        let b = started(s.begin(Duration::ZERO));
+        s.fail(&b, "registry down".into());
+        assert!(matches!(s.begin(minute), Begin::TooSoon { .. }));
+        std::thread::sleep(Duration::from_millis(30));
+        started(s.begin(Duration::from_millis(20)));
     }
 }

@@ -11,6 +11,7 @@ use crate::{
     metrics::Metrics,
     push::Registry,
     session::{Sessions, Step},
+    spool::TooLarge,
     tag,
     upper::{self, Capabilities, Unsupported, Upper},
 };
@@ -147,6 +148,7 @@ async fn new_layer(
                     config.pause,
                     config.compression(),
                     &config.work_dir,
+                    config.max_change_bytes,
                 )
                 .await
                 {
@@ -162,8 +164,24 @@ async fn new_layer(
             }
         }
     }
-    let diff = commit::diff(ctrd, container, config.pause, scope).await?;
-    commit::compress_stored(ctrd, &diff.digest, config.compression(), &config.work_dir).await
+    // The Diff service writes the change uncompressed into containerd's content
+    // store, on the node's disk: the limit applies to it before it starts.
+    let change = commit::change_bytes(ctrd, container).await?;
+    if scope == commit::Scope::Changes && change > config.max_change_bytes {
+        return Err(TooLarge {
+            limit: config.max_change_bytes,
+        })
+        .with_context(|| format!("the change holds {change} bytes"));
+    }
+    let diff = commit::diff(ctrd, container, scope).await?;
+    commit::compress_stored(
+        ctrd,
+        &diff.digest,
+        config.compression(),
+        &config.work_dir,
+        config.max_change_bytes,
+    )
+    .await
 }
 
 /// The container's upper directory, if this sidecar can read it faithfully.

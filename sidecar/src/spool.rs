@@ -26,8 +26,11 @@ enum State {
     Failed(String),
 }
 
-/// Creates a spool in `dir`: the writer, and the reader that streams it.
-pub fn create(dir: &Path) -> Result<(SpoolWriter, SpoolReader)> {
+/// Creates a spool in `dir`: the writer, and the reader that streams it. The
+/// writer refuses to hold more than `limit` bytes (the node's disk is shared):
+/// the write that would pass it fails with [`TooLarge`], and the file, which
+/// has no name, is gone with its last handle.
+pub fn create(dir: &Path, limit: u64) -> Result<(SpoolWriter, SpoolReader)> {
     let file = tempfile::tempfile_in(dir)
         .with_context(|| format!("creating the layer's spool file in {}", dir.display()))?;
     let reader = file.try_clone().context("opening the spool file")?;
@@ -38,6 +41,7 @@ pub fn create(dir: &Path) -> Result<(SpoolWriter, SpoolReader)> {
             hasher: sha2::Sha256::default(),
             written: 0,
             published: 0,
+            limit,
             tx,
             finished: false,
         },
@@ -53,8 +57,16 @@ pub struct SpoolWriter {
     hasher: sha2::Sha256,
     written: u64,
     published: u64,
+    limit: u64,
     tx: watch::Sender<State>,
     finished: bool,
+}
+
+/// The change is larger than the sidecar may keep on the node's disk.
+#[derive(Debug, thiserror::Error)]
+#[error("the change is larger than this sidecar may write to the node's disk ({limit} bytes, --max-change-bytes): nothing was pushed")]
+pub struct TooLarge {
+    pub limit: u64,
 }
 
 impl SpoolWriter {
@@ -77,6 +89,9 @@ impl SpoolWriter {
 impl Write for SpoolWriter {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
         use sha2::Digest;
+        if self.written + data.len() as u64 > self.limit {
+            return Err(io::Error::other(TooLarge { limit: self.limit }));
+        }
         let n = self.file.write(data)?;
         self.hasher.update(&data[..n]);
         self.written += n as u64;
@@ -162,7 +177,7 @@ mod tests {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn the_reader_follows_the_writer_to_the_end() {
         let dir = tempfile::tempdir().unwrap();
-        let (mut w, r) = create(dir.path()).unwrap();
+        let (mut w, r) = create(dir.path(), u64::MAX).unwrap();
         let data: Vec<u8> = (0..(10u32 << 20) + 12345)
             .map(|i| (i % 253) as u8)
             .collect();
@@ -191,11 +206,11 @@ mod tests {
     #[tokio::test]
     async fn an_empty_spool_is_an_empty_stream_and_failures_reach_the_reader() {
         let dir = tempfile::tempdir().unwrap();
-        let (w, r) = create(dir.path()).unwrap();
+        let (w, r) = create(dir.path(), u64::MAX).unwrap();
         w.finish();
         assert!(r.stream().collect::<Vec<_>>().await.is_empty());
 
-        let (mut w, r) = create(dir.path()).unwrap();
+        let (mut w, r) = create(dir.path(), u64::MAX).unwrap();
         w.write_all(b"half a layer").unwrap();
         w.fail("containerd went away".to_string());
         let out: Vec<_> = r.stream().collect().await;
@@ -204,7 +219,18 @@ mod tests {
             .as_ref()
             .is_err_and(|e| e.to_string().contains("containerd went away")));
 
-        let (w, r) = create(dir.path()).unwrap();
+        let (w, r) = create(dir.path(), u64::MAX).unwrap();
+        drop(w);
+        let out: Vec<_> = r.stream().collect().await;
+        assert!(
+            out[0].is_err(),
+            "a dropped writer is an error, not a short layer"
+        );
+
+        let (mut w, r) = create(dir.path(), 10).unwrap();
+        w.write_all(b"0123456789").unwrap();
+        let err = w.write_all(b"x").unwrap_err();
+        assert!(err.to_string().contains("--max-change-bytes"), "{err}");
         drop(w);
         let out: Vec<_> = r.stream().collect().await;
         assert!(

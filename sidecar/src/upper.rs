@@ -12,16 +12,15 @@
 //! file whose data is still below) is refused with [`Unsupported`], and the
 //! caller uses the Diff service instead.
 
+use crate::beneath::{Dir, Entry, Meta};
 use anyhow::{Context, Result};
+use rustix::fs::FileType;
 use std::{
     collections::HashMap,
     ffi::{OsStr, OsString},
-    fs::{self, File, Metadata},
+    fs::{self, File},
     io::{self, BufReader, Read, Write},
-    os::unix::{
-        ffi::OsStrExt,
-        fs::{FileTypeExt, MetadataExt, OpenOptionsExt},
-    },
+    os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
 use tar::{EntryType, Header};
@@ -141,9 +140,14 @@ impl Capabilities {
     }
 }
 
-/// Writes the upper directory as an uncompressed OCI layer tar into `out`; the
-/// container must be paused (nothing in it may change while it is read).
+/// Writes the upper directory as an uncompressed OCI layer tar into `out`.
 /// Entries come in name order, so the same change gives the same layer.
+///
+/// The walk never leaves the upper directory, whatever the desktop does while
+/// it runs (with the pause off it may rename and swap its own entries): every
+/// entry is opened through its parent's descriptor without following links
+/// ([`beneath`]), and read through its own descriptor. Errors name paths as
+/// the desktop sees them (`/etc/...`), never the node's.
 pub fn write_layer<W: Write>(upper: &Upper, out: W) -> Result<W> {
     let mut walk = Walk {
         tar: tar::Builder::new(out),
@@ -154,8 +158,17 @@ pub fn write_layer<W: Write>(upper: &Upper, out: W) -> Result<W> {
         },
         links: HashMap::new(),
     };
-    walk.dir(&upper.dir, Path::new(""))?;
+    let root = Entry::root(&upper.dir)
+        .and_then(|e| e.dir())
+        .context("opening the container's upper directory")?;
+    walk.dir(&root, Path::new(""))?;
     walk.tar.into_inner().context("finishing the layer tar")
+}
+
+/// A path inside the container as the desktop sees it, quoted and escaped, for
+/// error texts (a name may hold newlines or terminal escapes).
+pub fn shown(rel: &Path) -> String {
+    format!("{:?}", Path::new("/").join(rel).to_string_lossy())
 }
 
 struct Walk<W: Write> {
@@ -166,25 +179,26 @@ struct Walk<W: Write> {
 }
 
 impl<W: Write> Walk<W> {
-    fn dir(&mut self, dir: &Path, rel: &Path) -> Result<()> {
-        let mut names: Vec<OsString> = fs::read_dir(dir)
-            .with_context(|| format!("listing {}", dir.display()))?
-            .map(|e| e.map(|e| e.file_name()))
-            .collect::<io::Result<_>>()
-            .with_context(|| format!("listing {}", dir.display()))?;
-        names.sort_by(|a, b| a.as_bytes().cmp(b.as_bytes()));
-        for name in names {
-            let path = dir.join(&name);
-            let meta = fs::symlink_metadata(&path)
-                .with_context(|| format!("reading {}", path.display()))?;
-            self.entry(&path, &rel.join(&name), &name, &meta)?;
+    fn dir(&mut self, dir: &Dir, rel: &Path) -> Result<()> {
+        let names = dir
+            .names()
+            .with_context(|| format!("listing {}", shown(rel)))?;
+        for name in names.iter() {
+            let rel = rel.join(name);
+            // gone since the listing: the desktop removed it, nothing to carry
+            let Some(entry) =
+                Entry::open(dir, name).with_context(|| format!("opening {}", shown(&rel)))?
+            else {
+                continue;
+            };
+            self.entry(&entry, &rel, name)?;
         }
         Ok(())
     }
 
-    fn entry(&mut self, path: &Path, rel: &Path, name: &OsStr, meta: &Metadata) -> Result<()> {
-        let kind = meta.file_type();
-        if kind.is_char_device() && meta.rdev() == 0 {
+    fn entry(&mut self, entry: &Entry, rel: &Path, name: &OsStr) -> Result<()> {
+        let meta = &entry.meta;
+        if meta.is_whiteout() {
             let whiteout = rel
                 .parent()
                 .unwrap_or(Path::new(""))
@@ -193,7 +207,7 @@ impl<W: Write> Walk<W> {
                 ));
             return self.empty_file(&whiteout, meta);
         }
-        let xattrs = self.xattrs(path, meta)?;
+        let xattrs = self.xattrs(entry, rel)?;
         let opaque = xattrs
             .overlay
             .iter()
@@ -205,7 +219,7 @@ impl<W: Write> Walk<W> {
         {
             return Err(Unsupported(format!(
                 "{} carries overlay's {key} attribute, which a layer cannot express",
-                rel.display()
+                shown(rel)
             ))
             .into());
         }
@@ -213,84 +227,86 @@ impl<W: Write> Walk<W> {
             self.pax(rel, &xattrs.others)?;
         }
         let mut header = header_from(meta);
-        if kind.is_dir() {
-            header.set_entry_type(EntryType::Directory);
-            header.set_size(0);
-            self.tar
-                .append_data(&mut header, dir_name(rel), io::empty())
-                .with_context(|| format!("adding {}", rel.display()))?;
-            if opaque {
-                self.empty_file(&rel.join(OPAQUE), meta)?;
-            }
-            return self.dir(path, rel);
-        }
-        if kind.is_symlink() {
-            let target =
-                fs::read_link(path).with_context(|| format!("reading link {}", path.display()))?;
-            header.set_entry_type(EntryType::Symlink);
-            header.set_size(0);
-            return self
-                .tar
-                .append_link(&mut header, rel, target)
-                .with_context(|| format!("adding {}", rel.display()));
-        }
-        if meta.nlink() > 1 {
-            let key = (meta.dev(), meta.ino());
-            if let Some(first) = self.links.get(&key) {
-                header.set_entry_type(EntryType::Link);
+        match meta.kind {
+            FileType::Directory => {
+                // opened before its entry is written: a directory swapped for
+                // something else since it was opened is an error, not a path
+                let dir = entry
+                    .dir()
+                    .with_context(|| format!("opening directory {}", shown(rel)))?;
+                header.set_entry_type(EntryType::Directory);
                 header.set_size(0);
-                let first = first.clone();
-                return self
-                    .tar
-                    .append_link(&mut header, rel, first)
-                    .with_context(|| format!("adding {}", rel.display()));
+                self.tar
+                    .append_data(&mut header, dir_name(rel), io::empty())
+                    .with_context(|| format!("adding {}", shown(rel)))?;
+                if opaque {
+                    self.empty_file(&rel.join(OPAQUE), meta)?;
+                }
+                self.dir(&dir, rel)
             }
-            self.links.insert(key, rel.to_path_buf());
-        }
-        if kind.is_file() {
-            let file = fs::OpenOptions::new()
-                .read(true)
-                .custom_flags(libc::O_NOFOLLOW)
-                .open(path)
-                .with_context(|| format!("opening {}", path.display()))?;
-            header.set_entry_type(EntryType::Regular);
-            header.set_size(meta.len());
-            let data = Exact::new(file, meta.len(), path);
-            return self
-                .tar
-                .append_data(&mut header, rel, BufReader::with_capacity(1 << 20, data))
-                .with_context(|| format!("adding {}", rel.display()));
-        }
-        let (kind, device) = if kind.is_char_device() {
-            (EntryType::Char, true)
-        } else if kind.is_block_device() {
-            (EntryType::Block, true)
-        } else if kind.is_fifo() {
-            (EntryType::Fifo, false)
-        } else {
+            FileType::Symlink => {
+                let target = entry
+                    .link_target()
+                    .with_context(|| format!("reading link {}", shown(rel)))?;
+                header.set_entry_type(EntryType::Symlink);
+                header.set_size(0);
+                self.tar
+                    .append_link(&mut header, rel, target)
+                    .with_context(|| format!("adding {}", shown(rel)))
+            }
+            FileType::RegularFile => {
+                if meta.nlink > 1 {
+                    let key = (meta.dev, meta.ino);
+                    if let Some(first) = self.links.get(&key) {
+                        header.set_entry_type(EntryType::Link);
+                        header.set_size(0);
+                        let first = first.clone();
+                        return self
+                            .tar
+                            .append_link(&mut header, rel, first)
+                            .with_context(|| format!("adding {}", shown(rel)));
+                    }
+                    self.links.insert(key, rel.to_path_buf());
+                }
+                let file = entry
+                    .file()
+                    .with_context(|| format!("opening {}", shown(rel)))?;
+                header.set_entry_type(EntryType::Regular);
+                header.set_size(meta.size);
+                let data = Exact::new(file, meta.size, rel);
+                self.tar
+                    .append_data(&mut header, rel, BufReader::with_capacity(1 << 20, data))
+                    .with_context(|| format!("adding {}", shown(rel)))
+            }
+            FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
+                header.set_entry_type(match meta.kind {
+                    FileType::CharacterDevice => EntryType::Char,
+                    FileType::BlockDevice => EntryType::Block,
+                    _ => EntryType::Fifo,
+                });
+                header.set_size(0);
+                if meta.kind != FileType::Fifo {
+                    let (major, minor) = device_numbers(meta.rdev);
+                    header.set_device_major(major)?;
+                    header.set_device_minor(minor)?;
+                }
+                self.tar
+                    .append_data(&mut header, rel, io::empty())
+                    .with_context(|| format!("adding {}", shown(rel)))
+            }
             // a socket: a layer cannot hold one, and a socket is never worth restoring
-            return Ok(());
-        };
-        header.set_entry_type(kind);
-        header.set_size(0);
-        if device {
-            let (major, minor) = device_numbers(meta.rdev());
-            header.set_device_major(major)?;
-            header.set_device_minor(minor)?;
+            _ => Ok(()),
         }
-        self.tar
-            .append_data(&mut header, rel, io::empty())
-            .with_context(|| format!("adding {}", rel.display()))
     }
 
-    fn empty_file(&mut self, rel: &Path, like: &Metadata) -> Result<()> {
+    fn empty_file(&mut self, rel: &Path, like: &Meta) -> Result<()> {
         let mut header = header_from(like);
         header.set_entry_type(EntryType::Regular);
         header.set_mode(0o644);
         header.set_size(0);
         self.tar
             .append_data(&mut header, rel, io::empty())
-            .with_context(|| format!("adding {}", rel.display()))
+            .with_context(|| format!("adding {}", shown(rel)))
     }
 
     /// A PAX extended header with `SCHILY.xattr.` records for the next entry.
@@ -317,24 +333,15 @@ impl<W: Write> Walk<W> {
         header.set_cksum();
         self.tar
             .append(&header, records.as_slice())
-            .with_context(|| format!("adding the attributes of {}", rel.display()))
+            .with_context(|| format!("adding the attributes of {}", shown(rel)))
     }
 
-    fn xattrs(&self, path: &Path, meta: &Metadata) -> Result<Xattrs> {
+    fn xattrs(&self, entry: &Entry, rel: &Path) -> Result<Xattrs> {
         let mut found = Xattrs::default();
-        if meta.file_type().is_symlink() {
-            // a symlink's own attributes are rare; overlay only marks directories and files
-            return Ok(found);
-        }
-        let names = match xattr::list(path) {
-            Ok(names) => names,
-            Err(e) if e.raw_os_error() == Some(libc::ENOTSUP) => return Ok(found),
-            Err(e) => return Err(e).with_context(|| format!("attributes of {}", path.display())),
-        };
-        for name in names {
-            let value = xattr::get(path, &name)
-                .with_context(|| format!("attribute {name:?} of {}", path.display()))?
-                .unwrap_or_default();
+        let all = entry
+            .xattrs()
+            .with_context(|| format!("attributes of {}", shown(rel)))?;
+        for (name, value) in all {
             let bytes = name.as_bytes();
             if let Some(key) = bytes.strip_prefix(self.overlay_prefix.as_bytes()) {
                 found
@@ -359,12 +366,12 @@ struct Xattrs {
     others: Vec<(OsString, Vec<u8>)>,
 }
 
-fn header_from(meta: &Metadata) -> Header {
+fn header_from(meta: &Meta) -> Header {
     let mut header = Header::new_gnu();
-    header.set_mode(meta.mode() & 0o7777);
-    header.set_uid(meta.uid() as u64);
-    header.set_gid(meta.gid() as u64);
-    header.set_mtime(meta.mtime().max(0) as u64);
+    header.set_mode(meta.mode & 0o7777);
+    header.set_uid(meta.uid as u64);
+    header.set_gid(meta.gid as u64);
+    header.set_mtime(meta.mtime.max(0) as u64);
     header
 }
 
@@ -410,11 +417,11 @@ struct Exact {
 }
 
 impl Exact {
-    fn new(file: File, len: u64, path: &Path) -> Self {
+    fn new(file: File, len: u64, rel: &Path) -> Self {
         Self {
             inner: file.take(len),
             left: len,
-            path: path.to_path_buf(),
+            path: rel.to_path_buf(),
         }
     }
 }
@@ -425,7 +432,7 @@ impl Read for Exact {
         if n == 0 && self.left > 0 && !buf.is_empty() {
             return Err(io::Error::new(
                 io::ErrorKind::UnexpectedEof,
-                format!("{} shrank while it was read", self.path.display()),
+                format!("{} shrank while it was read", shown(&self.path)),
             ));
         }
         self.left -= n as u64;
@@ -641,6 +648,99 @@ mod tests {
             get("opt/").4.is_empty(),
             "overlay's own attributes stay out"
         );
+    }
+
+    /// Every name and byte of a layer's entries, link targets aside.
+    fn names_and_data(layer: &[u8]) -> (Vec<String>, Vec<u8>) {
+        let mut archive = tar::Archive::new(layer);
+        let (mut names, mut data) = (Vec::new(), Vec::new());
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            names.push(entry.path().unwrap().to_string_lossy().into_owned());
+            entry.read_to_end(&mut data).unwrap();
+        }
+        (names, data)
+    }
+
+    #[test]
+    fn a_desktop_swapping_its_directories_for_links_never_leads_the_walk_outside() {
+        let neighbour = tempfile::tempdir().unwrap();
+        fs::create_dir_all(neighbour.path().join(".ssh")).unwrap();
+        fs::write(neighbour.path().join(".ssh/id_neighbour"), "NEIGHBOUR-KEY").unwrap();
+        let dir = tempfile::tempdir().unwrap();
+        let home = dir.path().join("home/alice");
+        fs::create_dir_all(home.join("d/sub")).unwrap();
+        fs::write(home.join("d/sub/mine"), "mine").unwrap();
+        std::os::unix::fs::symlink(neighbour.path(), home.join("l")).unwrap();
+        let upper = Upper {
+            dir: dir.path().to_path_buf(),
+            userxattr: false,
+            options: vec![],
+        };
+        // the strong form of the race: atomic exchanges, as fast as a core goes
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let racer = {
+            let (stop, a, b) = (stop.clone(), home.join("d"), home.join("l"));
+            std::thread::spawn(move || {
+                let a = std::ffi::CString::new(a.as_os_str().as_bytes()).unwrap();
+                let b = std::ffi::CString::new(b.as_os_str().as_bytes()).unwrap();
+                let mut swaps = 0u64;
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let r = unsafe {
+                        libc::syscall(
+                            libc::SYS_renameat2,
+                            libc::AT_FDCWD,
+                            a.as_ptr(),
+                            libc::AT_FDCWD,
+                            b.as_ptr(),
+                            libc::RENAME_EXCHANGE,
+                        )
+                    };
+                    assert_eq!(r, 0);
+                    swaps += 1;
+                }
+                swaps
+            })
+        };
+        let (mut whole, mut failed) = (0, 0);
+        for _ in 0..300 {
+            match write_layer(&upper, Vec::new()) {
+                Ok(layer) => {
+                    whole += 1;
+                    let (names, data) = names_and_data(&layer);
+                    assert!(
+                        !names
+                            .iter()
+                            .any(|n| n.contains("id_neighbour") || n.contains(".ssh")),
+                        "{names:?}"
+                    );
+                    assert!(!data.windows(13).any(|w| w == b"NEIGHBOUR-KEY"));
+                }
+                Err(e) => {
+                    failed += 1;
+                    let text = format!("{e:#}");
+                    assert!(
+                        !text.contains("id_neighbour") && !text.contains(".ssh"),
+                        "{text}"
+                    );
+                    assert!(
+                        !text.contains(&dir.path().to_string_lossy().into_owned()),
+                        "errors name paths in the container only: {text}"
+                    );
+                }
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        let swaps = racer.join().unwrap();
+        assert!(swaps > 1000, "the race ran ({swaps} swaps)");
+        assert!(whole > 0, "{whole} whole layers, {failed} failed");
+    }
+
+    #[test]
+    fn names_in_error_texts_are_escaped_and_inside_the_container() {
+        let shown = shown(Path::new("home/a\nb\u{1b}[31m"));
+        assert_eq!(shown, "\"/home/a\\nb\\u{1b}[31m\"");
+        assert!(!shown.contains('\n') && !shown.contains('\u{1b}'));
     }
 
     #[test]

@@ -229,6 +229,43 @@ impl Containerd {
         pod_name: &str,
         name: &str,
     ) {
+        self.run_labelled(image, id, pod_uid, pod_name, name, &[])
+            .await
+    }
+
+    /// A desktop of the base image whose user is hostile: root in it, with
+    /// `desktop-probe` (static, `just images`) at `/probe`; `extra` goes to
+    /// `ctr run` (e.g. `--with-ns pid:/proc/<pid>/ns/pid`, a shared PID namespace).
+    pub async fn run_hostile_desktop(&self, id: &str, pod_uid: &str, extra: &[String]) {
+        let probe = crate::probe_binary();
+        let mut args = vec![
+            "--mount".to_string(),
+            format!(
+                "type=bind,src={},dst=/probe,options=rbind:ro",
+                probe.display()
+            ),
+        ];
+        args.extend(extra.iter().cloned());
+        self.run_labelled(
+            BASE_IMAGE,
+            id,
+            pod_uid,
+            &format!("{pod_uid}-name"),
+            "x-graphical",
+            &args,
+        )
+        .await
+    }
+
+    async fn run_labelled(
+        &self,
+        image: &str,
+        id: &str,
+        pod_uid: &str,
+        pod_name: &str,
+        name: &str,
+        extra: &[String],
+    ) {
         let labels = [
             format!("io.kubernetes.pod.uid={pod_uid}"),
             format!("io.kubernetes.pod.name={pod_name}"),
@@ -239,6 +276,7 @@ impl Containerd {
         for l in &labels {
             args.extend(["--label", l.as_str()]);
         }
+        args.extend(extra.iter().map(String::as_str));
         args.extend([image, id, "/bin/sh", "-c", "sleep 100000"]);
         self.ctr(&args)
             .await
@@ -247,6 +285,66 @@ impl Containerd {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .push(id.to_string());
+    }
+
+    /// The PID (in the host's namespace) of a container's task.
+    pub async fn task_pid(&self, id: &str) -> u32 {
+        let out = self
+            .ctr(&["tasks", "ls"])
+            .await
+            .unwrap_or_else(|e| panic!("listing tasks: {e:#}"));
+        out.lines()
+            .filter_map(|l| {
+                let mut f = l.split_whitespace();
+                (f.next() == Some(id)).then(|| f.next()?.parse().ok())?
+            })
+            .next()
+            .unwrap_or_else(|| panic!("no task {id} in:\n{out}"))
+    }
+
+    /// The overlayfs upper directory of a container, on the host.
+    pub async fn upper_dir(&self, id: &str) -> PathBuf {
+        let info: serde_json::Value = serde_json::from_str(
+            &self
+                .ctr(&["containers", "info", id])
+                .await
+                .unwrap_or_else(|e| panic!("container {id}: {e:#}")),
+        )
+        .expect("container info is JSON");
+        let key = info["SnapshotKey"].as_str().expect("a snapshot key");
+        let out = self
+            .ctr(&[
+                "snapshots",
+                "--snapshotter",
+                "overlayfs",
+                "mounts",
+                "/mnt",
+                key,
+            ])
+            .await
+            .unwrap_or_else(|e| panic!("mounts of {key}: {e:#}"));
+        out.split(|c: char| c == ',' || c.is_whitespace())
+            .find_map(|o| o.strip_prefix("upperdir="))
+            .map(PathBuf::from)
+            .unwrap_or_else(|| panic!("no upperdir in {out}"))
+    }
+
+    /// Starts a shell command in a container and returns at once (it runs on).
+    pub async fn exec_detached(&self, id: &str, script: &str) {
+        let exec_id = format!("e{}", INSTANCE.fetch_add(1, Ordering::SeqCst));
+        self.ctr(&[
+            "tasks",
+            "exec",
+            "--detach",
+            "--exec-id",
+            &exec_id,
+            id,
+            "/bin/sh",
+            "-c",
+            script,
+        ])
+        .await
+        .unwrap_or_else(|e| panic!("exec in {id}: {e:#}"));
     }
 
     /// Pulls `image` from the test registry as the kubelet would (TLS checked against its CA).

@@ -43,6 +43,21 @@ pub fn workspace_binary(name: &str) -> std::path::PathBuf {
     path
 }
 
+/// The static `desktop-probe` a hostile desktop runs (built by `just images`
+/// for the x86_64-unknown-linux-gnu target, release profile).
+pub fn probe_binary() -> std::path::PathBuf {
+    let target = profile_dir()
+        .parent()
+        .expect("the target folder")
+        .join("x86_64-unknown-linux-gnu/release/desktop-probe");
+    assert!(
+        target.exists(),
+        "{} is missing: run `just images` first (the Justfile's test recipe does)",
+        target.display()
+    );
+    target
+}
+
 /// Kills a child process and waits (up to 2 s) until it is gone, so a temp dir
 /// removed right after is not written to by a dying process. For `Drop` impls:
 /// it does not need an async context.

@@ -919,9 +919,24 @@ async fn the_sidecar_has_what_it_needs_and_no_container_sees_the_password() {
         .flatten()
         .find(|m| m.mount_path == work)
         .expect("the work directory is a volume");
-    assert!(volumes
+    let work_volume = volumes
         .iter()
-        .any(|v| v.name == work_mount.name && v.empty_dir.is_some()));
+        .find(|v| v.name == work_mount.name)
+        .and_then(|v| v.empty_dir.as_ref())
+        .expect("the work directory is an emptyDir");
+    // the sidecar stops a snapshot at its limit, below the emptyDir's, so a
+    // desktop that writes without end never gets its pod evicted
+    let limit: u64 = env_of(&sidecar, "SNAPSHOT_MAX_CHANGE_BYTES")
+        .expect("a change limit")
+        .parse()
+        .expect("a number of bytes");
+    assert_eq!(limit, 8 << 30);
+    let size_limit = work_volume
+        .size_limit
+        .as_ref()
+        .and_then(|q| harness::kubelet::quantity(&q.0))
+        .expect("a sizeLimit on the work emptyDir");
+    assert_eq!(size_limit as u64, limit + (256 << 20));
     for name in ["home", "tmp", "x11socket"] {
         assert!(
             volumes.iter().any(|v| v.name == name),

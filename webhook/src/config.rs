@@ -170,6 +170,14 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_CPU_LIMIT", default_value = "")]
     pub sidecar_cpu_limit: String,
 
+    /// Largest change a snapshot may write to the node's disk, in bytes (the
+    /// sidecar's `--max-change-bytes`): past it the snapshot ends in `error` and
+    /// nothing is pushed. The sidecar's work emptyDir gets a `sizeLimit` of this
+    /// plus 256 MiB, so the sidecar stops first and the kubelet never has to
+    /// evict the desktop.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_MAX_CHANGE_BYTES", default_value_t = 8 << 30)]
+    pub sidecar_max_change_bytes: u64,
+
     /// Largest AdmissionReview body accepted, in bytes.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,

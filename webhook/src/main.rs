@@ -74,6 +74,7 @@ async fn run(config: Config) -> Result<()> {
         snapshotter_root: Some(config.containerd_snapshotter_root.clone())
             .filter(|root| !root.is_empty()),
         cpu_limit: Some(config.sidecar_cpu_limit.clone()).filter(|limit| !limit.is_empty()),
+        max_change_bytes: config.sidecar_max_change_bytes,
     };
     let lookup = Lookup::new(registry.clone(), config.lookup_timeout, metrics.clone());
     lookup.warm_up().await;

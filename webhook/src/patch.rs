@@ -149,6 +149,7 @@ mod tests {
                 "/var/lib/containerd/io.containerd.snapshotter.v1.overlayfs".into(),
             ),
             cpu_limit: None,
+            max_change_bytes: 8 << 30,
         }
     }
 

@@ -49,7 +49,13 @@ pub struct SidecarSpec {
     pub snapshotter_root: Option<String>,
     /// CPU limit; `None`: only a request, so the commit's burst uses every core.
     pub cpu_limit: Option<String>,
+    /// Largest change a snapshot may spool on the node's disk, in bytes.
+    pub max_change_bytes: u64,
 }
+
+/// Room in the work emptyDir above the sidecar's own limit: the sidecar stops
+/// a snapshot at its limit, before the kubelet would evict the pod.
+pub const WORK_HEADROOM_BYTES: u64 = 256 << 20;
 
 impl SidecarSpec {
     /// The sidecar container for one desktop pod.
@@ -109,6 +115,10 @@ impl SidecarSpec {
                     plain("SNAPSHOT_CONTAINERD_NAMESPACE", &self.containerd_namespace),
                     plain("SNAPSHOT_LISTEN", &format!("0.0.0.0:{}", self.port)),
                     plain("SNAPSHOT_WORK_DIR", WORK_DIR),
+                    plain(
+                        "SNAPSHOT_MAX_CHANGE_BYTES",
+                        &self.max_change_bytes.to_string(),
+                    ),
                 ]
                 .into_iter()
                 .chain(
@@ -198,7 +208,14 @@ impl SidecarSpec {
             },
             Volume {
                 name: WORK_VOLUME.to_string(),
-                empty_dir: Some(EmptyDirVolumeSource::default()),
+                empty_dir: Some(EmptyDirVolumeSource {
+                    size_limit: Some(Quantity(
+                        self.max_change_bytes
+                            .saturating_add(WORK_HEADROOM_BYTES)
+                            .to_string(),
+                    )),
+                    ..Default::default()
+                }),
                 ..Default::default()
             },
         ]
