@@ -74,7 +74,7 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 rendered=()
-for dir in manifests/base manifests/overlays/*/; do
+for dir in manifests/base manifests/overlays/*/ manifests/desktop-namespace; do
     dir=${dir%/}
     [ -f "$dir/kustomization.yaml" ] || { say "FAILED: $dir has no kustomization.yaml"; exit 1; }
     file=$out/$(echo "${dir#manifests/}" | tr '/' '_').yaml
@@ -264,6 +264,32 @@ def check_config(objs):
     return "; ".join(said) or "no ConfigMap settings"
 
 
+def check_desktop_namespace(objs):
+    """The desktops' namespace enforces Pod Security `privileged` (the sidecar's
+    hostPath socket), and the sidecar's port is reachable only from the pods the
+    NetworkPolicy names, never from any pod."""
+    said = []
+    for ns in find(objs, "Namespace"):
+        enforce = ns["metadata"].get("labels", {}).get("pod-security.kubernetes.io/enforce")
+        ensure(enforce == "privileged",
+               f"Namespace {name_of(ns)}: pod-security.kubernetes.io/enforce is {enforce!r}, "
+               "the sidecar's hostPath needs 'privileged'")
+        said.append(f"Namespace {name_of(ns)} enforces privileged")
+    for np in find(objs, "NetworkPolicy"):
+        selector = np["spec"].get("podSelector", {}).get("matchLabels", {})
+        if selector.get("type") != "x11server":
+            continue
+        ensure("Ingress" in np["spec"].get("policyTypes", []), f"NetworkPolicy {name_of(np)}: no Ingress")
+        for rule in np["spec"].get("ingress", []):
+            sources = rule.get("from")
+            ensure(sources, f"NetworkPolicy {name_of(np)}: a rule admits every pod")
+            for src in sources:
+                ensure(src.get("podSelector", {}).get("matchLabels") and "ipBlock" not in src,
+                       f"NetworkPolicy {name_of(np)}: a source that is not a labelled pod: {src}")
+        said.append(f"NetworkPolicy {name_of(np)} admits desktops' ports from labelled pods only")
+    return "; ".join(said) or "no desktop namespace"
+
+
 def main():
     version, schema_path, files = sys.argv[1], sys.argv[2], sys.argv[3:]
     with open(schema_path) as f:
@@ -301,10 +327,14 @@ def main():
             except Exception as e:  # a missing schema, a Failed check, a malformed object
                 message = getattr(e, "message", None) or str(e) or type(e).__name__
                 report(False, what, message.splitlines()[0])
-        for label, check in (("webhook -> Service -> pods", check_webhooks),
-                             ("caBundle", check_ca),
-                             ("cert-manager issuers and serving Certificate", check_certificates),
-                             ("settings", check_config)):
+        desktops = any(np["spec"].get("podSelector", {}).get("matchLabels", {}).get("type") == "x11server"
+                       for np in find(docs, "NetworkPolicy"))
+        checks = ((("desktop namespace", check_desktop_namespace),) if desktops else
+                  (("webhook -> Service -> pods", check_webhooks),
+                   ("caBundle", check_ca),
+                   ("cert-manager issuers and serving Certificate", check_certificates),
+                   ("settings", check_config)))
+        for label, check in checks:
             what = f"{render}: check {label}"
             try:
                 report(True, what, check(docs))

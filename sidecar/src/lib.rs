@@ -20,5 +20,5 @@ pub mod push;
 pub mod session;
 pub mod snapshot;
 pub mod spool;
-pub mod tag;
+pub use snapshot_tags as tag;
 pub mod upper;

@@ -30,13 +30,23 @@ pub struct Containerd {
 impl Containerd {
     /// Starts the daemon, or panics with the reason and its log.
     pub async fn start() -> Self {
-        match Self::try_start().await {
+        match Self::try_start(false).await {
             Ok(c) => c,
             Err(e) => panic!("the test containerd cannot start: {e:#}"),
         }
     }
 
-    async fn try_start() -> Result<Self> {
+    /// The same, its root (snapshots, content) on a tmpfs of its own: for
+    /// tests that write a million files, which this machine's disk takes
+    /// minutes to create.
+    pub async fn start_on_tmpfs() -> Self {
+        match Self::try_start(true).await {
+            Ok(c) => c,
+            Err(e) => panic!("the test containerd cannot start: {e:#}"),
+        }
+    }
+
+    async fn try_start(tmpfs: bool) -> Result<Self> {
         let binary = crate::registry::which("containerd")
             .context("containerd is not installed (Debian packages containerd and runc; `just deps` installs them)")?;
         crate::registry::which("runc").context("runc is not installed (Debian package runc)")?;
@@ -45,6 +55,16 @@ impl Containerd {
             .tempdir_in("/tmp")
             .context("temp dir")?;
         let socket = dir.path().join("c.sock");
+        if tmpfs {
+            let root = dir.path().join("root");
+            std::fs::create_dir(&root)?;
+            let status = std::process::Command::new("mount")
+                .args(["-t", "tmpfs", "-o", "mode=0711", "desktop-snapshot-test"])
+                .arg(&root)
+                .status()
+                .context("running mount")?;
+            anyhow::ensure!(status.success(), "mounting a tmpfs on {}", root.display());
+        }
         let n = INSTANCE.fetch_add(1, Ordering::SeqCst);
         let namespace = format!("snapshot-test-{}-{n}", std::process::id());
         let config = dir.path().join("config.toml");

@@ -96,7 +96,9 @@ impl Sidecar {
                 "SNAPSHOT_CONTAINERD_SOCKET",
                 socket.unwrap_or(&t.containerd.socket),
             )
-            .env("SNAPSHOT_CONTAINERD_NAMESPACE", &t.containerd.namespace);
+            .env("SNAPSHOT_CONTAINERD_NAMESPACE", &t.containerd.namespace)
+            // tests snapshot one desktop many times in a row; the interval has its own test
+            .env("SNAPSHOT_MIN_INTERVAL", "0s");
         if let Some(ca) = t.registry_ca {
             cmd.env("SNAPSHOT_REGISTRY_CA", ca);
         }
@@ -241,13 +243,20 @@ impl Sidecar {
 
     /// Starts a snapshot and waits for its end.
     pub async fn snapshot(&self) -> Vec<String> {
+        let (_, steps) = self.snapshot_with_id().await;
+        steps
+    }
+
+    /// Starts a snapshot and waits for its end: its session id and every message seen.
+    pub async fn snapshot_with_id(&self) -> (String, Vec<String>) {
         let started = self.post("/snapshot/snapshot").await;
         assert_eq!(started["message"], "snapshot process started", "{started}");
         let id = started["session_id"]
             .as_str()
             .expect("a session id")
             .to_string();
-        self.wait(&id).await
+        let steps = self.wait(&id).await;
+        (id, steps)
     }
 
     /// The process id, when it runs as a process of this machine.

@@ -5,7 +5,7 @@
 
 use crate::{
     admission::{apply, as_pod, desktop_pod, image_of, review},
-    containerd::{Containerd, Image, BASE_IMAGE},
+    containerd::{Containerd, Image, RunSpec, BASE_IMAGE},
     kubelet::{self, Identity, Objects},
     launch::image_layout,
     ports,
@@ -158,6 +158,17 @@ impl Node {
     /// need a CNI), so it listens on a free loopback port; `extra_env` adds to
     /// or replaces the injected env.
     pub async fn sidecar(&self, desktop: &Desktop, extra_env: &[(&str, &str)]) -> Sidecar {
+        self.sidecar_with(desktop, extra_env, |_| {}).await
+    }
+
+    /// The same, with `edit` applied to what the kubelet would give it (a
+    /// capability less, say).
+    pub async fn sidecar_with(
+        &self,
+        desktop: &Desktop,
+        extra_env: &[(&str, &str)],
+        edit: impl FnOnce(&mut RunSpec),
+    ) -> Sidecar {
         let pod = as_pod(&desktop.pod);
         let image = kubelet::container(&pod, SIDECAR).image.clone();
         assert_eq!(
@@ -186,6 +197,7 @@ impl Node {
             spec.env.retain(|(name, _)| name != k);
             spec.env.push((k.to_string(), v.to_string()));
         }
+        edit(&mut spec);
         Sidecar::in_container(&self.containerd, &self.sidecar_image, port, dir, spec).await
     }
 

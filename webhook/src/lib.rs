@@ -15,7 +15,7 @@ pub mod patch;
 pub mod registry;
 pub mod server;
 pub mod sidecar;
-pub mod tag;
+pub use snapshot_tags as tag;
 pub mod target;
 pub mod telemetry;
 pub mod tls;

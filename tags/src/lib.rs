@@ -1,4 +1,6 @@
-//! Snapshot tags `<prefix>-<timestamp>` and which one wins. Pure code.
+//! Snapshot tags `<prefix>-<timestamp>`: how the sidecar makes them, whose
+//! they are, which one the webhook restores, which ones retention deletes
+//! ([`retention`]). Pure code, shared by both binaries.
 //!
 //! The timestamp is the run of decimal digits after the last `-`; the prefix
 //! is everything before it and must equal the wanted prefix exactly, so the
@@ -7,7 +9,21 @@
 //! overflow); equal numbers (`007` and `7`) are broken by the tag text so the
 //! choice never depends on the order the registry listed them in.
 
-use std::cmp::Ordering;
+use std::{
+    cmp::Ordering,
+    time::{SystemTime, UNIX_EPOCH},
+};
+
+pub mod retention;
+
+/// The tag of a snapshot taken at `now`: `<prefix>-<epoch nanoseconds>`.
+pub fn snapshot_tag(prefix: &str, now: SystemTime) -> String {
+    let ns = now
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos())
+        .unwrap_or(0);
+    format!("{prefix}-{ns}")
+}
 
 /// A snapshot tag that belongs to the wanted prefix.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -61,6 +77,22 @@ fn normalise(digits: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn nanoseconds_after_the_prefix() {
+        let t = UNIX_EPOCH + Duration::from_nanos(1_700_000_000_123_456_789);
+        assert_eq!(
+            snapshot_tag("jdoe_40example.com", t),
+            "jdoe_40example.com-1700000000123456789"
+        );
+        let tag = snapshot_tag("alice", t);
+        assert_eq!(
+            newest([tag.as_str(), "alice-1700000000"], "alice").map(|s| s.tag),
+            Some(tag.clone()),
+            "a new tag wins over older ones"
+        );
+    }
 
     #[test]
     fn newest_table() {
