@@ -60,6 +60,14 @@ pub struct Config {
     /// (each pauses the desktop and pushes a tag).
     #[arg(long, env = "SNAPSHOT_MIN_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub min_interval: Duration,
+    /// After a push, the user's snapshots in the repository beyond this many
+    /// newest are deleted (manifest DELETE by digest); 0 keeps every one.
+    #[arg(long, env = "SNAPSHOT_KEEP", default_value_t = 10)]
+    pub keep: usize,
+    /// Retention never deletes a snapshot younger than this, so a burst of
+    /// snapshots cannot erase a user's history.
+    #[arg(long, env = "SNAPSHOT_KEEP_MIN_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub keep_min_age: Duration,
     /// Pause the container while its changes are read (a consistent snapshot).
     /// The Diff service always pauses it.
     #[arg(long, env = "SNAPSHOT_PAUSE", default_value_t = true, action = clap::ArgAction::Set)]

@@ -175,8 +175,22 @@ pub fn layer_count(base: &Base) -> usize {
         .unwrap_or(0)
 }
 
-/// The snapshot's manifest: the base's layers, then the new one.
-pub fn next_manifest(base: &Value, config: (&str, usize), layer: (&str, u64, &str)) -> Value {
+/// The manifest annotation naming the tag a snapshot was pushed as: it makes
+/// every snapshot's manifest (and digest) its own, so deleting one by digest
+/// never takes another tag with it.
+pub const TAG_ANNOTATION: &str = "io.abcdesktop.snapshot.tag";
+/// The OCI annotation of the image's creation time.
+pub const CREATED_ANNOTATION: &str = "org.opencontainers.image.created";
+
+/// The snapshot's manifest: the base's layers, then the new one; annotated
+/// with its tag and creation time.
+pub fn next_manifest(
+    base: &Value,
+    config: (&str, usize),
+    layer: (&str, u64, &str),
+    tag: &str,
+    created: &str,
+) -> Value {
     let docker = is_docker(base);
     let mut layers = base["layers"].as_array().cloned().unwrap_or_default();
     layers.push(json!({
@@ -189,6 +203,7 @@ pub fn next_manifest(base: &Value, config: (&str, usize), layer: (&str, u64, &st
         "mediaType": if docker { DOCKER_MANIFEST } else { OCI_MANIFEST },
         "config": {"mediaType": if docker { DOCKER_CONFIG } else { OCI_CONFIG }, "digest": config.0, "size": config.1},
         "layers": layers,
+        "annotations": {TAG_ANNOTATION: tag, CREATED_ANNOTATION: created},
     })
 }
 
@@ -210,7 +225,11 @@ mod tests {
             &base_manifest,
             ("sha256:cfg", 10),
             ("sha256:lb", 7, OCI_LAYER_GZIP),
+            "alice-1",
+            "2026-11-23T00:00:00Z",
         );
+        assert_eq!(m["annotations"][TAG_ANNOTATION], "alice-1");
+        assert_eq!(m["annotations"][CREATED_ANNOTATION], "2026-11-23T00:00:00Z");
         assert_eq!(m["layers"].as_array().unwrap().len(), 2);
         assert_eq!(m["layers"][1]["digest"], "sha256:lb");
         assert_eq!(m["config"]["mediaType"], OCI_CONFIG);
@@ -227,6 +246,8 @@ mod tests {
             &docker,
             ("sha256:cfg", 10),
             ("sha256:lb", 7, DOCKER_LAYER_GZIP),
+            "alice-2",
+            "2026-11-23T00:00:00Z",
         );
         assert_eq!(m["mediaType"], DOCKER_MANIFEST);
         assert_eq!(m["layers"][0]["mediaType"], DOCKER_LAYER_GZIP);

@@ -16,6 +16,7 @@ pub mod harden;
 pub mod image;
 pub mod layer;
 pub mod metrics;
+pub mod prune;
 pub mod push;
 pub mod session;
 pub mod snapshot;

@@ -21,6 +21,7 @@ pub struct Metrics {
     snapshots: Family<ResultLabel, Counter>,
     layers: Family<SourceLabel, Counter>,
     pub duration: Histogram,
+    retention: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -44,11 +45,18 @@ impl Default for Metrics {
             "Time from the click to the tag (or the error)",
             duration.clone(),
         );
+        let retention = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "retention",
+            "Old snapshots retention dealt with, by result (deleted, skipped: no tag annotation, refused: the registry does not delete, once per run; failed)",
+            retention.clone(),
+        );
         Self {
             registry,
             snapshots,
             layers,
             duration,
+            retention,
         }
     }
 }
@@ -65,6 +73,16 @@ impl Metrics {
             self.layers.get_or_create(&SourceLabel { source }).inc();
         }
         self.duration.observe(seconds);
+    }
+
+    /// Retention dealt with old snapshots: `result` is `deleted`, `skipped`,
+    /// `refused` or `failed`.
+    pub fn retention(&self, result: &'static str, count: u64) {
+        if count > 0 {
+            self.retention
+                .get_or_create(&ResultLabel { result })
+                .inc_by(count);
+        }
     }
 
     pub fn render(&self) -> String {

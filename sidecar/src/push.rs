@@ -25,6 +25,8 @@ use tracing::info;
 
 pub struct Registry {
     client: Client,
+    /// For what oci-client has no call for: deleting a manifest.
+    http: reqwest::Client,
     auth: RegistryAuth,
     /// The credentials document, for the base image's registry when it is another one.
     credentials: Option<Vec<u8>>,
@@ -70,8 +72,17 @@ impl Registry {
             }
         }
         let client = Client::new(client_config(protocol, &extra_roots));
+        let mut http =
+            reqwest::Client::builder().connect_timeout(std::time::Duration::from_secs(10));
+        for root in &extra_roots {
+            http = http.add_root_certificate(
+                reqwest::Certificate::from_pem(&root.data).context("reading the registry CA")?,
+            );
+        }
+        let http = http.build().context("building the registry HTTP client")?;
         Ok(Self {
             client,
+            http,
             auth,
             credentials: document,
             extra_roots,
@@ -218,6 +229,8 @@ impl Registry {
                 layer.size,
                 codec.media_type(image::is_docker(&base.manifest)),
             ),
+            target.tag().unwrap_or_default(),
+            created,
         );
         let manifest_bytes = serde_json::to_vec(&manifest)?;
         let media_type = manifest["mediaType"]
@@ -236,6 +249,151 @@ impl Registry {
             "sha256:{}",
             hex::encode(sha2::Sha256::digest(&manifest_bytes))
         ))
+    }
+}
+
+/// What a manifest DELETE came to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Deleted {
+    Done,
+    /// Not there any more (deleted by someone else since it was listed).
+    Gone,
+    /// The registry does not delete (`storage.delete.enabled: false`: 405,
+    /// `UNSUPPORTED`); its answer.
+    Refused(String),
+}
+
+impl Registry {
+    /// Every tag of `target`'s repository.
+    pub async fn tags(&self, target: &Reference) -> Result<Vec<String>> {
+        let listed = self
+            .client
+            .list_tags(target, &self.auth, None, None)
+            .await
+            .context("listing the repository's tags")?;
+        Ok(listed.tags)
+    }
+
+    /// The digest and annotations of the manifest `tag` in `target`'s repository.
+    pub async fn manifest_of(&self, target: &Reference, tag: &str) -> Result<(String, Value)> {
+        let reference = Reference::with_tag(
+            target.registry().to_string(),
+            target.repository().to_string(),
+            tag.to_string(),
+        );
+        let (bytes, digest) = self
+            .client
+            .pull_manifest_raw(
+                &reference,
+                &self.auth,
+                &[image::OCI_MANIFEST, image::DOCKER_MANIFEST],
+            )
+            .await
+            .with_context(|| format!("reading the manifest of {tag}"))?;
+        let manifest: Value = serde_json::from_slice(&bytes)
+            .with_context(|| format!("the manifest of {tag} is not JSON"))?;
+        Ok((digest, manifest["annotations"].clone()))
+    }
+
+    /// Deletes the manifest `digest` of `target`'s repository (and so every tag
+    /// on it). A registry with token authorization is asked for a token of
+    /// `delete` scope, which pushing does not give.
+    pub async fn delete_manifest(&self, target: &Reference, digest: &str) -> Result<Deleted> {
+        let scheme = match self.protocol {
+            Protocol::Https => "https",
+            Protocol::Http => "http",
+        };
+        let url = format!(
+            "{scheme}://{}/v2/{}/manifests/{digest}",
+            target.resolve_registry(),
+            target.repository()
+        );
+        let mut bearer: Option<String> = None;
+        for attempt in 0..2 {
+            let request = match (&bearer, &self.auth) {
+                (Some(token), _) => self.http.delete(&url).bearer_auth(token),
+                (None, RegistryAuth::Basic(user, password)) => {
+                    self.http.delete(&url).basic_auth(user, Some(password))
+                }
+                (None, _) => self.http.delete(&url),
+            };
+            let response = request
+                .send()
+                .await
+                .with_context(|| format!("deleting {digest}"))?;
+            let status = response.status();
+            if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
+                let challenge = response
+                    .headers()
+                    .get(reqwest::header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                bearer = Some(self.delete_token(&challenge, target).await?);
+                continue;
+            }
+            let body = response.text().await.unwrap_or_default();
+            let body: String = body.chars().take(300).collect();
+            return match status.as_u16() {
+                200..=299 => Ok(Deleted::Done),
+                404 => Ok(Deleted::Gone),
+                405 => Ok(Deleted::Refused(format!("{status}: {}", body.trim()))),
+                _ if body.contains("UNSUPPORTED") => {
+                    Ok(Deleted::Refused(format!("{status}: {}", body.trim())))
+                }
+                _ => anyhow::bail!(
+                    "the registry answered {status} to deleting {digest}: {}",
+                    body.trim()
+                ),
+            };
+        }
+        anyhow::bail!("the registry refused the delete token for {digest}")
+    }
+
+    /// A bearer token of `repository:<name>:delete` scope from the registry's
+    /// token service, as its `WWW-Authenticate` challenge names it.
+    async fn delete_token(&self, challenge: &str, target: &Reference) -> Result<String> {
+        let challenges = http_auth::parse_challenges(challenge)
+            .map_err(|e| anyhow::anyhow!("the registry's WWW-Authenticate does not parse: {e}"))?;
+        let bearer = challenges
+            .iter()
+            .find(|c| c.scheme.eq_ignore_ascii_case("bearer"))
+            .context("the registry refused the credentials (no Bearer challenge to answer)")?;
+        let param = |name: &str| {
+            bearer
+                .params
+                .iter()
+                .find(|(k, _)| k.eq_ignore_ascii_case(name))
+                .map(|(_, v)| v.to_unescaped())
+        };
+        let realm = param("realm").context("a Bearer challenge without realm")?;
+        let scope = format!("repository:{}:delete", target.repository());
+        let mut query = vec![("scope", scope)];
+        if let Some(service) = param("service") {
+            query.push(("service", service));
+        }
+        let mut request = self.http.get(&realm).query(&query);
+        if let RegistryAuth::Basic(user, password) = &self.auth {
+            request = request.basic_auth(user, Some(password));
+        }
+        let response = request
+            .send()
+            .await
+            .with_context(|| format!("asking {realm} for a delete token"))?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "the token service {realm} answered {}",
+            response.status()
+        );
+        let answer: Value = response
+            .json()
+            .await
+            .context("the token service's answer is not JSON")?;
+        answer["token"]
+            .as_str()
+            .or_else(|| answer["access_token"].as_str())
+            .map(str::to_string)
+            .context("the token service's answer holds no token")
     }
 }
 

@@ -9,6 +9,7 @@ use crate::{
     image,
     layer::NewLayer,
     metrics::Metrics,
+    prune,
     push::Registry,
     session::{Sessions, Step},
     spool::TooLarge,
@@ -17,13 +18,14 @@ use crate::{
 };
 use anyhow::{Context, Result};
 use containerd_client::services::v1::Container;
+use snapshot_tags::retention::Policy;
 use std::time::{Instant, SystemTime};
 use tracing::{error, info, warn};
 
 /// Runs operation `id` to its end: `done` or `error`, never stuck.
 pub async fn run(config: &Config, sessions: &Sessions, metrics: &Metrics, id: &str) {
     let started = Instant::now();
-    let result = commit_and_push(config, sessions, id).await;
+    let result = commit_and_push(config, sessions, metrics, id).await;
     metrics.finished(
         result.as_ref().map(|(_, source)| *source),
         started.elapsed().as_secs_f64(),
@@ -44,6 +46,7 @@ pub async fn run(config: &Config, sessions: &Sessions, metrics: &Metrics, id: &s
 async fn commit_and_push(
     config: &Config,
     sessions: &Sessions,
+    metrics: &Metrics,
     id: &str,
 ) -> Result<(String, &'static str)> {
     let step = |s: Step| {
@@ -65,7 +68,14 @@ async fn commit_and_push(
 
     step(Step::GenerateImage);
     let lease = Lease::create(&ctrd, config.lease_expiry).await?;
-    let result = generate_and_push(config, &ctrd.with_lease(&lease.id), &container, &step).await;
+    let result = generate_and_push(
+        config,
+        &ctrd.with_lease(&lease.id),
+        &container,
+        &step,
+        metrics,
+    )
+    .await;
     lease.release().await;
     result
 }
@@ -75,6 +85,7 @@ async fn generate_and_push(
     ctrd: &Ctrd,
     container: &Container,
     step: &(dyn Fn(Step) + Sync),
+    metrics: &Metrics,
 ) -> Result<(String, &'static str)> {
     let started = Instant::now();
     let mut base = image::base(ctrd, &container.image).await?;
@@ -126,6 +137,11 @@ async fn generate_and_push(
             &created,
         )
         .await?;
+    let policy = Policy {
+        keep: config.keep,
+        min_age: config.keep_min_age,
+    };
+    prune::run(&registry, &target, &config.tag_prefix, policy, metrics).await;
     Ok((format!("{image_ref}@{digest}"), source))
 }
 

@@ -30,6 +30,7 @@ pub struct Registry {
     pub authority: Authority,
     pub ca_pem: String,
     pub token: Option<TokenService>,
+    config: PathBuf,
     child: Child,
 }
 
@@ -41,13 +42,22 @@ impl Registry {
 
     /// Starts it, or panics with the reason and the registry's own words.
     pub async fn start_with(auth: Auth) -> Self {
-        match Self::try_start(auth).await {
+        match Self::try_start(auth, true).await {
             Ok(r) => r,
             Err(e) => panic!("the test registry (docker-registry) cannot start: {e:#}"),
         }
     }
 
-    async fn try_start(auth: Auth) -> Result<Self> {
+    /// A registry that refuses deletes (`storage.delete.enabled: false`: 405
+    /// `UNSUPPORTED`), with htpasswd auth.
+    pub async fn start_refusing_deletes() -> Self {
+        match Self::try_start(Auth::Basic, false).await {
+            Ok(r) => r,
+            Err(e) => panic!("the test registry (docker-registry) cannot start: {e:#}"),
+        }
+    }
+
+    async fn try_start(auth: Auth, delete: bool) -> Result<Self> {
         crate::init_crypto();
         let binary = which("docker-registry")
             .context("docker-registry is not installed (Debian package docker-registry; `just deps` installs it)")?;
@@ -97,29 +107,83 @@ impl Registry {
         std::fs::write(
             &config,
             format!(
-                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\nhttp:\n  addr: {host}\n  tls:\n    certificate: {}\n    key: {}\n{auth_yaml}",
+                "version: 0.1\nlog:\n  level: warn\n  accesslog:\n    disabled: false\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: {delete}\nhttp:\n  addr: {host}\n  tls:\n    certificate: {}\n    key: {}\n{auth_yaml}",
                 dir.path().join("data").display(),
                 cert.display(),
                 key.display()
             ),
         )?;
-        let log = std::fs::File::create(dir.path().join("registry.log"))?;
-        let child = Command::new(binary)
-            .arg("serve")
-            .arg(&config)
-            .stdout(Stdio::from(log.try_clone()?))
-            .stderr(Stdio::from(log))
-            .kill_on_drop(true)
-            .spawn()
-            .context("spawning docker-registry")?;
+        let child = Self::serve(&binary, &config, dir.path())?;
         let registry = Self {
             host,
             dir,
             ca_pem: authority.cert_pem.clone(),
             authority,
             token,
+            config,
             child,
         };
+        registry.until_up().await?;
+        Ok(registry)
+    }
+
+    fn serve(binary: &Path, config: &Path, dir: &Path) -> Result<Child> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(dir.join("registry.log"))?;
+        Command::new(binary)
+            .arg("serve")
+            .arg(config)
+            .stdout(Stdio::from(log.try_clone()?))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .context("spawning docker-registry")
+    }
+
+    /// Stops the registry, runs distribution's garbage collector on its
+    /// storage (as an operator does, the registry down), and starts it again
+    /// on the same address; what the collector printed.
+    pub async fn garbage_collect(&mut self) -> String {
+        let binary = which("docker-registry").expect("docker-registry");
+        crate::kill_and_reap(&mut self.child);
+        let out = Command::new(&binary)
+            .arg("garbage-collect")
+            .arg(&self.config)
+            .output()
+            .await
+            .expect("running docker-registry garbage-collect");
+        let said = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "garbage-collect failed:\n{said}");
+        self.child = Self::serve(&binary, &self.config, self.dir.path()).expect("restarting");
+        self.until_up().await.expect("the registry back after GC");
+        said
+    }
+
+    /// Bytes the registry's storage holds (blobs and metadata).
+    pub fn storage_bytes(&self) -> u64 {
+        fn walk(dir: &Path) -> u64 {
+            std::fs::read_dir(dir)
+                .into_iter()
+                .flatten()
+                .filter_map(|e| e.ok())
+                .map(|e| match e.metadata() {
+                    Ok(m) if m.is_dir() => walk(&e.path()),
+                    Ok(m) => m.len(),
+                    Err(_) => 0,
+                })
+                .sum()
+        }
+        walk(&self.dir.path().join("data"))
+    }
+
+    async fn until_up(&self) -> Result<()> {
+        let registry = self;
         let client = registry.http_client();
         let url = format!("https://{}/v2/", registry.host);
         let up =
@@ -136,7 +200,7 @@ impl Registry {
                 registry.log()
             );
         }
-        Ok(registry)
+        Ok(())
     }
 
     /// `127.0.0.1:PORT`, the registry's host as images name it.
@@ -255,22 +319,27 @@ impl Registry {
         Ok(())
     }
 
-    /// The tags of `repo` as the registry lists them.
+    /// The tags of `repo` as the registry lists them (none when it has no
+    /// such repository); Basic or through the token service.
     pub async fn tags(&self, repo: &str) -> Vec<String> {
-        let r = self
-            .http_client()
-            .get(format!("https://{}/v2/{repo}/tags/list", self.host))
-            .basic_auth(USER, Some(PASSWORD))
-            .send()
+        let reference = Reference::with_tag(self.host.clone(), repo.to_string(), "latest".into());
+        let auth = RegistryAuth::Basic(USER.into(), PASSWORD.into());
+        match self
+            .oci_client()
+            .list_tags(&reference, &auth, None, None)
             .await
-            .expect("listing tags");
-        let v: serde_json::Value = r.json().await.unwrap_or_default();
-        v["tags"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(|t| t.as_str().map(String::from))
-            .collect()
+        {
+            Ok(list) => list.tags,
+            Err(oci_client::errors::OciDistributionError::RegistryError { envelope, .. })
+                if envelope
+                    .errors
+                    .iter()
+                    .any(|e| e.code == oci_client::errors::OciErrorCode::NameUnknown) =>
+            {
+                Vec::new()
+            }
+            Err(e) => panic!("listing the tags of {repo}: {e}"),
+        }
     }
 
     /// Stops the registry (the address then refuses connections).

@@ -937,6 +937,11 @@ async fn the_sidecar_has_what_it_needs_and_no_container_sees_the_password() {
         .and_then(|q| harness::kubelet::quantity(&q.0))
         .expect("a sizeLimit on the work emptyDir");
     assert_eq!(size_limit as u64, limit + (256 << 20));
+    assert_eq!(env_of(&sidecar, "SNAPSHOT_KEEP").as_deref(), Some("10"));
+    assert_eq!(
+        env_of(&sidecar, "SNAPSHOT_KEEP_MIN_AGE").as_deref(),
+        Some("7days")
+    );
     for name in ["home", "tmp", "x11socket"] {
         assert!(
             volumes.iter().any(|v| v.name == name),

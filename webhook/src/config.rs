@@ -178,6 +178,15 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_MAX_CHANGE_BYTES", default_value_t = 8 << 30)]
     pub sidecar_max_change_bytes: u64,
 
+    /// The sidecar's retention: after a push, the user's snapshots beyond this
+    /// many newest are deleted (0 keeps every one).
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP", default_value_t = 10)]
+    pub sidecar_keep: usize,
+
+    /// Retention never deletes a snapshot younger than this.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP_MIN_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
+    pub sidecar_keep_min_age: std::time::Duration,
+
     /// Largest AdmissionReview body accepted, in bytes.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,

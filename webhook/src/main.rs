@@ -75,6 +75,8 @@ async fn run(config: Config) -> Result<()> {
             .filter(|root| !root.is_empty()),
         cpu_limit: Some(config.sidecar_cpu_limit.clone()).filter(|limit| !limit.is_empty()),
         max_change_bytes: config.sidecar_max_change_bytes,
+        keep: config.sidecar_keep,
+        keep_min_age: config.sidecar_keep_min_age,
     };
     let lookup = Lookup::new(registry.clone(), config.lookup_timeout, metrics.clone());
     lookup.warm_up().await;

@@ -150,6 +150,8 @@ mod tests {
             ),
             cpu_limit: None,
             max_change_bytes: 8 << 30,
+            keep: 10,
+            keep_min_age: std::time::Duration::from_secs(7 * 86_400),
         }
     }
 

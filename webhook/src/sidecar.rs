@@ -51,6 +51,9 @@ pub struct SidecarSpec {
     pub cpu_limit: Option<String>,
     /// Largest change a snapshot may spool on the node's disk, in bytes.
     pub max_change_bytes: u64,
+    /// Retention: how many newest snapshots stay, and the youngest age deleted.
+    pub keep: usize,
+    pub keep_min_age: std::time::Duration,
 }
 
 /// Room in the work emptyDir above the sidecar's own limit: the sidecar stops
@@ -118,6 +121,11 @@ impl SidecarSpec {
                     plain(
                         "SNAPSHOT_MAX_CHANGE_BYTES",
                         &self.max_change_bytes.to_string(),
+                    ),
+                    plain("SNAPSHOT_KEEP", &self.keep.to_string()),
+                    plain(
+                        "SNAPSHOT_KEEP_MIN_AGE",
+                        &humantime::format_duration(self.keep_min_age).to_string(),
                     ),
                 ]
                 .into_iter()
