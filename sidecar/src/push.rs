@@ -44,11 +44,12 @@ impl Registry {
     ) -> Result<Self> {
         let host = repository.split('/').next().unwrap_or(repository);
         let document = match credentials {
-            Some(path) => Some(
-                tokio::fs::read(path)
-                    .await
-                    .with_context(|| format!("reading {}", path.display()))?,
-            ),
+            Some(path) => Some(tokio::fs::read(path).await.with_context(|| {
+                format!(
+                    "reading the registry credentials {} (is the registry secret in the pod's namespace?)",
+                    path.display()
+                )
+            })?),
             None => None,
         };
         let auth = match &document {

@@ -52,6 +52,21 @@ pub fn run_spec(
     scratch: &Path,
     log: PathBuf,
 ) -> RunSpec {
+    try_run_spec(pod, name, identity, objects, scratch, log)
+        .unwrap_or_else(|why| panic!("the kubelet does not start {name}: {why}"))
+}
+
+/// The same, or why the kubelet would not start the container (it stays in
+/// ContainerCreating): a secret or configMap that is not in the namespace and
+/// not `optional: true`.
+pub fn try_run_spec(
+    pod: &Pod,
+    name: &str,
+    identity: &Identity<'_>,
+    objects: &Objects,
+    scratch: &Path,
+    log: PathBuf,
+) -> Result<RunSpec, String> {
     let c = container(pod, name);
     let env = c
         .env
@@ -97,10 +112,10 @@ pub fn run_spec(
                 .iter()
                 .find(|v| v.name == m.name)
                 .unwrap_or_else(|| panic!("mount {} names no volume of the pod", m.name));
-            let source = make_volume(volume, objects, scratch);
-            (source, m.mount_path.clone(), m.read_only.unwrap_or(false))
+            let source = make_volume(volume, objects, scratch)?;
+            Ok((source, m.mount_path.clone(), m.read_only.unwrap_or(false)))
         })
-        .collect();
+        .collect::<Result<_, String>>()?;
     let limit = |name: &str| {
         c.resources
             .as_ref()
@@ -116,7 +131,7 @@ pub fn run_spec(
         .and_then(|s| s.capabilities.as_ref())
         .and_then(|caps| caps.add.clone())
         .unwrap_or_default();
-    RunSpec {
+    Ok(RunSpec {
         args: c.args.clone().unwrap_or_default(),
         env,
         mounts,
@@ -124,7 +139,7 @@ pub fn run_spec(
         memory_limit: limit("memory").map(|bytes| bytes as u64),
         cpus: limit("cpu"),
         log,
-    }
+    })
 }
 
 /// A Kubernetes quantity as a number: `256Mi` -> 268435456, `500m` -> 0.5, `2` -> 2.
@@ -149,25 +164,36 @@ pub fn quantity(text: &str) -> Option<f64> {
     number.parse::<f64>().ok().map(|n| n * factor)
 }
 
-/// The node-side path standing for `volume`.
-fn make_volume(volume: &Volume, objects: &Objects, scratch: &Path) -> PathBuf {
+/// The node-side path standing for `volume`; a missing secret or configMap
+/// is an empty folder when the volume is optional, else the kubelet refuses.
+fn make_volume(volume: &Volume, objects: &Objects, scratch: &Path) -> Result<PathBuf, String> {
     let dir = scratch.join(&volume.name);
+    let missing = |kind: &str, name: &str, optional: Option<bool>| {
+        if optional == Some(true) {
+            std::fs::create_dir_all(&dir).expect("an empty volume");
+            Ok(dir.clone())
+        } else {
+            Err(format!(
+                "volume {}: {kind} \"{name}\" not found (MountVolume.SetUp failed)",
+                volume.name
+            ))
+        }
+    };
     if let Some(secret) = &volume.secret {
         let name = secret.secret_name.as_deref().unwrap_or_default();
-        let data = objects
-            .secrets
-            .get(name)
-            .unwrap_or_else(|| panic!("volume {}: no secret {name} in the cluster", volume.name));
+        let Some(data) = objects.secrets.get(name) else {
+            return missing("secret", name, secret.optional);
+        };
         project(&dir, data, secret.items.as_deref(), secret.default_mode);
-        return dir;
+        return Ok(dir);
     }
     if let Some(map) = &volume.config_map {
         let name = map.name.as_str();
-        let data = objects.config_maps.get(name).unwrap_or_else(|| {
-            panic!("volume {}: no configMap {name} in the cluster", volume.name)
-        });
+        let Some(data) = objects.config_maps.get(name) else {
+            return missing("configmap", name, map.optional);
+        };
         project(&dir, data, map.items.as_deref(), map.default_mode);
-        return dir;
+        return Ok(dir);
     }
     if let Some(host) = &volume.host_path {
         let path = PathBuf::from(&host.path);
@@ -182,11 +208,11 @@ fn make_volume(volume: &Volume, objects: &Objects, scratch: &Path) -> PathBuf {
             Some("Directory") => assert!(meta.is_dir(), "{} is not a directory", host.path),
             _ => {}
         }
-        return path;
+        return Ok(path);
     }
     if volume.empty_dir.is_some() {
         std::fs::create_dir_all(&dir).expect("an emptyDir");
-        return dir;
+        return Ok(dir);
     }
     panic!("volume {}: this kind is not played here", volume.name)
 }

@@ -105,6 +105,39 @@ impl Node {
         }
     }
 
+    /// The desktops' namespace lacks the registry secret and CA configMap the
+    /// webhook names (an operator forgot them).
+    pub fn forget_registry_objects(&mut self) {
+        self.objects.secrets.clear();
+        self.objects.config_maps.clear();
+    }
+
+    /// What the kubelet would give container `name` of `desktop`'s pod (as
+    /// stored, or `edit`ed), or why it would not start it.
+    pub fn kubelet_spec(
+        &self,
+        desktop: &Desktop,
+        name: &str,
+        edit: impl FnOnce(&mut Value),
+    ) -> Result<RunSpec, String> {
+        let mut stored = desktop.pod.clone();
+        edit(&mut stored);
+        let pod = as_pod(&stored);
+        let dir = tempfile::tempdir().expect("temp dir");
+        kubelet::try_run_spec(
+            &pod,
+            name,
+            &Identity {
+                name: &desktop.pod_name,
+                namespace: "abcdesktop",
+                uid: &desktop.pod_uid,
+            },
+            &self.objects,
+            dir.path(),
+            dir.path().join("log"),
+        )
+    }
+
     /// The AdmissionReview of a new desktop pod for `user`: the pod as stored.
     pub async fn admit(&self, user: &str) -> Value {
         let pod = desktop_pod(user, BASE_IMAGE);

@@ -151,3 +151,42 @@ async fn thirty_successive_snapshots_all_restore_and_stay_under_the_layer_limit(
     }
     node.stop().await;
 }
+
+#[tokio::test]
+async fn a_namespace_without_the_registry_secret_still_starts_desktops() {
+    let mut node = Node::start(&[]).await;
+    node.forget_registry_objects();
+    let desktop = node.login("erin").await;
+    assert_eq!(
+        node.containerd.task_status(&desktop.container).await,
+        "RUNNING"
+    );
+    // the kubelet starts the sidecar: its secret and CA volumes are optional
+    let sidecar = node.sidecar(&desktop, &[]).await;
+    let steps = sidecar.snapshot_expecting_error().await;
+    let why = steps.last().expect("an error");
+    assert!(
+        why.contains(".dockerconfigjson") && why.contains("registry secret"),
+        "the error says what is missing: {why}"
+    );
+    assert_eq!(
+        node.containerd.task_status(&desktop.container).await,
+        "RUNNING"
+    );
+    sidecar.stop().await;
+    // as the real kubelet, ours refuses a volume whose secret is missing and not optional
+    let refused = node.kubelet_spec(&desktop, "t-snapshot", |pod| {
+        for v in pod["spec"]["volumes"].as_array_mut().into_iter().flatten() {
+            if let Some(secret) = v.get_mut("secret") {
+                secret["optional"] = serde_json::json!(false);
+            }
+        }
+    });
+    assert!(
+        refused.as_ref().is_err_and(|e| e.contains("not found")),
+        "{:?}",
+        refused.map(|_| ())
+    );
+    node.logoff(desktop).await;
+    node.stop().await;
+}

@@ -1234,3 +1234,57 @@ async fn native_sidecar_mode() {
         assert_eq!(image_of(&pod, "x-graphical"), Some(want));
     }
 }
+
+/// pyos's own commit sidecar, as it builds it from abcdesktop's documented
+/// od.config entry `desktop.pod['snapshot']` with `enable: True` (which also
+/// gives users the "snapshot" menu entry).
+fn pyos_snapshot_container() -> Value {
+    json!({
+        "name": "t-snapshot",
+        "image": "ghcr.io/abcdesktopio/oc.snapshot:main",
+        "imagePullPolicy": "IfNotPresent",
+        "ports": [{"containerPort": 29785, "protocol": "TCP"}],
+        "securityContext": {"runAsUser": 0, "runAsGroup": 0},
+        "resources": {"requests": {"memory": "32Mi", "cpu": "50m"},
+                      "limits": {"memory": "256Mi", "cpu": "500m"}}
+    })
+}
+
+#[tokio::test]
+async fn pyos_own_snapshot_container_is_taken_over_under_the_same_name_and_port() {
+    let s = Setup::new(&[]).await;
+    for mode in ["container", "native"] {
+        let webhook = Webhook::for_registry(&s.registry, &["--sidecar-mode", mode]).await;
+        let mut pod = desktop_pod("12896316", IMAGE);
+        pod["spec"]["containers"]
+            .as_array_mut()
+            .expect("containers")
+            .push(pyos_snapshot_container());
+        let answer = admit(&webhook, &pod, "CREATE", false).await;
+        assert!(allowed(&answer));
+        let patched = apply(&pod, &answer);
+        let spec = as_pod(&patched).spec.expect("a spec");
+        let named: Vec<_> = spec
+            .containers
+            .iter()
+            .chain(spec.init_containers.iter().flatten())
+            .filter(|c| c.name == "t-snapshot")
+            .collect();
+        assert_eq!(named.len(), 1, "{mode}: one t-snapshot");
+        let ours = named[0];
+        assert_ne!(
+            ours.image.as_deref(),
+            Some("ghcr.io/abcdesktopio/oc.snapshot:main"),
+            "{mode}: ours answers the menu"
+        );
+        assert_eq!(ours.ports.as_ref().expect("ports")[0].container_port, 29785);
+        assert_eq!(
+            env_of(ours, "SNAPSHOT_TAG_PREFIX").as_deref(),
+            Some("12896316")
+        );
+        // admitted again (reinvocation): nothing changes
+        let again = admit(&webhook, &patched, "CREATE", false).await;
+        let twice = apply(&patched, &again);
+        assert_eq!(twice, patched, "{mode}: re-admission changes nothing");
+    }
+}

@@ -7,7 +7,9 @@ use crate::{
     decision::{Resolution, ANNOTATION_STATUS},
     sidecar::SidecarSpec,
 };
-use json_patch::{jsonptr::PointerBuf, AddOperation, Patch, PatchOperation, ReplaceOperation};
+use json_patch::{
+    jsonptr::PointerBuf, AddOperation, Patch, PatchOperation, RemoveOperation, ReplaceOperation,
+};
 use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -42,39 +44,46 @@ pub fn build(
     }
 
     if let Some(target) = &resolution.sidecar {
-        let present = spec.is_some_and(|s| {
-            s.containers
-                .iter()
-                .chain(s.init_containers.iter().flatten())
-                .any(|c| c.name == sidecar.name)
-        });
-        if !present {
-            let list = if sidecar.native {
-                "initContainers"
-            } else {
-                "containers"
+        // A container of that name may be there already: ours (a re-admission:
+        // nothing to do), or pyos's own commit sidecar (`enable: True` in
+        // od.config, which also gives users the menu entry): ours takes its place.
+        let named = spec.and_then(|s| {
+            let find = |list: &'static str, cs: &[k8s_openapi::api::core::v1::Container]| {
+                cs.iter()
+                    .position(|c| c.name == sidecar.name)
+                    .map(|i| (list, i, crate::sidecar::is_ours(&cs[i])))
             };
-            let container = to_value(&sidecar.container(target, original_image))?;
-            match (
-                sidecar.native,
-                spec.and_then(|s| s.init_containers.as_ref()),
-            ) {
-                (true, None) => ops.push(add(&["spec", list], json!([container]))),
-                _ => ops.push(add(&["spec", list, "-"], container)),
+            find("containers", &s.containers).or_else(|| {
+                find(
+                    "initContainers",
+                    s.init_containers.as_deref().unwrap_or(&[]),
+                )
+            })
+        });
+        let list = if sidecar.native {
+            "initContainers"
+        } else {
+            "containers"
+        };
+        let container = to_value(&sidecar.container(target, original_image))?;
+        match named {
+            Some((_, _, true)) => {}
+            Some((found_in, index, false)) if found_in == list => {
+                ops.push(replace(&["spec", list, &index.to_string()], container));
+                ops.extend(missing_volumes(pod, sidecar)?);
             }
-            let existing = spec.and_then(|s| s.volumes.as_ref());
-            let mut missing = sidecar
-                .volumes()
-                .into_iter()
-                .filter(|v| !existing.is_some_and(|e| e.iter().any(|x| x.name == v.name)))
-                .map(|v| to_value(&v))
-                .collect::<Result<Vec<_>, _>>()?;
-            if existing.is_none() {
-                ops.push(add(&["spec", "volumes"], Value::Array(missing)));
-            } else {
-                for v in missing.drain(..) {
-                    ops.push(add(&["spec", "volumes", "-"], v));
+            found => {
+                if let Some((found_in, index, _)) = found {
+                    ops.push(remove(&["spec", found_in, &index.to_string()]));
                 }
+                match (
+                    sidecar.native,
+                    spec.and_then(|s| s.init_containers.as_ref()),
+                ) {
+                    (true, None) => ops.push(add(&["spec", list], json!([container]))),
+                    _ => ops.push(add(&["spec", list, "-"], container)),
+                }
+                ops.extend(missing_volumes(pod, sidecar)?);
             }
         }
     }
@@ -101,6 +110,27 @@ pub fn build(
     Ok(Patch(ops))
 }
 
+/// Adds the sidecar's volumes the pod does not have yet.
+fn missing_volumes(
+    pod: &Pod,
+    sidecar: &SidecarSpec,
+) -> Result<Vec<PatchOperation>, serde_json::Error> {
+    let existing = pod.spec.as_ref().and_then(|s| s.volumes.as_ref());
+    let missing = sidecar
+        .volumes()
+        .into_iter()
+        .filter(|v| !existing.is_some_and(|e| e.iter().any(|x| x.name == v.name)))
+        .map(|v| to_value(&v))
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(match existing {
+        None => vec![add(&["spec", "volumes"], Value::Array(missing))],
+        Some(_) => missing
+            .into_iter()
+            .map(|v| add(&["spec", "volumes", "-"], v))
+            .collect(),
+    })
+}
+
 fn pointer(tokens: &[&str]) -> PointerBuf {
     PointerBuf::from_tokens(tokens.iter().copied())
 }
@@ -109,6 +139,12 @@ fn add(tokens: &[&str], value: Value) -> PatchOperation {
     PatchOperation::Add(AddOperation {
         path: pointer(tokens),
         value,
+    })
+}
+
+fn remove(tokens: &[&str]) -> PatchOperation {
+    PatchOperation::Remove(RemoveOperation {
+        path: pointer(tokens),
     })
 }
 
@@ -301,6 +337,70 @@ mod tests {
                 assert_eq!(ops, 0, "native={native}");
                 assert_eq!(once, twice);
             }
+        }
+    }
+
+    /// The commit sidecar pyos adds with od.config's `desktop.pod['snapshot']`
+    /// `enable: True` (abcdesktop's documented entry).
+    fn pyos_sidecar() -> Value {
+        json!({
+            "name": "t-snapshot",
+            "image": "ghcr.io/abcdesktopio/oc.snapshot:main",
+            "imagePullPolicy": "IfNotPresent",
+            "ports": [{"containerPort": 29785, "protocol": "TCP"}],
+            "securityContext": {"runAsUser": 0, "runAsGroup": 0},
+            "resources": {"requests": {"memory": "32Mi", "cpu": "50m"},
+                          "limits": {"memory": "256Mi", "cpu": "500m"}},
+            "env": [{"name": "REGISTRY_PASSWORD", "value": "hunter2"}],
+            "volumeMounts": [{"name": "containerd-socket", "mountPath": "/run/containerd/containerd.sock"}]
+        })
+    }
+
+    #[test]
+    fn pyos_own_sidecar_is_replaced_by_ours_and_readmission_keeps_it() {
+        for native in [false, true] {
+            let mut v = serde_json::to_value(pod(json!({}), None)).unwrap();
+            v["spec"]["containers"]
+                .as_array_mut()
+                .unwrap()
+                .push(pyos_sidecar());
+            v["spec"]["volumes"] = json!([{"name": "containerd-socket",
+                "hostPath": {"path": "/run/containerd/containerd.sock", "type": "Socket"}}]);
+            let from_pyos: Pod = serde_json::from_value(v).unwrap();
+            let (p, _) = run(&from_pyos, snap("alice-9"), native);
+            let s = p.spec.as_ref().unwrap();
+            let all: Vec<_> = s
+                .containers
+                .iter()
+                .chain(s.init_containers.iter().flatten())
+                .filter(|c| c.name == "t-snapshot")
+                .collect();
+            assert_eq!(all.len(), 1, "one t-snapshot, native={native}");
+            let ours = all[0];
+            assert_eq!(ours.image.as_deref(), Some("snapshot-sidecar:1"));
+            assert_eq!(ours.ports.as_ref().unwrap()[0].container_port, 29785);
+            assert!(crate::sidecar::is_ours(ours));
+            assert_eq!(
+                s.init_containers.iter().flatten().count(),
+                usize::from(native),
+                "native={native}"
+            );
+            let text = serde_json::to_string(&p).unwrap();
+            assert!(
+                !text.contains("hunter2"),
+                "pyos's sidecar and its password are gone"
+            );
+            assert!(
+                s.volumes
+                    .as_ref()
+                    .unwrap()
+                    .iter()
+                    .any(|v| v.name == "snapshot-work"),
+                "our volumes added"
+            );
+            let (twice, ops) = run(&p, snap("alice-99"), native);
+            assert_eq!(ops, 0, "re-admission keeps ours, native={native}");
+            assert_eq!(p, twice);
         }
     }
 

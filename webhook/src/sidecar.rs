@@ -56,6 +56,16 @@ pub struct SidecarSpec {
     pub keep_min_age: std::time::Duration,
 }
 
+/// Whether `container` is a sidecar this webhook made (it carries the env
+/// only we inject), as opposed to pyos's own `t-snapshot`.
+pub fn is_ours(container: &Container) -> bool {
+    container
+        .env
+        .iter()
+        .flatten()
+        .any(|e| e.name == "SNAPSHOT_REPOSITORY")
+}
+
 /// Room in the work emptyDir above the sidecar's own limit: the sidecar stops
 /// a snapshot at its limit, before the kubelet would evict the pod.
 pub const WORK_HEADROOM_BYTES: u64 = 256 << 20;
@@ -202,6 +212,9 @@ impl SidecarSpec {
                         ..Default::default()
                     }]),
                     default_mode: Some(0o400),
+                    // a namespace without the secret still starts desktops:
+                    // the sidecar's snapshot then ends in `error` with the reason
+                    optional: Some(true),
                     ..Default::default()
                 }),
                 ..Default::default()
@@ -245,6 +258,7 @@ impl SidecarSpec {
                     path: "ca.crt".to_string(),
                     ..Default::default()
                 }]),
+                optional: Some(true),
                 ..Default::default()
             }),
             ..Default::default()
