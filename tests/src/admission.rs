@@ -27,7 +27,7 @@ pub fn review(object: &Value, operation: &str, dry_run: bool) -> Value {
     let kind = object["kind"].as_str().unwrap_or("Pod");
     let resource = format!("{}s", kind.to_lowercase());
     let uid = format!("{:016x}", rand_u64());
-    json!({
+    let mut review = json!({
         "apiVersion": "admission.k8s.io/v1",
         "kind": "AdmissionReview",
         "request": {
@@ -45,7 +45,14 @@ pub fn review(object: &Value, operation: &str, dry_run: bool) -> Value {
             "dryRun": dry_run,
             "options": {"apiVersion": "meta.k8s.io/v1", "kind": if operation == "UPDATE" { "UpdateOptions" } else { "CreateOptions" }}
         }
-    })
+    });
+    // kube-apiserver leaves `name` out (omitempty) for a generateName pod
+    if object["metadata"]["name"].is_null() {
+        if let Some(request) = review["request"].as_object_mut() {
+            request.remove("name");
+        }
+    }
+    review
 }
 
 fn rand_u64() -> u64 {

@@ -1288,3 +1288,25 @@ async fn pyos_own_snapshot_container_is_taken_over_under_the_same_name_and_port(
         assert_eq!(twice, patched, "{mode}: re-admission changes nothing");
     }
 }
+
+#[tokio::test]
+async fn a_generate_name_pod_is_logged_by_its_generate_name() {
+    let s = Setup::new(&[]).await;
+    let mut pod = desktop_pod("12896316", IMAGE);
+    pod["metadata"]["generateName"] = json!("12896316-gen-");
+    pod["metadata"]
+        .as_object_mut()
+        .expect("metadata")
+        .remove("name");
+    let answer = admit(&s.webhook, &pod, "CREATE", false).await;
+    assert!(allowed(&answer));
+    let log = s.webhook.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("desktop admitted"))
+        .unwrap_or_else(|| panic!("no admission logged:\n{log}"));
+    assert!(
+        line.contains(r#""pod":"12896316-gen-""#) && line.contains(r#""generated_name":true"#),
+        "{line}"
+    );
+}

@@ -123,19 +123,25 @@ impl Admitter {
             .map(ToString::to_string)
             .unwrap_or_else(|e| e.to_string());
         let elapsed_ms = started.elapsed().as_secs_f64() * 1000.0;
+        // a generateName pod has no name yet at admission: it is logged by its generateName
+        let generated = request
+            .object
+            .as_ref()
+            .and_then(|o| o.metadata.generate_name.as_deref())
+            .filter(|_| request.name.is_empty());
         let fields = (
             request.uid.as_str(),
             request.namespace.as_deref().unwrap_or(""),
-            request.name.as_str(),
+            generated.unwrap_or(request.name.as_str()),
         );
         match r.outcome {
             Outcome::RegistryError | Outcome::Unmappable => warn!(
-                uid = fields.0, namespace = fields.1, pod = fields.2, user = %action.user, target = %target,
+                uid = fields.0, namespace = fields.1, pod = fields.2, generated_name = generated.is_some(), user = %action.user, target = %target,
                 outcome = r.outcome.as_str(), reason = r.detail.as_deref().unwrap_or(""), elapsed_ms,
                 dry_run = request.dry_run, "desktop admitted without restore"
             ),
             _ => info!(
-                uid = fields.0, namespace = fields.1, pod = fields.2, user = %action.user, target = %target,
+                uid = fields.0, namespace = fields.1, pod = fields.2, generated_name = generated.is_some(), user = %action.user, target = %target,
                 outcome = r.outcome.as_str(), image = r.image.as_deref().unwrap_or(""), elapsed_ms,
                 dry_run = request.dry_run, "desktop admitted"
             ),
