@@ -1310,3 +1310,71 @@ async fn a_generate_name_pod_is_logged_by_its_generate_name() {
         "{line}"
     );
 }
+
+#[tokio::test]
+async fn admissions_are_answered_within_their_budget_from_arrival_even_when_the_lookup_takes_longer(
+) {
+    let bad = BadRegistry::start(Misbehaviour::Silent).await;
+    let webhook = Webhook::start(
+        RegistryAccess {
+            host: &bad.host,
+            ca: Some(&bad.ca_path()),
+            credentials: None,
+        },
+        // a lookup may take 10 s; a whole admission 500 ms
+        &["--lookup-timeout", "10s", "--admission-budget", "500ms"],
+    )
+    .await;
+    const LOGINS: usize = 20;
+    let started = Instant::now();
+    let answers = futures::future::join_all((0..LOGINS).map(|i| {
+        let webhook = &webhook;
+        async move { login(webhook, &format!("user{i}")).await }
+    }))
+    .await;
+    let took = started.elapsed();
+    assert!(took < Duration::from_secs(5), "answered after {took:?}");
+    for (answer, patched) in &answers {
+        assert!(allowed(answer));
+        assert_eq!(
+            image_of(&as_pod(patched), "x-graphical").as_deref(),
+            Some(IMAGE),
+            "fail-open: the original image"
+        );
+        assert!(sidecar_of(patched).is_some(), "fail-open: the sidecar");
+        let w = warnings(answer).join(" ");
+        assert!(w.contains("admission budget"), "{w}");
+    }
+    // the webhook's own measure, from each request's arrival: all within 1 s
+    let within = webhook
+        .metric("snapshot_webhook_admission_duration_seconds_bucket{le=\"1.0\"}")
+        .await;
+    assert_eq!(within as usize, LOGINS, "{}", webhook.metrics().await);
+}
+
+#[tokio::test]
+async fn a_request_whose_budget_is_gone_starts_no_lookup() {
+    let s = Setup::new(&["--admission-budget", "1ms"]).await;
+    let (answer, patched) = login(&s.webhook, "12896316").await;
+    assert!(allowed(&answer));
+    assert!(sidecar_of(&patched).is_some());
+    assert!(
+        warnings(&answer).join(" ").contains("admission budget"),
+        "{:?}",
+        warnings(&answer)
+    );
+    assert_eq!(
+        s.webhook
+            .metric("snapshot_webhook_cache_misses_total")
+            .await,
+        0.0,
+        "no lookup was started"
+    );
+    assert_eq!(
+        s.webhook
+            .metric("snapshot_webhook_registry_requests_total")
+            .await,
+        0.0,
+        "nothing was asked of the registry"
+    );
+}

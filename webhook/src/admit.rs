@@ -2,7 +2,7 @@
 
 use crate::{
     decision::{self, Found, Outcome, Plan, Resolution, Rules, Want},
-    lookup::Lookup,
+    lookup::{ErrorKind, Lookup, LookupError},
     metrics::Metrics,
     patch,
     sidecar::SidecarSpec,
@@ -12,7 +12,10 @@ use kube::core::{
     admission::{AdmissionRequest, AdmissionResponse},
     DynamicObject,
 };
-use std::{sync::Arc, time::Instant};
+use std::{
+    sync::Arc,
+    time::{Duration, Instant},
+};
 use tracing::{info, warn};
 
 /// Everything an admission needs, shared by all requests.
@@ -22,11 +25,21 @@ pub struct Admitter {
     pub lookup: Lookup,
     pub metrics: Arc<Metrics>,
     pub pin_digest: bool,
+    /// A whole admission's time, from the request's arrival.
+    pub budget: Duration,
 }
 
+/// Time kept at the end of the budget for the patch and the answer.
+const ANSWER_MARGIN: Duration = Duration::from_millis(20);
+
 impl Admitter {
-    pub async fn admit(&self, request: &AdmissionRequest<DynamicObject>) -> AdmissionResponse {
-        let started = Instant::now();
+    /// Answers `request`, which reached the webhook at `arrived`.
+    pub async fn admit(
+        &self,
+        request: &AdmissionRequest<DynamicObject>,
+        arrived: Instant,
+    ) -> AdmissionResponse {
+        let started = arrived;
         let response = AdmissionResponse::from(request);
         let pod = match pod_of(request) {
             Ok(p) => p,
@@ -57,7 +70,7 @@ impl Admitter {
             }
             Plan::Act(action) => action,
         };
-        let found = self.ask_registry(&action).await;
+        let found = self.ask_within_budget(&action, arrived).await;
         let resolution = decision::resolve(&action, found);
         self.metrics.admission(resolution.outcome);
         self.log(request, &action, &resolution, started);
@@ -86,6 +99,30 @@ impl Admitter {
             }
         };
         with_warning(response, resolution.warning)
+    }
+
+    /// The registry's answer, unless the admission's budget (from `arrived`)
+    /// runs out first: then the fail-open answer, and a lookup that has not
+    /// started yet is never started.
+    async fn ask_within_budget(&self, action: &decision::Action, arrived: Instant) -> Found {
+        let deadline = arrived + self.budget.saturating_sub(ANSWER_MARGIN);
+        let spent = || {
+            self.metrics.registry_error(ErrorKind::Budget);
+            Found::Failed(LookupError::new(
+                ErrorKind::Budget,
+                format!(
+                    "the admission budget ({}) was spent",
+                    humantime::format_duration(self.budget)
+                ),
+            ))
+        };
+        if Instant::now() >= deadline {
+            return spent();
+        }
+        match tokio::time::timeout_at(deadline.into(), self.ask_registry(action)).await {
+            Ok(found) => found,
+            Err(_) => spent(),
+        }
     }
 
     async fn ask_registry(&self, action: &decision::Action) -> Found {

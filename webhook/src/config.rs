@@ -96,6 +96,14 @@ pub struct Config {
     )]
     pub graphical_container: String,
 
+    /// Time budget of a whole admission, from the request's arrival at the
+    /// webhook (a queue before the handler counts): when it is spent, the
+    /// answer is the fail-open one (sidecar injected, original image, a
+    /// warning), and a lookup not started yet is not started. Keep it well
+    /// below the webhook configuration's `timeoutSeconds` (5).
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_ADMISSION_BUDGET", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub admission_budget: Duration,
+
     /// Time budget of one registry lookup; past it the pod keeps its image.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_LOOKUP_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub lookup_timeout: Duration,

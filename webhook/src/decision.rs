@@ -280,11 +280,11 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
         (_, Found::Nothing) => Resolution { status: Some("no snapshot yet".to_string()), ..base },
         (_, Found::Failed(e)) => Resolution {
             outcome: Outcome::RegistryError,
-            status: Some(format!("not restored: registry {}", e.kind.as_str())),
+            status: Some(format!("not restored: {}", e.kind.words())),
             // kube-apiserver truncates warnings past 256 characters: the details go to the log.
             warning: Some(format!(
-                "desktop-snapshot: snapshot lookup failed (registry {}); the desktop starts from its original image",
-                e.kind.as_str()
+                "desktop-snapshot: snapshot lookup failed ({}); the desktop starts from its original image",
+                e.kind.words()
             )),
             detail: Some(e.to_string()),
             ..base

@@ -87,6 +87,7 @@ async fn run(config: Config) -> Result<()> {
         lookup,
         metrics,
         pin_digest: config.pin_digest,
+        budget: config.admission_budget,
     };
     let state = Arc::new(AppState {
         admitter,

@@ -22,6 +22,7 @@ pub struct Metrics {
     admissions: Family<OutcomeLabel, Counter>,
     registry_errors: Family<KindLabel, Counter>,
     pub lookup_seconds: Histogram,
+    pub admission_seconds: Histogram,
     pub cache_miss: Counter,
     pub cache_coalesced: Counter,
     pub cache_digest_hit: Counter,
@@ -51,6 +52,14 @@ impl Metrics {
             "Time to ask the registry for a snapshot",
             lookup_seconds.clone(),
         );
+        let admission_seconds = Histogram::new([
+            0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 1.5, 2.0, 2.5, 3.0, 5.0,
+        ]);
+        registry.register(
+            "admission_duration_seconds",
+            "Whole admission, from the request's arrival at the webhook to its answer",
+            admission_seconds.clone(),
+        );
         let cache = Family::<KindLabel, Counter>::default();
         registry.register(
             "cache_hits",
@@ -77,6 +86,7 @@ impl Metrics {
             admissions,
             registry_errors,
             lookup_seconds,
+            admission_seconds,
             cache_miss,
             cache_coalesced,
             cache_digest_hit,

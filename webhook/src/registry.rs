@@ -44,11 +44,22 @@ pub enum ErrorKind {
     Garbage,
     Credentials,
     Other,
+    /// The admission's own budget ran out first (the lookup may not have started).
+    Budget,
 }
 
 impl ErrorKind {
+    /// What the warning and the status annotation say.
+    pub fn words(self) -> String {
+        match self {
+            ErrorKind::Budget => "admission budget spent".to_string(),
+            other => format!("registry {}", other.as_str()),
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
+            ErrorKind::Budget => "budget",
             ErrorKind::Timeout => "timeout",
             ErrorKind::Connect => "connect",
             ErrorKind::Unauthorized => "unauthorized",

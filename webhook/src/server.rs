@@ -7,15 +7,18 @@ use axum::{
     http::{header, StatusCode},
     response::{IntoResponse, Response},
     routing::{get, post},
-    Json, Router,
+    Extension, Json, Router,
 };
 use kube::core::{
     admission::{AdmissionRequest, AdmissionResponse, AdmissionReview},
     DynamicObject,
 };
-use std::sync::{
-    atomic::{AtomicBool, Ordering},
-    Arc,
+use std::{
+    sync::{
+        atomic::{AtomicBool, Ordering},
+        Arc,
+    },
+    time::Instant,
 };
 use tracing::warn;
 
@@ -33,11 +36,42 @@ pub fn router(state: Arc<AppState>, max_body_bytes: usize) -> Router {
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics))
         .layer(DefaultBodyLimit::max(max_body_bytes))
+        // outermost: the arrival is stamped before the body is read
+        .layer(axum::middleware::from_fn(stamp_arrival))
         .with_state(state)
 }
 
-async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
-    let request = match parse_review(&body) {
+/// When a request reached the webhook (its headers read, its body not yet).
+#[derive(Clone, Copy)]
+struct Arrived(Instant);
+
+async fn stamp_arrival(
+    mut request: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> Response {
+    request.extensions_mut().insert(Arrived(Instant::now()));
+    next.run(request).await
+}
+
+async fn mutate(
+    State(state): State<Arc<AppState>>,
+    arrived: Option<Extension<Arrived>>,
+    body: Bytes,
+) -> Response {
+    let arrived = arrived
+        .map(|Extension(Arrived(t))| t)
+        .unwrap_or_else(Instant::now);
+    let response = answer(&state, arrived, &body).await;
+    state
+        .admitter
+        .metrics
+        .admission_seconds
+        .observe(arrived.elapsed().as_secs_f64());
+    response
+}
+
+async fn answer(state: &AppState, arrived: Instant, body: &[u8]) -> Response {
+    let request = match parse_review(body) {
         Ok(r) => r,
         Err(message) => {
             state
@@ -48,7 +82,7 @@ async fn mutate(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
             return (StatusCode::BAD_REQUEST, message).into_response();
         }
     };
-    let response = state.admitter.admit(&request).await;
+    let response = state.admitter.admit(&request, arrived).await;
     match review_json(response) {
         Ok(v) => Json(v).into_response(),
         Err(e) => (
