@@ -16,6 +16,8 @@ pub enum Misbehaviour {
     Silent,
     /// Nothing listens: connections are refused.
     Refused,
+    /// Answers every request correctly (no tags), but only after this long.
+    Slow(std::time::Duration),
 }
 
 pub struct BadRegistry {
@@ -48,13 +50,17 @@ impl BadRegistry {
                 }));
                 addr.to_string()
             }
-            Misbehaviour::ServerError | Misbehaviour::Garbage => {
+            Misbehaviour::ServerError | Misbehaviour::Garbage | Misbehaviour::Slow(_) => {
                 let serving = authority
                     .serving(&["127.0.0.1".into()], 2)
                     .expect("serving cert");
                 let (listener, addr) = crate::tls::bind();
                 let app = Router::new().fallback(any(move || async move {
                     match kind {
+                        Misbehaviour::Slow(delay) => {
+                            tokio::time::sleep(delay).await;
+                            (StatusCode::OK, r#"{"name":"slow","tags":[]}"#).into_response()
+                        }
                         Misbehaviour::ServerError => (
                             StatusCode::INTERNAL_SERVER_ERROR,
                             r#"{"errors":[{"code":"UNKNOWN","message":"storage backend down"}]}"#,
