@@ -321,9 +321,16 @@ pub async fn change_bytes(ctrd: &Ctrd, container: &Container) -> Result<u64> {
 
 /// The layer of `container`'s changes, or of its whole root filesystem
 /// (uncompressed, in the content store under the lease of `ctrd`); its digest is
-/// the layer's diff_id. The task is always paused: containerd's walk resolves
-/// paths in the container's tree, which a running desktop could swap under it.
-pub async fn diff(ctrd: &Ctrd, container: &Container, scope: Scope) -> Result<Descriptor> {
+/// the layer's diff_id. The task is paused first, for the size check and the
+/// diff alike: containerd walks the container's tree by path, which a running
+/// desktop could swap under it for links to another desktop's files. A change
+/// larger than `max_bytes` is refused before anything is written.
+pub async fn diff(
+    ctrd: &Ctrd,
+    container: &Container,
+    scope: Scope,
+    max_bytes: u64,
+) -> Result<Descriptor> {
     let snapshotter = container.snapshotter.clone();
     let key = container.snapshot_key.clone();
     let snapshots = ctrd.client.snapshots();
@@ -363,18 +370,31 @@ pub async fn diff(ctrd: &Ctrd, container: &Container, scope: Scope) -> Result<De
 
     let paused = Paused::pause(ctrd, &container.id).await?;
     let started = std::time::Instant::now();
-    let result = ctrd
-        .client
-        .diff()
-        .diff(ctrd.req(DiffRequest {
-            left,
-            right,
-            media_type: LAYER_TAR.to_string(),
-            r#ref: format!("desktop-snapshot-{}", ctrd.lease.as_deref().unwrap_or("")),
-            labels: HashMap::new(),
-            source_date_epoch: None,
-        }))
-        .await;
+    let too_large = match scope {
+        Scope::Changes => change_bytes(ctrd, container)
+            .await
+            .map(|bytes| (bytes > max_bytes).then_some(bytes)),
+        Scope::Everything => Ok(None),
+    };
+    let result = match too_large {
+        Ok(None) => Ok(ctrd
+            .client
+            .diff()
+            .diff(ctrd.req(DiffRequest {
+                left,
+                right,
+                media_type: LAYER_TAR.to_string(),
+                r#ref: format!("desktop-snapshot-{}", ctrd.lease.as_deref().unwrap_or("")),
+                labels: HashMap::new(),
+                source_date_epoch: None,
+            }))
+            .await),
+        Ok(Some(bytes)) => Err(
+            anyhow::Error::new(crate::spool::TooLarge { limit: max_bytes })
+                .context(format!("the change holds {bytes} bytes")),
+        ),
+        Err(e) => Err(e),
+    };
     paused.resume().await?;
     let _ = snapshots
         .clone()
@@ -383,7 +403,7 @@ pub async fn diff(ctrd: &Ctrd, container: &Container, scope: Scope) -> Result<De
             key: view_key,
         }))
         .await;
-    let descriptor = result
+    let descriptor = result?
         .context("the Diff service failed")?
         .into_inner()
         .diff

@@ -12,7 +12,6 @@ use crate::{
     prune,
     push::Registry,
     session::{Sessions, Step},
-    spool::TooLarge,
     tag,
     upper::{self, Capabilities, Unsupported, Upper},
 };
@@ -182,14 +181,7 @@ async fn new_layer(
     }
     // The Diff service writes the change uncompressed into containerd's content
     // store, on the node's disk: the limit applies to it before it starts.
-    let change = commit::change_bytes(ctrd, container).await?;
-    if scope == commit::Scope::Changes && change > config.max_change_bytes {
-        return Err(TooLarge {
-            limit: config.max_change_bytes,
-        })
-        .with_context(|| format!("the change holds {change} bytes"));
-    }
-    let diff = commit::diff(ctrd, container, scope).await?;
+    let diff = commit::diff(ctrd, container, scope, config.max_change_bytes).await?;
     commit::compress_stored(
         ctrd,
         &diff.digest,

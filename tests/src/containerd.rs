@@ -351,20 +351,7 @@ impl Containerd {
 
     /// Starts a shell command in a container and returns at once (it runs on).
     pub async fn exec_detached(&self, id: &str, script: &str) {
-        let exec_id = format!("e{}", INSTANCE.fetch_add(1, Ordering::SeqCst));
-        self.ctr(&[
-            "tasks",
-            "exec",
-            "--detach",
-            "--exec-id",
-            &exec_id,
-            id,
-            "/bin/sh",
-            "-c",
-            script,
-        ])
-        .await
-        .unwrap_or_else(|e| panic!("exec in {id}: {e:#}"));
+        self.exec_with(id, script, &["--detach"]).await;
     }
 
     /// Pulls `image` from the test registry as the kubelet would (TLS checked against its CA).
@@ -412,19 +399,17 @@ impl Containerd {
 
     /// Runs a shell command inside a running container.
     pub async fn exec(&self, id: &str, script: &str) -> String {
+        self.exec_with(id, script, &[]).await
+    }
+
+    async fn exec_with(&self, id: &str, script: &str, flags: &[&str]) -> String {
         let exec_id = format!("e{}", INSTANCE.fetch_add(1, Ordering::SeqCst));
-        self.ctr(&[
-            "tasks",
-            "exec",
-            "--exec-id",
-            &exec_id,
-            id,
-            "/bin/sh",
-            "-c",
-            script,
-        ])
-        .await
-        .unwrap_or_else(|e| panic!("exec in {id}: {e:#}"))
+        let mut args = vec!["tasks", "exec"];
+        args.extend(flags);
+        args.extend(["--exec-id", &exec_id, id, "/bin/sh", "-c", script]);
+        self.ctr(&args)
+            .await
+            .unwrap_or_else(|e| panic!("exec in {id}: {e:#}"))
     }
 
     /// The task status of a container (RUNNING, PAUSED, STOPPED, MISSING).

@@ -348,3 +348,60 @@ impl Sidecar {
         steps
     }
 }
+
+/// A node for sidecar tests: a private containerd with the base image, a
+/// registry, and its credentials; sidecars of any pod and user prefix.
+pub struct Rig {
+    pub containerd: Containerd,
+    pub registry: Registry,
+    pub creds: std::path::PathBuf,
+}
+
+/// The repository the rig's sidecars push to.
+pub const RIG_REPO: &str = "abcdesktopio/oc.user.test";
+
+impl Rig {
+    pub async fn new() -> Self {
+        Self::with(Containerd::start().await, Registry::start().await).await
+    }
+
+    /// With containerd's root on a tmpfs (a million files in seconds).
+    pub async fn on_tmpfs() -> Self {
+        Self::with(Containerd::start_on_tmpfs().await, Registry::start().await).await
+    }
+
+    pub async fn with(containerd: Containerd, registry: Registry) -> Self {
+        containerd.import_base_image().await;
+        let creds = registry.credentials_file();
+        Self {
+            containerd,
+            registry,
+            creds,
+        }
+    }
+
+    pub fn target<'a>(&'a self, pod_uid: &'a str, prefix: &'a str) -> Target<'a> {
+        Target {
+            containerd: &self.containerd,
+            pod_uid,
+            registry_host: &self.registry.host,
+            registry_ca: Some(self.registry.dir.path().join("ca.crt").leak()),
+            credentials: Some(&self.creds),
+            repository_path: RIG_REPO,
+            tag_prefix: prefix,
+        }
+    }
+
+    /// `prefix`'s snapshot tags, oldest first.
+    pub async fn tags(&self, prefix: &str) -> Vec<String> {
+        let mut t: Vec<String> = self
+            .registry
+            .tags(RIG_REPO)
+            .await
+            .into_iter()
+            .filter(|t| snapshot_tags::owned_by(t, prefix).is_some())
+            .collect();
+        t.sort_by_key(|t| t.rsplit('-').next().and_then(|n| n.parse::<u128>().ok()));
+        t
+    }
+}

@@ -5,83 +5,44 @@
 use harness::{
     containerd::Containerd,
     registry::{Auth, Registry},
-    sidecar::{layers, Sidecar, Target},
+    sidecar::{layers, Rig, Sidecar, RIG_REPO},
 };
-use std::path::PathBuf;
 
-const REPO: &str = "abcdesktopio/oc.user.test";
+const REPO: &str = RIG_REPO;
 
-struct Setup {
-    containerd: Containerd,
-    registry: Registry,
-    creds: PathBuf,
+/// The rig with three desktops (pods a, b, c).
+async fn setup(registry: Registry) -> Rig {
+    let rig = Rig::with(Containerd::start().await, registry).await;
+    for (id, pod) in [
+        ("desk-a", "pod-a"),
+        ("desk-b", "pod-b"),
+        ("desk-c", "pod-c"),
+    ] {
+        rig.containerd
+            .run_desktop(id, pod, &format!("{pod}-name"), "x-graphical")
+            .await;
+    }
+    rig
 }
 
-impl Setup {
-    async fn new(registry: Registry) -> Self {
-        let containerd = Containerd::start().await;
-        containerd.import_base_image().await;
-        for (id, pod) in [
-            ("desk-a", "pod-a"),
-            ("desk-b", "pod-b"),
-            ("desk-c", "pod-c"),
-        ] {
-            containerd
-                .run_desktop(id, pod, &format!("{pod}-name"), "x-graphical")
-                .await;
-        }
-        let creds = registry.credentials_file();
-        Self {
-            containerd,
-            registry,
-            creds,
-        }
-    }
+async fn sidecar(s: &Rig, pod: &str, prefix: &str, keep: &str, min_age: &str) -> Sidecar {
+    Sidecar::start_with(
+        s.target(pod, prefix),
+        None,
+        &[("SNAPSHOT_KEEP", keep), ("SNAPSHOT_KEEP_MIN_AGE", min_age)],
+    )
+    .await
+}
 
-    fn target<'a>(&'a self, pod_uid: &'a str, prefix: &'a str) -> Target<'a> {
-        Target {
-            containerd: &self.containerd,
-            pod_uid,
-            registry_host: &self.registry.host,
-            registry_ca: Some(self.registry.dir.path().join("ca.crt").leak()),
-            credentials: Some(&self.creds),
-            repository_path: REPO,
-            tag_prefix: prefix,
-        }
-    }
-
-    async fn sidecar(&self, pod: &str, prefix: &str, keep: &str, min_age: &str) -> Sidecar {
-        Sidecar::start_with(
-            self.target(pod, prefix),
-            None,
-            &[("SNAPSHOT_KEEP", keep), ("SNAPSHOT_KEEP_MIN_AGE", min_age)],
+/// A new change of 1 MiB of random bytes in `desk`, then a snapshot.
+async fn change_and_snapshot(s: &Rig, sidecar: &Sidecar, desk: &str, n: usize) {
+    s.containerd
+        .exec(
+            desk,
+            &format!("dd if=/dev/urandom of=/root/day-{n} bs=1048576 count=1 2>/dev/null"),
         )
-        .await
-    }
-
-    /// `prefix`'s tags, oldest first.
-    async fn tags(&self, prefix: &str) -> Vec<String> {
-        let mut t: Vec<String> = self
-            .registry
-            .tags(REPO)
-            .await
-            .into_iter()
-            .filter(|t| snapshot_tags::owned_by(t, prefix).is_some())
-            .collect();
-        t.sort_by_key(|t| t.rsplit('-').next().and_then(|n| n.parse::<u128>().ok()));
-        t
-    }
-
-    /// A new change of 1 MiB of random bytes in `desk`, then a snapshot.
-    async fn change_and_snapshot(&self, sidecar: &Sidecar, desk: &str, n: usize) {
-        self.containerd
-            .exec(
-                desk,
-                &format!("dd if=/dev/urandom of=/root/day-{n} bs=1048576 count=1 2>/dev/null"),
-            )
-            .await;
-        sidecar.snapshot_done().await;
-    }
+        .await;
+    sidecar.snapshot_done().await;
 }
 
 fn metric(metrics: &str, line_start: &str) -> u64 {
@@ -95,15 +56,15 @@ fn metric(metrics: &str, line_start: &str) -> u64 {
 
 #[tokio::test]
 async fn retention_keeps_the_newest_never_another_users_and_the_collector_reclaims_the_rest() {
-    let s = Setup::new(Registry::start().await).await;
+    let s = setup(Registry::start().await).await;
     // bob, and a look-alike user whose prefix starts with alice's
-    let bob = s.sidecar("pod-b", "bob", "0", "0s").await;
+    let bob = sidecar(&s, "pod-b", "bob", "0", "0s").await;
     for n in 0..2 {
-        s.change_and_snapshot(&bob, "desk-b", n).await;
+        change_and_snapshot(&s, &bob, "desk-b", n).await;
     }
     bob.stop().await;
-    let lookalike = s.sidecar("pod-c", "alice-1", "0", "0s").await;
-    s.change_and_snapshot(&lookalike, "desk-c", 0).await;
+    let lookalike = sidecar(&s, "pod-c", "alice-1", "0", "0s").await;
+    change_and_snapshot(&s, &lookalike, "desk-c", 0).await;
     lookalike.stop().await;
     // snapshots from before the tag annotation, alice's and bob's on ONE manifest:
     // deleting alice's by digest would take bob's with it
@@ -116,10 +77,10 @@ async fn retention_keeps_the_newest_never_another_users_and_the_collector_reclai
     let others = [s.tags("bob").await, s.tags("alice-1").await].concat();
     assert_eq!(others.len(), 4, "{others:?}");
 
-    let alice = s.sidecar("pod-a", "alice", "3", "0s").await;
+    let alice = sidecar(&s, "pod-a", "alice", "3", "0s").await;
     let mut pushed = Vec::new();
     for n in 0..6 {
-        s.change_and_snapshot(&alice, "desk-a", n).await;
+        change_and_snapshot(&s, &alice, "desk-a", n).await;
         pushed.push(s.tags("alice").await.last().cloned().expect("the new tag"));
     }
     let left = s.tags("alice").await;
@@ -141,9 +102,9 @@ async fn retention_keeps_the_newest_never_another_users_and_the_collector_reclai
     alice.stop().await;
 
     // younger than --keep-min-age: a burst deletes nothing
-    let burst = s.sidecar("pod-a", "alice", "3", "7d").await;
+    let burst = sidecar(&s, "pod-a", "alice", "3", "7d").await;
     for n in 6..9 {
-        s.change_and_snapshot(&burst, "desk-a", n).await;
+        change_and_snapshot(&s, &burst, "desk-a", n).await;
     }
     assert_eq!(s.tags("alice").await.len(), 7, "3 + 3 young + the old one");
     burst.stop().await;
@@ -163,7 +124,7 @@ async fn retention_keeps_the_newest_never_another_users_and_the_collector_reclai
         "three 1 MiB layers reclaimed: {before} -> {after}"
     );
     // every snapshot still there pulls whole: its blobs were kept
-    let s = Setup { registry, ..s };
+    let s = Rig { registry, ..s };
     for tag in [
         s.tags("alice").await,
         s.tags("bob").await,
@@ -187,10 +148,10 @@ async fn retention_keeps_the_newest_never_another_users_and_the_collector_reclai
 
 #[tokio::test]
 async fn a_registry_that_refuses_deletes_is_logged_once_a_run_and_the_snapshots_succeed() {
-    let s = Setup::new(Registry::start_refusing_deletes().await).await;
-    let alice = s.sidecar("pod-a", "alice", "1", "0s").await;
+    let s = setup(Registry::start_refusing_deletes().await).await;
+    let alice = sidecar(&s, "pod-a", "alice", "1", "0s").await;
     for n in 0..3 {
-        s.change_and_snapshot(&alice, "desk-a", n).await;
+        change_and_snapshot(&s, &alice, "desk-a", n).await;
     }
     assert_eq!(s.tags("alice").await.len(), 3, "nothing deleted");
     let log = alice.log();
@@ -211,10 +172,10 @@ async fn a_registry_that_refuses_deletes_is_logged_once_a_run_and_the_snapshots_
 
 #[tokio::test]
 async fn retention_deletes_through_a_token_service_too() {
-    let s = Setup::new(Registry::start_with(Auth::Token { lifetime_secs: 60 }).await).await;
-    let alice = s.sidecar("pod-a", "alice", "1", "0s").await;
+    let s = setup(Registry::start_with(Auth::Token { lifetime_secs: 60 }).await).await;
+    let alice = sidecar(&s, "pod-a", "alice", "1", "0s").await;
     for n in 0..2 {
-        s.change_and_snapshot(&alice, "desk-a", n).await;
+        change_and_snapshot(&s, &alice, "desk-a", n).await;
     }
     let left = s.tags("alice").await;
     assert_eq!(left.len(), 1, "{left:?}; log:\n{}", alice.log());

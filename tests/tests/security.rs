@@ -3,9 +3,7 @@
 //! containerd and registry, and `desktop-probe` (static) in the desktop.
 
 use harness::{
-    containerd::Containerd,
-    registry::Registry,
-    sidecar::{layers, Sidecar, Target},
+    sidecar::{layers, Rig, Sidecar, RIG_REPO},
     story::Node,
 };
 use std::{
@@ -13,59 +11,7 @@ use std::{
     path::{Path, PathBuf},
 };
 
-const REPO: &str = "abcdesktopio/oc.user.test";
-
-struct Setup {
-    containerd: Containerd,
-    registry: Registry,
-    creds: PathBuf,
-}
-
-impl Setup {
-    async fn new() -> Self {
-        Self::with(Containerd::start().await).await
-    }
-
-    async fn on_tmpfs() -> Self {
-        Self::with(Containerd::start_on_tmpfs().await).await
-    }
-
-    async fn with(containerd: Containerd) -> Self {
-        containerd.import_base_image().await;
-        let registry = Registry::start().await;
-        let creds = registry.credentials_file();
-        Self {
-            containerd,
-            registry,
-            creds,
-        }
-    }
-
-    fn target<'a>(&'a self, pod_uid: &'a str, prefix: &'a str) -> Target<'a> {
-        Target {
-            containerd: &self.containerd,
-            pod_uid,
-            registry_host: &self.registry.host,
-            registry_ca: Some(self.registry.dir.path().join("ca.crt").leak()),
-            credentials: Some(&self.creds),
-            repository_path: REPO,
-            tag_prefix: prefix,
-        }
-    }
-
-    /// The user's tags, oldest first.
-    async fn tags(&self, prefix: &str) -> Vec<String> {
-        let mut t: Vec<String> = self
-            .registry
-            .tags(REPO)
-            .await
-            .into_iter()
-            .filter(|t| t.strip_prefix(prefix).is_some_and(|r| r.starts_with('-')))
-            .collect();
-        t.sort_by_key(|t| t.rsplit('-').next().and_then(|n| n.parse::<u128>().ok()));
-        t
-    }
-}
+const REPO: &str = RIG_REPO;
 
 fn contains(hay: &[u8], needle: &str) -> bool {
     hay.windows(needle.len()).any(|w| w == needle.as_bytes())
@@ -73,7 +19,7 @@ fn contains(hay: &[u8], needle: &str) -> bool {
 
 #[tokio::test]
 async fn a_desktop_racing_renames_never_gets_a_neighbours_files_into_its_snapshot() {
-    let s = Setup::new().await;
+    let s = Rig::new().await;
     // bob, the neighbour on the same node, with a private key
     s.containerd
         .run_desktop("desk-bob", "pod-bob", "bob-pod", "x-graphical")
@@ -177,7 +123,7 @@ async fn a_desktop_racing_renames_never_gets_a_neighbours_files_into_its_snapsho
 
 #[tokio::test]
 async fn a_change_past_the_limit_ends_in_error_the_desktop_runs_on_and_nothing_is_kept() {
-    let s = Setup::new().await;
+    let s = Rig::new().await;
     s.containerd
         .run_desktop("desk-a", "pod-a", "a-pod", "x-graphical")
         .await;
@@ -249,7 +195,7 @@ fn peak_rss(pid: u32) -> u64 {
 #[tokio::test]
 async fn a_million_entries_in_one_directory_stay_within_the_sidecars_memory_limit() {
     const ENTRIES: usize = 1_000_000;
-    let s = Setup::on_tmpfs().await;
+    let s = Rig::on_tmpfs().await;
     s.containerd
         .run_desktop("desk-a", "pod-a", "a-pod", "x-graphical")
         .await;
@@ -297,7 +243,7 @@ async fn a_million_entries_in_one_directory_stay_within_the_sidecars_memory_limi
 
 #[tokio::test]
 async fn a_new_snapshot_waits_the_minimum_interval() {
-    let s = Setup::new().await;
+    let s = Rig::new().await;
     s.containerd
         .run_desktop("desk-a", "pod-a", "a-pod", "x-graphical")
         .await;
@@ -328,7 +274,7 @@ const ODD_NAMES: [&str; 3] = ["line\nbreak", "\u{1b}[31mred\u{1b}[0m", "bell\u{7
 
 #[tokio::test]
 async fn what_the_user_writes_is_carried_exactly_and_logged_escaped() {
-    let s = Setup::new().await;
+    let s = Rig::new().await;
     s.containerd
         .run_desktop("desk-a", "pod-a", "a-pod", "x-graphical")
         .await;

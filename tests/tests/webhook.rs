@@ -1239,15 +1239,8 @@ async fn native_sidecar_mode() {
 /// od.config entry `desktop.pod['snapshot']` with `enable: True` (which also
 /// gives users the "snapshot" menu entry).
 fn pyos_snapshot_container() -> Value {
-    json!({
-        "name": "t-snapshot",
-        "image": "ghcr.io/abcdesktopio/oc.snapshot:main",
-        "imagePullPolicy": "IfNotPresent",
-        "ports": [{"containerPort": 29785, "protocol": "TCP"}],
-        "securityContext": {"runAsUser": 0, "runAsGroup": 0},
-        "resources": {"requests": {"memory": "32Mi", "cpu": "50m"},
-                      "limits": {"memory": "256Mi", "cpu": "500m"}}
-    })
+    serde_json::from_str(include_str!("../fixtures/pyos-snapshot-container.json"))
+        .expect("tests/fixtures/pyos-snapshot-container.json is JSON")
 }
 
 #[tokio::test]
@@ -1286,6 +1279,10 @@ async fn pyos_own_snapshot_container_is_taken_over_under_the_same_name_and_port(
         let again = admit(&webhook, &patched, "CREATE", false).await;
         let twice = apply(&patched, &again);
         assert_eq!(twice, patched, "{mode}: re-admission changes nothing");
+        assert!(
+            !patched.to_string().contains("hunter2"),
+            "{mode}: pyos's container and the password in its env are gone"
+        );
     }
 }
 

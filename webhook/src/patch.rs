@@ -341,19 +341,13 @@ mod tests {
     }
 
     /// The commit sidecar pyos adds with od.config's `desktop.pod['snapshot']`
-    /// `enable: True` (abcdesktop's documented entry).
+    /// `enable: True` (abcdesktop's documented entry; the fixture the
+    /// end-to-end test uses too).
     fn pyos_sidecar() -> Value {
-        json!({
-            "name": "t-snapshot",
-            "image": "ghcr.io/abcdesktopio/oc.snapshot:main",
-            "imagePullPolicy": "IfNotPresent",
-            "ports": [{"containerPort": 29785, "protocol": "TCP"}],
-            "securityContext": {"runAsUser": 0, "runAsGroup": 0},
-            "resources": {"requests": {"memory": "32Mi", "cpu": "50m"},
-                          "limits": {"memory": "256Mi", "cpu": "500m"}},
-            "env": [{"name": "REGISTRY_PASSWORD", "value": "hunter2"}],
-            "volumeMounts": [{"name": "containerd-socket", "mountPath": "/run/containerd/containerd.sock"}]
-        })
+        serde_json::from_str(include_str!(
+            "../../tests/fixtures/pyos-snapshot-container.json"
+        ))
+        .unwrap()
     }
 
     #[test]
