@@ -208,8 +208,14 @@ impl Sidecar {
 
     /// Polls the operation until `done` or `error`; returns every message seen, in order.
     pub async fn wait(&self, session_id: &str) -> Vec<String> {
+        self.wait_within(session_id, Duration::from_secs(120)).await
+    }
+
+    /// The same, declaring the operation stuck only after `limit` (a change of
+    /// a million files in the debug build, on a loaded machine).
+    pub async fn wait_within(&self, session_id: &str, limit: Duration) -> Vec<String> {
         let mut seen: Vec<String> = Vec::new();
-        let deadline = tokio::time::Instant::now() + Duration::from_secs(120);
+        let deadline = tokio::time::Instant::now() + limit;
         loop {
             let (status, v) = self.get(&format!("/snapshot/{session_id}")).await;
             assert_eq!(status, 200, "{v}");
@@ -231,7 +237,15 @@ impl Sidecar {
 
     /// Starts a snapshot that must succeed; every message seen.
     pub async fn snapshot_done(&self) -> Vec<String> {
-        let steps = self.snapshot().await;
+        self.snapshot_done_within(Duration::from_secs(120)).await
+    }
+
+    /// The same, stuck only after `limit`.
+    pub async fn snapshot_done_within(&self, limit: Duration) -> Vec<String> {
+        let started = self.post("/snapshot/snapshot").await;
+        assert_eq!(started["message"], "snapshot process started", "{started}");
+        let id = started["session_id"].as_str().expect("a session id");
+        let steps = self.wait_within(id, limit).await;
         assert_eq!(
             steps.last().map(String::as_str),
             Some("done"),

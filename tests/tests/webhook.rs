@@ -1342,9 +1342,10 @@ async fn admissions_are_answered_within_their_budget_from_arrival_even_when_the_
         let w = warnings(answer).join(" ");
         assert!(w.contains("admission budget"), "{w}");
     }
-    // the webhook's own measure, from each request's arrival: all within 1 s
+    // the webhook's own measure, from each request's arrival: all long before
+    // the 10 s the lookups were allowed (2 s leaves room for a loaded machine)
     let within = webhook
-        .metric("snapshot_webhook_admission_duration_seconds_bucket{le=\"1.0\"}")
+        .metric("snapshot_webhook_admission_duration_seconds_bucket{le=\"2.0\"}")
         .await;
     assert_eq!(within as usize, LOGINS, "{}", webhook.metrics().await);
 }
