@@ -305,7 +305,7 @@ fn compress_into(
 
 /// How many bytes `container`'s change holds on the node's disk (containerd's
 /// usage of its active snapshot: the upper directory).
-pub async fn change_bytes(ctrd: &Ctrd, container: &Container) -> Result<u64> {
+async fn change_bytes(ctrd: &Ctrd, container: &Container) -> Result<u64> {
     let usage = ctrd
         .client
         .snapshots()

@@ -242,10 +242,7 @@ impl Sidecar {
 
     /// The same, stuck only after `limit`.
     pub async fn snapshot_done_within(&self, limit: Duration) -> Vec<String> {
-        let started = self.post("/snapshot/snapshot").await;
-        assert_eq!(started["message"], "snapshot process started", "{started}");
-        let id = started["session_id"].as_str().expect("a session id");
-        let steps = self.wait_within(id, limit).await;
+        let (_, steps) = self.snapshot_within(limit).await;
         assert_eq!(
             steps.last().map(String::as_str),
             Some("done"),
@@ -263,13 +260,18 @@ impl Sidecar {
 
     /// Starts a snapshot and waits for its end: its session id and every message seen.
     pub async fn snapshot_with_id(&self) -> (String, Vec<String>) {
+        self.snapshot_within(Duration::from_secs(120)).await
+    }
+
+    /// Starts a snapshot and waits for its end, stuck only after `limit`.
+    async fn snapshot_within(&self, limit: Duration) -> (String, Vec<String>) {
         let started = self.post("/snapshot/snapshot").await;
         assert_eq!(started["message"], "snapshot process started", "{started}");
         let id = started["session_id"]
             .as_str()
             .expect("a session id")
             .to_string();
-        let steps = self.wait(&id).await;
+        let steps = self.wait_within(&id, limit).await;
         (id, steps)
     }
 

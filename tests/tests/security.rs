@@ -56,7 +56,9 @@ async fn a_desktop_racing_renames_never_gets_a_neighbours_files_into_its_snapsho
         )
         .await;
 
-    let modes: [(&str, &[(&str, &str)], usize); 3] = [
+    /// (what is tried, the sidecar's extra env, how many snapshots)
+    type Mode<'a> = (&'a str, &'a [(&'a str, &'a str)], usize);
+    let modes: [Mode; 3] = [
         ("pause off", &[("SNAPSHOT_PAUSE", "false")], 50),
         ("pause on", &[], 20),
         (
