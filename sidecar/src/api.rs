@@ -1,9 +1,10 @@
 //! The HTTP API on port 29785, as abcdesktop's front end calls it (through a
 //! router that may strip the `/snapshot` prefix, so both forms answer).
 
+pub use crate::state::AppState;
 use crate::{
-    config::Config,
-    session::{now_ms, Begin, Sessions},
+    logoff,
+    session::{now_ms, Begin, Trigger},
     snapshot,
 };
 use axum::{
@@ -18,18 +19,12 @@ use std::sync::Arc;
 
 pub const API_VERSION: &str = "1.0";
 
-pub struct AppState {
-    pub config: Config,
-    pub sessions: Sessions,
-    pub metrics: crate::metrics::Metrics,
-    /// The bearer token the API requires, when one is configured.
-    pub token: Option<String>,
-}
-
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/snapshot", post(start))
         .route("/snapshot/snapshot", post(start))
+        .route("/snapshot/logoff", get(at_logoff))
+        .route("/logoff", get(at_logoff))
         .route("/snapshots", get(list))
         .route("/snapshots/", get(list))
         .route("/snapshot/snapshots", get(list))
@@ -80,7 +75,14 @@ async fn start(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respon
         Begin::Started(id) => {
             let (state, running) = (state.clone(), id.clone());
             tokio::spawn(async move {
-                snapshot::run(&state.config, &state.sessions, &state.metrics, &running).await
+                snapshot::run(
+                    &state.config,
+                    &state.sessions,
+                    &state.metrics,
+                    &running,
+                    Trigger::Click,
+                )
+                .await
             });
             envelope(StatusCode::OK, true, "snapshot process started", &id)
         }
@@ -100,6 +102,28 @@ async fn start(State(state): State<Arc<AppState>>, headers: HeaderMap) -> Respon
             ),
             "",
         ),
+    }
+}
+
+/// The graphical container's preStop hook: snapshots the desktop and answers
+/// when the snapshot has ended (the kubelet waits for the answer before it
+/// stops the desktop). No token: the kubelet cannot send one; the minimum
+/// interval holds, and the snapshot goes to this user's repository only.
+async fn at_logoff(State(state): State<Arc<AppState>>) -> Response {
+    match logoff::snapshot(state).await {
+        logoff::Ended::Operation { id, ok, message } => envelope(
+            if ok {
+                StatusCode::OK
+            } else {
+                StatusCode::INTERNAL_SERVER_ERROR
+            },
+            ok,
+            &message,
+            &id,
+        ),
+        logoff::Ended::NotStarted(why) => {
+            envelope(StatusCode::SERVICE_UNAVAILABLE, false, &why, "")
+        }
     }
 }
 

@@ -68,6 +68,20 @@ pub struct Config {
     /// snapshots cannot erase a user's history.
     #[arg(long, env = "SNAPSHOT_KEEP_MIN_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
     pub keep_min_age: Duration,
+    /// Snapshot the desktop when its pod goes away (the webhook sets it with
+    /// `--snapshot-on-logoff`): on SIGTERM the sidecar commits and pushes
+    /// before it exits, unless the preStop hook's request already did.
+    #[arg(long, env = "SNAPSHOT_ON_LOGOFF", default_value_t = false, action = clap::ArgAction::Set)]
+    pub on_logoff: bool,
+    /// The pod's termination grace period (the webhook writes the pod's
+    /// `terminationGracePeriodSeconds` here): a logoff snapshot not finished
+    /// within it less `--logoff-margin` is abandoned, nothing tagged.
+    #[arg(long, env = "SNAPSHOT_LOGOFF_GRACE_PERIOD", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub logoff_grace_period: Duration,
+    /// Time kept back from the grace period for the desktop and the sidecar
+    /// to stop after a logoff snapshot, before the kubelet's SIGKILL.
+    #[arg(long, env = "SNAPSHOT_LOGOFF_MARGIN", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub logoff_margin: Duration,
     /// Pause the container while its changes are read (a consistent snapshot).
     /// The Diff service always pauses it.
     #[arg(long, env = "SNAPSHOT_PAUSE", default_value_t = true, action = clap::ArgAction::Set)]

@@ -2,12 +2,7 @@
 
 use anyhow::Context;
 use clap::Parser;
-use snapshot_sidecar::{
-    api::{self, AppState},
-    commit,
-    config::Config,
-    harden,
-};
+use snapshot_sidecar::{api, commit, config::Config, harden, logoff, state::AppState};
 use std::sync::Arc;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;
@@ -56,11 +51,15 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics: Default::default(),
         token,
     });
-    axum::serve(listener, api::router(state))
-        .with_graceful_shutdown(async {
+    let app = api::router(state.clone());
+    axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
             shutdown_signal().await;
-            // A commit in progress is abandoned (no tag is written without its manifest),
-            // but the desktop must never stay frozen.
+            // With --on-logoff the desktop is snapshotted first (the API keeps
+            // serving meanwhile, for the preStop hook's request).
+            logoff::on_terminate(state).await;
+            // A commit still in progress is abandoned (no tag is written without
+            // its manifest), but the desktop must never stay frozen.
             commit::resume_all().await;
             info!("shutting down");
         })

@@ -22,6 +22,7 @@ pub struct Metrics {
     layers: Family<SourceLabel, Counter>,
     pub duration: Histogram,
     retention: Family<ResultLabel, Counter>,
+    logoff: Family<ResultLabel, Counter>,
 }
 
 impl Default for Metrics {
@@ -30,7 +31,7 @@ impl Default for Metrics {
         let snapshots = Family::<ResultLabel, Counter>::default();
         registry.register(
             "snapshots",
-            "Snapshot operations finished, by result (done, error)",
+            "Snapshot operations finished, by result (done, unchanged: nothing pushed, error)",
             snapshots.clone(),
         );
         let layers = Family::<SourceLabel, Counter>::default();
@@ -51,28 +52,37 @@ impl Default for Metrics {
             "Old snapshots retention dealt with, by result (deleted, skipped: no tag annotation, refused: the registry does not delete, once per run; failed)",
             retention.clone(),
         );
+        let logoff = Family::<ResultLabel, Counter>::default();
+        registry.register(
+            "logoff",
+            "Snapshots at logoff, by result (done, unchanged: nothing to push, error, timeout: not finished within the grace period, nothing tagged)",
+            logoff.clone(),
+        );
         Self {
             registry,
             snapshots,
             layers,
             duration,
             retention,
+            logoff,
         }
     }
 }
 
 impl Metrics {
-    /// One operation ended: with the source of its layer, or failed.
-    pub fn finished(&self, source: Result<&'static str, &anyhow::Error>, seconds: f64) {
-        self.snapshots
-            .get_or_create(&ResultLabel {
-                result: if source.is_ok() { "done" } else { "error" },
-            })
-            .inc();
-        if let Ok(source) = source {
+    /// One operation ended as `result` (done, unchanged, error); `source`:
+    /// where its pushed layer was read.
+    pub fn finished(&self, result: &'static str, source: Option<&'static str>, seconds: f64) {
+        self.snapshots.get_or_create(&ResultLabel { result }).inc();
+        if let Some(source) = source {
             self.layers.get_or_create(&SourceLabel { source }).inc();
         }
         self.duration.observe(seconds);
+    }
+
+    /// A logoff snapshot ended as `result` (done, unchanged, error, timeout).
+    pub fn logoff(&self, result: &'static str) {
+        self.logoff.get_or_create(&ResultLabel { result }).inc();
     }
 
     /// Retention dealt with old snapshots: `result` is `deleted`, `skipped`,

@@ -1,5 +1,6 @@
 //! Snapshot operations and their steps, as the desktop front end polls them.
 //! One operation at a time: a request while one runs gets the running one.
+//! A logoff snapshot is an operation too, which the pod's termination waits for.
 
 use serde::Serialize;
 use std::{
@@ -38,9 +39,20 @@ impl Step {
     }
 }
 
+/// What started an operation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Trigger {
+    /// The user picked "snapshot".
+    Click,
+    /// The pod is going away (the preStop hook, or SIGTERM).
+    Logoff,
+}
+
 #[derive(Debug, Clone, Serialize)]
 pub struct Operation {
     pub session_id: String,
+    pub trigger: Trigger,
     pub step: Step,
     /// What the front end shows: the step's words, or the error.
     pub message: String,
@@ -48,9 +60,19 @@ pub struct Operation {
     pub image: Option<String>,
 }
 
-#[derive(Default)]
 pub struct Sessions {
     inner: Mutex<Inner>,
+    /// Bumped each time an operation ends, for those waiting on one.
+    ended: tokio::sync::watch::Sender<u64>,
+}
+
+impl Default for Sessions {
+    fn default() -> Self {
+        Self {
+            inner: Mutex::default(),
+            ended: tokio::sync::watch::Sender::new(0),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -60,6 +82,8 @@ struct Inner {
     counter: u64,
     /// When the last operation ended (done or error).
     last_ended: Option<Instant>,
+    /// The uncompressed digest of the last layer this sidecar pushed.
+    last_pushed: Option<String>,
 }
 
 /// What a request to start a snapshot got.
@@ -74,6 +98,18 @@ pub enum Begin {
         ended: Duration,
         wait: Duration,
     },
+}
+
+/// What a logoff got.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum LogoffBegin {
+    Started(String),
+    /// A logoff snapshot is running: its id.
+    Running(String),
+    /// A snapshot the user clicked is running: the logoff waits for its end.
+    Busy(String),
+    /// The last operation ended less than the minimum interval ago.
+    TooSoon(Duration),
 }
 
 /// Epoch milliseconds.
@@ -100,28 +136,78 @@ impl Sessions {
                 };
             }
         }
-        inner.counter += 1;
-        let id = format!("{:x}-{}", now_ms(), inner.counter);
-        inner.operations.insert(
-            id.clone(),
-            Operation {
-                session_id: id.clone(),
-                step: Step::Starting,
-                message: Step::Starting.words().into(),
-                started: now_ms(),
-                image: None,
-            },
-        );
-        inner.running = Some(id.clone());
-        Begin::Started(id)
+        Begin::Started(inner.start(Trigger::Click))
+    }
+
+    /// Starts a logoff snapshot, or says what it must wait for. The minimum
+    /// interval holds here too: the endpoint takes no token (the kubelet
+    /// calls it), so it must not let anyone push a tag at will.
+    pub fn begin_logoff(&self, min_interval: Duration) -> LogoffBegin {
+        let mut inner = self.inner.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(id) = &inner.running {
+            let trigger = inner.operations.get(id).map(|op| op.trigger);
+            return match trigger {
+                Some(Trigger::Logoff) => LogoffBegin::Running(id.clone()),
+                _ => LogoffBegin::Busy(id.clone()),
+            };
+        }
+        if let Some(ended) = inner.last_ended.map(|t| t.elapsed()) {
+            if ended < min_interval {
+                return LogoffBegin::TooSoon(min_interval - ended);
+            }
+        }
+        LogoffBegin::Started(inner.start(Trigger::Logoff))
+    }
+
+    /// Whether a logoff snapshot has run (or runs) in this sidecar's life.
+    pub fn logoff_seen(&self) -> bool {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .operations
+            .values()
+            .any(|op| op.trigger == Trigger::Logoff)
+    }
+
+    /// Waits until operation `id` has ended; what it ended as.
+    pub async fn ended(&self, id: &str) -> Option<Operation> {
+        let mut ends = self.ended.subscribe();
+        loop {
+            match self.get(id) {
+                Some(op) if !op.step.finished() => {}
+                other => return other,
+            }
+            if ends.changed().await.is_err() {
+                return self.get(id);
+            }
+        }
     }
 
     pub fn step(&self, id: &str, step: Step) {
         self.set(id, step, step.words().to_string(), None);
     }
 
-    pub fn done(&self, id: &str, image: String) {
+    /// Ended with a pushed image, whose new layer has uncompressed digest `diff_id`.
+    pub fn done(&self, id: &str, image: String, diff_id: String) {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_pushed = Some(diff_id);
         self.set(id, Step::Done, Step::Done.words().to_string(), Some(image));
+    }
+
+    /// Ended without a push: nothing changed.
+    pub fn unchanged(&self, id: &str, why: &str) {
+        self.set(id, Step::Done, why.to_string(), None);
+    }
+
+    /// The uncompressed digest of the last layer this sidecar pushed.
+    pub fn last_pushed(&self) -> Option<String> {
+        self.inner
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .last_pushed
+            .clone()
     }
 
     pub fn fail(&self, id: &str, why: String) {
@@ -140,6 +226,8 @@ impl Sessions {
         if step.finished() && inner.running.as_deref() == Some(id) {
             inner.running = None;
             inner.last_ended = Some(Instant::now());
+            drop(inner);
+            self.ended.send_modify(|n| *n += 1);
         }
     }
 
@@ -171,6 +259,26 @@ impl Sessions {
     }
 }
 
+impl Inner {
+    fn start(&mut self, trigger: Trigger) -> String {
+        self.counter += 1;
+        let id = format!("{:x}-{}", now_ms(), self.counter);
+        self.operations.insert(
+            id.clone(),
+            Operation {
+                session_id: id.clone(),
+                trigger,
+                step: Step::Starting,
+                message: Step::Starting.words().into(),
+                started: now_ms(),
+                image: None,
+            },
+        );
+        self.running = Some(id.clone());
+        id
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -193,7 +301,7 @@ mod tests {
         assert_eq!(s.get(&a).unwrap().step, Step::Error);
         let c = started(s.begin(Duration::ZERO));
         assert_ne!(c, a);
-        s.done(&c, "img".into());
+        s.done(&c, "img".into(), "sha256:1".into());
         assert_eq!(s.get(&c).unwrap().message, "done");
         assert_eq!(s.list().len(), 2);
         assert!(s.running().is_none());
@@ -206,7 +314,7 @@ mod tests {
         let a = started(s.begin(minute));
         // while it runs, the running one is answered, whatever the interval
         assert_eq!(s.begin(minute), Begin::Running(a.clone()));
-        s.done(&a, "img".into());
+        s.done(&a, "img".into(), "sha256:1".into());
         match s.begin(minute) {
             Begin::TooSoon { ended, wait } => {
                 assert!(ended < Duration::from_secs(5));
@@ -220,5 +328,57 @@ mod tests {
         assert!(matches!(s.begin(minute), Begin::TooSoon { .. }));
         std::thread::sleep(Duration::from_millis(30));
         started(s.begin(Duration::from_millis(20)));
+    }
+
+    #[test]
+    fn a_logoff_waits_for_a_click_joins_a_logoff_and_keeps_the_interval() {
+        let s = Sessions::default();
+        let click = started(s.begin(Duration::ZERO));
+        assert_eq!(
+            s.begin_logoff(Duration::ZERO),
+            LogoffBegin::Busy(click.clone())
+        );
+        assert!(!s.logoff_seen());
+        s.done(&click, "img".into(), "sha256:1".into());
+        assert_eq!(s.last_pushed().as_deref(), Some("sha256:1"));
+        assert!(matches!(
+            s.begin_logoff(Duration::from_secs(60)),
+            LogoffBegin::TooSoon(_)
+        ));
+        let LogoffBegin::Started(logoff) = s.begin_logoff(Duration::ZERO) else {
+            panic!("a logoff should start")
+        };
+        assert!(s.logoff_seen());
+        assert_eq!(
+            s.begin_logoff(Duration::ZERO),
+            LogoffBegin::Running(logoff.clone())
+        );
+        // a click during a logoff gets the logoff
+        assert_eq!(s.begin(Duration::ZERO), Begin::Running(logoff.clone()));
+        s.unchanged(&logoff, "nothing changed");
+        let op = s.get(&logoff).unwrap();
+        assert_eq!((op.step, op.trigger), (Step::Done, Trigger::Logoff));
+        assert_eq!(s.last_pushed().as_deref(), Some("sha256:1"));
+    }
+
+    #[tokio::test]
+    async fn waiting_for_an_operation_returns_when_it_ends() {
+        let s = std::sync::Arc::new(Sessions::default());
+        let id = started(s.begin(Duration::ZERO));
+        let waiter = {
+            let (s, id) = (s.clone(), id.clone());
+            tokio::spawn(async move { s.ended(&id).await })
+        };
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiter.is_finished());
+        s.fail(&id, "registry down".into());
+        let op = tokio::time::timeout(Duration::from_secs(5), waiter)
+            .await
+            .expect("the waiter wakes")
+            .expect("the task")
+            .expect("the operation");
+        assert_eq!(op.step, Step::Error);
+        // an ended one returns at once
+        assert_eq!(s.ended(&id).await.map(|o| o.step), Some(Step::Error));
     }
 }

@@ -1,5 +1,5 @@
-//! One snapshot, top to bottom: click -> find -> pause/read the changes/resume
-//! -> push.
+//! One snapshot, top to bottom: click (or logoff) -> find -> pause/read the
+//! changes/resume -> (a logoff with nothing new stops here) -> push.
 
 use crate::{
     commit::{self, Lease},
@@ -11,7 +11,7 @@ use crate::{
     metrics::Metrics,
     prune,
     push::Registry,
-    session::{Sessions, Step},
+    session::{Sessions, Step, Trigger},
     tag,
     upper::{self, Capabilities, Unsupported, Upper},
 };
@@ -21,25 +21,76 @@ use snapshot_tags::retention::Policy;
 use std::time::{Instant, SystemTime};
 use tracing::{error, info, warn};
 
-/// Runs operation `id` to its end: `done` or `error`, never stuck.
-pub async fn run(config: &Config, sessions: &Sessions, metrics: &Metrics, id: &str) {
+/// The uncompressed digest of a layer without any entry (a tar's end only).
+pub const EMPTY_LAYER: &str =
+    "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
+
+/// Whether a change whose layer has uncompressed digest `diff_id` adds
+/// nothing: no entry at all, or the same bytes as the last layer pushed from
+/// this desktop (the upper directory holds everything since the restore, so
+/// an unchanged desktop gives the same layer).
+pub fn unchanged(diff_id: &str, last_pushed: Option<&str>) -> bool {
+    diff_id == EMPTY_LAYER || Some(diff_id) == last_pushed
+}
+
+/// What a snapshot made.
+pub enum Made {
+    /// Pushed: `image@digest`, with its layer's source and uncompressed digest.
+    Pushed {
+        image: String,
+        source: &'static str,
+        diff_id: String,
+    },
+    /// A logoff found nothing new: nothing pushed.
+    Unchanged,
+}
+
+/// What the front end reads when a logoff pushed nothing.
+pub const UNCHANGED: &str = "nothing changed since the last snapshot: no new tag";
+
+/// Runs operation `id` to its end: `done` or `error`, never stuck. Returns
+/// the result's word: `done`, `unchanged` or `error`.
+pub async fn run(
+    config: &Config,
+    sessions: &Sessions,
+    metrics: &Metrics,
+    id: &str,
+    trigger: Trigger,
+) -> &'static str {
     let started = Instant::now();
-    let result = commit_and_push(config, sessions, metrics, id).await;
-    metrics.finished(
-        result.as_ref().map(|(_, source)| *source),
-        started.elapsed().as_secs_f64(),
-    );
+    let result = commit_and_push(config, sessions, metrics, id, trigger).await;
+    let elapsed_ms = started.elapsed().as_millis() as u64;
+    let (word, source) = match &result {
+        Ok(Made::Pushed { source, .. }) => ("done", Some(*source)),
+        Ok(Made::Unchanged) => ("unchanged", None),
+        Err(_) => ("error", None),
+    };
+    metrics.finished(word, source, started.elapsed().as_secs_f64());
     match result {
-        Ok((image, source)) => {
-            info!(session = id, image = %image, source, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot done");
-            sessions.done(id, image);
+        Ok(Made::Pushed {
+            image,
+            source,
+            diff_id,
+        }) => {
+            info!(session = id, ?trigger, image = %image, source, elapsed_ms, "snapshot done");
+            sessions.done(id, image, diff_id);
+        }
+        Ok(Made::Unchanged) => {
+            info!(
+                session = id,
+                ?trigger,
+                elapsed_ms,
+                "nothing changed since the last snapshot: no new tag"
+            );
+            sessions.unchanged(id, UNCHANGED);
         }
         Err(e) => {
             let why = format!("{e:#}");
-            error!(session = id, error = %why, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot failed");
+            error!(session = id, ?trigger, error = %why, elapsed_ms, "snapshot failed");
             sessions.fail(id, why);
         }
     }
+    word
 }
 
 async fn commit_and_push(
@@ -47,7 +98,8 @@ async fn commit_and_push(
     sessions: &Sessions,
     metrics: &Metrics,
     id: &str,
-) -> Result<(String, &'static str)> {
+    trigger: Trigger,
+) -> Result<Made> {
     let step = |s: Step| {
         info!(session = id, step = s.words(), "step");
         sessions.step(id, s);
@@ -67,12 +119,15 @@ async fn commit_and_push(
 
     step(Step::GenerateImage);
     let lease = Lease::create(&ctrd, config.lease_expiry).await?;
+    // a logoff pushes only what is new; a click always answers with a tag
+    let last_pushed = (trigger == Trigger::Logoff).then(|| sessions.last_pushed());
     let result = generate_and_push(
         config,
         &ctrd.with_lease(&lease.id),
         &container,
         &step,
         metrics,
+        last_pushed,
     )
     .await;
     lease.release().await;
@@ -85,7 +140,8 @@ async fn generate_and_push(
     container: &Container,
     step: &(dyn Fn(Step) + Sync),
     metrics: &Metrics,
-) -> Result<(String, &'static str)> {
+    skip_if_unchanged_since: Option<Option<String>>,
+) -> Result<Made> {
     let started = Instant::now();
     let mut base = image::base(ctrd, &container.image).await?;
     let scope = if image::layer_count(&base) + 1 > config.max_layers as usize {
@@ -105,6 +161,11 @@ async fn generate_and_push(
         source = layer.source,
         "desktop image generated"
     );
+    if let Some(last) = skip_if_unchanged_since {
+        if unchanged(&layer.diff_id, last.as_deref()) {
+            return Ok(Made::Unchanged);
+        }
+    }
 
     step(Step::LoginRegistry);
     let now = SystemTime::now();
@@ -124,7 +185,7 @@ async fn generate_and_push(
 
     step(Step::PushImage);
     let created = humantime::format_rfc3339_seconds(now).to_string();
-    let source = layer.source;
+    let (source, diff_id) = (layer.source, layer.diff_id.clone());
     let digest = registry
         .push(
             ctrd,
@@ -141,7 +202,11 @@ async fn generate_and_push(
         min_age: config.keep_min_age,
     };
     prune::run(&registry, &target, &config.tag_prefix, policy, metrics).await;
-    Ok((format!("{image_ref}@{digest}"), source))
+    Ok(Made::Pushed {
+        image: format!("{image_ref}@{digest}"),
+        source,
+        diff_id,
+    })
 }
 
 /// The container's changes as a compressed layer: from the overlayfs upper
@@ -207,4 +272,29 @@ async fn upper_of(ctrd: &Ctrd, container: &Container) -> Result<Upper, Unsupport
         .ok_or_else(|| Unsupported("the root filesystem is not an overlay mount".to_string()))?;
     upper.check(&Capabilities::read())?;
     Ok(upper)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use sha2::{Digest, Sha256};
+
+    #[test]
+    fn the_empty_layer_is_a_tar_end_alone() {
+        let tar = tar::Builder::new(Vec::new()).into_inner().unwrap();
+        assert_eq!(format!("sha256:{:x}", Sha256::digest(&tar)), EMPTY_LAYER);
+    }
+
+    #[test]
+    fn what_counts_as_unchanged() {
+        for (diff_id, last, want) in [
+            (EMPTY_LAYER, None, true),
+            (EMPTY_LAYER, Some("sha256:a"), true),
+            ("sha256:a", Some("sha256:a"), true),
+            ("sha256:a", Some("sha256:b"), false),
+            ("sha256:a", None, false),
+        ] {
+            assert_eq!(unchanged(diff_id, last), want, "{diff_id} after {last:?}");
+        }
+    }
 }

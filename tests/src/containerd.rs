@@ -297,7 +297,14 @@ impl Containerd {
             args.extend(["--label", l.as_str()]);
         }
         args.extend(extra.iter().map(String::as_str));
-        args.extend([image, id, "/bin/sh", "-c", "sleep 100000"]);
+        // like a desktop's init, it stops on SIGTERM (a shell as PID 1 ignores it otherwise)
+        args.extend([
+            image,
+            id,
+            "/bin/sh",
+            "-c",
+            "trap 'exit 0' TERM; sleep 100000 & wait",
+        ]);
         self.ctr(&args)
             .await
             .unwrap_or_else(|e| panic!("starting container {id}: {e:#}\n{}", self.log()));
@@ -395,6 +402,25 @@ impl Containerd {
             .lock()
             .unwrap_or_else(|p| p.into_inner())
             .retain(|c| c != id);
+    }
+
+    /// Sends `signal` (e.g. "SIGTERM") to a container's task.
+    pub async fn signal(&self, id: &str, signal: &str) {
+        let _ = self.ctr(&["tasks", "kill", "-s", signal, id]).await;
+    }
+
+    /// Waits until a container's task has stopped (or is gone), at most `limit`.
+    pub async fn stopped_within(&self, id: &str, limit: Duration) -> bool {
+        let deadline = tokio::time::Instant::now() + limit;
+        loop {
+            if matches!(self.task_status(id).await.as_str(), "STOPPED" | "MISSING") {
+                return true;
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return false;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Runs a shell command inside a running container.

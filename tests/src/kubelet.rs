@@ -7,11 +7,15 @@
 //! fails here as it would on a node.
 
 use crate::containerd::RunSpec;
-use k8s_openapi::api::core::v1::{Container, KeyToPath, Pod, Volume};
+use k8s_openapi::{
+    api::core::v1::{Container, KeyToPath, Pod, Volume},
+    apimachinery::pkg::util::intstr::IntOrString,
+};
 use std::{
     collections::BTreeMap,
     os::unix::fs::{FileTypeExt, PermissionsExt},
     path::{Path, PathBuf},
+    time::Duration,
 };
 
 /// The objects of the cluster a pod's volumes may name: secret and configMap
@@ -142,6 +146,83 @@ pub fn try_run_spec(
     })
 }
 
+/// A container's preStop hook, as the kubelet runs an `httpGet` one: a GET
+/// of `path` on `port` at the pod's address, waited for.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HttpHook {
+    pub path: String,
+    pub port: u16,
+}
+
+/// What the kubelet does when the pod is deleted, read from its spec (the
+/// documented sequence, "Termination of Pods" and "Sidecar containers"):
+/// every main container at once: its preStop hook, run and waited for within
+/// the grace period (which gets a one-off extension of 2 s when the hook
+/// outlives it), then SIGTERM, then SIGKILL when the grace period is spent;
+/// native sidecars (init containers with `restartPolicy: Always`) only once
+/// every main container has stopped, in the reverse of their order in the
+/// spec, SIGTERM then SIGKILL in what is left of the grace period.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Termination {
+    /// `terminationGracePeriodSeconds`, 30 when unset.
+    pub grace: Duration,
+    /// The main containers, with their preStop hook.
+    pub main: Vec<(String, Option<HttpHook>)>,
+    /// The native sidecars, in the order they are stopped.
+    pub sidecars: Vec<String>,
+}
+
+/// The one-off extension the kubelet grants a preStop hook still running
+/// when the grace period ends.
+pub const HOOK_EXTENSION: Duration = Duration::from_secs(2);
+
+/// The termination of `pod`; panics on a preStop hook not played here (exec).
+pub fn termination(pod: &Pod) -> Termination {
+    let spec = pod.spec.as_ref().expect("a pod spec");
+    let grace =
+        Duration::from_secs(spec.termination_grace_period_seconds.unwrap_or(30).max(0) as u64);
+    let main = spec
+        .containers
+        .iter()
+        .map(|c| {
+            let hook = c
+                .lifecycle
+                .as_ref()
+                .and_then(|l| l.pre_stop.as_ref())
+                .map(|h| {
+                    let get = h.http_get.as_ref().unwrap_or_else(|| {
+                        panic!("{}: only httpGet preStop hooks are played here", c.name)
+                    });
+                    let port = match &get.port {
+                        IntOrString::Int(p) => u16::try_from(*p).expect("a port"),
+                        IntOrString::String(name) => panic!(
+                            "{}: the hook names port {name}: only numbers are played here",
+                            c.name
+                        ),
+                    };
+                    HttpHook {
+                        path: get.path.clone().unwrap_or_else(|| "/".into()),
+                        port,
+                    }
+                });
+            (c.name.clone(), hook)
+        })
+        .collect();
+    let sidecars = spec
+        .init_containers
+        .iter()
+        .flatten()
+        .filter(|c| c.restart_policy.as_deref() == Some("Always"))
+        .rev()
+        .map(|c| c.name.clone())
+        .collect();
+    Termination {
+        grace,
+        main,
+        sidecars,
+    }
+}
+
 /// A Kubernetes quantity as a number: `256Mi` -> 268435456, `500m` -> 0.5, `2` -> 2.
 pub fn quantity(text: &str) -> Option<f64> {
     const SUFFIXES: [(&str, f64); 11] = [
@@ -247,6 +328,41 @@ fn project(
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_termination_sequence_is_read_from_the_spec() {
+        let pod: k8s_openapi::api::core::v1::Pod = serde_json::from_value(serde_json::json!({
+            "spec": {
+                "terminationGracePeriodSeconds": 300,
+                "containers": [
+                    {"name": "x-graphical", "lifecycle": {"preStop": {"httpGet": {"path": "/snapshot/logoff", "port": 29785}}}},
+                    {"name": "c-printer"}
+                ],
+                "initContainers": [
+                    {"name": "i-init"},
+                    {"name": "a", "restartPolicy": "Always"},
+                    {"name": "t-snapshot", "restartPolicy": "Always"}
+                ]
+            }
+        }))
+        .unwrap();
+        let t = super::termination(&pod);
+        assert_eq!(t.grace, std::time::Duration::from_secs(300));
+        assert_eq!(
+            t.main,
+            vec![
+                (
+                    "x-graphical".to_string(),
+                    Some(super::HttpHook {
+                        path: "/snapshot/logoff".into(),
+                        port: 29785
+                    })
+                ),
+                ("c-printer".to_string(), None)
+            ]
+        );
+        assert_eq!(t.sidecars, vec!["t-snapshot".to_string(), "a".to_string()]);
+    }
+
     #[test]
     fn quantities() {
         for (text, want) in [

@@ -165,6 +165,18 @@ impl Registry {
         said
     }
 
+    /// Kills the registry and starts it again with the same config: same
+    /// address, storage, TLS certificate and auth (as a registry pod
+    /// restarting); returns once it answers again.
+    pub async fn restart(&mut self) {
+        let binary = which("docker-registry").expect("docker-registry");
+        crate::kill_and_reap(&mut self.child);
+        self.child = Self::serve(&binary, &self.config, self.dir.path()).expect("restarting");
+        if let Err(e) = self.until_up().await {
+            panic!("the registry did not come back after a restart: {e:#}");
+        }
+    }
+
     /// Bytes the registry's storage holds (blobs and metadata).
     pub fn storage_bytes(&self) -> u64 {
         fn walk(dir: &Path) -> u64 {

@@ -289,13 +289,22 @@ impl Sidecar {
 
     /// Sends SIGTERM (as the kubelet does when the pod goes) and waits for the
     /// exit; how it ended and its log.
-    pub async fn terminate(mut self) -> (Ended, String) {
+    pub async fn terminate(self) -> (Ended, String) {
+        let (ended, log) = self.terminate_within(Duration::from_secs(30)).await;
+        (
+            ended.expect("the sidecar exits within 30 s of SIGTERM"),
+            log,
+        )
+    }
+
+    /// SIGTERM, then SIGKILL when it has not exited within `grace`, as the
+    /// kubelet stops a container; how it ended (`None`: killed) and its log.
+    pub async fn terminate_within(mut self, grace: Duration) -> (Option<Ended>, String) {
         self.launched.signal("TERM");
-        let ended = self
-            .launched
-            .wait(Duration::from_secs(30))
-            .await
-            .expect("the sidecar exits within 30 s of SIGTERM");
+        let ended = self.launched.wait(grace).await;
+        if ended.is_none() {
+            self.launched.kill_and_reap();
+        }
         (ended, self.log())
     }
 }

@@ -7,7 +7,7 @@ use crate::{
     admission::{apply, as_pod, desktop_pod, image_of, review},
     containerd::{Containerd, Image, RunSpec, BASE_IMAGE},
     kubelet::{self, Identity, Objects},
-    launch::image_layout,
+    launch::{image_layout, Ended},
     ports,
     registry::Registry,
     sidecar::Sidecar,
@@ -17,7 +17,9 @@ use serde_json::Value;
 use std::{
     collections::BTreeMap,
     sync::atomic::{AtomicUsize, Ordering},
+    time::Duration,
 };
+use tokio::time::Instant;
 
 /// The secret and configMap the webhook is told to use for the registry.
 const REGISTRY_SECRET: &str = "abcdesktop-snapshot-registry";
@@ -241,6 +243,91 @@ impl Node {
         sidecar.stop().await;
     }
 
+    /// The pod is deleted (the user logs off) and the kubelet stops it as
+    /// [`kubelet::termination`] says: the graphical container's preStop hook
+    /// (its port is the sidecar's in the pod, here the sidecar's loopback
+    /// port), SIGTERM, SIGKILL at the end of the grace period; the sidecar at
+    /// once (a plain container) or after the desktop (a native sidecar).
+    pub async fn delete_pod(&self, desktop: Desktop, sidecar: Sidecar) -> Deleted {
+        let pod = as_pod(&desktop.pod);
+        let plan = kubelet::termination(&pod);
+        let started = Instant::now();
+        let grace_end = started + plan.grace;
+        // the kubelet gives a container at least 2 s after its hook
+        let left = || {
+            grace_end
+                .saturating_duration_since(Instant::now())
+                .max(kubelet::HOOK_EXTENSION)
+        };
+        let sidecar_port = kubelet::container(&pod, SIDECAR)
+            .ports
+            .iter()
+            .flatten()
+            .map(|p| p.container_port)
+            .next();
+        let native = plan.sidecars.iter().any(|n| n == SIDECAR);
+        let hook = plan
+            .main
+            .iter()
+            .find(|(name, _)| name == "x-graphical")
+            .and_then(|(_, hook)| hook.clone());
+        let hook_url = hook.map(|h| {
+            assert_eq!(
+                Some(i32::from(h.port)),
+                sidecar_port,
+                "the preStop hook calls a port no container of the pod listens on"
+            );
+            sidecar.url(&h.path)
+        });
+        let desktop_id = desktop.container.clone();
+        let graphical = async {
+            let hook = match hook_url {
+                None => None,
+                Some(url) => {
+                    let call = async {
+                        let response = reqwest::get(&url).await.map_err(|e| e.to_string())?;
+                        let status = response.status().as_u16();
+                        let body = response.json::<Value>().await.map_err(|e| e.to_string())?;
+                        Ok((status, body))
+                    };
+                    Some(
+                        tokio::time::timeout_at(grace_end, call)
+                            .await
+                            .unwrap_or_else(|_| {
+                                Err("the preStop hook outlived the grace period".into())
+                            }),
+                    )
+                }
+            };
+            let hook_ended = started.elapsed();
+            self.containerd.signal(&desktop_id, "SIGTERM").await;
+            let stopped = self.containerd.stopped_within(&desktop_id, left()).await;
+            if !stopped {
+                self.containerd.signal(&desktop_id, "SIGKILL").await;
+            }
+            self.containerd.remove(&desktop_id).await;
+            (hook, hook_ended, stopped)
+        };
+        let ((hook, hook_ended, desktop_stopped), (sidecar, sidecar_log)) = if native {
+            let graphical = graphical.await;
+            (graphical, sidecar.terminate_within(left()).await)
+        } else {
+            tokio::join!(
+                graphical,
+                sidecar.terminate_within(plan.grace.max(kubelet::HOOK_EXTENSION))
+            )
+        };
+        Deleted {
+            grace: plan.grace,
+            elapsed: started.elapsed(),
+            hook,
+            hook_ended,
+            desktop_stopped,
+            sidecar,
+            sidecar_log,
+        }
+    }
+
     /// The user logs off: the container is removed.
     pub async fn logoff(&self, desktop: Desktop) {
         self.containerd.remove(&desktop.container).await;
@@ -253,10 +340,32 @@ impl Node {
     }
 }
 
+/// How a pod's deletion went.
+pub struct Deleted {
+    /// Its `terminationGracePeriodSeconds`.
+    pub grace: Duration,
+    /// From the deletion to the last container stopped.
+    pub elapsed: Duration,
+    /// The preStop hook's answer (HTTP status, JSON body), when it had one.
+    pub hook: Option<Result<(u16, Value), String>>,
+    /// When the hook ended (and the desktop got SIGTERM).
+    pub hook_ended: Duration,
+    /// The desktop stopped on SIGTERM (false: SIGKILL).
+    pub desktop_stopped: bool,
+    /// How the sidecar ended (`None`: SIGKILL), and its log.
+    pub sidecar: Option<Ended>,
+    pub sidecar_log: String,
+}
+
 fn sidecar_env(pod: &Value, name: &str) -> String {
     as_pod(pod)
         .spec
-        .and_then(|s| s.containers.into_iter().find(|c| c.name == "t-snapshot"))
+        .and_then(|s| {
+            s.containers
+                .into_iter()
+                .chain(s.init_containers.into_iter().flatten())
+                .find(|c| c.name == "t-snapshot")
+        })
         .and_then(|c| c.env)
         .and_then(|env| env.into_iter().find(|e| e.name == name))
         .and_then(|e| e.value)

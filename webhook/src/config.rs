@@ -195,6 +195,29 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP_MIN_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
     pub sidecar_keep_min_age: std::time::Duration,
 
+    /// Most admissions in flight on one HTTP/2 connection (kube-apiserver sends
+    /// them over few connections); past it requests wait in the client, before
+    /// the admission budget starts. hyper's default is 200.
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_HTTP2_MAX_CONCURRENT_STREAMS",
+        default_value_t = 2000
+    )]
+    pub http2_max_concurrent_streams: u32,
+
+    /// Snapshot each desktop when its pod is deleted (the user logs off):
+    /// the graphical container gets a preStop hook that asks the sidecar for
+    /// a snapshot and waits for it. A pod's annotation
+    /// `snapshot.abcdesktop.io/on-logoff: "true"|"false"` wins.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SNAPSHOT_ON_LOGOFF", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub snapshot_on_logoff: bool,
+
+    /// With a snapshot at logoff, a pod's `terminationGracePeriodSeconds`
+    /// shorter than this is raised to it: the time the kubelet gives the
+    /// snapshot (less 10 s kept for stopping) before it kills the desktop.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_LOGOFF_GRACE_PERIOD", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub logoff_grace_period: Duration,
+
     /// Largest AdmissionReview body accepted, in bytes.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,

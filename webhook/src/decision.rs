@@ -15,6 +15,9 @@ use kube::core::admission::Operation;
 pub const ANNOTATION_RESTORE: &str = "snapshot.abcdesktop.io/restore";
 /// A tag of the same user to restore instead of the newest (rollback).
 pub const ANNOTATION_PIN: &str = "snapshot.abcdesktop.io/pin";
+/// `"true"` or `"false"`: snapshot this desktop when its pod is deleted, or
+/// not; wins over `--snapshot-on-logoff`.
+pub const ANNOTATION_ON_LOGOFF: &str = "snapshot.abcdesktop.io/on-logoff";
 /// Written by the webhook: what it did. Its presence makes a re-admission a no-op.
 pub const ANNOTATION_STATUS: &str = "snapshot.abcdesktop.io/status";
 
@@ -26,6 +29,8 @@ pub struct Rules {
     pub graphical_container: String,
     pub registry: String,
     pub layout: Layout,
+    /// Snapshot desktops at logoff unless their pod says otherwise.
+    pub on_logoff: bool,
 }
 
 impl Rules {
@@ -63,6 +68,8 @@ pub struct Action {
     pub original_image: String,
     pub target: Result<Target, NoTarget>,
     pub want: Want,
+    /// Snapshot this desktop when its pod is deleted.
+    pub on_logoff: bool,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -138,12 +145,23 @@ pub fn plan(rules: &Rules, operation: &Operation, kind: &str, pod: Option<&Pod>)
     } else {
         Want::Newest
     };
+    let on_logoff = match annotation(ANNOTATION_ON_LOGOFF) {
+        None => rules.on_logoff,
+        Some(v) if v.eq_ignore_ascii_case("true") => true,
+        Some(v) if v.eq_ignore_ascii_case("false") => false,
+        Some(v) => {
+            return Plan::Deny(format!(
+                "annotation {ANNOTATION_ON_LOGOFF}={v:?} must be \"true\" or \"false\""
+            ))
+        }
+    };
     Plan::Act(Action {
         user: user.to_string(),
         container: index,
         original_image: image.to_string(),
         target,
         want,
+        on_logoff,
     })
 }
 
@@ -217,6 +235,8 @@ pub struct Resolution {
     pub status: Option<String>,
     /// The sidecar to inject, for this target.
     pub sidecar: Option<Target>,
+    /// With the sidecar: snapshot the desktop when the pod is deleted.
+    pub on_logoff: bool,
     /// Shown to the requester (kubectl prints admission warnings).
     pub warning: Option<String>,
     /// Set when the request must be refused.
@@ -235,6 +255,7 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
                 image: None,
                 status: (action.want != Want::AlreadyDone).then(|| format!("not restored: {e}")),
                 sidecar: None,
+                on_logoff: false,
                 warning: Some(format!(
                     "desktop-snapshot: no snapshot for this desktop: {e}"
                 )),
@@ -248,6 +269,7 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
         image: None,
         status: None,
         sidecar: Some(target.clone()),
+        on_logoff: action.on_logoff,
         warning: None,
         deny: None,
         detail: None,
@@ -315,6 +337,7 @@ mod tests {
             graphical_container: "x-graphical".into(),
             registry: "reg.example:5000".into(),
             layout: Layout::Shared,
+            on_logoff: false,
         }
     }
 
@@ -334,6 +357,36 @@ mod tests {
             json!({"type": "x11server", "access_userid": "alice"}),
             annotations,
         )
+    }
+
+    #[test]
+    fn snapshot_at_logoff_from_the_flag_and_the_annotation() {
+        for (flag, annotation, want) in [
+            (false, None, Some(false)),
+            (true, None, Some(true)),
+            (false, Some("true"), Some(true)),
+            (true, Some("false"), Some(false)),
+            (true, Some(" TRUE "), Some(true)),
+            (true, Some("yes"), None),
+        ] {
+            let r = Rules {
+                on_logoff: flag,
+                ..rules()
+            };
+            let pod = desktop(match annotation {
+                Some(v) => json!({ ANNOTATION_ON_LOGOFF: v }),
+                None => json!({}),
+            });
+            let got = match plan(&r, &Operation::Create, "Pod", Some(&pod)) {
+                Plan::Act(a) => Some(a.on_logoff),
+                Plan::Deny(why) => {
+                    assert!(why.contains(ANNOTATION_ON_LOGOFF), "{why}");
+                    None
+                }
+                Plan::Ignore(why) => panic!("ignored: {why}"),
+            };
+            assert_eq!(got, want, "flag {flag}, annotation {annotation:?}");
+        }
     }
 
     #[test]

@@ -58,6 +58,7 @@ async fn run(config: Config) -> Result<()> {
         graphical_container: config.graphical_container.clone(),
         registry: config.registry.clone(),
         layout: config.layout,
+        on_logoff: config.snapshot_on_logoff,
     };
     let sidecar = SidecarSpec {
         name: config.sidecar_name.clone(),
@@ -77,6 +78,7 @@ async fn run(config: Config) -> Result<()> {
         max_change_bytes: config.sidecar_max_change_bytes,
         keep: config.sidecar_keep,
         keep_min_age: config.sidecar_keep_min_age,
+        logoff_grace_period: config.logoff_grace_period,
     };
     let lookup = Lookup::new(registry.clone(), config.lookup_timeout, metrics.clone());
     lookup.warm_up().await;
@@ -107,8 +109,14 @@ async fn run(config: Config) -> Result<()> {
     let app = server::router(state.clone(), config.max_body_bytes);
     info!(listen = %config.listen, registry = %config.registry, layout = ?config.layout, "snapshot-webhook serving");
     state.ready.store(true, Ordering::Relaxed);
-    axum_server::bind_rustls(config.listen, tls_config)
-        .handle(handle)
+    let mut server = axum_server::bind_rustls(config.listen, tls_config).handle(handle);
+    // kube-apiserver multiplexes admissions over HTTP/2: past the stream limit
+    // its requests would wait on its side, where our budget cannot see them.
+    server
+        .http_builder()
+        .http2()
+        .max_concurrent_streams(config.http2_max_concurrent_streams);
+    server
         .serve(app.into_make_service())
         .await
         .with_context(|| format!("serving on {}", config.listen))

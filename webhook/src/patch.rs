@@ -43,6 +43,36 @@ pub fn build(
         }
     }
 
+    // snapshot at logoff: the grace period, and the graphical container's
+    // hook (before any container is removed below, which would shift indices)
+    let logoff_grace = (resolution.sidecar.is_some() && resolution.on_logoff).then(|| {
+        sidecar.logoff_grace_seconds(spec.and_then(|s| s.termination_grace_period_seconds))
+    });
+    if let Some(grace) = logoff_grace {
+        if spec.and_then(|s| s.termination_grace_period_seconds) != Some(grace) {
+            ops.push(add(
+                &["spec", "terminationGracePeriodSeconds"],
+                json!(grace),
+            ));
+        }
+        let graphical = spec.and_then(|s| s.containers.get(container));
+        let lifecycle = graphical.and_then(|c| c.lifecycle.as_ref());
+        let index = container.to_string();
+        match lifecycle {
+            None => ops.push(add(
+                &["spec", "containers", &index, "lifecycle"],
+                json!({ "preStop": to_value(&sidecar.pre_stop())? }),
+            )),
+            Some(l) if l.pre_stop.is_none() => ops.push(add(
+                &["spec", "containers", &index, "lifecycle", "preStop"],
+                to_value(&sidecar.pre_stop())?,
+            )),
+            // ours already, or the pod's own hook, which stays: with a plain
+            // sidecar container, the sidecar's SIGTERM still snapshots
+            Some(_) => {}
+        }
+    }
+
     if let Some(target) = &resolution.sidecar {
         // A container of that name may be there already: ours (a re-admission:
         // nothing to do), or pyos's own commit sidecar (`enable: True` in
@@ -65,7 +95,7 @@ pub fn build(
         } else {
             "containers"
         };
-        let container = to_value(&sidecar.container(target, original_image))?;
+        let container = to_value(&sidecar.container(target, original_image, logoff_grace))?;
         match named {
             Some((_, _, true)) => {}
             Some((found_in, index, false)) if found_in == list => {
@@ -188,6 +218,7 @@ mod tests {
             max_change_bytes: 8 << 30,
             keep: 10,
             keep_min_age: std::time::Duration::from_secs(7 * 86_400),
+            logoff_grace_period: std::time::Duration::from_secs(300),
         }
     }
 
@@ -215,13 +246,17 @@ mod tests {
             graphical_container: "x-graphical".into(),
             registry: "reg:5000".into(),
             layout: Layout::Shared,
+            on_logoff: false,
         }
     }
 
     /// Runs plan -> resolve -> build -> apply, returning the patched pod.
     fn run(pod: &Pod, found: Found, native: bool) -> (Pod, usize) {
-        let Plan::Act(action) = decision::plan(&rules(), &Operation::Create, "Pod", Some(pod))
-        else {
+        run_with(&rules(), pod, found, native)
+    }
+
+    fn run_with(rules: &Rules, pod: &Pod, found: Found, native: bool) -> (Pod, usize) {
+        let Plan::Act(action) = decision::plan(rules, &Operation::Create, "Pod", Some(pod)) else {
             panic!()
         };
         let r = decision::resolve(&action, found);
@@ -398,9 +433,98 @@ mod tests {
         }
     }
 
+    fn env_of(c: &k8s_openapi::api::core::v1::Container, name: &str) -> Option<String> {
+        c.env
+            .iter()
+            .flatten()
+            .find(|e| e.name == name)
+            .and_then(|e| e.value.clone())
+    }
+
+    #[test]
+    fn snapshot_at_logoff_adds_the_hook_and_raises_the_grace_period_once() {
+        let on = Rules {
+            on_logoff: true,
+            ..rules()
+        };
+        let hook =
+            json!({"httpGet": {"path": "/snapshot/logoff", "port": 29785, "scheme": "HTTP"}});
+        for native in [false, true] {
+            for (extra, grace) in [
+                (json!({}), 300),
+                (json!({"terminationGracePeriodSeconds": 10}), 300),
+                (json!({"terminationGracePeriodSeconds": 900}), 900),
+            ] {
+                let (p, _) = run_with(&on, &pod(extra.clone(), None), snap("alice-9"), native);
+                let s = p.spec.as_ref().unwrap();
+                assert_eq!(s.termination_grace_period_seconds, Some(grace), "{extra}");
+                let graphical = serde_json::to_value(&s.containers[0]).unwrap();
+                assert_eq!(graphical["lifecycle"]["preStop"], hook);
+                let sidecar = s
+                    .containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+                    .find(|c| c.name == "t-snapshot")
+                    .unwrap();
+                assert_eq!(
+                    env_of(sidecar, "SNAPSHOT_ON_LOGOFF").as_deref(),
+                    Some("true")
+                );
+                assert_eq!(
+                    env_of(sidecar, "SNAPSHOT_LOGOFF_GRACE_PERIOD"),
+                    Some(format!("{grace}s"))
+                );
+                let (again, ops) = run_with(&on, &p, snap("alice-99"), native);
+                assert_eq!((ops, &again), (0, &p), "re-admission changes nothing");
+            }
+        }
+        // off (the default): none of it
+        let (p, _) = run(&pod(json!({}), None), snap("alice-9"), false);
+        let s = p.spec.as_ref().unwrap();
+        assert!(
+            s.termination_grace_period_seconds.is_none() && s.containers[0].lifecycle.is_none()
+        );
+        let sidecar = s
+            .containers
+            .iter()
+            .find(|c| c.name == "t-snapshot")
+            .unwrap();
+        assert!(env_of(sidecar, "SNAPSHOT_ON_LOGOFF").is_none());
+        // the pod's own preStop hook stays; a postStart one gets ours beside it
+        let own = json!({"exec": {"command": ["/bin/true"]}});
+        let (p, _) = run_with(
+            &on,
+            &pod(
+                json!({"containers": [{"name": "x-graphical", "image": "abcdesktopio/oc.user:4.1", "lifecycle": {"preStop": own}}]}),
+                None,
+            ),
+            snap("alice-9"),
+            false,
+        );
+        let graphical = serde_json::to_value(&p.spec.as_ref().unwrap().containers[0]).unwrap();
+        assert_eq!(graphical["lifecycle"]["preStop"], own);
+        let (p, _) = run_with(
+            &on,
+            &pod(
+                json!({"containers": [{"name": "x-graphical", "image": "abcdesktopio/oc.user:4.1", "lifecycle": {"postStart": own}}]}),
+                None,
+            ),
+            snap("alice-9"),
+            false,
+        );
+        let graphical = serde_json::to_value(&p.spec.as_ref().unwrap().containers[0]).unwrap();
+        assert_eq!(
+            (
+                &graphical["lifecycle"]["preStop"],
+                &graphical["lifecycle"]["postStart"]
+            ),
+            (&hook, &own)
+        );
+    }
+
     #[test]
     fn no_credential_in_env_or_args() {
-        let c = spec(false).container(&decision_target(), "img");
+        let c = spec(false).container(&decision_target(), "img", Some(300));
         let text = serde_json::to_string(&c).unwrap();
         assert!(!text.contains("password") && c.args.is_none() && c.command.is_none());
     }
@@ -408,7 +532,7 @@ mod tests {
     #[test]
     fn the_cpu_limit_is_left_out_unless_configured() {
         let quantity = |spec: &SidecarSpec, which: &str| {
-            let c = spec.container(&decision_target(), "img");
+            let c = spec.container(&decision_target(), "img", None);
             let r = c.resources.unwrap();
             let side = if which == "request" {
                 r.requests

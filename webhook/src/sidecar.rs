@@ -11,10 +11,11 @@ use crate::{config::Protocol, target::Target};
 use k8s_openapi::{
     api::core::v1::{
         Capabilities, ConfigMapVolumeSource, Container, ContainerPort, EmptyDirVolumeSource,
-        EnvVar, EnvVarSource, HostPathVolumeSource, KeyToPath, ObjectFieldSelector,
-        ResourceRequirements, SecretVolumeSource, SecurityContext, Volume, VolumeMount,
+        EnvVar, EnvVarSource, HTTPGetAction, HostPathVolumeSource, KeyToPath, LifecycleHandler,
+        ObjectFieldSelector, ResourceRequirements, SecretVolumeSource, SecurityContext, Volume,
+        VolumeMount,
     },
-    apimachinery::pkg::api::resource::Quantity,
+    apimachinery::pkg::{api::resource::Quantity, util::intstr::IntOrString},
 };
 use std::collections::BTreeMap;
 
@@ -54,7 +55,15 @@ pub struct SidecarSpec {
     /// Retention: how many newest snapshots stay, and the youngest age deleted.
     pub keep: usize,
     pub keep_min_age: std::time::Duration,
+    /// With a snapshot at logoff: the least termination grace period a pod gets.
+    pub logoff_grace_period: std::time::Duration,
 }
+
+/// The sidecar's blocking endpoint the graphical container's preStop hook calls.
+pub const LOGOFF_PATH: &str = "/snapshot/logoff";
+
+/// The kubelet's default `terminationGracePeriodSeconds`.
+pub const DEFAULT_GRACE_SECONDS: i64 = 30;
 
 /// Whether `container` is a sidecar this webhook made (it carries the env
 /// only we inject), as opposed to pyos's own `t-snapshot`.
@@ -71,8 +80,14 @@ pub fn is_ours(container: &Container) -> bool {
 pub const WORK_HEADROOM_BYTES: u64 = 256 << 20;
 
 impl SidecarSpec {
-    /// The sidecar container for one desktop pod.
-    pub fn container(&self, target: &Target, original_image: &str) -> Container {
+    /// The sidecar container for one desktop pod; `logoff_grace_seconds`: the
+    /// pod's grace period, when the desktop is snapshotted at logoff.
+    pub fn container(
+        &self,
+        target: &Target,
+        original_image: &str,
+        logoff_grace_seconds: Option<i64>,
+    ) -> Container {
         let plain = |name: &str, value: &str| EnvVar {
             name: name.to_string(),
             value: Some(value.to_string()),
@@ -144,6 +159,12 @@ impl SidecarSpec {
                         .as_ref()
                         .map(|_| plain("SNAPSHOT_REGISTRY_CA", &format!("{CA_DIR}/ca.crt"))),
                 )
+                .chain(logoff_grace_seconds.into_iter().flat_map(|grace| {
+                    [
+                        plain("SNAPSHOT_ON_LOGOFF", "true"),
+                        plain("SNAPSHOT_LOGOFF_GRACE_PERIOD", &format!("{grace}s")),
+                    ]
+                }))
                 .collect(),
             ),
             volume_mounts: Some(
@@ -193,6 +214,27 @@ impl SidecarSpec {
                     add: Some(vec!["SYS_ADMIN".to_string()]),
                     drop: None,
                 }),
+                ..Default::default()
+            }),
+            ..Default::default()
+        }
+    }
+
+    /// The grace period a pod that had `current` gets with a snapshot at
+    /// logoff: raised to the configured one, never lowered.
+    pub fn logoff_grace_seconds(&self, current: Option<i64>) -> i64 {
+        let wanted = i64::try_from(self.logoff_grace_period.as_secs()).unwrap_or(i64::MAX);
+        current.unwrap_or(DEFAULT_GRACE_SECONDS).max(wanted)
+    }
+
+    /// The graphical container's preStop hook: a request to the sidecar (in
+    /// the same pod, so at the pod's address) that ends when the snapshot has.
+    pub fn pre_stop(&self) -> LifecycleHandler {
+        LifecycleHandler {
+            http_get: Some(HTTPGetAction {
+                path: Some(LOGOFF_PATH.to_string()),
+                port: IntOrString::Int(i32::from(self.port)),
+                scheme: Some("HTTP".to_string()),
                 ..Default::default()
             }),
             ..Default::default()
