@@ -28,6 +28,11 @@ bench: deps
     ./target/release/webhook-bench
     ./target/release/sidecar-bench
 
+# Soak, release build, not part of `test`: 10 min of 200 admissions/s and a snapshot every 10 s, registry restart, cert rotation; fails on a budget overrun, a paused desktop, an incomplete image or growth (`just soak --minutes 2`).
+soak *args: deps
+    cargo build --release --locked --workspace --bins
+    ./target/release/soak {{args}}
+
 # Make a CA and the webhook's serving certificate, and fill the caBundle into the manifests.
 certs service="snapshot-webhook" namespace="desktop-snapshot" out=".certs":
     cargo run --quiet --locked -p snapshot-certs -- --service {{service}} --namespace {{namespace}} --out {{out}} --write-ca-bundle manifests/base/webhook-cabundle.yaml
