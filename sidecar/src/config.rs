@@ -31,6 +31,12 @@ pub struct Config {
     /// Snapshot tags are `<prefix>-<epoch nanoseconds>`.
     #[arg(long, env = "SNAPSHOT_TAG_PREFIX")]
     pub tag_prefix: String,
+    /// The graphical image the pod named (its base): the snapshot's provenance.
+    #[arg(long, env = "SNAPSHOT_BASE_IMAGE")]
+    pub base_image: Option<String>,
+    /// The desktop's user, as the pod's label says: annotated on each snapshot.
+    #[arg(long, env = "SNAPSHOT_USER", default_value = "")]
+    pub user: String,
     /// How to reach the registry: `https` or `http`.
     #[arg(long, env = "SNAPSHOT_REGISTRY_PROTOCOL", value_enum, default_value_t = Protocol::Https)]
     pub registry_protocol: Protocol,

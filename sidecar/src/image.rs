@@ -7,6 +7,7 @@ use bytes::Bytes;
 use containerd_client::services::v1::{GetImageRequest, ReadContentRequest};
 use futures::{Stream, StreamExt};
 use serde_json::{json, Value};
+use std::collections::BTreeMap;
 
 pub const OCI_MANIFEST: &str = "application/vnd.oci.image.manifest.v1+json";
 pub const OCI_INDEX: &str = "application/vnd.oci.image.index.v1+json";
@@ -71,8 +72,32 @@ pub async fn read_all(ctrd: &Ctrd, digest: &str) -> Result<Vec<u8>> {
 
 /// The base image's manifest and config, as JSON.
 pub struct Base {
+    /// The digest of the (platform's) manifest.
+    pub digest: String,
     pub manifest: Value,
     pub config: Value,
+}
+
+impl Base {
+    /// The manifest's annotations, as text.
+    pub fn annotations(&self) -> BTreeMap<String, String> {
+        self.manifest["annotations"]
+            .as_object()
+            .into_iter()
+            .flatten()
+            .filter_map(|(k, v)| Some((k.clone(), v.as_str()?.to_string())))
+            .collect()
+    }
+
+    /// The digests of its layers, in order.
+    pub fn layer_digests(&self) -> Vec<&str> {
+        self.manifest["layers"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(|l| l["digest"].as_str())
+            .collect()
+    }
 }
 
 /// Reads the image the container was created from.
@@ -116,7 +141,11 @@ pub async fn base(ctrd: &Ctrd, image_name: &str) -> Result<Base> {
         .to_string();
     let config: Value = serde_json::from_slice(&read_all(ctrd, &config_digest).await?)
         .context("the config is not JSON")?;
-    Ok(Base { manifest, config })
+    Ok(Base {
+        digest,
+        manifest,
+        config,
+    })
 }
 
 fn pick_platform(index: &Value) -> Option<&Value> {
@@ -137,6 +166,9 @@ pub fn is_docker(manifest: &Value) -> bool {
     manifest["mediaType"] == DOCKER_MANIFEST
 }
 
+/// The history comment that marks a user layer in a snapshot's config.
+pub const USER_LAYER_COMMENT: &str = "desktop-snapshot: the user's changes";
+
 /// The snapshot's config: the base's, with the new layer's diff_id and a history entry.
 pub fn next_config(base: &Value, diff_id: &str, created: &str) -> Value {
     let mut config = base.clone();
@@ -147,7 +179,7 @@ pub fn next_config(base: &Value, diff_id: &str, created: &str) -> Value {
         Some(ids) => ids.push(json!(diff_id)),
         None => config["rootfs"]["diff_ids"] = json!([diff_id]),
     }
-    let entry = json!({"created": created, "created_by": "desktop-snapshot", "comment": "the user's changes"});
+    let entry = json!({"created": created, "created_by": "desktop-snapshot", "comment": USER_LAYER_COMMENT});
     match config["history"].as_array_mut() {
         Some(h) => h.push(entry),
         None => config["history"] = json!([entry]),
@@ -161,10 +193,15 @@ pub fn next_config(base: &Value, diff_id: &str, created: &str) -> Value {
 pub fn squashed(base: &Base) -> Base {
     let mut manifest = base.manifest.clone();
     manifest["layers"] = json!([]);
+    manifest["annotations"] = json!({});
     let mut config = base.config.clone();
     config["rootfs"] = json!({"type": "layers", "diff_ids": []});
     config["history"] = json!([]);
-    Base { manifest, config }
+    Base {
+        digest: base.digest.clone(),
+        manifest,
+        config,
+    }
 }
 
 /// How many layers the base has.
@@ -175,21 +212,15 @@ pub fn layer_count(base: &Base) -> usize {
         .unwrap_or(0)
 }
 
-/// The manifest annotation naming the tag a snapshot was pushed as: it makes
-/// every snapshot's manifest (and digest) its own, so deleting one by digest
-/// never takes another tag with it.
-pub const TAG_ANNOTATION: &str = "io.abcdesktop.snapshot.tag";
-/// The OCI annotation of the image's creation time.
-pub const CREATED_ANNOTATION: &str = "org.opencontainers.image.created";
-
-/// The snapshot's manifest: the base's layers, then the new one; annotated
-/// with its tag and creation time.
+/// The snapshot's manifest: the base's layers, then the new one; with
+/// `annotations` (its tag, which makes every snapshot's manifest and digest
+/// its own, so deleting one by digest never takes another tag with it; its
+/// creation time and provenance: `snapshot_tags::provenance`).
 pub fn next_manifest(
     base: &Value,
     config: (&str, usize),
     layer: (&str, u64, &str),
-    tag: &str,
-    created: &str,
+    annotations: &BTreeMap<String, String>,
 ) -> Value {
     let docker = is_docker(base);
     let mut layers = base["layers"].as_array().cloned().unwrap_or_default();
@@ -203,13 +234,14 @@ pub fn next_manifest(
         "mediaType": if docker { DOCKER_MANIFEST } else { OCI_MANIFEST },
         "config": {"mediaType": if docker { DOCKER_CONFIG } else { OCI_CONFIG }, "digest": config.0, "size": config.1},
         "layers": layers,
-        "annotations": {TAG_ANNOTATION: tag, CREATED_ANNOTATION: created},
+        "annotations": annotations,
     })
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use snapshot_tags::provenance;
 
     #[test]
     fn config_and_manifest_grow_by_one_layer() {
@@ -221,19 +253,24 @@ mod tests {
         assert_eq!(c["config"], base_config["config"]);
         let base_manifest = json!({"schemaVersion": 2, "mediaType": OCI_MANIFEST, "config": {},
             "layers": [{"mediaType": OCI_LAYER_GZIP, "digest": "sha256:la", "size": 3}]});
+        let annotations = provenance::unsourced("alice", "alice-1", "2026-11-23T00:00:00Z");
         let m = next_manifest(
             &base_manifest,
             ("sha256:cfg", 10),
             ("sha256:lb", 7, OCI_LAYER_GZIP),
-            "alice-1",
-            "2026-11-23T00:00:00Z",
+            &annotations,
         );
-        assert_eq!(m["annotations"][TAG_ANNOTATION], "alice-1");
-        assert_eq!(m["annotations"][CREATED_ANNOTATION], "2026-11-23T00:00:00Z");
+        assert_eq!(m["annotations"][provenance::TAG], "alice-1");
+        assert_eq!(
+            m["annotations"][provenance::CREATED],
+            "2026-11-23T00:00:00Z"
+        );
+        assert_eq!(c["history"][1]["comment"], USER_LAYER_COMMENT);
         assert_eq!(m["layers"].as_array().unwrap().len(), 2);
         assert_eq!(m["layers"][1]["digest"], "sha256:lb");
         assert_eq!(m["config"]["mediaType"], OCI_CONFIG);
         let squashed = squashed(&Base {
+            digest: "sha256:m".into(),
             manifest: base_manifest.clone(),
             config: base_config.clone(),
         });
@@ -246,8 +283,7 @@ mod tests {
             &docker,
             ("sha256:cfg", 10),
             ("sha256:lb", 7, DOCKER_LAYER_GZIP),
-            "alice-2",
-            "2026-11-23T00:00:00Z",
+            &annotations,
         );
         assert_eq!(m["mediaType"], DOCKER_MANIFEST);
         assert_eq!(m["layers"][0]["mediaType"], DOCKER_LAYER_GZIP);

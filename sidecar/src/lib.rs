@@ -15,6 +15,7 @@ pub mod find;
 pub mod harden;
 pub mod image;
 pub mod layer;
+pub mod lineage;
 pub mod logoff;
 pub mod metrics;
 pub mod prune;

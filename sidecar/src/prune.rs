@@ -11,7 +11,6 @@
 //! Reclaiming the blobs is the registry's garbage collector's work.
 
 use crate::{
-    image::TAG_ANNOTATION,
     metrics::Metrics,
     push::{Deleted, Registry},
 };
@@ -93,7 +92,7 @@ async fn prune(
                 continue;
             }
         };
-        if annotations[TAG_ANNOTATION].as_str() != Some(tag.as_str()) {
+        if annotations[snapshot_tags::provenance::TAG].as_str() != Some(tag.as_str()) {
             pruned.skipped += 1;
             continue;
         }

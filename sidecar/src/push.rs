@@ -20,7 +20,10 @@ use oci_client::{
 };
 use serde_json::Value;
 use sha2::Digest;
-use std::path::Path;
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    path::Path,
+};
 use tracing::info;
 
 pub struct Registry {
@@ -147,6 +150,13 @@ impl Registry {
         Ok(())
     }
 
+    async fn has_blob(&self, target: &Reference, digest: &str) -> Result<bool> {
+        self.client
+            .blob_exists(target, digest)
+            .await
+            .with_context(|| format!("asking the registry for base layer {digest}"))
+    }
+
     /// Authenticates for pushing to `target` (checks the credentials early).
     pub async fn authenticate(&self, target: &Reference) -> Result<()> {
         self.client
@@ -167,26 +177,12 @@ impl Registry {
         layer: NewLayer,
         codec: Codec,
         created: &str,
+        annotations: &BTreeMap<String, String>,
     ) -> Result<String> {
         self.client
             .store_auth_if_needed(target.resolve_registry(), &self.auth)
             .await;
-        for layer in base.manifest["layers"].as_array().into_iter().flatten() {
-            let digest = layer["digest"]
-                .as_str()
-                .context("a base layer without digest")?;
-            let size = layer["size"].as_u64();
-            if self
-                .client
-                .blob_exists(target, digest)
-                .await
-                .context("asking the registry for a base layer")?
-            {
-                continue;
-            }
-            self.upload_base_layer(ctrd, target, base_image, digest, size)
-                .await?;
-        }
+        self.put_base_layers(ctrd, target, base_image, base).await?;
 
         // The user's changes, compressed: one request, size and digest known.
         let started = std::time::Instant::now();
@@ -230,8 +226,7 @@ impl Registry {
                 layer.size,
                 codec.media_type(image::is_docker(&base.manifest)),
             ),
-            target.tag().unwrap_or_default(),
-            created,
+            annotations,
         );
         let manifest_bytes = serde_json::to_vec(&manifest)?;
         let media_type = manifest["mediaType"]
@@ -246,11 +241,111 @@ impl Registry {
             )
             .await
             .context("uploading the manifest (the tag)")?;
+        remember(
+            target,
+            base.layer_digests()
+                .into_iter()
+                .chain([layer.digest.as_str()]),
+        );
         Ok(format!(
             "sha256:{}",
             hex::encode(sha2::Sha256::digest(&manifest_bytes))
         ))
     }
+
+    /// Makes sure the repository has every base layer, at a cost that does
+    /// not grow with their number: layers known to be there are not asked
+    /// about (the image was pulled from this repository, or this sidecar
+    /// pushed them), the others are asked about together, and the missing
+    /// ones put a few at a time.
+    async fn put_base_layers(
+        &self,
+        ctrd: &Ctrd,
+        target: &Reference,
+        base_image: Option<&Reference>,
+        base: &image::Base,
+    ) -> Result<()> {
+        let from_here = base_image.is_some_and(|b| {
+            b.resolve_registry() == target.resolve_registry()
+                && b.repository() == target.repository()
+        });
+        let mut layers = Vec::new();
+        for layer in base.manifest["layers"].as_array().into_iter().flatten() {
+            let digest = layer["digest"]
+                .as_str()
+                .context("a base layer without digest")?;
+            layers.push((digest, layer["size"].as_u64()));
+        }
+        let known = known_in(target);
+        let unknown: Vec<_> = layers
+            .iter()
+            .filter(|(digest, _)| !from_here && !known.contains(*digest))
+            .collect();
+        let started = std::time::Instant::now();
+        let mut missing = Vec::new();
+        for chunk in unknown.chunks(BLOB_CHECKS) {
+            let there = futures::future::try_join_all(
+                chunk
+                    .iter()
+                    .map(|(digest, _)| self.has_blob(target, digest)),
+            )
+            .await?;
+            missing.extend(
+                chunk
+                    .iter()
+                    .zip(there)
+                    .filter(|(_, there)| !there)
+                    .map(|(layer, _)| **layer),
+            );
+        }
+        info!(
+            layers = layers.len(),
+            asked = unknown.len(),
+            missing = missing.len(),
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "base layers checked"
+        );
+        for chunk in missing.chunks(BLOB_UPLOADS) {
+            futures::future::try_join_all(chunk.iter().map(|(digest, size)| {
+                self.upload_base_layer(ctrd, target, base_image, digest, *size)
+            }))
+            .await?;
+        }
+        remember(target, layers.iter().map(|(d, _)| *d));
+        Ok(())
+    }
+}
+
+/// Existence checks in flight at once (HEAD requests, small).
+const BLOB_CHECKS: usize = 16;
+/// Base layer uploads at once.
+const BLOB_UPLOADS: usize = 3;
+
+/// Blobs this sidecar knows its repository has (one sidecar per desktop: it
+/// pushes to one repository), so the next snapshot does not ask again.
+static KNOWN: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>> =
+    std::sync::Mutex::new(BTreeMap::new());
+
+fn repository_key(target: &Reference) -> String {
+    format!("{}/{}", target.resolve_registry(), target.repository())
+}
+
+fn known_in(target: &Reference) -> BTreeSet<String> {
+    KNOWN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .get(&repository_key(target))
+        .cloned()
+        .unwrap_or_default()
+}
+
+fn remember<'a>(target: &Reference, digests: impl IntoIterator<Item = &'a str>) {
+    KNOWN
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .entry(repository_key(target))
+        .or_default()
+        .extend(digests.into_iter().map(str::to_string));
 }
 
 /// What a manifest DELETE came to.

@@ -8,6 +8,7 @@ use crate::{
     find::{self, Identity},
     image,
     layer::NewLayer,
+    lineage,
     metrics::Metrics,
     prune,
     push::Registry,
@@ -17,7 +18,7 @@ use crate::{
 };
 use anyhow::{Context, Result};
 use containerd_client::services::v1::Container;
-use snapshot_tags::retention::Policy;
+use snapshot_tags::{provenance, retention::Policy};
 use std::time::{Instant, SystemTime};
 use tracing::{error, info, warn};
 
@@ -144,6 +145,8 @@ async fn generate_and_push(
 ) -> Result<Made> {
     let started = Instant::now();
     let mut base = image::base(ctrd, &container.image).await?;
+    let mut provenance =
+        lineage::of(ctrd, &container.image, &base, config.base_image.as_deref()).await;
     let scope = if image::layer_count(&base) + 1 > config.max_layers as usize {
         info!(
             layers = image::layer_count(&base),
@@ -151,6 +154,8 @@ async fn generate_and_push(
             "layer limit reached: squashing the desktop into one layer"
         );
         base = image::squashed(&base);
+        // one layer holds everything: it sits on nothing
+        provenance = None;
         commit::Scope::Everything
     } else {
         commit::Scope::Changes
@@ -185,6 +190,10 @@ async fn generate_and_push(
 
     step(Step::PushImage);
     let created = humantime::format_rfc3339_seconds(now).to_string();
+    let annotations = match &provenance {
+        Some(p) => p.annotations(&config.user, &tag, &created),
+        None => provenance::unsourced(&config.user, &tag, &created),
+    };
     let (source, diff_id) = (layer.source, layer.diff_id.clone());
     let digest = registry
         .push(
@@ -195,6 +204,7 @@ async fn generate_and_push(
             layer,
             config.compression,
             &created,
+            &annotations,
         )
         .await?;
     let policy = Policy {

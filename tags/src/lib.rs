@@ -14,6 +14,7 @@ use std::{
     time::{SystemTime, UNIX_EPOCH},
 };
 
+pub mod provenance;
 pub mod retention;
 
 /// The tag of a snapshot taken at `now`: `<prefix>-<epoch nanoseconds>`.

@@ -5,6 +5,7 @@ use crate::{ports, token::TokenService};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use oci_client::{client::ClientConfig, secrets::RegistryAuth, Client, Reference};
+use serde_json::Value;
 use snapshot_certs::Authority;
 use std::{
     path::{Path, PathBuf},
@@ -329,6 +330,38 @@ impl Registry {
                 .with_context(|| format!("tagging {tag}"))?;
         }
         Ok(())
+    }
+
+    /// The manifest of `repo:tag` and its image config, as JSON; panics when
+    /// either cannot be read.
+    pub async fn manifest_and_config(&self, repo: &str, tag: &str) -> (Value, Value) {
+        let reference = Reference::with_tag(self.host.clone(), repo.to_string(), tag.to_string());
+        let auth = RegistryAuth::Basic(USER.into(), PASSWORD.into());
+        let client = self.oci_client();
+        let (bytes, _) = client
+            .pull_manifest_raw(
+                &reference,
+                &auth,
+                &[
+                    "application/vnd.oci.image.manifest.v1+json",
+                    "application/vnd.docker.distribution.manifest.v2+json",
+                ],
+            )
+            .await
+            .unwrap_or_else(|e| panic!("the manifest of {repo}:{tag}: {e}"));
+        let manifest: Value = serde_json::from_slice(&bytes).expect("a JSON manifest");
+        let digest = manifest["config"]["digest"]
+            .as_str()
+            .expect("a config digest");
+        let mut config = Vec::new();
+        client
+            .pull_blob(&reference, digest, &mut config)
+            .await
+            .unwrap_or_else(|e| panic!("the config of {repo}:{tag}: {e}"));
+        (
+            manifest,
+            serde_json::from_slice(&config).expect("a JSON config"),
+        )
     }
 
     /// The tags of `repo` as the registry lists them (none when it has no

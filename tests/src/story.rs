@@ -328,6 +328,28 @@ impl Node {
         }
     }
 
+    /// The repository path (no host) `desktop`'s snapshots go to.
+    pub fn repository_path(desktop: &Desktop) -> &str {
+        desktop
+            .repository
+            .split_once('/')
+            .map(|(_, path)| path)
+            .expect("a repository path")
+    }
+
+    /// `desktop`'s user's snapshot tags in the registry, oldest first.
+    pub async fn tags(&self, desktop: &Desktop) -> Vec<String> {
+        let mut tags: Vec<String> = self
+            .registry
+            .tags(Self::repository_path(desktop))
+            .await
+            .into_iter()
+            .filter(|t| snapshot_tags::owned_by(t, &desktop.tag_prefix).is_some())
+            .collect();
+        tags.sort_by_key(|t| t.rsplit('-').next().and_then(|n| n.parse::<u128>().ok()));
+        tags
+    }
+
     /// The user logs off: the container is removed.
     pub async fn logoff(&self, desktop: Desktop) {
         self.containerd.remove(&desktop.container).await;

@@ -28,20 +28,7 @@ async fn read(node: &Node, desktop: &Desktop, path: &str) -> String {
 }
 
 async fn tags(node: &Node, desktop: &Desktop) -> Vec<String> {
-    let repo = desktop
-        .repository
-        .split_once('/')
-        .map(|(_, path)| path.to_string())
-        .expect("a repository path");
-    let mut tags: Vec<String> = node
-        .registry
-        .tags(&repo)
-        .await
-        .into_iter()
-        .filter(|t| snapshot_tags::owned_by(t, &desktop.tag_prefix).is_some())
-        .collect();
-    tags.sort();
-    tags
+    node.tags(desktop).await
 }
 
 /// The hook's answer; panics unless it came.

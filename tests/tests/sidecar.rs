@@ -630,3 +630,31 @@ async fn without_cap_sys_admin_the_layer_comes_from_the_diff_service() {
     sidecar.stop().await;
     s.containerd.stop().await;
 }
+
+#[tokio::test]
+async fn base_layers_are_asked_about_together_and_once() {
+    let s = Setup::new().await;
+    let sidecar = Sidecar::start(s.target()).await;
+    sidecar.snapshot().await;
+    s.containerd.exec("desk-a", "echo 2 > /root/again").await;
+    sidecar.snapshot().await;
+    let asked: Vec<(u64, u64)> = sidecar
+        .log()
+        .lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .filter(|l| l["message"] == "base layers checked")
+        .map(|l| {
+            (
+                l["layers"].as_u64().unwrap_or(0),
+                l["asked"].as_u64().unwrap_or(99),
+            )
+        })
+        .collect();
+    assert_eq!(asked.len(), 2, "{}", sidecar.log());
+    let (layers, first) = asked[0];
+    assert!(
+        layers >= 1 && first == layers,
+        "the first push asks about each base layer: {asked:?}"
+    );
+    assert_eq!(asked[1].1, 0, "the second knows them: {asked:?}");
+}

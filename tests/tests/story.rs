@@ -190,3 +190,67 @@ async fn a_namespace_without_the_registry_secret_still_starts_desktops() {
     node.logoff(desktop).await;
     node.stop().await;
 }
+
+#[tokio::test]
+async fn every_snapshot_says_what_it_sits_on_and_keeps_the_base_layers() {
+    use snapshot_tags::provenance::{BASE_DIGEST, BASE_NAME, FIRST_USER_LAYER, USER};
+    let node = Node::start(&[]).await;
+    let alice = node.login("alice").await;
+    node.containerd
+        .exec(&alice.container, "echo 1 > /root/version")
+        .await;
+    node.snapshot(&alice, &[]).await;
+    let repo = Node::repository_path(&alice).to_string();
+    let first_tag = node.tags(&alice).await.pop().expect("a snapshot");
+    let (m1, c1) = node.registry.manifest_and_config(&repo, &first_tag).await;
+    let a1 = &m1["annotations"];
+    assert_eq!(a1[BASE_NAME], harness::containerd::BASE_IMAGE, "{m1}");
+    assert_eq!(a1[USER], "alice");
+    assert!(
+        a1[BASE_DIGEST]
+            .as_str()
+            .is_some_and(|d| d.starts_with("sha256:")),
+        "{m1}"
+    );
+    let first: usize = a1[FIRST_USER_LAYER]
+        .as_str()
+        .and_then(|n| n.parse().ok())
+        .expect("the first user layer");
+    let layers = |m: &serde_json::Value| m["layers"].as_array().cloned().unwrap_or_default();
+    assert_eq!(
+        layers(&m1).len(),
+        first + 1,
+        "the base's layers, then the user's"
+    );
+    let marks = |c: &serde_json::Value| {
+        c["history"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter(|h| h["comment"] == "desktop-snapshot: the user's changes")
+            .count()
+    };
+    assert_eq!(marks(&c1), 1);
+    node.logoff(alice).await;
+
+    // restored, changed, snapshotted again: the same provenance, one more user layer
+    let again = node.login("alice").await;
+    node.containerd
+        .exec(&again.container, "echo 2 > /root/version")
+        .await;
+    node.snapshot(&again, &[]).await;
+    let second_tag = node.tags(&again).await.pop().expect("a snapshot");
+    assert_ne!(first_tag, second_tag);
+    let (m2, c2) = node.registry.manifest_and_config(&repo, &second_tag).await;
+    for key in [BASE_NAME, BASE_DIGEST, FIRST_USER_LAYER, USER] {
+        assert_eq!(m2["annotations"][key], a1[key], "{key}");
+    }
+    assert_eq!(layers(&m2).len(), first + 2);
+    assert_eq!(
+        layers(&m2)[..=first],
+        layers(&m1)[..],
+        "earlier layers unchanged, byte for byte"
+    );
+    assert_eq!(marks(&c2), 2);
+    node.stop().await;
+}

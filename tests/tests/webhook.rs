@@ -1376,3 +1376,53 @@ async fn a_request_whose_budget_is_gone_starts_no_lookup() {
         "nothing was asked of the registry"
     );
 }
+
+#[tokio::test]
+async fn a_slow_registry_gets_no_more_lookups_than_the_cap() {
+    let bad = BadRegistry::start(Misbehaviour::Slow(Duration::from_secs(3))).await;
+    let webhook = Webhook::start(
+        RegistryAccess {
+            host: &bad.host,
+            ca: Some(&bad.ca_path()),
+            credentials: None,
+        },
+        &["--lookup-timeout", "300ms", "--registry-max-in-flight", "2"],
+    )
+    .await;
+    let before = webhook
+        .metric("snapshot_webhook_registry_requests_total")
+        .await;
+    let started = Instant::now();
+    let answers = futures::future::join_all((0..12).map(|n| {
+        let webhook = &webhook;
+        async move { login(webhook, &format!("user{n}")).await }
+    }))
+    .await;
+    let took = started.elapsed();
+    assert!(
+        took < Duration::from_millis(2000),
+        "answered after {took:?}"
+    );
+    for (answer, patched) in &answers {
+        assert!(allowed(answer));
+        assert!(
+            sidecar_of(patched).is_some(),
+            "fail-open: the sidecar is injected"
+        );
+    }
+    let sent = webhook
+        .metric("snapshot_webhook_registry_requests_total")
+        .await
+        - before;
+    // two lookups at a time, each a tags/list (and perhaps a /v2/ probe first)
+    assert!(
+        (1.0..=4.0).contains(&sent),
+        "{sent} requests went to a registry that answers in 3 s, for 12 logins"
+    );
+    assert_eq!(
+        webhook
+            .metric("snapshot_webhook_admissions_total{outcome=\"registry_error\"}")
+            .await,
+        12.0
+    );
+}

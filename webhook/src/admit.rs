@@ -78,13 +78,7 @@ impl Admitter {
             return response.deny(why);
         }
         let Some(pod) = pod else { return response };
-        let response = match patch::build(
-            &pod,
-            action.container,
-            &action.original_image,
-            &resolution,
-            &self.sidecar,
-        ) {
+        let response = match patch::build(&pod, &action, &resolution, &self.sidecar) {
             Ok(p) if p.0.is_empty() => response,
             Ok(p) => match response.clone().with_patch(p) {
                 Ok(r) => r,

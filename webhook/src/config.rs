@@ -108,6 +108,16 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_WEBHOOK_LOOKUP_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub lookup_timeout: Duration,
 
+    /// Most lookups at the registry at once; a lookup past it waits for its
+    /// turn within `--lookup-timeout`, then fails open having sent nothing,
+    /// so a slow registry is not buried under requests nobody waits for.
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_REGISTRY_MAX_IN_FLIGHT",
+        default_value_t = 64
+    )]
+    pub registry_max_in_flight: usize,
+
     /// Pin the restored image by digest (`repo:tag@sha256:…`), one more registry request.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_PIN_DIGEST", default_value_t = false)]
     pub pin_digest: bool,

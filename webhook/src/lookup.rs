@@ -8,6 +8,12 @@
 //! user never gets an older snapshot than the one pushed before logging in.
 //! The moka caches hold the in-flight lookups (coalescing) and the digests of
 //! snapshot tags, which are written once and never moved.
+//!
+//! At most `max_in_flight` requests are at the registry at once: a lookup
+//! waits for its turn within its deadline and, past it, fails open without
+//! having sent anything. A registry slower than the deadline is not buried
+//! under requests that nobody will wait for (it finishes a request whose
+//! client has gone), and recovers once the load drops.
 
 pub use crate::registry::{ErrorKind, LookupError};
 use crate::{
@@ -27,11 +33,55 @@ pub struct Lookup {
     in_flight: moka::future::Cache<Target, Shared<Option<Snapshot>>>,
     digests: moka::future::Cache<String, String>,
     metrics: Arc<Metrics>,
+    turns: Arc<tokio::sync::Semaphore>,
+}
+
+/// How long a request keeps its turn at the registry after its admission
+/// has stopped waiting for it (a registry that never answers).
+const REGISTRY_ANSWER_LIMIT: Duration = Duration::from_secs(30);
+
+/// Runs `request` in its turn among the requests at the registry. The request
+/// is its own task, holding its turn until the registry answers (or
+/// [`REGISTRY_ANSWER_LIMIT`]): an admission that stops waiting does not
+/// hand its turn to the next while the registry still works on its request.
+async fn at_the_registry<T: Send + 'static>(
+    turns: Arc<tokio::sync::Semaphore>,
+    request: impl std::future::Future<Output = Result<T, LookupError>> + Send + 'static,
+) -> Result<T, LookupError> {
+    let turn = turns
+        .acquire_owned()
+        .await
+        .map_err(|e| LookupError::new(ErrorKind::Other, e.to_string()))?;
+    let task = tokio::spawn(async move {
+        let answer = timeout(REGISTRY_ANSWER_LIMIT, request).await;
+        drop(turn);
+        answer.unwrap_or_else(|_| {
+            Err(LookupError::new(
+                ErrorKind::Timeout,
+                format!(
+                    "no answer within {}",
+                    humantime::format_duration(REGISTRY_ANSWER_LIMIT)
+                ),
+            ))
+        })
+    });
+    task.await.unwrap_or_else(|e| {
+        Err(LookupError::new(
+            ErrorKind::Other,
+            format!("lookup task: {e}"),
+        ))
+    })
 }
 
 impl Lookup {
-    pub fn new(registry: Arc<Registry>, deadline: Duration, metrics: Arc<Metrics>) -> Self {
+    pub fn new(
+        registry: Arc<Registry>,
+        deadline: Duration,
+        max_in_flight: usize,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         Self {
+            turns: Arc::new(tokio::sync::Semaphore::new(max_in_flight.max(1))),
             registry,
             deadline,
             in_flight: moka::future::Cache::builder().max_capacity(100_000).build(),
@@ -78,13 +128,14 @@ impl Lookup {
     }
 
     async fn newest_shared(&self, target: &Target) -> Shared<Option<Snapshot>> {
-        let registry = self.registry.clone();
+        let (registry, turns) = (self.registry.clone(), self.turns.clone());
         let t = target.clone();
         let entry = self
             .in_flight
             .entry(target.clone())
             .or_insert_with(async move {
-                let tags = registry.tags(&t.path).await;
+                let path = t.path.clone();
+                let tags = at_the_registry(turns, async move { registry.tags(&path).await }).await;
                 Arc::new(tags.map(|list| {
                     tag::newest(list.iter().flatten().map(String::as_str), &t.tag_prefix)
                 }))
@@ -109,7 +160,12 @@ impl Lookup {
         }
         self.metrics.cache_miss.inc();
         let started = Instant::now();
-        let result = match timeout(self.deadline, self.registry.digest(&target.path, tag)).await {
+        let (registry, path, tag_owned) =
+            (self.registry.clone(), target.path.clone(), tag.to_string());
+        let asked = at_the_registry(self.turns.clone(), async move {
+            registry.digest(&path, &tag_owned).await
+        });
+        let result = match timeout(self.deadline, asked).await {
             Ok(r) => r,
             Err(_) => Err(self.timed_out()),
         };

@@ -80,7 +80,12 @@ async fn run(config: Config) -> Result<()> {
         keep_min_age: config.sidecar_keep_min_age,
         logoff_grace_period: config.logoff_grace_period,
     };
-    let lookup = Lookup::new(registry.clone(), config.lookup_timeout, metrics.clone());
+    let lookup = Lookup::new(
+        registry.clone(),
+        config.lookup_timeout,
+        config.registry_max_in_flight,
+        metrics.clone(),
+    );
     lookup.warm_up().await;
     snapshot_webhook::target::warm_up();
     let admitter = Admitter {

@@ -4,7 +4,7 @@
 //! already-patched pod again yields an empty patch (reinvocation-safe).
 
 use crate::{
-    decision::{Resolution, ANNOTATION_STATUS},
+    decision::{Action, Resolution, ANNOTATION_STATUS},
     sidecar::SidecarSpec,
 };
 use json_patch::{
@@ -14,14 +14,14 @@ use k8s_openapi::api::core::v1::Pod;
 use serde::Serialize;
 use serde_json::{json, Value};
 
-/// Builds the patch for `pod`; `container` is the graphical container's index.
+/// Builds the patch for `pod`, as `action` planned and `resolution` decided.
 pub fn build(
     pod: &Pod,
-    container: usize,
-    original_image: &str,
+    action: &Action,
     resolution: &Resolution,
     sidecar: &SidecarSpec,
 ) -> Result<Patch, serde_json::Error> {
+    let (container, original_image) = (action.container, action.original_image.as_str());
     let mut ops = Vec::new();
     let spec = pod.spec.as_ref();
 
@@ -95,7 +95,8 @@ pub fn build(
         } else {
             "containers"
         };
-        let container = to_value(&sidecar.container(target, original_image, logoff_grace))?;
+        let container =
+            to_value(&sidecar.container(target, &action.user, original_image, logoff_grace))?;
         match named {
             Some((_, _, true)) => {}
             Some((found_in, index, false)) if found_in == list => {
@@ -260,14 +261,7 @@ mod tests {
             panic!()
         };
         let r = decision::resolve(&action, found);
-        let patch = build(
-            pod,
-            action.container,
-            &action.original_image,
-            &r,
-            &spec(native),
-        )
-        .unwrap();
+        let patch = build(pod, &action, &r, &spec(native)).unwrap();
         let mut doc = serde_json::to_value(pod).unwrap();
         json_patch::patch(&mut doc, &patch).unwrap();
         (serde_json::from_value(doc).unwrap(), patch.0.len())
@@ -310,6 +304,7 @@ mod tests {
             Some("reg:5000/abcdesktopio/oc.user")
         );
         assert_eq!(get("SNAPSHOT_TAG_PREFIX").as_deref(), Some("alice"));
+        assert_eq!(get("SNAPSHOT_USER").as_deref(), Some("alice"));
         assert_eq!(
             s.volumes.as_ref().unwrap().len(),
             5,
@@ -524,7 +519,7 @@ mod tests {
 
     #[test]
     fn no_credential_in_env_or_args() {
-        let c = spec(false).container(&decision_target(), "img", Some(300));
+        let c = spec(false).container(&decision_target(), "alice", "img", Some(300));
         let text = serde_json::to_string(&c).unwrap();
         assert!(!text.contains("password") && c.args.is_none() && c.command.is_none());
     }
@@ -532,7 +527,7 @@ mod tests {
     #[test]
     fn the_cpu_limit_is_left_out_unless_configured() {
         let quantity = |spec: &SidecarSpec, which: &str| {
-            let c = spec.container(&decision_target(), "img", None);
+            let c = spec.container(&decision_target(), "alice", "img", None);
             let r = c.resources.unwrap();
             let side = if which == "request" {
                 r.requests

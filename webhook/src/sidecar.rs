@@ -80,11 +80,12 @@ pub fn is_ours(container: &Container) -> bool {
 pub const WORK_HEADROOM_BYTES: u64 = 256 << 20;
 
 impl SidecarSpec {
-    /// The sidecar container for one desktop pod; `logoff_grace_seconds`: the
+    /// The sidecar container for `user`'s desktop pod; `logoff_grace_seconds`: the
     /// pod's grace period, when the desktop is snapshotted at logoff.
     pub fn container(
         &self,
         target: &Target,
+        user: &str,
         original_image: &str,
         logoff_grace_seconds: Option<i64>,
     ) -> Container {
@@ -131,6 +132,7 @@ impl SidecarSpec {
                     plain("SNAPSHOT_REPOSITORY", &target.repository()),
                     plain("SNAPSHOT_TAG_PREFIX", &target.tag_prefix),
                     plain("SNAPSHOT_BASE_IMAGE", original_image),
+                    plain("SNAPSHOT_USER", user),
                     plain(
                         "SNAPSHOT_REGISTRY_PROTOCOL",
                         self.registry_protocol.as_str(),

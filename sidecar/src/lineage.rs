@@ -1,0 +1,58 @@
+//! What the container's image sits on: the provenance the next snapshot
+//! carries (`snapshot_tags::provenance`). From the image's own annotations
+//! (a snapshot made by this version), else the image is the base itself (a
+//! fresh desktop), else a snapshot made before provenance existed, whose
+//! layers beyond the base image's are the user's (the base looked up in the
+//! node's containerd).
+
+use crate::{ctrd::Ctrd, image};
+use oci_client::Reference;
+use snapshot_tags::provenance::Provenance;
+use tracing::info;
+
+/// The provenance of `image` (the container's image, named `image_name` in
+/// containerd), whose pod named `base_name` as its graphical image.
+pub async fn of(
+    ctrd: &Ctrd,
+    image_name: &str,
+    image: &image::Base,
+    base_name: Option<&str>,
+) -> Option<Provenance> {
+    if let Some(p) = Provenance::read(&image.annotations()) {
+        return Some(p);
+    }
+    let base_name = base_name.filter(|b| !b.is_empty())?;
+    let base_ref: Reference = base_name.parse().ok()?;
+    if image_name
+        .parse::<Reference>()
+        .is_ok_and(|r| r.whole() == base_ref.whole())
+    {
+        return Some(Provenance {
+            base_name: base_name.to_string(),
+            base_digest: Some(image.digest.clone()),
+            first_user_layer: image::layer_count(image),
+        });
+    }
+    match image::base(ctrd, &base_ref.whole()).await {
+        Ok(base) => {
+            let found = Provenance::legacy(
+                base_name,
+                Some(&base.digest),
+                &base.layer_digests(),
+                &image.layer_digests(),
+            );
+            if found.is_none() {
+                info!(
+                    image = image_name,
+                    base = base_name,
+                    "the image does not sit on the pod's base image: its provenance is unknown"
+                );
+            }
+            found
+        }
+        Err(e) => {
+            info!(image = image_name, base = base_name, reason = %format!("{e:#}"), "the base image is not on the node: the snapshot's provenance is unknown");
+            None
+        }
+    }
+}
