@@ -276,11 +276,11 @@ pub async fn compress_stored(
 }
 
 /// Where an uncompressed layer is written: hashed (its diff_id), compressed, spooled.
-type Sink = Hashing<Encoder<BufWriter<SpoolWriter>>>;
+pub(crate) type Sink = Hashing<Encoder<BufWriter<SpoolWriter>>>;
 
 /// Runs `produce` (which writes an uncompressed tar) into the compressor and the
 /// spool; the layer's diff_id, compressed digest and size.
-fn compress_into(
+pub(crate) fn compress_into(
     writer: SpoolWriter,
     compression: Compression,
     produce: impl FnOnce(Sink) -> Result<Sink>,

@@ -204,6 +204,29 @@ pub fn squashed(base: &Base) -> Base {
     }
 }
 
+/// The image below its user's layers: its first `first` layers, and the
+/// config without the user layers' diff_ids and history entries (those this
+/// project wrote, `created_by: desktop-snapshot`). What a squash that keeps
+/// the base builds on.
+pub fn below(image: &Base, first: usize) -> Base {
+    let mut manifest = image.manifest.clone();
+    if let Some(layers) = manifest["layers"].as_array_mut() {
+        layers.truncate(first);
+    }
+    let mut config = image.config.clone();
+    if let Some(ids) = config["rootfs"]["diff_ids"].as_array_mut() {
+        ids.truncate(first);
+    }
+    if let Some(history) = config["history"].as_array_mut() {
+        history.retain(|h| h["created_by"] != "desktop-snapshot");
+    }
+    Base {
+        digest: image.digest.clone(),
+        manifest,
+        config,
+    }
+}
+
 /// How many layers the base has.
 pub fn layer_count(base: &Base) -> usize {
     base.manifest["layers"]
@@ -278,6 +301,19 @@ mod tests {
         let c = next_config(&squashed.config, "sha256:all", "2026-11-23T00:00:00Z");
         assert_eq!(c["rootfs"]["diff_ids"], json!(["sha256:all"]));
         assert_eq!(c["history"].as_array().unwrap().len(), 1);
+        let two = Base {
+            digest: "sha256:m".into(),
+            manifest: m.clone(),
+            config: c.clone(),
+        };
+        let below = below(&two, 0);
+        assert_eq!(layer_count(&below), 0);
+        assert_eq!(below.config["rootfs"]["diff_ids"], json!([]));
+        assert_eq!(
+            below.config["history"],
+            json!([]),
+            "the user's history goes"
+        );
         let docker = json!({"mediaType": DOCKER_MANIFEST, "layers": []});
         let m = next_manifest(
             &docker,

@@ -37,7 +37,7 @@ impl Default for Metrics {
         let layers = Family::<SourceLabel, Counter>::default();
         registry.register(
             "layers",
-            "Snapshot layers pushed, by where they were read (upperdir, diff-service)",
+            "Snapshot layers pushed, by where they were read (upperdir, diff-service; merge: the user's layers merged above the base)",
             layers.clone(),
         );
         let duration = Histogram::new([0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]);

@@ -13,7 +13,7 @@ use crate::{
     prune,
     push::Registry,
     session::{Sessions, Step, Trigger},
-    tag,
+    squash, tag,
     upper::{self, Capabilities, Unsupported, Upper},
 };
 use anyhow::{Context, Result};
@@ -147,11 +147,19 @@ async fn generate_and_push(
     let mut base = image::base(ctrd, &container.image).await?;
     let mut provenance =
         lineage::of(ctrd, &container.image, &base, config.base_image.as_deref()).await;
-    let scope = if image::layer_count(&base) + 1 > config.max_layers as usize {
+    let layers = image::layer_count(&base);
+    let over_limit = layers + 1 > config.max_layers as usize;
+    // past the limit, the user's layers are merged above the base when the
+    // base's layers are known and leave room for one more
+    let keep_base = provenance
+        .as_ref()
+        .map(|p| p.first_user_layer)
+        .filter(|first| over_limit && *first < layers && *first < config.max_layers as usize);
+    let scope = if over_limit && keep_base.is_none() {
         info!(
-            layers = image::layer_count(&base),
+            layers,
             max = config.max_layers,
-            "layer limit reached: squashing the desktop into one layer"
+            "layer limit reached, the base's layers unknown: squashing the whole desktop into one layer"
         );
         base = image::squashed(&base);
         // one layer holds everything: it sits on nothing
@@ -171,6 +179,20 @@ async fn generate_and_push(
             return Ok(Made::Unchanged);
         }
     }
+    let layer = match keep_base {
+        Some(first) => {
+            info!(
+                layers,
+                max = config.max_layers,
+                base_layers = first,
+                "layer limit reached: merging the user's layers into one above the base"
+            );
+            let merged = squash::merged(ctrd, &base, first, layer, config).await?;
+            base = image::below(&base, first);
+            merged
+        }
+        None => layer,
+    };
 
     step(Step::LoginRegistry);
     let now = SystemTime::now();

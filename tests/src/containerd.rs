@@ -404,6 +404,20 @@ impl Containerd {
             .retain(|c| c != id);
     }
 
+    /// What a desktop holds where users work (`/etc`, `/opt`, `/root`): every
+    /// path with its type, mode, owner and size; files' link counts and
+    /// checksums (a directory's link count is overlay's business: a merged
+    /// directory always says 1). Two desktops with the same tree hold the same
+    /// files.
+    pub async fn tree(&self, id: &str) -> String {
+        self.exec(
+            id,
+            "cd / && for f in $(find etc opt root | sort); do stat -c '%n %F %a %u:%g %s' $f; \
+             if [ -f $f ] && [ ! -L $f ]; then stat -c 'links %h' $f; md5sum $f; fi; done",
+        )
+        .await
+    }
+
     /// Sends `signal` (e.g. "SIGTERM") to a container's task.
     pub async fn signal(&self, id: &str, signal: &str) {
         let _ = self.ctr(&["tasks", "kill", "-s", signal, id]).await;

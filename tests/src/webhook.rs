@@ -227,6 +227,27 @@ impl Webhook {
             .unwrap_or(0.0)
     }
 
+    /// Its `admission_duration_seconds` histogram, as it stands now.
+    pub async fn admission_histogram(&self) -> Histogram {
+        Histogram(
+            self.metrics()
+                .await
+                .lines()
+                .filter_map(|l| {
+                    let rest =
+                        l.strip_prefix("snapshot_webhook_admission_duration_seconds_bucket{le=\"")?;
+                    let (le, count) = rest.split_once("\"} ")?;
+                    let le = if le == "+Inf" {
+                        f64::INFINITY
+                    } else {
+                        le.parse().ok()?
+                    };
+                    Some((le, count.trim().parse().ok()?))
+                })
+                .collect(),
+        )
+    }
+
     /// Replaces the serving certificate on disk (atomically, as kubelet does with
     /// secret volumes): signed by the same CA, or by a new one. Returns the CA in force.
     pub fn rotate_cert(&mut self, new_ca: bool) -> String {
@@ -319,4 +340,53 @@ pub fn client_trusting(ca_pem: &str) -> reqwest::Client {
         .timeout(Duration::from_secs(10))
         .build()
         .expect("HTTPS client")
+}
+
+/// The webhook's own admission times: (bucket bound in seconds, cumulative
+/// count), as Prometheus exposes a histogram.
+#[derive(Debug, Clone, Default)]
+pub struct Histogram(pub Vec<(f64, f64)>);
+
+impl Histogram {
+    /// What was observed since `before`.
+    pub fn since(&self, before: &Histogram) -> Histogram {
+        Histogram(
+            self.0
+                .iter()
+                .map(|(le, n)| {
+                    let was = before
+                        .0
+                        .iter()
+                        .find(|(b, _)| b == le)
+                        .map(|(_, c)| *c)
+                        .unwrap_or(0.0);
+                    (*le, n - was)
+                })
+                .collect(),
+        )
+    }
+
+    /// How many admissions it counts.
+    pub fn total(&self) -> f64 {
+        self.0.last().map(|(_, n)| *n).unwrap_or(0.0)
+    }
+
+    /// How many took longer than `bound` seconds; `None` when no bucket ends there.
+    pub fn over(&self, bound: f64) -> Option<f64> {
+        self.0
+            .iter()
+            .find(|(le, _)| *le == bound)
+            .map(|(_, n)| self.total() - n)
+    }
+
+    /// "<= N ms": the bucket bound under which 99 % of them were answered.
+    pub fn p99(&self) -> String {
+        let total = self.total();
+        match self.0.iter().find(|(_, n)| *n >= total * 0.99) {
+            _ if total == 0.0 => "-".to_string(),
+            Some((le, _)) if le.is_finite() => format!("<= {:.0} ms", le * 1000.0),
+            Some(_) => "> 5000 ms".to_string(),
+            None => "-".to_string(),
+        }
+    }
 }

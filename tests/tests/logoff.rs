@@ -27,10 +27,6 @@ async fn read(node: &Node, desktop: &Desktop, path: &str) -> String {
         .to_string()
 }
 
-async fn tags(node: &Node, desktop: &Desktop) -> Vec<String> {
-    node.tags(desktop).await
-}
-
 /// The hook's answer; panics unless it came.
 fn hook(deleted: &Deleted) -> (u16, Value) {
     match &deleted.hook {
@@ -40,6 +36,17 @@ fn hook(deleted: &Deleted) -> (u16, Value) {
             deleted.sidecar_log
         ),
     }
+}
+
+/// The logoff found nothing new to push, and the pod stopped in time.
+fn nothing_new(deleted: &Deleted) {
+    let (status, body) = hook(deleted);
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(
+        body["message"], "nothing changed since the last snapshot: no new tag",
+        "{body}"
+    );
+    stopped_in_time(deleted);
 }
 
 /// Within its grace period, the desktop stopped on SIGTERM and the sidecar on its own.
@@ -79,7 +86,7 @@ async fn a_user_who_logs_off_without_clicking_finds_their_work_at_the_next_login
     write(&node, &alice, "echo morning > /root/morning").await;
     sidecar.snapshot_done().await;
     write(&node, &alice, "echo afternoon > /root/afternoon").await;
-    assert_eq!(tags(&node, &alice).await.len(), 1);
+    assert_eq!(node.tags(&alice).await.len(), 1);
 
     let deleted = node.delete_pod(alice, sidecar).await;
     let (status, body) = hook(&deleted);
@@ -101,11 +108,7 @@ async fn a_user_who_logs_off_without_clicking_finds_their_work_at_the_next_login
     );
 
     let again = node.login("alice").await;
-    assert_eq!(
-        tags(&node, &again).await.len(),
-        2,
-        "the logoff pushed a tag"
-    );
+    assert_eq!(node.tags(&again).await.len(), 2, "the logoff pushed a tag");
     assert_eq!(read(&node, &again, "/root/morning").await, "morning");
     assert_eq!(read(&node, &again, "/root/afternoon").await, "afternoon");
     node.stop().await;
@@ -124,18 +127,11 @@ async fn a_native_sidecar_snapshots_at_logoff_and_nothing_new_adds_no_tag() {
     // a new user who changes nothing: no snapshot
     let bob = node.login("bob").await;
     let sidecar = node.sidecar(&bob, QUICK).await;
-    let deleted = node.delete_pod(bob, sidecar).await;
-    let (status, body) = hook(&deleted);
-    assert_eq!(status, 200, "{body}");
-    assert_eq!(
-        body["message"], "nothing changed since the last snapshot: no new tag",
-        "{body}"
-    );
-    stopped_in_time(&deleted);
+    nothing_new(&node.delete_pod(bob, sidecar).await);
 
     // a change: one tag
     let bob = node.login("bob").await;
-    assert!(tags(&node, &bob).await.is_empty());
+    assert!(node.tags(&bob).await.is_empty());
     write(&node, &bob, "echo 1 > /root/version").await;
     let sidecar = node.sidecar(&bob, QUICK).await;
     let deleted = node.delete_pod(bob, sidecar).await;
@@ -145,31 +141,21 @@ async fn a_native_sidecar_snapshots_at_logoff_and_nothing_new_adds_no_tag() {
     // restored, nothing changed since the restore: no new tag
     let bob = node.login("bob").await;
     assert_eq!(read(&node, &bob, "/root/version").await, "1");
-    let first = tags(&node, &bob).await;
+    let first = node.tags(&bob).await;
     assert_eq!(first.len(), 1);
     let sidecar = node.sidecar(&bob, QUICK).await;
-    let deleted = node.delete_pod(bob, sidecar).await;
-    assert_eq!(
-        hook(&deleted).1["message"],
-        "nothing changed since the last snapshot: no new tag"
-    );
-    stopped_in_time(&deleted);
+    nothing_new(&node.delete_pod(bob, sidecar).await);
 
     // a click, then nothing more before the logoff: the click's tag only
     let bob = node.login("bob").await;
-    assert_eq!(tags(&node, &bob).await, first);
+    assert_eq!(node.tags(&bob).await, first);
     write(&node, &bob, "echo 2 > /root/version").await;
     let sidecar = node.sidecar(&bob, QUICK).await;
     sidecar.snapshot_done().await;
     tokio::time::sleep(Duration::from_secs(1)).await;
-    let deleted = node.delete_pod(bob, sidecar).await;
-    assert_eq!(
-        hook(&deleted).1["message"],
-        "nothing changed since the last snapshot: no new tag"
-    );
-    stopped_in_time(&deleted);
+    nothing_new(&node.delete_pod(bob, sidecar).await);
     let bob = node.login("bob").await;
-    assert_eq!(tags(&node, &bob).await.len(), 2);
+    assert_eq!(node.tags(&bob).await.len(), 2);
     assert_eq!(read(&node, &bob, "/root/version").await, "2");
     node.stop().await;
 }
@@ -181,7 +167,7 @@ async fn a_logoff_while_the_registry_is_down_keeps_the_old_snapshot_newest() {
     let sidecar = node.sidecar(&carol, QUICK).await;
     write(&node, &carol, "echo 1 > /root/version").await;
     sidecar.snapshot_done().await;
-    let before = tags(&node, &carol).await;
+    let before = node.tags(&carol).await;
     write(&node, &carol, "echo 2 > /root/version").await;
     node.registry.stop().await;
 
@@ -202,7 +188,7 @@ async fn a_logoff_while_the_registry_is_down_keeps_the_old_snapshot_newest() {
     node.registry.restart().await;
     let carol = node.login("carol").await;
     assert_eq!(
-        tags(&node, &carol).await,
+        node.tags(&carol).await,
         before,
         "the old snapshot stays the newest"
     );

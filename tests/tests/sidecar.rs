@@ -508,19 +508,6 @@ async fn a_500_in_the_middle_of_a_push_leaves_no_tag() {
     s.containerd.stop().await;
 }
 
-/// What a desktop holds where users work: every path with its type, mode,
-/// owner and size; files' link counts and checksums (a directory's link count
-/// is overlay's business: a merged directory always says 1).
-async fn tree(containerd: &Containerd, id: &str) -> String {
-    containerd
-        .exec(
-            id,
-            "cd / && for f in $(find etc opt root | sort); do stat -c '%n %F %a %u:%g %s' $f; \
-             if [ -f $f ] && [ ! -L $f ]; then stat -c 'links %h' $f; md5sum $f; fi; done",
-        )
-        .await
-}
-
 #[tokio::test]
 async fn the_upper_directory_and_the_diff_service_restore_the_same_desktop() {
     let s = Setup::new().await;
@@ -535,7 +522,7 @@ async fn the_upper_directory_and_the_diff_service_restore_the_same_desktop() {
              rm -rf /opt/base && mkdir /opt/base && echo fresh > /opt/base/fresh",
         )
         .await;
-    let live = tree(&s.containerd, "desk-a").await;
+    let live = s.containerd.tree("desk-a").await;
     assert!(
         live.contains("root/hard regular file 644 1234:4321 10\nlinks 2"),
         "{live}"
@@ -590,7 +577,7 @@ async fn the_upper_directory_and_the_diff_service_restore_the_same_desktop() {
                 "x-graphical",
             )
             .await;
-        let restored = tree(&s.containerd, &id).await;
+        let restored = s.containerd.tree(&id).await;
         assert_eq!(
             restored, live,
             "the desktop restored from the {source} layer"

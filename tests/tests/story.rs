@@ -105,50 +105,87 @@ async fn snapshot_then_immediate_relogin_gets_the_newest() {
     node.stop().await;
 }
 
+/// Seventy days of a desktop under a limit of 16 layers: past it the user's
+/// layers are merged into one above the base, whose layer stays the same,
+/// byte for byte, in every snapshot; every restored desktop holds what the
+/// live one held (whiteouts of base files and of the user's own files, an
+/// opaque directory, carried through the merges).
 #[tokio::test]
-async fn thirty_successive_snapshots_all_restore_and_stay_under_the_layer_limit() {
-    const MAX_LAYERS: &str = "6";
+async fn seventy_successive_snapshots_merge_above_the_base_and_all_restore() {
+    use snapshot_tags::provenance::FIRST_USER_LAYER;
+    const MAX_LAYERS: usize = 16;
+    let max = MAX_LAYERS.to_string();
     let node = Node::start(&[]).await;
     let mut desktop = node.login("dave").await;
-    for round in 1..=30u32 {
-        node.containerd
-            .exec(
-                &desktop.container,
-                &format!("echo {round} > /root/round && echo r{round} > /root/file-{round}"),
-            )
-            .await;
-        node.snapshot(&desktop, &[("SNAPSHOT_MAX_LAYERS", MAX_LAYERS)])
+    let repo = Node::repository_path(&desktop).to_string();
+    let mut base_layer: Option<serde_json::Value> = None;
+    let mut merged = 0;
+    for round in 1..=70u32 {
+        let mut change =
+            format!("echo {round} > /root/round && echo r{round} > /root/file-{round}");
+        if round == 1 {
+            change.push_str(
+                " && rm /etc/base-file-to-delete && echo changed > /etc/base-file-to-change \
+                 && rm -rf /opt/base && mkdir /opt/base && echo mine > /opt/base/new",
+            );
+        }
+        match round {
+            10 => change
+                .push_str(" && rm /root/file-3 && rm -rf /opt/base && mkdir -p /opt/base/again"),
+            // a file of a merged layer, and one of a layer above it
+            40 => change.push_str(" && rm /root/file-5 /root/file-35 && mkdir /root/file-5"),
+            _ => {}
+        }
+        node.containerd.exec(&desktop.container, &change).await;
+        let live = node.containerd.tree(&desktop.container).await;
+        node.snapshot(&desktop, &[("SNAPSHOT_MAX_LAYERS", &max)])
             .await;
         node.logoff(desktop).await;
         desktop = node.login("dave").await;
+        assert_eq!(
+            node.containerd.tree(&desktop.container).await,
+            live,
+            "round {round}: the restored desktop is the live one"
+        );
         let seen = node
             .containerd
-            .exec(
-                &desktop.container,
-                &format!("cat /root/round /root/file-1 /root/file-{round} /etc/os-release"),
-            )
+            .exec(&desktop.container, "cat /root/round /etc/os-release")
             .await;
-        let lines: Vec<&str> = seen.lines().collect();
-        assert_eq!(lines[0], round.to_string(), "round {round}: {seen}");
-        assert_eq!(
-            lines[1], "r1",
-            "round {round}: the first round's file survives squashes"
+        assert!(
+            seen.starts_with(&format!("{round}\n")),
+            "round {round}: {seen}"
         );
-        assert_eq!(lines[2], format!("r{round}"));
         assert!(
             seen.contains("desktop-snapshot test base"),
             "round {round}: the base's files"
         );
-        let path = desktop.repository.split_once('/').unwrap().1.to_string();
+
         let tag = desktop.image.rsplit_once(':').unwrap().1.to_string();
-        let layers = harness::sidecar::layers(&node.registry, &path, &tag)
-            .await
-            .len();
+        let (manifest, _) = node.registry.manifest_and_config(&repo, &tag).await;
+        let layers = manifest["layers"].as_array().cloned().unwrap_or_default();
         assert!(
-            layers <= MAX_LAYERS.parse::<usize>().unwrap(),
-            "round {round}: {layers} layers"
+            layers.len() <= MAX_LAYERS,
+            "round {round}: {} layers",
+            layers.len()
         );
+        assert_eq!(
+            manifest["annotations"][FIRST_USER_LAYER], "1",
+            "round {round}"
+        );
+        let first = base_layer.get_or_insert_with(|| layers[0].clone());
+        assert_eq!(
+            &layers[0], first,
+            "round {round}: the base layer, byte for byte"
+        );
+        if layers.len() == 2 && round > 1 {
+            merged += 1;
+        }
     }
+    // merged at rounds 16, 31, 46 and 61
+    assert_eq!(
+        merged, 4,
+        "the user's layers were merged {merged} times in 70 rounds"
+    );
     node.stop().await;
 }
 

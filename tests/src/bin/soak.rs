@@ -303,7 +303,7 @@ async fn main() {
         ));
         events.sort_by_key(|(at, _)| *at);
         let mut rows: Vec<Row> = Vec::new();
-        let mut before = own_histogram(&webhook).await;
+        let mut before = webhook.admission_histogram().await;
         let mut fail_open_before = fail_open(&webhook).await;
         for (at, event) in events {
             tokio::time::sleep_until(at).await;
@@ -334,9 +334,10 @@ async fn main() {
                         }
                     }
                     let w = std::mem::replace(&mut *shared.window(), Window::new());
-                    let after = own_histogram(&webhook).await;
+                    let after = webhook.admission_histogram().await;
                     let fail_open_after = fail_open(&webhook).await;
-                    let (own, over) = own_p99(&before, &after);
+                    let window = after.since(&before);
+                    let (own, over) = (window.p99(), window.over(BUDGET_SECS).unwrap_or(0.0));
                     let row = Row {
                         webhook_rss: rss_mib(webhook_pid),
                         webhook_fds: fds(webhook_pid),
@@ -383,19 +384,14 @@ async fn main() {
     let mut violations: Vec<String> = Vec::new();
     let (answered, failed, done, snap_failed) =
         *shared.totals.lock().unwrap_or_else(|p| p.into_inner());
-    let final_hist = own_histogram(&webhook).await;
-    let observed = final_hist.last().map(|(_, n)| *n).unwrap_or(0.0);
-    let over_budget = observed
-        - final_hist
-            .iter()
-            .find(|(le, _)| *le == BUDGET_SECS)
-            .map(|(_, n)| *n)
-            .unwrap_or_else(|| {
-                violations.push(format!(
-                    "the webhook's admission histogram has no bucket bound at the budget ({BUDGET_SECS} s): cannot judge it"
-                ));
-                observed
-            });
+    let final_hist = webhook.admission_histogram().await;
+    let observed = final_hist.total();
+    let over_budget = final_hist.over(BUDGET_SECS).unwrap_or_else(|| {
+        violations.push(format!(
+            "the webhook's admission histogram has no bucket bound at the budget ({BUDGET_SECS} s): cannot judge it"
+        ));
+        observed
+    });
     println!();
     println!(
         "admissions: {answered} answered, {failed} not answered; the webhook observed {observed:.0} admissions (warm-up included), {over_budget:.0} over its {BUDGET_SECS} s budget"
@@ -736,58 +732,11 @@ fn first_der(pem: &str) -> Option<Vec<u8>> {
     base64::engine::general_purpose::STANDARD.decode(body).ok()
 }
 
-/// The webhook's `admission_duration_seconds` buckets: (upper bound, count).
-async fn own_histogram(webhook: &Webhook) -> Vec<(f64, f64)> {
-    let text = webhook.metrics().await;
-    text.lines()
-        .filter_map(|l| {
-            let rest =
-                l.strip_prefix("snapshot_webhook_admission_duration_seconds_bucket{le=\"")?;
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect()
-}
-
 /// Admissions answered fail-open because the registry lookup failed.
 async fn fail_open(webhook: &Webhook) -> f64 {
     webhook
         .metric("snapshot_webhook_admissions_total{outcome=\"registry_error\"}")
         .await
-}
-
-/// ("≤ N ms", admissions over the budget) between two readings: the bucket
-/// bound under which 99 % were answered, by the webhook's clock.
-fn own_p99(before: &[(f64, f64)], after: &[(f64, f64)]) -> (String, f64) {
-    let delta: Vec<(f64, f64)> = after
-        .iter()
-        .map(|(le, n)| {
-            let was = before
-                .iter()
-                .find(|(b, _)| b == le)
-                .map(|(_, c)| *c)
-                .unwrap_or(0.0);
-            (*le, n - was)
-        })
-        .collect();
-    let total = delta.last().map(|(_, n)| *n).unwrap_or(0.0);
-    let within = delta
-        .iter()
-        .find(|(le, _)| *le == BUDGET_SECS)
-        .map(|(_, n)| *n)
-        .unwrap_or(total);
-    let p99 = match delta.iter().find(|(_, n)| *n >= total * 0.99) {
-        _ if total == 0.0 => "-".to_string(),
-        Some((le, _)) if le.is_finite() => format!("<= {:.0} ms", le * 1000.0),
-        Some(_) => "> 5000 ms".to_string(),
-        None => "-".to_string(),
-    };
-    (p99, total - within)
 }
 
 /// Every tag of `repo` must name a complete image: the manifest, its config

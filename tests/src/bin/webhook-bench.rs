@@ -90,9 +90,9 @@ async fn slow_registry() {
         .collect();
     let client = webhook.client();
     let url = webhook.url("/mutate");
-    let before = own_histogram(&webhook).await;
+    let before = webhook.admission_histogram().await;
     let latency = open_loop(&client, &url, &bodies, 250).await;
-    let own = own_p99(&before, &own_histogram(&webhook).await);
+    let own = webhook.admission_histogram().await.since(&before).p99();
     println!(
         "{:<44} {:>9} {:>8} {:>8.2} {:>8.2} {:>8.2} {:>10} {:>12}",
         "registry answering in 3 s (budget 2 s)",
@@ -104,46 +104,6 @@ async fn slow_registry() {
         "-",
         own
     );
-}
-
-/// The webhook's `admission_duration_seconds` buckets: (upper bound, count).
-async fn own_histogram(webhook: &Webhook) -> Vec<(f64, f64)> {
-    let text = webhook.metrics().await;
-    text.lines()
-        .filter_map(|l| {
-            let rest =
-                l.strip_prefix("snapshot_webhook_admission_duration_seconds_bucket{le=\"")?;
-            let (le, count) = rest.split_once("\"} ")?;
-            let le = if le == "+Inf" {
-                f64::INFINITY
-            } else {
-                le.parse().ok()?
-            };
-            Some((le, count.trim().parse().ok()?))
-        })
-        .collect()
-}
-
-/// "≤ N ms": the bucket bound under which 99 % of the admissions between the
-/// two readings were answered, measured by the webhook from their arrival.
-fn own_p99(before: &[(f64, f64)], after: &[(f64, f64)]) -> String {
-    let delta: Vec<(f64, f64)> = after
-        .iter()
-        .map(|(le, n)| {
-            let was = before
-                .iter()
-                .find(|(b, _)| b == le)
-                .map(|(_, c)| *c)
-                .unwrap_or(0.0);
-            (*le, n - was)
-        })
-        .collect();
-    let total = delta.last().map(|(_, n)| *n).unwrap_or(0.0);
-    match delta.iter().find(|(_, n)| *n >= total * 0.99) {
-        Some((le, _)) if le.is_finite() => format!("<= {:.0} ms", le * 1000.0),
-        Some(_) => "> 5000 ms".to_string(),
-        None => "-".to_string(),
-    }
 }
 
 /// The workloads against one registry; `all` adds the no-lookup and cold ones.
@@ -215,9 +175,9 @@ async fn run(auth: &str, registry: Registry, all: bool) {
     for w in &workloads {
         let before = counters(&webhook).await;
         let throughput = closed_loop(&client, &url, &w.bodies).await;
-        let own_before = own_histogram(&webhook).await;
+        let own_before = webhook.admission_histogram().await;
         let latency = open_loop(&client, &url, &w.bodies, w.rate).await;
-        let own = own_p99(&own_before, &own_histogram(&webhook).await);
+        let own = webhook.admission_histogram().await.since(&own_before).p99();
         let after = counters(&webhook).await;
         let lookups = after.1 - before.1;
         let per_lookup = if lookups > 0.0 {
