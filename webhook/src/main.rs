@@ -21,6 +21,14 @@ use tracing::{error, info, warn};
 
 #[tokio::main]
 async fn main() {
+    // glibc gives each thread that allocates under contention its own arena
+    // (up to 8 per core) and keeps what each held: a long-running process
+    // whose blocking-pool threads come and go creeps up. Two arenas bound it.
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets an allocator parameter.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     let config = Config::parse();
     telemetry::init(config.log_format);
     if let Err(e) = run(config).await {
@@ -108,6 +116,7 @@ async fn run(config: Config) -> Result<()> {
     let tls_config = certs.load().await?;
     tokio::spawn(certs.watch(tls_config.clone(), config.tls_reload_interval));
     tokio::spawn(reload_credentials(registry, config.tls_reload_interval));
+    tokio::spawn(give_back_memory(Duration::from_secs(30)));
 
     let handle = axum_server::Handle::new();
     tokio::spawn(shutdown_on_signal(handle.clone(), state.clone()));
@@ -137,6 +146,21 @@ async fn reload_credentials(registry: Arc<Registry>, every: Duration) {
             Err(e) => {
                 warn!(error = %format!("{e:#}"), "cannot reload the registry credentials; keeping the ones in use")
             }
+        }
+    }
+}
+
+/// Hands the allocator's free pages back to the system now and then: after a
+/// burst of admissions (connections, requests in flight) glibc keeps the
+/// memory it freed, and the process would stay at its peak.
+async fn give_back_memory(every: Duration) {
+    let mut ticker = tokio::time::interval(every);
+    loop {
+        ticker.tick().await;
+        #[cfg(all(target_os = "linux", target_env = "gnu"))]
+        // SAFETY: malloc_trim only releases free memory of the allocator.
+        unsafe {
+            libc::malloc_trim(0);
         }
     }
 }
