@@ -10,9 +10,10 @@ default:
 deps:
     bash scripts/install-deps.sh
 
-# Build every binary (debug profile, the one the tests use).
+# Build every binary (debug profile, the one the tests use), and the tests' stargz snapshotter (Go, offline).
 build:
     cargo build --workspace --bins --locked
+    bash scripts/build-stargz.sh
 
 # Run the unit and end-to-end tests against real registry and containerd (the story tests run the images).
 test: deps build images manifests-check

@@ -269,7 +269,7 @@ pub async fn compress_stored(
     .await
     .context("the layer writer panicked")??;
     anyhow::ensure!(
-        layer.diff_id == diff_id,
+        layer.change == diff_id,
         "the layer read back from containerd is not {diff_id}"
     );
     Ok(NewLayer::new(layer, reader, "diff-service"))
@@ -288,18 +288,33 @@ pub(crate) fn compress_into(
     let encoder = compression
         .encoder(BufWriter::with_capacity(1 << 20, writer))
         .context("starting the compressor")?;
-    let (diff_id, encoder) = produce(Hashing::new(encoder))?.finish();
-    let spool = encoder
-        .finish()
-        .context("compressing the layer")?
+    let (change, encoder) = produce(Hashing::new(encoder))?.finish();
+    let (buffered, estargz) = encoder.finish().context("compressing the layer")?;
+    let spool = buffered
         .into_inner()
         .map_err(|e| e.into_error())
         .context("writing the layer's spool file")?;
     let (size, digest) = spool.finish();
+    let (diff_id, annotations) = match estargz {
+        Some(done) => {
+            info!(
+                toc_digest = %done.toc_digest,
+                uncompressed_bytes = done.uncompressed_size,
+                prefetched_entries = done.prefetched_entries,
+                prefetched_bytes = done.prefetched_bytes,
+                prefetched_compressed_bytes = done.landmark_offset,
+                "eStargz layer written"
+            );
+            (done.diff_id.clone(), done.annotations())
+        }
+        None => (change.clone(), Default::default()),
+    };
     Ok(Written {
         diff_id,
+        change,
         digest,
         size,
+        annotations,
     })
 }
 

@@ -1,5 +1,6 @@
 //! Every setting of the sidecar, from the env the webhook injects (each also a flag).
 
+use crate::layer::Codec;
 use clap::{Parser, ValueEnum};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -96,10 +97,19 @@ pub struct Config {
     /// layer, so a desktop can be snapshotted any number of times and still start.
     #[arg(long, env = "SNAPSHOT_MAX_LAYERS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=127))]
     pub max_layers: u32,
-    /// Compression of the new layer: `gzip` (every runtime reads it) or `zstd`
-    /// (faster, smaller; containerd >= 1.5).
-    #[arg(long, env = "SNAPSHOT_COMPRESSION", value_enum, default_value_t = crate::layer::Codec::Gzip)]
-    pub compression: crate::layer::Codec,
+    /// Format of the new layer (`--layer-format`, or its legacy spelling
+    /// `--compression`).
+    #[command(flatten)]
+    pub compression: LayerFormat,
+    /// eStargz: paths (relative to `/`, `*` within a name, comma-separated)
+    /// whose entries go before the prefetch landmark, fetched before the
+    /// desktop starts; `none` for no prefetch.
+    #[arg(long, env = "SNAPSHOT_PREFETCH", value_delimiter = ',', default_value = crate::estargz::Prefetch::DEFAULT_PATHS)]
+    pub prefetch: Vec<String>,
+    /// eStargz: most bytes of file data before the prefetch landmark (files
+    /// of at most 1 MiB each, in name order).
+    #[arg(long, env = "SNAPSHOT_PREFETCH_MAX_BYTES", default_value_t = 32 << 20)]
+    pub prefetch_max_bytes: u64,
     /// Threads compressing the layer (default: every core).
     #[arg(long, env = "SNAPSHOT_COMPRESSION_THREADS", default_value_t = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(2))]
     pub compression_threads: usize,
@@ -128,11 +138,89 @@ pub struct Config {
 
 impl Config {
     pub fn compression(&self) -> crate::layer::Compression {
+        let paths = self
+            .prefetch
+            .iter()
+            .map(|p| p.trim().to_string())
+            .filter(|p| !p.is_empty() && p != "none")
+            .collect();
         crate::layer::Compression {
-            codec: self.compression,
+            codec: *self.compression,
             level: self.compression_level,
             threads: self.compression_threads,
+            prefetch: crate::estargz::Prefetch {
+                paths,
+                max_bytes: self.prefetch_max_bytes,
+            },
+            spill_dir: self.work_dir.clone(),
+            spill_limit: self.max_change_bytes,
         }
+    }
+}
+
+/// The new layer's format: `--layer-format` (`SNAPSHOT_LAYER_FORMAT`), or
+/// its legacy spelling `--compression` (`SNAPSHOT_COMPRESSION`); both given
+/// and different is an error. Reads as the [`Codec`] it holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LayerFormat(pub Codec);
+
+impl std::ops::Deref for LayerFormat {
+    type Target = Codec;
+    fn deref(&self) -> &Codec {
+        &self.0
+    }
+}
+
+#[derive(clap::Args, Debug, Clone)]
+struct LayerFormatFlags {
+    /// Format of the new layer: `gzip` (every runtime reads it), `zstd`
+    /// (faster, smaller; containerd >= 1.5) or `estargz` (gzip that the
+    /// stargz snapshotter mounts before it is downloaded). Default `gzip`.
+    #[arg(long = "layer-format", env = "SNAPSHOT_LAYER_FORMAT", value_enum)]
+    layer_format: Option<Codec>,
+    /// The legacy spelling of `--layer-format`.
+    #[arg(
+        long = "compression",
+        env = "SNAPSHOT_COMPRESSION",
+        value_enum,
+        hide = true
+    )]
+    compression: Option<Codec>,
+}
+
+impl clap::FromArgMatches for LayerFormat {
+    fn from_arg_matches(matches: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        let flags = LayerFormatFlags::from_arg_matches(matches)?;
+        let name = |c: Codec| {
+            c.to_possible_value()
+                .map(|v| v.get_name().to_string())
+                .unwrap_or_default()
+        };
+        match (flags.layer_format, flags.compression) {
+            (Some(new), Some(old)) if new != old => Err(clap::Error::raw(
+                clap::error::ErrorKind::ArgumentConflict,
+                format!(
+                    "--layer-format (SNAPSHOT_LAYER_FORMAT) says {} but its legacy spelling --compression (SNAPSHOT_COMPRESSION) says {}: give one\n",
+                    name(new),
+                    name(old)
+                ),
+            )),
+            (new, old) => Ok(LayerFormat(new.or(old).unwrap_or(Codec::Gzip))),
+        }
+    }
+
+    fn update_from_arg_matches(&mut self, matches: &clap::ArgMatches) -> Result<(), clap::Error> {
+        *self = Self::from_arg_matches(matches)?;
+        Ok(())
+    }
+}
+
+impl clap::Args for LayerFormat {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        LayerFormatFlags::augment_args(cmd)
+    }
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        LayerFormatFlags::augment_args_for_update(cmd)
     }
 }
 
@@ -146,4 +234,58 @@ pub enum LayerSource {
 pub enum Protocol {
     Https,
     Http,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Result<Config, clap::Error> {
+        let base = [
+            "snapshot-sidecar",
+            "--pod-name=p",
+            "--pod-namespace=n",
+            "--repository=r/x",
+            "--tag-prefix=t",
+        ];
+        Config::try_parse_from(base.iter().chain(args))
+    }
+
+    #[test]
+    fn the_layer_format_has_a_legacy_spelling() {
+        for (args, want) in [
+            (&[][..], Some(Codec::Gzip)),
+            (&["--layer-format=estargz"][..], Some(Codec::Estargz)),
+            (&["--compression=zstd"][..], Some(Codec::Zstd)),
+            (
+                &["--layer-format=zstd", "--compression=zstd"][..],
+                Some(Codec::Zstd),
+            ),
+            (&["--layer-format=gzip", "--compression=zstd"][..], None),
+            (&["--layer-format=lz4"][..], None),
+        ] {
+            let got = parse(args).map(|c| *c.compression);
+            assert_eq!(got.as_ref().ok(), want.as_ref(), "{args:?}: {got:?}");
+        }
+        let err = parse(&["--layer-format=estargz", "--compression=gzip"]).unwrap_err();
+        assert!(
+            err.to_string().contains("legacy spelling --compression"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn prefetch_paths_default_to_the_desktop_start_and_can_be_off() {
+        let c = parse(&["--layer-format=estargz"]).unwrap().compression();
+        assert_eq!(c.codec, Codec::Estargz);
+        assert!(c.prefetch.paths.iter().any(|p| p == "home/*/.config"));
+        assert_eq!(c.prefetch.max_bytes, 32 << 20);
+        let c = parse(&["--prefetch=none"]).unwrap().compression();
+        assert!(c.prefetch.paths.is_empty());
+        let c = parse(&["--prefetch=etc, opt/app", "--prefetch-max-bytes=10"])
+            .unwrap()
+            .compression();
+        assert_eq!(c.prefetch.paths, ["etc", "opt/app"]);
+        assert_eq!(c.prefetch.max_bytes, 10);
+    }
 }

@@ -235,23 +235,28 @@ pub fn layer_count(base: &Base) -> usize {
         .unwrap_or(0)
 }
 
-/// The snapshot's manifest: the base's layers, then the new one; with
+/// The snapshot's manifest: the base's layers, then the new one (digest,
+/// size, media type, and its descriptor's annotations if any: eStargz's); with
 /// `annotations` (its tag, which makes every snapshot's manifest and digest
 /// its own, so deleting one by digest never takes another tag with it; its
 /// creation time and provenance: `snapshot_tags::provenance`).
 pub fn next_manifest(
     base: &Value,
     config: (&str, usize),
-    layer: (&str, u64, &str),
+    layer: (&str, u64, &str, &BTreeMap<String, String>),
     annotations: &BTreeMap<String, String>,
 ) -> Value {
     let docker = is_docker(base);
     let mut layers = base["layers"].as_array().cloned().unwrap_or_default();
-    layers.push(json!({
+    let mut descriptor = json!({
         "mediaType": layer.2,
         "digest": layer.0,
         "size": layer.1,
-    }));
+    });
+    if !layer.3.is_empty() {
+        descriptor["annotations"] = json!(layer.3);
+    }
+    layers.push(descriptor);
     json!({
         "schemaVersion": 2,
         "mediaType": if docker { DOCKER_MANIFEST } else { OCI_MANIFEST },
@@ -280,9 +285,10 @@ mod tests {
         let m = next_manifest(
             &base_manifest,
             ("sha256:cfg", 10),
-            ("sha256:lb", 7, OCI_LAYER_GZIP),
+            ("sha256:lb", 7, OCI_LAYER_GZIP, &BTreeMap::new()),
             &annotations,
         );
+        assert!(m["layers"][1].get("annotations").is_none());
         assert_eq!(m["annotations"][provenance::TAG], "alice-1");
         assert_eq!(
             m["annotations"][provenance::CREATED],
@@ -318,10 +324,35 @@ mod tests {
         let m = next_manifest(
             &docker,
             ("sha256:cfg", 10),
-            ("sha256:lb", 7, DOCKER_LAYER_GZIP),
+            ("sha256:lb", 7, DOCKER_LAYER_GZIP, &BTreeMap::new()),
             &annotations,
         );
         assert_eq!(m["mediaType"], DOCKER_MANIFEST);
         assert_eq!(m["layers"][0]["mediaType"], DOCKER_LAYER_GZIP);
+        let stargz = BTreeMap::from([
+            (
+                crate::estargz::TOC_DIGEST_ANNOTATION.to_string(),
+                "sha256:toc".to_string(),
+            ),
+            (
+                crate::estargz::UNCOMPRESSED_SIZE_ANNOTATION.to_string(),
+                "1024".to_string(),
+            ),
+        ]);
+        let m = next_manifest(
+            &base_manifest,
+            ("sha256:cfg", 10),
+            ("sha256:lb", 7, OCI_LAYER_GZIP, &stargz),
+            &annotations,
+        );
+        assert_eq!(
+            m["layers"][1]["annotations"][crate::estargz::TOC_DIGEST_ANNOTATION],
+            "sha256:toc"
+        );
+        assert_eq!(
+            m["layers"][1]["annotations"][crate::estargz::UNCOMPRESSED_SIZE_ANNOTATION],
+            "1024"
+        );
+        assert_eq!(m["layers"][1]["mediaType"], OCI_LAYER_GZIP);
     }
 }

@@ -1,25 +1,33 @@
 //! Compressing the new layer on every core: the uncompressed tar (from the
 //! upper directory or from the Diff service) is hashed (its diff_id) and
-//! becomes gzip (parallel, with gzp; the default, what every runtime reads) or
-//! zstd (multithreaded). Memory stays bounded: a few blocks in flight, never
-//! the whole layer.
+//! becomes gzip (parallel, with gzp; the default, what every runtime reads),
+//! zstd (multithreaded) or eStargz ([`estargz`](crate::estargz): gzip that
+//! the stargz snapshotter can mount lazily). Memory stays bounded: a few
+//! blocks in flight, never the whole layer.
 
-use crate::spool::SpoolReader;
+use crate::{estargz, spool::SpoolReader};
 use clap::ValueEnum;
-use std::io::{self, Write};
+use std::{
+    collections::BTreeMap,
+    io::{self, Write},
+    path::PathBuf,
+};
 
+/// The new layer's format (`--layer-format`).
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Codec {
     Gzip,
     Zstd,
+    Estargz,
 }
 
 impl Codec {
-    /// The OCI media type of a layer compressed with this codec.
+    /// The media type of a layer in this format, in the manifest's family
+    /// (eStargz is a gzip layer to everyone but the stargz snapshotter).
     pub fn media_type(self, docker: bool) -> &'static str {
         match (self, docker) {
-            (Codec::Gzip, true) => crate::image::DOCKER_LAYER_GZIP,
-            (Codec::Gzip, false) => crate::image::OCI_LAYER_GZIP,
+            (Codec::Gzip | Codec::Estargz, true) => crate::image::DOCKER_LAYER_GZIP,
+            (Codec::Gzip | Codec::Estargz, false) => crate::image::OCI_LAYER_GZIP,
             (Codec::Zstd, _) => "application/vnd.oci.image.layer.v1.tar+zstd",
         }
     }
@@ -28,18 +36,27 @@ impl Codec {
 /// What was written into a spool.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Written {
-    /// sha256 of the uncompressed tar.
+    /// sha256 of the uncompressed layer (the config's diff_id).
     pub diff_id: String,
+    /// sha256 of the change's tar as its source wrote it: the diff_id, but
+    /// for eStargz, whose layer adds a landmark and its TOC. Two snapshots of
+    /// the same change have the same.
+    pub change: String,
     /// sha256 and size of the compressed blob.
     pub digest: String,
     pub size: u64,
+    /// The layer descriptor's annotations (eStargz: TOC digest, uncompressed size).
+    pub annotations: BTreeMap<String, String>,
 }
 
 /// The snapshot's new layer, compressed, as the upload reads it.
 pub struct NewLayer {
     pub diff_id: String,
+    /// See [`Written::change`].
+    pub change: String,
     pub digest: String,
     pub size: u64,
+    pub annotations: BTreeMap<String, String>,
     pub spool: SpoolReader,
     /// Where it came from: `upperdir` or `diff-service`.
     pub source: &'static str,
@@ -49,8 +66,10 @@ impl NewLayer {
     pub fn new(written: Written, spool: SpoolReader, source: &'static str) -> Self {
         Self {
             diff_id: written.diff_id,
+            change: written.change,
             digest: written.digest,
             size: written.size,
+            annotations: written.annotations,
             spool,
             source,
         }
@@ -58,20 +77,37 @@ impl NewLayer {
 }
 
 /// How the new layer is compressed.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Compression {
     pub codec: Codec,
     /// The codec's level; `None` for this crate's default (gzip 1, zstd 3:
     /// the desktop is paused while its layer is compressed).
     pub level: Option<i32>,
     pub threads: usize,
+    /// eStargz: what goes before the prefetch landmark.
+    pub prefetch: estargz::Prefetch,
+    /// eStargz with prefetch: where the rest waits, and how large it may grow.
+    pub spill_dir: PathBuf,
+    pub spill_limit: u64,
 }
 
 impl Compression {
+    /// Plain settings of `codec`: default level, no prefetch.
+    pub fn new(codec: Codec, threads: usize) -> Self {
+        Self {
+            codec,
+            level: None,
+            threads,
+            prefetch: estargz::Prefetch::default(),
+            spill_dir: std::env::temp_dir(),
+            spill_limit: u64::MAX,
+        }
+    }
+
     fn level(&self) -> i32 {
         match (self.codec, self.level) {
-            (Codec::Gzip, Some(l)) => l.clamp(1, 9),
-            (Codec::Gzip, None) => 1,
+            (Codec::Gzip | Codec::Estargz, Some(l)) => l.clamp(1, 9),
+            (Codec::Gzip | Codec::Estargz, None) => 1,
             (Codec::Zstd, Some(l)) => l.clamp(1, 19),
             (Codec::Zstd, None) => 3,
         }
@@ -96,26 +132,43 @@ impl Compression {
                 z.multithread(threads as u32)?;
                 Encoder::Zstd(z)
             }
+            Codec::Estargz => Encoder::Estargz(Box::new(estargz::Writer::new(
+                out,
+                estargz::Options {
+                    level: self.level() as u32,
+                    threads,
+                    chunk_size: estargz::DEFAULT_CHUNK_SIZE,
+                    prefetch: self.prefetch.clone(),
+                    spill_dir: self.spill_dir.clone(),
+                    spill_limit: self.spill_limit,
+                },
+            )?)),
         })
     }
 }
 
-/// A compressing writer of either codec.
+/// A compressing writer of any format.
 pub enum Encoder<W: Write + Send + 'static> {
     Gzip(gzp::par::compress::ParCompress<'static, gzp::deflate::Gzip, W>),
     Zstd(zstd::Encoder<'static, W>),
+    Estargz(Box<estargz::Writer<W>>),
 }
 
 impl<W: Write + Send + 'static> Encoder<W> {
-    /// Ends the compressed stream; the inner writer back.
-    pub fn finish(self) -> io::Result<W> {
+    /// Ends the compressed stream; the inner writer back, and for eStargz
+    /// what the blob is (its own diff_id, TOC digest, annotations).
+    pub fn finish(self) -> io::Result<(W, Option<estargz::Done>)> {
         use gzp::ZWriter;
-        let mut w = match self {
-            Encoder::Gzip(mut z) => z.finish().map_err(io::Error::other)?,
-            Encoder::Zstd(z) => z.finish()?,
+        let (mut w, done) = match self {
+            Encoder::Gzip(mut z) => (z.finish().map_err(io::Error::other)?, None),
+            Encoder::Zstd(z) => (z.finish()?, None),
+            Encoder::Estargz(z) => {
+                let (w, done) = z.finish()?;
+                (w, Some(done))
+            }
         };
         w.flush()?;
-        Ok(w)
+        Ok((w, done))
     }
 }
 
@@ -124,6 +177,7 @@ impl<W: Write + Send + 'static> Write for Encoder<W> {
         match self {
             Encoder::Gzip(z) => z.write(data),
             Encoder::Zstd(z) => z.write(data),
+            Encoder::Estargz(z) => z.write(data),
         }
     }
 
@@ -131,6 +185,7 @@ impl<W: Write + Send + 'static> Write for Encoder<W> {
         match self {
             Encoder::Gzip(z) => z.flush(),
             Encoder::Zstd(z) => z.flush(),
+            Encoder::Estargz(z) => z.flush(),
         }
     }
 }
@@ -180,9 +235,8 @@ mod tests {
 
     fn roundtrip(codec: Codec, level: Option<i32>, data: &[u8]) -> Vec<u8> {
         let compression = Compression {
-            codec,
             level,
-            threads: 2,
+            ..Compression::new(codec, 2)
         };
         let mut z = Hashing::new(compression.encoder(Vec::new()).unwrap());
         for chunk in data.chunks(100_000) {
@@ -194,10 +248,10 @@ mod tests {
             diff_id,
             format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
         );
-        let out = z.finish().unwrap();
+        let (out, _) = z.finish().unwrap();
         let mut back = Vec::new();
         match codec {
-            Codec::Gzip => flate2::read::MultiGzDecoder::new(out.as_slice())
+            Codec::Gzip | Codec::Estargz => flate2::read::MultiGzDecoder::new(out.as_slice())
                 .read_to_end(&mut back)
                 .unwrap(),
             Codec::Zstd => zstd::Decoder::new(out.as_slice())

@@ -11,6 +11,7 @@ pub mod beneath;
 pub mod commit;
 pub mod config;
 pub mod ctrd;
+pub mod estargz;
 pub mod find;
 pub mod harden;
 pub mod image;

@@ -225,6 +225,7 @@ impl Registry {
                 &layer.digest,
                 layer.size,
                 codec.media_type(image::is_docker(&base.manifest)),
+                &layer.annotations,
             ),
             annotations,
         );
@@ -316,6 +317,9 @@ impl Registry {
     }
 }
 
+/// Repositories asked for per catalog page.
+const CATALOG_PAGE: usize = 1000;
+
 /// Existence checks in flight at once (HEAD requests, small).
 const BLOB_CHECKS: usize = 16;
 /// Base layer uploads at once.
@@ -372,6 +376,13 @@ impl Registry {
 
     /// The digest and annotations of the manifest `tag` in `target`'s repository.
     pub async fn manifest_of(&self, target: &Reference, tag: &str) -> Result<(String, Value)> {
+        let (digest, manifest) = self.manifest(target, tag).await?;
+        Ok((digest, manifest["annotations"].clone()))
+    }
+
+    /// The digest and the whole manifest (layers and their sizes, annotations)
+    /// of `tag` in `target`'s repository.
+    pub async fn manifest(&self, target: &Reference, tag: &str) -> Result<(String, Value)> {
         let reference = Reference::with_tag(
             target.registry().to_string(),
             target.repository().to_string(),
@@ -388,19 +399,97 @@ impl Registry {
             .with_context(|| format!("reading the manifest of {tag}"))?;
         let manifest: Value = serde_json::from_slice(&bytes)
             .with_context(|| format!("the manifest of {tag} is not JSON"))?;
-        Ok((digest, manifest["annotations"].clone()))
+        Ok((digest, manifest))
+    }
+
+    /// Every repository of the registry `host` (`/v2/_catalog`, pages of
+    /// [`CATALOG_PAGE`] followed with `last`, so a registry that ignores `Link`
+    /// is read whole). A registry with token authorization is asked for a
+    /// token of `registry:catalog:*` scope, which pulling does not give.
+    pub async fn catalog(&self, host: &str) -> Result<Vec<String>> {
+        #[derive(serde::Deserialize)]
+        struct Page {
+            #[serde(default)]
+            repositories: Option<Vec<String>>,
+        }
+        let url = format!("{}://{host}/v2/_catalog", self.scheme());
+        let mut bearer: Option<String> = None;
+        let mut out: Vec<String> = Vec::new();
+        let mut last: Option<String> = None;
+        loop {
+            let mut query = vec![("n", CATALOG_PAGE.to_string())];
+            if let Some(l) = &last {
+                query.push(("last", l.clone()));
+            }
+            let request = |bearer: &Option<String>| {
+                let request = self.http.get(&url).query(&query);
+                match (bearer, &self.auth) {
+                    (Some(token), _) => request.bearer_auth(token),
+                    (None, RegistryAuth::Basic(user, password)) => {
+                        request.basic_auth(user, Some(password))
+                    }
+                    (None, _) => request,
+                }
+            };
+            let mut response = request(&bearer)
+                .send()
+                .await
+                .context("listing the registry's repositories")?;
+            if response.status() == reqwest::StatusCode::UNAUTHORIZED {
+                let challenge = response
+                    .headers()
+                    .get(reqwest::header::WWW_AUTHENTICATE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or_default()
+                    .to_string();
+                bearer = Some(self.scoped_token(&challenge, "registry:catalog:*").await?);
+                response = request(&bearer)
+                    .send()
+                    .await
+                    .context("listing the registry's repositories")?;
+            }
+            let status = response.status();
+            let body = response
+                .bytes()
+                .await
+                .context("reading the registry's catalog")?;
+            if !status.is_success() {
+                let said: String = String::from_utf8_lossy(&body).chars().take(300).collect();
+                anyhow::bail!(
+                    "the registry answered {status} to listing its repositories: {}",
+                    said.trim()
+                );
+            }
+            let page: Page = serde_json::from_slice(&body)
+                .context("the registry's catalog is not a repository list")?;
+            let page = page.repositories.unwrap_or_default();
+            let full = page.len() >= CATALOG_PAGE;
+            let next = page.last().cloned();
+            out.extend(page);
+            match next {
+                Some(n) if full && last.as_ref() != Some(&n) => last = Some(n),
+                _ => break,
+            }
+        }
+        out.sort();
+        out.dedup();
+        Ok(out)
+    }
+
+    fn scheme(&self) -> &'static str {
+        match self.protocol {
+            Protocol::Https => "https",
+            Protocol::Http => "http",
+        }
     }
 
     /// Deletes the manifest `digest` of `target`'s repository (and so every tag
     /// on it). A registry with token authorization is asked for a token of
     /// `delete` scope, which pushing does not give.
     pub async fn delete_manifest(&self, target: &Reference, digest: &str) -> Result<Deleted> {
-        let scheme = match self.protocol {
-            Protocol::Https => "https",
-            Protocol::Http => "http",
-        };
         let url = format!(
-            "{scheme}://{}/v2/{}/manifests/{digest}",
+            "{}://{}/v2/{}/manifests/{digest}",
+            self.scheme(),
             target.resolve_registry(),
             target.repository()
         );
@@ -425,7 +514,8 @@ impl Registry {
                     .and_then(|v| v.to_str().ok())
                     .unwrap_or_default()
                     .to_string();
-                bearer = Some(self.delete_token(&challenge, target).await?);
+                let scope = format!("repository:{}:delete", target.repository());
+                bearer = Some(self.scoped_token(&challenge, &scope).await?);
                 continue;
             }
             let body = response.text().await.unwrap_or_default();
@@ -446,9 +536,10 @@ impl Registry {
         anyhow::bail!("the registry refused the delete token for {digest}")
     }
 
-    /// A bearer token of `repository:<name>:delete` scope from the registry's
-    /// token service, as its `WWW-Authenticate` challenge names it.
-    async fn delete_token(&self, challenge: &str, target: &Reference) -> Result<String> {
+    /// A bearer token of `scope` (`repository:<name>:delete`,
+    /// `registry:catalog:*`) from the registry's token service, as its
+    /// `WWW-Authenticate` challenge names it.
+    async fn scoped_token(&self, challenge: &str, scope: &str) -> Result<String> {
         let challenges = http_auth::parse_challenges(challenge)
             .map_err(|e| anyhow::anyhow!("the registry's WWW-Authenticate does not parse: {e}"))?;
         let bearer = challenges
@@ -463,8 +554,7 @@ impl Registry {
                 .map(|(_, v)| v.to_unescaped())
         };
         let realm = param("realm").context("a Bearer challenge without realm")?;
-        let scope = format!("repository:{}:delete", target.repository());
-        let mut query = vec![("scope", scope)];
+        let mut query = vec![("scope", scope.to_string())];
         if let Some(service) = param("service") {
             query.push(("service", service));
         }

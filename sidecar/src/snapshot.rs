@@ -26,7 +26,7 @@ use tracing::{error, info, warn};
 pub const EMPTY_LAYER: &str =
     "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
 
-/// Whether a change whose layer has uncompressed digest `diff_id` adds
+/// Whether a change whose tar has digest `diff_id` ([`NewLayer::change`]) adds
 /// nothing: no entry at all, or the same bytes as the last layer pushed from
 /// this desktop (the upper directory holds everything since the restore, so
 /// an unchanged desktop gives the same layer).
@@ -36,7 +36,8 @@ pub fn unchanged(diff_id: &str, last_pushed: Option<&str>) -> bool {
 
 /// What a snapshot made.
 pub enum Made {
-    /// Pushed: `image@digest`, with its layer's source and uncompressed digest.
+    /// Pushed: `image@digest`, with its layer's source and its change's digest
+    /// ([`NewLayer::change`]: the diff_id but for eStargz).
     Pushed {
         image: String,
         source: &'static str,
@@ -187,7 +188,7 @@ async fn generate_and_push(
         "desktop image generated"
     );
     if let Some(last) = skip_if_unchanged_since {
-        if unchanged(&layer.diff_id, last.as_deref()) {
+        if unchanged(&layer.change, last.as_deref()) {
             return Ok(Made::Unchanged);
         }
     }
@@ -228,7 +229,7 @@ async fn generate_and_push(
         Some(p) => p.annotations(&config.user, &tag, &created),
         None => provenance::unsourced(&config.user, &tag, &created),
     };
-    let (source, diff_id) = (layer.source, layer.diff_id.clone());
+    let (source, diff_id) = (layer.source, layer.change.clone());
     let digest = registry
         .push(
             ctrd,
@@ -236,7 +237,7 @@ async fn generate_and_push(
             container.image.parse().ok().as_ref(),
             &base,
             layer,
-            config.compression,
+            *config.compression,
             &created,
             &annotations,
         )

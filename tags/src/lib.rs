@@ -57,6 +57,14 @@ pub fn newest<'a>(tags: impl IntoIterator<Item = &'a str>, prefix: &str) -> Opti
         .max_by(compare)
 }
 
+/// The newest snapshot among `tags` whatever its prefix: in the per-user
+/// layout a repository holds one user's snapshots under every base tag.
+pub fn newest_any<'a>(tags: impl IntoIterator<Item = &'a str>) -> Option<Snapshot> {
+    tags.into_iter()
+        .filter_map(|t| owned_by(t, split(t)?.0))
+        .max_by(compare)
+}
+
 /// Orders snapshots by timestamp as a number, then by tag text.
 pub fn compare(a: &Snapshot, b: &Snapshot) -> Ordering {
     a.timestamp
@@ -78,6 +86,19 @@ fn normalise(digits: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn newest_whatever_the_prefix() {
+        let table: &[(&[&str], Option<&str>)] = &[
+            (&["4.1-100", "4.2-90", "latest"], Some("4.1-100")),
+            (&["4.1-100", "4.2-0200"], Some("4.2-0200")),
+            (&["latest", "4.1"], None),
+            (&[], None),
+        ];
+        for (tags, want) in table {
+            assert_eq!(newest_any(tags.iter().copied()).map(|s| s.tag).as_deref(), *want, "{tags:?}");
+        }
+    }
     use std::time::Duration;
 
     #[test]

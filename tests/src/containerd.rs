@@ -30,7 +30,7 @@ pub struct Containerd {
 impl Containerd {
     /// Starts the daemon, or panics with the reason and its log.
     pub async fn start() -> Self {
-        match Self::try_start(false).await {
+        match Self::try_start(false, None).await {
             Ok(c) => c,
             Err(e) => panic!("the test containerd cannot start: {e:#}"),
         }
@@ -40,13 +40,27 @@ impl Containerd {
     /// tests that write a million files, which this machine's disk takes
     /// minutes to create.
     pub async fn start_on_tmpfs() -> Self {
-        match Self::try_start(true).await {
+        match Self::try_start(true, None).await {
             Ok(c) => c,
             Err(e) => panic!("the test containerd cannot start: {e:#}"),
         }
     }
 
-    async fn try_start(tmpfs: bool) -> Result<Self> {
+    /// The same, with `stargz` (started first, dropped after this daemon) as
+    /// its proxy snapshotter `stargz` (`ctr run --snapshotter stargz`); panics
+    /// unless containerd lists that plugin as `ok`.
+    pub async fn start_with_stargz(stargz: &crate::stargz::Stargz) -> Self {
+        match Self::try_start(false, Some(&stargz.socket)).await {
+            Ok(c) => c,
+            Err(e) => panic!(
+                "the test containerd with the stargz snapshotter cannot start: {e:#}\n\
+                 the snapshotter's log:\n{}",
+                crate::webhook::tail(&stargz.log(), 40)
+            ),
+        }
+    }
+
+    async fn try_start(tmpfs: bool, stargz: Option<&Path>) -> Result<Self> {
         let binary = crate::registry::which("containerd")
             .context("containerd is not installed (Debian packages containerd and runc; `just deps` installs them)")?;
         crate::registry::which("runc").context("runc is not installed (Debian package runc)")?;
@@ -68,16 +82,20 @@ impl Containerd {
         let n = INSTANCE.fetch_add(1, Ordering::SeqCst);
         let namespace = format!("snapshot-test-{}-{n}", std::process::id());
         let config = dir.path().join("config.toml");
-        std::fs::write(
-            &config,
-            format!(
-                "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
-                 [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  level = \"warn\"\n",
-                root = dir.path().join("root").display(),
-                state = dir.path().join("state").display(),
-                sock = socket.display(),
-            ),
-        )?;
+        let mut text = format!(
+            "version = 2\nroot = \"{root}\"\nstate = \"{state}\"\ndisabled_plugins = [\"io.containerd.grpc.v1.cri\"]\n\
+             [grpc]\n  address = \"{sock}\"\n[ttrpc]\n  address = \"{sock}.ttrpc\"\n[debug]\n  level = \"warn\"\n",
+            root = dir.path().join("root").display(),
+            state = dir.path().join("state").display(),
+            sock = socket.display(),
+        );
+        if let Some(address) = stargz {
+            text.push_str(&format!(
+                "[proxy_plugins.stargz]\n  type = \"snapshot\"\n  address = \"{}\"\n",
+                address.display()
+            ));
+        }
+        std::fs::write(&config, text)?;
         let log = std::fs::File::create(dir.path().join("containerd.log"))?;
         let child = Command::new(binary)
             .arg("--config")
@@ -104,6 +122,22 @@ impl Containerd {
                 me.socket.display(),
                 me.log()
             );
+        }
+        if stargz.is_some() {
+            let plugins = me.ctr(&["plugins", "ls"]).await?;
+            let ok = plugins.lines().any(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                f.len() >= 4
+                    && f[0] == "io.containerd.snapshotter.v1"
+                    && f[1] == "stargz"
+                    && f[3] == "ok"
+            });
+            if !ok {
+                bail!(
+                    "containerd does not list the stargz snapshotter as ok:\n{plugins}\n{}",
+                    me.log()
+                );
+            }
         }
         Ok(me)
     }
@@ -314,6 +348,25 @@ impl Containerd {
             .push(id.to_string());
     }
 
+    /// `ctr run -d <flags> image id cmd…` (e.g. flags `--snapshotter stargz`);
+    /// the container is removed with the daemon, like a desktop's.
+    pub async fn run_with(&self, image: &str, id: &str, flags: &[&str], cmd: &[&str]) {
+        let mut args = vec!["run", "-d"];
+        args.extend(flags);
+        args.extend([image, id]);
+        args.extend(cmd);
+        self.ctr(&args).await.unwrap_or_else(|e| {
+            panic!(
+                "starting container {id} from {image}: {e:#}\n{}",
+                self.log()
+            )
+        });
+        self.containers
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .push(id.to_string());
+    }
+
     /// The PID (in the host's namespace) of a container's task.
     pub async fn task_pid(&self, id: &str) -> u32 {
         let out = self
@@ -497,7 +550,7 @@ impl Drop for Containerd {
     }
 }
 
-fn unmount_below(dir: &Path) {
+pub(crate) fn unmount_below(dir: &Path) {
     let mounts = std::fs::read_to_string("/proc/self/mounts").unwrap_or_default();
     let prefix = dir.to_string_lossy().into_owned();
     let mut points: Vec<&str> = mounts
@@ -514,8 +567,9 @@ fn unmount_below(dir: &Path) {
     }
 }
 
-/// The base image's files: busybox and its applets, and a few files of the "distribution".
-fn base_layer() -> Result<Vec<u8>> {
+/// The base image's files (uncompressed tar): busybox and its applets, and a
+/// few files of the "distribution".
+pub fn base_layer() -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     let busybox = std::fs::read("/bin/busybox")
         .context("reading /bin/busybox (Debian package busybox-static)")?;

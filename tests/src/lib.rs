@@ -11,6 +11,7 @@ pub mod oci;
 pub mod ports;
 pub mod registry;
 pub mod sidecar;
+pub mod stargz;
 pub mod story;
 pub mod tls;
 pub mod token;

@@ -332,6 +332,65 @@ impl Registry {
         Ok(())
     }
 
+    /// Pushes an image of `layers` (gzip blobs with their diff_ids, as
+    /// [`layer`] makes) to `repo:tag`, with a history entry per layer and the
+    /// manifest `annotations`; returns the manifest's digest.
+    pub async fn push_image(
+        &self,
+        repo: &str,
+        tag: &str,
+        layers: &[(Vec<u8>, String)],
+        annotations: Value,
+    ) -> String {
+        let client = self.oci_client();
+        let auth = RegistryAuth::Basic(USER.into(), PASSWORD.into());
+        let reference = Reference::with_tag(self.host.clone(), repo.to_string(), tag.to_string());
+        client
+            .auth(&reference, &auth, oci_client::RegistryOperation::Push)
+            .await
+            .expect("auth");
+        let mut descriptors = Vec::new();
+        for (blob, _) in layers {
+            let digest = crate::oci::sha256(blob);
+            client
+                .push_blob(&reference, blob.clone(), &digest)
+                .await
+                .expect("pushing a layer");
+            descriptors.push(serde_json::json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": digest, "size": blob.len()}));
+        }
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64", "os": "linux",
+            "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| &l.1).collect::<Vec<_>>()},
+            "history": layers.iter().map(|l| serde_json::json!({"created_by": format!("layer {}", &l.1[7..19])})).collect::<Vec<_>>(),
+            "config": {"Env": ["PATH=/bin", format!("IMAGE={repo}:{tag}")], "Cmd": ["/bin/sh"]}
+        }))
+        .expect("a config");
+        let config_digest = crate::oci::sha256(&config);
+        client
+            .push_blob(&reference, config.clone(), &config_digest)
+            .await
+            .expect("pushing the config");
+        let manifest = serde_json::to_vec(&serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config_digest, "size": config.len()},
+            "layers": descriptors,
+            "annotations": annotations,
+        }))
+        .expect("a manifest");
+        client
+            .push_manifest_raw(
+                &reference,
+                manifest.clone(),
+                "application/vnd.oci.image.manifest.v1+json"
+                    .parse()
+                    .expect("a media type"),
+            )
+            .await
+            .unwrap_or_else(|e| panic!("pushing {repo}:{tag}: {e}\nregistry log: {}", self.log()));
+        crate::oci::sha256(&manifest)
+    }
+
     /// The manifest of `repo:tag` and its image config, as JSON; panics when
     /// either cannot be read.
     pub async fn manifest_and_config(&self, repo: &str, tag: &str) -> (Value, Value) {
@@ -411,10 +470,19 @@ impl Drop for Registry {
 
 /// A gzip layer holding one small file; returns (gzip bytes, diff_id).
 fn tiny_layer(name: &str) -> Result<(Vec<u8>, String)> {
+    layer_with("etc/desktop-snapshot-test", name)
+}
+
+/// A gzip layer holding one file `path` that says `name`, and its diff_id.
+pub fn layer(path: &str, name: &str) -> (Vec<u8>, String) {
+    layer_with(path, name).expect("building a layer")
+}
+
+fn layer_with(path: &str, name: &str) -> Result<(Vec<u8>, String)> {
     let content = format!("layer of {name}\n");
     let mut tar = tar::Builder::new(Vec::new());
     let mut h = crate::oci::tar_header(tar::EntryType::Regular, 0o644, content.len() as u64);
-    tar.append_data(&mut h, "etc/desktop-snapshot-test", content.as_bytes())?;
+    tar.append_data(&mut h, path, content.as_bytes())?;
     let tar = tar.into_inner()?;
     let diff_id = crate::oci::sha256(&tar);
     Ok((crate::oci::gzip(&tar)?, diff_id))

@@ -142,7 +142,12 @@ impl Node {
 
     /// The AdmissionReview of a new desktop pod for `user`: the pod as stored.
     pub async fn admit(&self, user: &str) -> Value {
-        let pod = desktop_pod(user, BASE_IMAGE);
+        self.admit_with(user, BASE_IMAGE).await
+    }
+
+    /// The same, for a desktop pod whose graphical image is `image`.
+    pub async fn admit_with(&self, user: &str, image: &str) -> Value {
+        let pod = desktop_pod(user, image);
         let answer: Value = self
             .webhook
             .client()
@@ -159,7 +164,12 @@ impl Node {
 
     /// Logs `user` in: admission, then the kubelet pulls (when needed) and starts the desktop.
     pub async fn login(&self, user: &str) -> Desktop {
-        let pod = self.admit(user).await;
+        self.login_with(user, BASE_IMAGE).await
+    }
+
+    /// Logs `user` in with a desktop pod whose graphical image is `image`.
+    pub async fn login_with(&self, user: &str, image: &str) -> Desktop {
+        let pod = self.admit_with(user, image).await;
         let image = image_of(&as_pod(&pod), "x-graphical").expect("a graphical image");
         if image != BASE_IMAGE {
             self.containerd.pull(&image, &self.registry).await;

@@ -291,3 +291,75 @@ async fn every_snapshot_says_what_it_sits_on_and_keeps_the_base_layers() {
     assert_eq!(marks(&c2), 2);
     node.stop().await;
 }
+
+/// The operator moves desktops from `:4.1` to `:4.2` (both in the snapshot
+/// registry); the webhook rebases the user's snapshot, and the desktop that
+/// starts holds the new base's files and the user's changes, the user's
+/// version winning where both changed a file.
+#[tokio::test]
+async fn a_snapshot_rebased_onto_a_new_base_restores_both_the_new_base_and_the_user() {
+    let node = Node::start(&["--on-new-base", "rebase"]).await;
+    let repo = "abcdesktopio/oc.user.rebase";
+    let busybox = harness::containerd::base_layer().expect("the base layer");
+    let base_layer = (
+        harness::oci::gzip(&busybox).expect("gzip"),
+        harness::oci::sha256(&busybox),
+    );
+    let upgrade = harness::registry::layer("opt/base/new-in-4.2", "4.2");
+    node.registry
+        .push_image(repo, "4.1", &[base_layer.clone()], serde_json::json!({}))
+        .await;
+    node.registry
+        .push_image(repo, "4.2", &[base_layer, upgrade], serde_json::json!({}))
+        .await;
+    let image = |tag: &str| format!("{}/{repo}:{tag}", node.registry.host());
+
+    let desktop = node.login_with("alice", &image("4.1")).await;
+    node.containerd
+        .exec(
+            &desktop.container,
+            "mkdir -p /root && echo mine > /root/notes && echo user > /etc/base-file-to-change && rm /etc/base-file-to-delete",
+        )
+        .await;
+    node.snapshot(&desktop, &[]).await;
+    let before = node.tags(&desktop).await;
+    assert_eq!(before.len(), 1, "{before:?}");
+    node.logoff(desktop).await;
+
+    let desktop = node.login_with("alice", &image("4.2")).await;
+    let restored = desktop.image.clone();
+    assert!(
+        restored.starts_with(&format!("{}/{repo}:", node.registry.host()))
+            && !before.iter().any(|t| restored.ends_with(t.as_str())),
+        "a new, rebased snapshot is restored: {restored}\n{}",
+        node.webhook.log()
+    );
+    let seen = node
+        .containerd
+        .exec(
+            &desktop.container,
+            "cat /opt/base/new-in-4.2 /root/notes /etc/base-file-to-change; ls /etc/base-file-to-delete 2>&1 || true",
+        )
+        .await;
+    assert!(seen.contains("layer of 4.2"), "the new base's file: {seen}");
+    assert!(seen.contains("mine"), "the user's file: {seen}");
+    assert!(seen.contains("user\n"), "the user's version of a base file: {seen}");
+    assert!(seen.contains("No such file"), "the user's deletion: {seen}");
+    // the next snapshot sits on the new base
+    node.containerd
+        .exec(&desktop.container, "echo more > /root/more")
+        .await;
+    node.snapshot(&desktop, &[]).await;
+    let tags = node.tags(&desktop).await;
+    let newest = tags.last().expect("a snapshot");
+    let (manifest, _) = node
+        .registry
+        .manifest_and_config(Node::repository_path(&desktop), newest)
+        .await;
+    assert_eq!(
+        manifest["annotations"]["org.opencontainers.image.base.name"],
+        serde_json::json!(image("4.2"))
+    );
+    assert_eq!(manifest["annotations"]["io.abcdesktop.snapshot.first-user-layer"], "2");
+    node.stop().await;
+}

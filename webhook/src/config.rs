@@ -104,6 +104,16 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_WEBHOOK_ADMISSION_BUDGET", default_value = "2s", value_parser = humantime::parse_duration)]
     pub admission_budget: Duration,
 
+    /// When the pod's graphical image is not the base the user's newest
+    /// snapshot sits on (the operator upgraded the desktops): `rebase`
+    /// writes the user's layers on the new base as a new snapshot (config
+    /// and manifest only; the new base must be in the snapshot registry) and
+    /// restores it, falling back to `keep` on any failure; `keep` restores the
+    /// snapshot on its old base; `fresh` starts from the new base (the
+    /// snapshots stay for a pin).
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_ON_NEW_BASE", value_enum, default_value_t = crate::newbase::OnNewBase::Rebase)]
+    pub on_new_base: crate::newbase::OnNewBase,
+
     /// Time budget of one registry lookup; past it the pod keeps its image.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_LOOKUP_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
     pub lookup_timeout: Duration,

@@ -2,9 +2,11 @@
 //!
 //! request -> [`plan`] -> (lookup, done elsewhere) -> [`resolve`] -> patch.
 
+pub use crate::outcome::Outcome;
 use crate::{
     config::Layout,
-    lookup::LookupError,
+    newbase::BaseChange,
+    registry::LookupError,
     tag::{self, Snapshot},
     target::{self, NoTarget, Target},
 };
@@ -170,10 +172,12 @@ pub fn plan(rules: &Rules, operation: &Operation, kind: &str, pod: Option<&Pod>)
 pub enum Found {
     /// No lookup was needed.
     NotAsked,
-    /// The newest snapshot (or the pinned tag) and, when asked for, its digest.
+    /// The newest snapshot (or the pinned tag) and, when asked for, its
+    /// digest; with what was done about a new base image, if anything.
     Snapshot {
         tag: String,
         digest: Option<String>,
+        change: Option<BaseChange>,
     },
     /// The user has no snapshot (or the pinned tag does not exist).
     Nothing,
@@ -186,41 +190,10 @@ impl Found {
             Ok(Some(s)) => Found::Snapshot {
                 tag: s.tag,
                 digest: None,
+                change: None,
             },
             Ok(None) => Found::Nothing,
             Err(e) => Found::Failed(e),
-        }
-    }
-}
-
-/// Metric label and log word of an admission's outcome.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Outcome {
-    Restored,
-    Pinned,
-    NoSnapshot,
-    RegistryError,
-    OptedOut,
-    AlreadyDone,
-    Unmappable,
-    Ignored,
-    Denied,
-    Invalid,
-}
-
-impl Outcome {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Outcome::Restored => "restored",
-            Outcome::Pinned => "pinned",
-            Outcome::NoSnapshot => "no_snapshot",
-            Outcome::RegistryError => "registry_error",
-            Outcome::OptedOut => "opted_out",
-            Outcome::AlreadyDone => "already_done",
-            Outcome::Unmappable => "unmappable_user",
-            Outcome::Ignored => "ignored",
-            Outcome::Denied => "denied",
-            Outcome::Invalid => "invalid",
         }
     }
 }
@@ -243,6 +216,8 @@ pub struct Resolution {
     pub deny: Option<String>,
     /// Everything known about a failure, for the log (warnings stay short).
     pub detail: Option<String>,
+    /// What was done about a new base image.
+    pub base_change: Option<BaseChange>,
 }
 
 /// Combines the plan and the registry's answer.
@@ -261,6 +236,7 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
                 )),
                 deny: None,
                 detail: Some(e.to_string()),
+                base_change: None,
             }
         }
     };
@@ -273,6 +249,7 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
         warning: None,
         deny: None,
         detail: None,
+        base_change: None,
     };
     match (&action.want, found) {
         (Want::AlreadyDone, _) => Resolution { outcome: Outcome::AlreadyDone, ..base },
@@ -286,16 +263,55 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
             deny: Some(format!("pinned snapshot {} does not exist", target.image(pin))),
             ..base
         },
-        (want, Found::Snapshot { tag, digest }) => {
+        (_, Found::Snapshot { tag, change: Some(BaseChange::Fresh { from, snapshot }), .. }) => Resolution {
+            outcome: Outcome::FreshBase,
+            status: Some(format!(
+                "fresh desktop on a new base image: snapshot {tag} (on {from}) kept for {ANNOTATION_PIN}"
+            )),
+            base_change: Some(BaseChange::Fresh { from, snapshot }),
+            ..base
+        },
+        (want, Found::Snapshot { tag, digest, change }) => {
             let image = match digest {
                 Some(d) => format!("{}@{d}", target.image(&tag)),
                 None => target.image(&tag),
             };
             let pinned = matches!(want, Want::Pinned(_));
+            let (outcome, status, warning) = match &change {
+                _ if pinned => (Outcome::Pinned, format!("pinned {image}"), None),
+                // (a fresh start was answered above)
+                None | Some(BaseChange::Fresh { .. }) => {
+                    (Outcome::Restored, format!("restored {image}"), None)
+                }
+                Some(BaseChange::Rebased { from, snapshot }) => (
+                    Outcome::Rebased,
+                    format!("rebased {snapshot} from {from} onto the pod's image: restored {image}"),
+                    None,
+                ),
+                Some(BaseChange::Kept { from }) => (
+                    Outcome::Restored,
+                    format!("restored {image} on its base {from}"),
+                    None,
+                ),
+                Some(BaseChange::NotRebased { from, .. }) => (
+                    Outcome::Restored,
+                    format!("restored {image} on its base {from}: not rebased"),
+                    Some(format!(
+                        "desktop-snapshot: the snapshot stays on its base image {from}: it could not be moved onto the pod's image"
+                    )),
+                ),
+            };
+            let detail = match &change {
+                Some(BaseChange::NotRebased { why, .. }) => Some(why.clone()),
+                _ => None,
+            };
             Resolution {
-                outcome: if pinned { Outcome::Pinned } else { Outcome::Restored },
-                status: Some(format!("{} {image}", if pinned { "pinned" } else { "restored" })),
+                outcome,
+                status: Some(status),
                 image: Some(image),
+                warning,
+                detail,
+                base_change: change,
                 ..base
             }
         }
@@ -327,7 +343,7 @@ pub fn pinned_snapshot(target: &Target, pin: &str) -> Option<Snapshot> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::lookup::ErrorKind;
+    use crate::registry::ErrorKind;
     use serde_json::json;
 
     fn rules() -> Rules {
@@ -520,6 +536,7 @@ mod tests {
         let snap = |t: &str| Found::Snapshot {
             tag: t.into(),
             digest: None,
+            change: None,
         };
         let cases: Vec<(Want, Found, Outcome, Option<&str>, bool)> = vec![
             (
@@ -534,6 +551,7 @@ mod tests {
                 Found::Snapshot {
                     tag: "alice-5".into(),
                     digest: Some("sha256:ab".into()),
+                    change: None,
                 },
                 Outcome::Restored,
                 Some("reg.example:5000/abcdesktopio/oc.user:alice-5@sha256:ab"),
@@ -602,6 +620,60 @@ mod tests {
                 outcome == Outcome::AlreadyDone || denied,
                 "{want:?}"
             );
+        }
+    }
+
+    #[test]
+    fn a_new_base_is_said_in_the_status_and_a_failed_rebase_warns() {
+        let from = "reg.example:5000/abcdesktopio/oc.user:4.1".to_string();
+        let with = |tag: &str, change: BaseChange| Found::Snapshot {
+            tag: tag.into(),
+            digest: None,
+            change: Some(change),
+        };
+        // (found, outcome, restored tag, status contains, warns)
+        let cases = [
+            (
+                with("alice-9", BaseChange::Rebased { from: from.clone(), snapshot: "alice-5".into() }),
+                Outcome::Rebased,
+                Some("alice-9"),
+                "rebased alice-5 from",
+                false,
+            ),
+            (
+                with("alice-5", BaseChange::Kept { from: from.clone() }),
+                Outcome::Restored,
+                Some("alice-5"),
+                "on its base reg.example:5000/abcdesktopio/oc.user:4.1",
+                false,
+            ),
+            (
+                with("alice-5", BaseChange::NotRebased { from: from.clone(), why: "registry unauthorized".into() }),
+                Outcome::Restored,
+                Some("alice-5"),
+                "not rebased",
+                true,
+            ),
+            (
+                with("alice-5", BaseChange::Fresh { from: from.clone(), snapshot: "alice-5".into() }),
+                Outcome::FreshBase,
+                None,
+                "fresh desktop on a new base image: snapshot alice-5",
+                false,
+            ),
+        ];
+        for (found, outcome, tag, status, warns) in cases {
+            let r = resolve(&action(Want::Newest), found.clone());
+            assert_eq!(r.outcome, outcome, "{found:?}");
+            assert_eq!(
+                r.image,
+                tag.map(|t| format!("reg.example:5000/abcdesktopio/oc.user:{t}")),
+                "{found:?}"
+            );
+            assert!(r.status.as_deref().unwrap_or("").contains(status), "{:?}", r.status);
+            assert_eq!(r.warning.is_some(), warns, "{found:?}");
+            assert_eq!(r.detail.is_some(), warns, "the reason goes to the log");
+            assert!(r.base_change.is_some() && r.sidecar.is_some());
         }
     }
 

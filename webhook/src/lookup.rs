@@ -18,7 +18,8 @@
 pub use crate::registry::{ErrorKind, LookupError};
 use crate::{
     metrics::Metrics,
-    registry::Registry,
+    registry::{Document, Registry},
+    rewrite,
     tag::{self, Snapshot},
     target::Target,
 };
@@ -30,7 +31,9 @@ type Shared<T> = Arc<Result<T, LookupError>>;
 pub struct Lookup {
     registry: Arc<Registry>,
     deadline: Duration,
-    in_flight: moka::future::Cache<Target, Shared<Option<Snapshot>>>,
+    in_flight: moka::future::Cache<Target, Shared<Option<Vec<String>>>>,
+    /// Snapshot manifests by image reference: snapshot tags are written once.
+    manifests: moka::future::Cache<String, Document>,
     digests: moka::future::Cache<String, String>,
     metrics: Arc<Metrics>,
     turns: Arc<tokio::sync::Semaphore>,
@@ -85,6 +88,10 @@ impl Lookup {
             registry,
             deadline,
             in_flight: moka::future::Cache::builder().max_capacity(100_000).build(),
+            manifests: moka::future::Cache::builder()
+                .max_capacity(10_000)
+                .time_to_idle(Duration::from_secs(3600))
+                .build(),
             digests: moka::future::Cache::builder()
                 .max_capacity(100_000)
                 .time_to_idle(Duration::from_secs(3600))
@@ -110,15 +117,31 @@ impl Lookup {
         self.deadline
     }
 
-    /// The newest snapshot of `target`, or why the registry could not say.
-    pub async fn newest(&self, target: &Target) -> Result<Option<Snapshot>, LookupError> {
+    /// The newest snapshot of `target`, or why the registry could not say;
+    /// with `any_prefix`, the newest in its repository whatever its prefix
+    /// (the per-user layout: the user's snapshots under any base tag).
+    pub async fn newest(
+        &self,
+        target: &Target,
+        any_prefix: bool,
+    ) -> Result<Option<Snapshot>, LookupError> {
         let started = Instant::now();
         let result = timeout(self.deadline, self.newest_shared(target)).await;
         self.metrics
             .lookup_seconds
             .observe(started.elapsed().as_secs_f64());
         let result = match result {
-            Ok(shared) => (*shared).clone(),
+            Ok(shared) => match &*shared {
+                Ok(list) => {
+                    let tags = list.iter().flatten().map(String::as_str);
+                    Ok(if any_prefix {
+                        tag::newest_any(tags)
+                    } else {
+                        tag::newest(tags, &target.tag_prefix)
+                    })
+                }
+                Err(e) => Err(e.clone()),
+            },
             Err(_) => Err(self.timed_out()),
         };
         if let Err(e) = &result {
@@ -127,18 +150,15 @@ impl Lookup {
         result
     }
 
-    async fn newest_shared(&self, target: &Target) -> Shared<Option<Snapshot>> {
+    async fn newest_shared(&self, target: &Target) -> Shared<Option<Vec<String>>> {
         let (registry, turns) = (self.registry.clone(), self.turns.clone());
         let t = target.clone();
         let entry = self
             .in_flight
             .entry(target.clone())
             .or_insert_with(async move {
-                let path = t.path.clone();
-                let tags = at_the_registry(turns, async move { registry.tags(&path).await }).await;
-                Arc::new(tags.map(|list| {
-                    tag::newest(list.iter().flatten().map(String::as_str), &t.tag_prefix)
-                }))
+                let path = t.path;
+                Arc::new(at_the_registry(turns, async move { registry.tags(&path).await }).await)
             })
             .await;
         if entry.is_fresh() {
@@ -178,6 +198,54 @@ impl Lookup {
             Err(e) => self.metrics.registry_error(e.kind),
         }
         result
+    }
+
+    /// The manifest of one of `target`'s tags, within the lookup deadline;
+    /// `None` when the tag does not exist.
+    pub async fn manifest(&self, target: &Target, tag: &str) -> Result<Option<Document>, LookupError> {
+        let (registry, turns, path, tag_owned) = (
+            self.registry.clone(),
+            self.turns.clone(),
+            target.path.clone(),
+            tag.to_string(),
+        );
+        // concurrent reads of one manifest make one request; a failure is not kept
+        let read = self.manifests.entry(target.image(tag)).or_try_insert_with(async move {
+            let asked = at_the_registry(turns, async move { registry.manifest(&path, &tag_owned).await });
+            match asked.await {
+                Ok(Some(m)) => Ok(m),
+                Ok(None) => Err(None),
+                Err(e) => Err(Some(e)),
+            }
+        });
+        let result = match timeout(self.deadline, read).await {
+            Ok(Ok(entry)) => {
+                if entry.is_fresh() {
+                    self.metrics.cache_miss.inc();
+                } else {
+                    self.metrics.cache_manifest_hit.inc();
+                }
+                Ok(Some(entry.into_value()))
+            }
+            Ok(Err(e)) => match &*e {
+                None => Ok(None),
+                Some(e) => Err(e.clone()),
+            },
+            Err(_) => Err(self.timed_out()),
+        };
+        if let Err(e) = &result {
+            self.metrics.registry_error(e.kind);
+        }
+        result
+    }
+
+    /// Writes `snapshot` of `target` moved onto `base` as `tag`, in a turn at
+    /// the registry; the work goes on to its end (or the registry's answer
+    /// limit) if the caller stops waiting: a rebased snapshot written after
+    /// its admission was answered is found by the next login.
+    pub async fn rebase(&self, job: rewrite::Job) -> Result<rewrite::Written, LookupError> {
+        let registry = self.registry.clone();
+        at_the_registry(self.turns.clone(), async move { rewrite::rebase(&registry, &job).await }).await
     }
 
     fn timed_out(&self) -> LookupError {

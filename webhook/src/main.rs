@@ -103,6 +103,7 @@ async fn run(config: Config) -> Result<()> {
         metrics,
         pin_digest: config.pin_digest,
         budget: config.admission_budget,
+        on_new_base: config.on_new_base,
     };
     let state = Arc::new(AppState {
         admitter,

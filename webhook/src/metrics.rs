@@ -1,6 +1,6 @@
 //! Prometheus metrics of the webhook, served at `/metrics`.
 
-use crate::{decision::Outcome, registry::ErrorKind};
+use crate::{newbase::BaseChange, outcome::Outcome, registry::ErrorKind};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, histogram::Histogram},
@@ -13,6 +13,11 @@ struct OutcomeLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActionLabel {
+    action: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
@@ -21,11 +26,13 @@ pub struct Metrics {
     registry: Registry,
     admissions: Family<OutcomeLabel, Counter>,
     registry_errors: Family<KindLabel, Counter>,
+    new_base: Family<ActionLabel, Counter>,
     pub lookup_seconds: Histogram,
     pub admission_seconds: Histogram,
     pub cache_miss: Counter,
     pub cache_coalesced: Counter,
     pub cache_digest_hit: Counter,
+    pub cache_manifest_hit: Counter,
 }
 
 impl Metrics {
@@ -43,6 +50,12 @@ impl Metrics {
             "registry_errors",
             "Registry lookups that failed, by kind",
             registry_errors.clone(),
+        );
+        let new_base = Family::<ActionLabel, Counter>::default();
+        registry.register(
+            "new_base",
+            "Logins whose pod asked for another base image than their snapshot's, by what was done (kept, rebased, fresh, not_rebased)",
+            new_base.clone(),
         );
         let lookup_seconds = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -63,7 +76,7 @@ impl Metrics {
         let cache = Family::<KindLabel, Counter>::default();
         registry.register(
             "cache_hits",
-            "Lookups answered without a request of their own: joined an in-flight lookup (coalesced) or a known digest",
+            "Lookups answered without a request of their own: joined an in-flight lookup (coalesced), a known digest or a known snapshot manifest",
             cache.clone(),
         );
         let cache_miss = Counter::default();
@@ -81,15 +94,20 @@ impl Metrics {
             .get_or_create(&KindLabel { kind: "coalesced" })
             .clone();
         let cache_digest_hit = cache.get_or_create(&KindLabel { kind: "digest" }).clone();
+        let cache_manifest_hit = cache
+            .get_or_create(&KindLabel { kind: "manifest" })
+            .clone();
         Self {
             registry,
             admissions,
             registry_errors,
+            new_base,
             lookup_seconds,
             admission_seconds,
             cache_miss,
             cache_coalesced,
             cache_digest_hit,
+            cache_manifest_hit,
         }
     }
 
@@ -97,6 +115,14 @@ impl Metrics {
         self.admissions
             .get_or_create(&OutcomeLabel {
                 outcome: outcome.as_str(),
+            })
+            .inc();
+    }
+
+    pub fn new_base(&self, change: &BaseChange) {
+        self.new_base
+            .get_or_create(&ActionLabel {
+                action: change.as_str(),
             })
             .inc();
     }

@@ -271,6 +271,7 @@ mod tests {
         Found::Snapshot {
             tag: tag.into(),
             digest: None,
+            change: None,
         }
     }
 

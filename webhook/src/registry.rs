@@ -348,13 +348,7 @@ impl Registry {
     /// The digest of `path:tag`; `None` when the tag does not exist.
     pub async fn digest(&self, path: &str, tag: &str) -> Result<Option<String>, LookupError> {
         let url = format!("{}/v2/{path}/manifests/{tag}", self.base());
-        let accept = [
-            "application/vnd.oci.image.manifest.v1+json",
-            "application/vnd.oci.image.index.v1+json",
-            "application/vnd.docker.distribution.manifest.v2+json",
-            "application/vnd.docker.distribution.manifest.list.v2+json",
-        ]
-        .join(", ");
+        let accept = MANIFEST_TYPES.join(", ");
         let response = self.get(path, &url, Some(accept)).await?;
         let status = response.status();
         if status == StatusCode::NOT_FOUND {
@@ -397,16 +391,30 @@ impl Registry {
         url: &str,
         accept: Option<String>,
     ) -> Result<reqwest::Response, LookupError> {
-        for attempt in 0..2 {
-            let authorization = self.authorization(path).await?;
-            let mut request = self.http.get(url);
-            if let Some(a) = &accept {
-                request = request.header(header::ACCEPT, a);
+        self.send(path, RegistryOperation::Pull, |http| {
+            let request = http.get(url);
+            match &accept {
+                Some(a) => request.header(header::ACCEPT, a),
+                None => request,
             }
-            request = match &authorization {
-                Authorization::None => request,
-                Authorization::Basic(u, p) => request.basic_auth(u, Some(p)),
-                Authorization::Bearer(t) => request.bearer_auth(t),
+        })
+        .await
+    }
+
+    /// Sends the request `build` makes, with the authorization cached for
+    /// `path` and `operation`; on 401 the authorization is renewed once.
+    async fn send(
+        &self,
+        path: &str,
+        operation: RegistryOperation,
+        build: impl Fn(&reqwest::Client) -> reqwest::RequestBuilder,
+    ) -> Result<reqwest::Response, LookupError> {
+        for attempt in 0..2 {
+            let authorization = self.authorization(path, operation).await?;
+            let request = match &authorization {
+                Authorization::None => build(&self.http),
+                Authorization::Basic(u, p) => build(&self.http).basic_auth(u, Some(p)),
+                Authorization::Bearer(t) => build(&self.http).bearer_auth(t),
             };
             self.requests.inc();
             let response = request
@@ -414,7 +422,9 @@ impl Registry {
                 .await
                 .map_err(|e| LookupError::from_reqwest(e, "registry request"))?;
             if response.status() == StatusCode::UNAUTHORIZED && attempt == 0 {
-                self.authorizations.invalidate(path).await;
+                self.authorizations
+                    .invalidate(&authorization_key(path, &operation))
+                    .await;
                 continue;
             }
             return Ok(response);
@@ -422,8 +432,13 @@ impl Registry {
         unreachable!("the loop returns on its second attempt")
     }
 
-    async fn authorization(&self, path: &str) -> Result<Authorization, LookupError> {
-        if let Some((a, expires)) = self.authorizations.get(path).await {
+    async fn authorization(
+        &self,
+        path: &str,
+        operation: RegistryOperation,
+    ) -> Result<Authorization, LookupError> {
+        let key = authorization_key(path, &operation);
+        if let Some((a, expires)) = self.authorizations.get(&key).await {
             if Instant::now() < expires {
                 return Ok(a);
             }
@@ -437,7 +452,7 @@ impl Registry {
         self.requests.inc();
         let token = session
             .oci
-            .auth(&reference, &session.auth, RegistryOperation::Pull)
+            .auth(&reference, &session.auth, operation)
             .await
             .map_err(|e| {
                 use oci_client::errors::OciDistributionError as E;
@@ -469,9 +484,153 @@ impl Registry {
                 .saturating_sub(Duration::from_secs(5))
                 .max(Duration::from_secs(1));
         self.authorizations
-            .insert(path.to_string(), (authorization.clone(), expires))
+            .insert(key, (authorization.clone(), expires))
             .await;
         Ok(authorization)
+    }
+
+    /// The manifest `path:reference` (a tag or a digest) as stored, at most
+    /// [`MAX_DOCUMENT`] bytes; `None` when it does not exist.
+    pub async fn manifest(
+        &self,
+        path: &str,
+        reference: &str,
+    ) -> Result<Option<Document>, LookupError> {
+        let url = format!("{}/v2/{path}/manifests/{reference}", self.base());
+        let response = self.get(path, &url, Some(MANIFEST_TYPES.join(", "))).await?;
+        let status = response.status();
+        if status == StatusCode::NOT_FOUND {
+            return Ok(None);
+        }
+        let media_type = response
+            .headers()
+            .get(header::CONTENT_TYPE)
+            .and_then(|v| v.to_str().ok())
+            .unwrap_or_default()
+            .to_string();
+        let body = bounded_body(response, "reading the manifest").await?;
+        if !status.is_success() {
+            return Err(LookupError::from_status(status, "reading the manifest", &body));
+        }
+        Ok(Some(Document::new(media_type, body)))
+    }
+
+    /// The blob `digest` of `path` (an image config), at most [`MAX_DOCUMENT`]
+    /// bytes, checked against its digest.
+    pub async fn document_blob(&self, path: &str, digest: &str) -> Result<Document, LookupError> {
+        let url = format!("{}/v2/{path}/blobs/{digest}", self.base());
+        let response = self.get(path, &url, None).await?;
+        let status = response.status();
+        let body = bounded_body(response, "reading a blob").await?;
+        if !status.is_success() {
+            return Err(LookupError::from_status(status, "reading a blob", &body));
+        }
+        let document = Document::new(String::new(), body);
+        if document.digest != digest {
+            return Err(LookupError::new(
+                ErrorKind::Garbage,
+                format!("blob {digest} of {path} has digest {}", document.digest),
+            ));
+        }
+        Ok(document)
+    }
+
+    /// Makes blob `digest` present in `path`: there already, or mounted from
+    /// repository `from` of the same registry (no data copied). `false` when
+    /// neither worked (the registry started an upload instead, which is cancelled).
+    pub async fn ensure_blob(&self, path: &str, from: &str, digest: &str) -> Result<bool, LookupError> {
+        let url = format!("{}/v2/{path}/blobs/{digest}", self.base());
+        let present = self
+            .send(path, RegistryOperation::Pull, |http| http.head(&url))
+            .await?;
+        if present.status().is_success() {
+            return Ok(true);
+        }
+        let url = format!(
+            "{}/v2/{path}/blobs/uploads/?mount={digest}&from={from}",
+            self.base()
+        );
+        let response = self
+            .send(path, RegistryOperation::Push, |http| http.post(&url))
+            .await?;
+        match response.status() {
+            StatusCode::CREATED => Ok(true),
+            StatusCode::ACCEPTED => {
+                // an upload was opened instead of the mount: give it back
+                if let Some(location) = self.location(&response) {
+                    let _ = self
+                        .send(path, RegistryOperation::Push, |http| http.delete(&location))
+                        .await;
+                }
+                Ok(false)
+            }
+            status => {
+                let body = response.bytes().await.unwrap_or_default();
+                Err(LookupError::from_status(status, "mounting a blob", &body))
+            }
+        }
+    }
+
+    /// Uploads `document` as a blob of `path` (monolithic: a config is small).
+    pub async fn put_blob(&self, path: &str, document: &Document) -> Result<(), LookupError> {
+        let url = format!("{}/v2/{path}/blobs/uploads/", self.base());
+        let started = self
+            .send(path, RegistryOperation::Push, |http| http.post(&url))
+            .await?;
+        if started.status() != StatusCode::ACCEPTED {
+            let status = started.status();
+            let body = started.bytes().await.unwrap_or_default();
+            return Err(LookupError::from_status(status, "starting an upload", &body));
+        }
+        let location = self.location(&started).ok_or_else(|| {
+            LookupError::new(ErrorKind::Garbage, "the upload has no usable Location")
+        })?;
+        let separator = if location.contains('?') { '&' } else { '?' };
+        let url = format!("{location}{separator}digest={}", document.digest);
+        let body = document.body.clone();
+        let done = self
+            .send(path, RegistryOperation::Push, |http| {
+                http.put(&url)
+                    .header(header::CONTENT_TYPE, "application/octet-stream")
+                    .body(body.clone())
+            })
+            .await?;
+        if done.status() != StatusCode::CREATED {
+            let status = done.status();
+            let body = done.bytes().await.unwrap_or_default();
+            return Err(LookupError::from_status(status, "uploading a blob", &body));
+        }
+        Ok(())
+    }
+
+    /// Writes `manifest` as `path:tag`.
+    pub async fn put_manifest(
+        &self,
+        path: &str,
+        tag: &str,
+        manifest: &Document,
+    ) -> Result<(), LookupError> {
+        let url = format!("{}/v2/{path}/manifests/{tag}", self.base());
+        let body = manifest.body.clone();
+        let response = self
+            .send(path, RegistryOperation::Push, |http| {
+                http.put(&url)
+                    .header(header::CONTENT_TYPE, &manifest.media_type)
+                    .body(body.clone())
+            })
+            .await?;
+        if response.status() != StatusCode::CREATED {
+            let status = response.status();
+            let body = response.bytes().await.unwrap_or_default();
+            return Err(LookupError::from_status(status, "writing the manifest", &body));
+        }
+        Ok(())
+    }
+
+    /// A response's `Location`, made absolute on this registry.
+    fn location(&self, response: &reqwest::Response) -> Option<String> {
+        let location = response.headers().get(header::LOCATION)?.to_str().ok()?;
+        self.same_origin(location)
     }
 
     /// A `Link` target on this registry, made absolute; `None` for another host.
@@ -481,6 +640,65 @@ impl Registry {
         }
         link.starts_with(&format!("{}/", self.base()))
             .then(|| link.to_string())
+    }
+}
+
+/// The media types of an image manifest or index this registry client reads.
+pub const MANIFEST_TYPES: [&str; 4] = [
+    "application/vnd.oci.image.manifest.v1+json",
+    "application/vnd.oci.image.index.v1+json",
+    "application/vnd.docker.distribution.manifest.v2+json",
+    "application/vnd.docker.distribution.manifest.list.v2+json",
+];
+
+/// Largest manifest or config read (images' own are a few KiB).
+pub const MAX_DOCUMENT: usize = 4 << 20;
+
+/// A manifest or config as the registry holds it: its bytes, their digest
+/// and (for a manifest) its media type.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Document {
+    pub media_type: String,
+    pub digest: String,
+    pub body: Vec<u8>,
+}
+
+impl Document {
+    pub fn new(media_type: String, body: impl Into<Vec<u8>>) -> Self {
+        use sha2::Digest;
+        let body = body.into();
+        Self {
+            media_type,
+            digest: format!("sha256:{}", hex::encode(sha2::Sha256::digest(&body))),
+            body,
+        }
+    }
+}
+
+/// A response's body, refused past [`MAX_DOCUMENT`].
+async fn bounded_body(mut response: reqwest::Response, what: &str) -> Result<Vec<u8>, LookupError> {
+    let mut body = Vec::new();
+    while let Some(chunk) = response
+        .chunk()
+        .await
+        .map_err(|e| LookupError::from_reqwest(e, what))?
+    {
+        if body.len() + chunk.len() > MAX_DOCUMENT {
+            return Err(LookupError::new(
+                ErrorKind::Garbage,
+                format!("{what}: larger than {MAX_DOCUMENT} bytes"),
+            ));
+        }
+        body.extend_from_slice(&chunk);
+    }
+    Ok(body)
+}
+
+/// The authorization cache's key: pull and push tokens differ in scope.
+fn authorization_key(path: &str, operation: &RegistryOperation) -> String {
+    match operation {
+        RegistryOperation::Pull => path.to_string(),
+        RegistryOperation::Push => format!("{path}\npush"),
     }
 }
 
