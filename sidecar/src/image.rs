@@ -166,8 +166,8 @@ pub fn is_docker(manifest: &Value) -> bool {
     manifest["mediaType"] == DOCKER_MANIFEST
 }
 
-/// The history comment that marks a user layer in a snapshot's config.
-pub const USER_LAYER_COMMENT: &str = "desktop-snapshot: the user's changes";
+/// The history entry that marks a user layer in a snapshot's config (every reader shares it).
+pub use snapshot_tags::provenance::{HISTORY_CREATED_BY, USER_LAYER_COMMENT};
 
 /// The snapshot's config: the base's, with the new layer's diff_id and a history entry.
 pub fn next_config(base: &Value, diff_id: &str, created: &str) -> Value {
@@ -179,7 +179,7 @@ pub fn next_config(base: &Value, diff_id: &str, created: &str) -> Value {
         Some(ids) => ids.push(json!(diff_id)),
         None => config["rootfs"]["diff_ids"] = json!([diff_id]),
     }
-    let entry = json!({"created": created, "created_by": "desktop-snapshot", "comment": USER_LAYER_COMMENT});
+    let entry = json!({"created": created, "created_by": HISTORY_CREATED_BY, "comment": USER_LAYER_COMMENT});
     match config["history"].as_array_mut() {
         Some(h) => h.push(entry),
         None => config["history"] = json!([entry]),
@@ -218,7 +218,7 @@ pub fn below(image: &Base, first: usize) -> Base {
         ids.truncate(first);
     }
     if let Some(history) = config["history"].as_array_mut() {
-        history.retain(|h| h["created_by"] != "desktop-snapshot");
+        history.retain(|h| h["created_by"] != HISTORY_CREATED_BY);
     }
     Base {
         digest: image.digest.clone(),

@@ -3,9 +3,9 @@
 //! (a snapshot made by this version), else the image is the base itself (a
 //! fresh desktop), else a snapshot made before provenance existed, whose
 //! layers beyond the base image's are the user's (the base looked up in the
-//! node's containerd).
+//! node's containerd, or else in its registry: [`from_registry`]).
 
-use crate::{ctrd::Ctrd, image};
+use crate::{ctrd::Ctrd, image, push::Registry};
 use oci_client::Reference;
 use snapshot_tags::provenance::Provenance;
 use tracing::info;
@@ -52,6 +52,34 @@ pub async fn of(
         }
         Err(e) => {
             info!(image = image_name, base = base_name, reason = %format!("{e:#}"), "the base image is not on the node: the snapshot's provenance is unknown");
+            None
+        }
+    }
+}
+
+/// The provenance of `image` (a snapshot made before provenance annotations)
+/// against the pod's base image `base_name` as its registry describes it:
+/// for a node that has the snapshot but not the base image itself.
+pub async fn from_registry(
+    registry: &Registry,
+    image: &image::Base,
+    base_name: &str,
+) -> Option<Provenance> {
+    let base_ref: Reference = base_name.parse().ok()?;
+    match registry.image_layers(&base_ref).await {
+        Ok((digest, layers)) => {
+            let layers: Vec<&str> = layers.iter().map(String::as_str).collect();
+            let found =
+                Provenance::legacy(base_name, Some(&digest), &layers, &image.layer_digests());
+            info!(
+                base = base_name,
+                known = found.is_some(),
+                "the base image read from its registry"
+            );
+            found
+        }
+        Err(e) => {
+            info!(base = base_name, reason = %format!("{e:#}"), "the base image is not readable from its registry either: the snapshot's provenance is unknown");
             None
         }
     }

@@ -127,15 +127,7 @@ impl Registry {
             format!("base layer {digest} is neither on the node nor in a known registry")
         })?;
         info!(digest, from = %source.whole(), "streaming a base layer from the base image's registry");
-        let from = Client::new(client_config(self.protocol, &self.extra_roots));
-        let auth = match &self.credentials {
-            Some(doc) => registry_credentials::auth_for(doc, source.resolve_registry())
-                .unwrap_or(RegistryAuth::Anonymous),
-            None => RegistryAuth::Anonymous,
-        };
-        from.auth(source, &auth, RegistryOperation::Pull)
-            .await
-            .with_context(|| format!("logging in to {}", source.resolve_registry()))?;
+        let from = self.reader_of(source).await?;
         let pulled = from
             .pull_blob_stream(source, digest)
             .await
@@ -148,6 +140,37 @@ impl Registry {
             .await
             .with_context(|| format!("uploading base layer {digest}"))?;
         Ok(())
+    }
+
+    /// The credentials the secret has for `image`'s registry, or none.
+    fn auth_at(&self, image: &Reference) -> RegistryAuth {
+        match &self.credentials {
+            Some(doc) => registry_credentials::auth_for(doc, image.resolve_registry())
+                .unwrap_or(RegistryAuth::Anonymous),
+            None => RegistryAuth::Anonymous,
+        }
+    }
+
+    /// A client logged in to read `image`'s repository, in whatever registry
+    /// it is, with the credentials the secret has for that registry (or none).
+    async fn reader_of(&self, image: &Reference) -> Result<Client> {
+        let client = Client::new(client_config(self.protocol, &self.extra_roots));
+        client
+            .auth(image, &self.auth_at(image), RegistryOperation::Pull)
+            .await
+            .with_context(|| format!("logging in to {}", image.resolve_registry()))?;
+        Ok(client)
+    }
+
+    /// The manifest digest and layer digests of image `image` (for this
+    /// platform when it is an index), from its registry.
+    pub async fn image_layers(&self, image: &Reference) -> Result<(String, Vec<String>)> {
+        let client = self.reader_of(image).await?;
+        let (manifest, digest) = client
+            .pull_image_manifest(image, &self.auth_at(image))
+            .await
+            .with_context(|| format!("reading the manifest of {}", image.whole()))?;
+        Ok((digest, manifest.layers.into_iter().map(|l| l.digest).collect()))
     }
 
     async fn has_blob(&self, target: &Reference, digest: &str) -> Result<bool> {
@@ -164,6 +187,21 @@ impl Registry {
             .await
             .with_context(|| format!("logging in to {}", target.registry()))?;
         Ok(())
+    }
+
+    /// The blob `digest` of `image`'s repository, as a stream checked
+    /// against its digest (after [`Self::authenticate`]).
+    pub async fn blob_stream(
+        &self,
+        image: &Reference,
+        digest: &str,
+    ) -> Result<futures::stream::BoxStream<'static, std::io::Result<Bytes>>> {
+        let sized = self
+            .client
+            .pull_blob_stream(image, digest)
+            .await
+            .with_context(|| format!("reading blob {digest} of {}", image.whole()))?;
+        Ok(sized.stream)
     }
 
     /// Pushes the snapshot; returns the manifest digest.

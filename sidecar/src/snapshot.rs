@@ -160,6 +160,13 @@ async fn generate_and_push(
     let mut base = image::base(ctrd, &container.image).await?;
     let mut provenance =
         lineage::of(ctrd, &container.image, &base, config.base_image.as_deref()).await;
+    // a snapshot made before provenance on a node without its base: ask the base's registry
+    let mut registry = None;
+    if let (None, Some(base_name)) = (&provenance, config.base_image.as_deref()) {
+        let r = login(config).await?;
+        provenance = lineage::from_registry(&r, &base, base_name).await;
+        registry = Some(r);
+    }
     let layers = image::layer_count(&base);
     let over_limit = layers + 1 > config.max_layers as usize;
     // past the limit, the user's layers are merged above the base when the
@@ -192,6 +199,19 @@ async fn generate_and_push(
             return Ok(Made::Unchanged);
         }
     }
+    step(Step::LoginRegistry);
+    let now = SystemTime::now();
+    let tag = tag::snapshot_tag(&config.tag_prefix, now);
+    let image_ref = format!("{}:{tag}", config.repository);
+    let target: oci_client::Reference = image_ref
+        .parse()
+        .with_context(|| format!("{image_ref} is not an image reference"))?;
+    let registry = match registry {
+        Some(r) => r,
+        None => login(config).await?,
+    };
+    registry.authenticate(&target).await?;
+
     let layer = match keep_base {
         Some(first) => {
             info!(
@@ -200,28 +220,20 @@ async fn generate_and_push(
                 base_layers = first,
                 "layer limit reached: merging the user's layers into one above the base"
             );
-            let merged = squash::merged(ctrd, &base, first, layer, config).await?;
+            // user layers the node lacks are read from the image's repository
+            let from = container
+                .image
+                .parse::<oci_client::Reference>()
+                .ok()
+                .filter(|r| r.registry() == target.registry())
+                .unwrap_or_else(|| target.clone());
+            let merged =
+                squash::merged(ctrd, (&registry, &from), &base, first, layer, config).await?;
             base = image::below(&base, first);
             merged
         }
         None => layer,
     };
-
-    step(Step::LoginRegistry);
-    let now = SystemTime::now();
-    let tag = tag::snapshot_tag(&config.tag_prefix, now);
-    let image_ref = format!("{}:{tag}", config.repository);
-    let target: oci_client::Reference = image_ref
-        .parse()
-        .with_context(|| format!("{image_ref} is not an image reference"))?;
-    let registry = Registry::login(
-        &config.repository,
-        config.registry_protocol,
-        config.registry_ca.as_deref(),
-        config.registry_credentials.as_deref(),
-    )
-    .await?;
-    registry.authenticate(&target).await?;
 
     step(Step::PushImage);
     let created = humantime::format_rfc3339_seconds(now).to_string();
@@ -252,6 +264,17 @@ async fn generate_and_push(
         source,
         diff_id,
     })
+}
+
+/// A client for the snapshot registry with the mounted credentials.
+async fn login(config: &Config) -> Result<Registry> {
+    Registry::login(
+        &config.repository,
+        config.registry_protocol,
+        config.registry_ca.as_deref(),
+        config.registry_credentials.as_deref(),
+    )
+    .await
 }
 
 /// The container's changes as a compressed layer: from the overlayfs upper

@@ -6,7 +6,9 @@
 //! data, never with the base.
 //!
 //! The user's layers come from the node's content store (the node pulled
-//! them to run this desktop); each, and the new change, is staged compressed
+//! them to run this desktop) or, for one the node lacks (garbage-collected,
+//! or a snapshotter that pulls lazily), from the registry; each, and the new
+//! change, is staged compressed
 //! in a private folder of the work directory, then read twice by the merge
 //! (decompressed on the fly) while the result is compressed into a spool.
 
@@ -16,7 +18,9 @@ use crate::{
     ctrd::Ctrd,
     image,
     layer::{NewLayer, Written},
-    merge, spool,
+    merge,
+    push::Registry,
+    spool,
 };
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;
@@ -51,6 +55,7 @@ fn encoding(media_type: &str) -> Result<Encoding> {
 /// (compressed as `config` says) as one layer, compressed the same way.
 pub async fn merged(
     ctrd: &Ctrd,
+    (registry, from): (&Registry, &oci_client::Reference),
     base: &image::Base,
     first: usize,
     change: NewLayer,
@@ -81,9 +86,13 @@ pub async fn merged(
         let media_type = layer["mediaType"].as_str().unwrap_or_default();
         let path = staging.path().join(format!("{i}"));
         let stream = image::read_stream(ctrd, digest);
-        stage(stream, &path)
-            .await
-            .with_context(|| format!("user layer {digest} from the node's content store"))?;
+        if let Err(e) = stage(stream, &path).await {
+            info!(layer = digest, reason = %format!("{e:#}"), "a user layer is not in the node's content store: reading it from the registry");
+            let stream = registry.blob_stream(from, digest).await?;
+            stage(stream, &path).await.with_context(|| {
+                format!("user layer {digest}: not in the node's content store ({e:#}), nor readable from {}", from.whole())
+            })?;
+        }
         layers.push((path, encoding(media_type)?));
     }
     let path = staging.path().join("change");

@@ -57,6 +57,13 @@ pub fn newest<'a>(tags: impl IntoIterator<Item = &'a str>, prefix: &str) -> Opti
         .max_by(compare)
 }
 
+/// The snapshots of `prefix` among `tags`, oldest first.
+pub fn oldest_first<'a>(tags: impl IntoIterator<Item = &'a str>, prefix: &str) -> Vec<String> {
+    let mut owned: Vec<Snapshot> = tags.into_iter().filter_map(|t| owned_by(t, prefix)).collect();
+    owned.sort_by(compare);
+    owned.into_iter().map(|s| s.tag).collect()
+}
+
 /// The newest snapshot among `tags` whatever its prefix: in the per-user
 /// layout a repository holds one user's snapshots under every base tag.
 pub fn newest_any<'a>(tags: impl IntoIterator<Item = &'a str>) -> Option<Snapshot> {
@@ -86,6 +93,12 @@ fn normalise(digits: &str) -> &str {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn oldest_first_is_by_timestamp_as_a_number() {
+        let tags = ["a-10", "a-9", "b-1", "a-0100", "a-1-5"];
+        assert_eq!(oldest_first(tags, "a"), ["a-9", "a-10", "a-0100"]);
+    }
 
     #[test]
     fn newest_whatever_the_prefix() {

@@ -22,6 +22,11 @@ pub const USER: &str = "io.abcdesktop.snapshot.user";
 /// (the count of base layers before it).
 pub const FIRST_USER_LAYER: &str = "io.abcdesktop.snapshot.first-user-layer";
 
+/// `created_by` of the config history entry of each user layer.
+pub const HISTORY_CREATED_BY: &str = "desktop-snapshot";
+/// Its `comment`.
+pub const USER_LAYER_COMMENT: &str = "desktop-snapshot: the user's changes";
+
 /// Where a snapshot's user layers start, and on what.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Provenance {

@@ -419,14 +419,7 @@ impl Rig {
 
     /// `prefix`'s snapshot tags, oldest first.
     pub async fn tags(&self, prefix: &str) -> Vec<String> {
-        let mut t: Vec<String> = self
-            .registry
-            .tags(RIG_REPO)
-            .await
-            .into_iter()
-            .filter(|t| snapshot_tags::owned_by(t, prefix).is_some())
-            .collect();
-        t.sort_by_key(|t| t.rsplit('-').next().and_then(|n| n.parse::<u128>().ok()));
-        t
+        let all = self.registry.tags(RIG_REPO).await;
+        snapshot_tags::oldest_first(all.iter().map(String::as_str), prefix)
     }
 }

@@ -349,15 +349,8 @@ impl Node {
 
     /// `desktop`'s user's snapshot tags in the registry, oldest first.
     pub async fn tags(&self, desktop: &Desktop) -> Vec<String> {
-        let mut tags: Vec<String> = self
-            .registry
-            .tags(Self::repository_path(desktop))
-            .await
-            .into_iter()
-            .filter(|t| snapshot_tags::owned_by(t, &desktop.tag_prefix).is_some())
-            .collect();
-        tags.sort_by_key(|t| t.rsplit('-').next().and_then(|n| n.parse::<u128>().ok()));
-        tags
+        let all = self.registry.tags(Self::repository_path(desktop)).await;
+        snapshot_tags::oldest_first(all.iter().map(String::as_str), &desktop.tag_prefix)
     }
 
     /// The user logs off: the container is removed.

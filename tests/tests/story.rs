@@ -363,3 +363,88 @@ async fn a_snapshot_rebased_onto_a_new_base_restores_both_the_new_base_and_the_u
     assert_eq!(manifest["annotations"]["io.abcdesktop.snapshot.first-user-layer"], "2");
     node.stop().await;
 }
+
+/// A merge that needs a user layer the node no longer has (garbage-collected,
+/// or never fetched whole by a lazy snapshotter) reads it from the registry.
+#[tokio::test]
+async fn a_merge_reads_the_user_layers_the_node_lacks_from_the_registry() {
+    let max = [("SNAPSHOT_MAX_LAYERS", "3")];
+    let node = Node::start(&[]).await;
+    let mut desktop = node.login("erin").await;
+    let repo = Node::repository_path(&desktop).to_string();
+    for round in 1..=2 {
+        node.containerd
+            .exec(&desktop.container, &format!("echo {round} > /root/file-{round}"))
+            .await;
+        node.snapshot(&desktop, &max).await;
+        node.logoff(desktop).await;
+        desktop = node.login("erin").await;
+    }
+    // the restored image has the base layer and two user layers: drop the user's from the node
+    let tag = desktop.image.rsplit_once(':').unwrap().1.to_string();
+    let (manifest, _) = node.registry.manifest_and_config(&repo, &tag).await;
+    let layers = manifest["layers"].as_array().cloned().unwrap();
+    assert_eq!(layers.len(), 3);
+    for layer in &layers[1..] {
+        let digest = layer["digest"].as_str().unwrap();
+        node.containerd
+            .ctr(&["content", "rm", digest])
+            .await
+            .expect("removing a user layer from the content store");
+    }
+    node.containerd
+        .exec(&desktop.container, "echo 3 > /root/file-3 && rm /root/file-1")
+        .await;
+    let live = node.containerd.tree(&desktop.container).await;
+    let sidecar = node.sidecar(&desktop, &max).await;
+    sidecar.snapshot_done().await;
+    let log = sidecar.log();
+    sidecar.stop().await;
+    assert!(
+        log.contains("reading it from the registry"),
+        "the merge fetched the missing layers:\n{log}"
+    );
+    node.logoff(desktop).await;
+    let desktop = node.login("erin").await;
+    assert_eq!(node.containerd.tree(&desktop.container).await, live);
+    let tag = desktop.image.rsplit_once(':').unwrap().1.to_string();
+    let (manifest, _) = node.registry.manifest_and_config(&repo, &tag).await;
+    assert_eq!(manifest["layers"].as_array().unwrap().len(), 2, "merged above the base");
+    node.stop().await;
+}
+
+/// A snapshot pushed before provenance annotations, restored on a node that
+/// never pulled its base image: the sidecar reads the base from its registry
+/// and the next snapshot says what it sits on.
+#[tokio::test]
+async fn a_legacy_snapshot_on_a_node_without_its_base_gets_its_provenance_from_the_registry() {
+    let node = Node::start(&[]).await;
+    let repo = "abcdesktopio/oc.user.legacy";
+    let busybox = harness::containerd::base_layer().expect("the base layer");
+    let base_layer = (
+        harness::oci::gzip(&busybox).expect("gzip"),
+        harness::oci::sha256(&busybox),
+    );
+    node.registry
+        .push_image(repo, "4.1", &[base_layer.clone()], serde_json::json!({}))
+        .await;
+    // what an older version pushed: the base's layers and the user's, no annotations
+    let user_layer = harness::registry::layer("root/legacy", "frank");
+    node.registry
+        .push_image(repo, "frank-100", &[base_layer, user_layer], serde_json::json!({}))
+        .await;
+    let base = format!("{}/{repo}:4.1", node.registry.host());
+    let desktop = node.login_with("frank", &base).await;
+    assert!(desktop.image.ends_with(":frank-100"), "{}", desktop.image);
+    node.containerd
+        .exec(&desktop.container, "echo more > /root/more")
+        .await;
+    node.snapshot(&desktop, &[]).await;
+    let tags = node.tags(&desktop).await;
+    let newest = tags.last().expect("a snapshot");
+    let (manifest, _) = node.registry.manifest_and_config(repo, newest).await;
+    let a = &manifest["annotations"];
+    assert_eq!(a["org.opencontainers.image.base.name"], serde_json::json!(base));
+    assert_eq!(a["io.abcdesktop.snapshot.first-user-layer"], "1");
+    node.stop().await;
+}

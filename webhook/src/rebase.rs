@@ -160,7 +160,12 @@ fn user_history(config: &Value, first_user_layer: usize) -> Vec<Value> {
         None => {
             let layers = config["rootfs"]["diff_ids"].as_array().map_or(0, Vec::len);
             (first_user_layer..layers)
-                .map(|_| json!({"created_by": "desktop-snapshot", "comment": "the user's changes"}))
+                .map(|_| {
+                    json!({
+                        "created_by": provenance::HISTORY_CREATED_BY,
+                        "comment": provenance::USER_LAYER_COMMENT,
+                    })
+                })
                 .collect()
         }
     }

@@ -54,62 +54,25 @@ const GROWTH: f64 = 0.10;
 const RSS_FLOOR_MIB: f64 = 2.0;
 const FD_FLOOR: f64 = 4.0;
 
+/// Soak: the webhook, sidecar, registry and containerd under steady load.
+#[derive(clap::Parser)]
+#[command(name = "soak")]
 struct Args {
+    /// How long the load runs, in minutes.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     minutes: u64,
+    /// Admissions per second, open loop.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
     rate: u64,
-    users: usize,
+    /// Users whose desktop pods are admitted.
+    #[arg(long, default_value_t = 200, value_parser = clap::value_parser!(u64).range(1..))]
+    users: u64,
+    /// Seconds between two snapshots of the desktop.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..))]
     snapshot_every: u64,
+    /// MiB the desktop's user changes before each snapshot.
+    #[arg(long, default_value_t = 4, value_parser = clap::value_parser!(u64).range(1..))]
     change_mib: u64,
-}
-
-const USAGE: &str = "usage: soak [--minutes N (10)] [--rate ADMISSIONS_PER_S (200)] [--users N (200)] [--snapshot-every SECONDS (10)] [--change-mib MIB (4)]";
-
-fn parse_args() -> Args {
-    let mut a = Args {
-        minutes: 10,
-        rate: 200,
-        users: 200,
-        snapshot_every: 10,
-        change_mib: 4,
-    };
-    let mut it = std::env::args().skip(1);
-    while let Some(arg) = it.next() {
-        if arg == "--help" || arg == "-h" {
-            println!("{USAGE}");
-            std::process::exit(0);
-        }
-        let (flag, value) = match arg.split_once('=') {
-            Some((f, v)) => (f.to_string(), v.to_string()),
-            None => {
-                let v = it.next().unwrap_or_else(|| {
-                    eprintln!("{arg} needs a value\n{USAGE}");
-                    std::process::exit(2)
-                });
-                (arg, v)
-            }
-        };
-        let number = |v: &str| -> u64 {
-            match v.parse::<u64>() {
-                Ok(n) if n > 0 => n,
-                _ => {
-                    eprintln!("{flag}: {v:?} is not a positive whole number\n{USAGE}");
-                    std::process::exit(2)
-                }
-            }
-        };
-        match flag.as_str() {
-            "--minutes" => a.minutes = number(&value),
-            "--rate" => a.rate = number(&value),
-            "--users" => a.users = number(&value) as usize,
-            "--snapshot-every" => a.snapshot_every = number(&value),
-            "--change-mib" => a.change_mib = number(&value),
-            _ => {
-                eprintln!("unknown flag {flag}\n{USAGE}");
-                std::process::exit(2)
-            }
-        }
-    }
-    a
 }
 
 /// What happened since the last row.
@@ -174,7 +137,7 @@ enum Event {
 #[tokio::main]
 async fn main() {
     harness::init_crypto();
-    let args = parse_args();
+    let args = <Args as clap::Parser>::parse();
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
