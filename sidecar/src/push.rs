@@ -170,7 +170,10 @@ impl Registry {
             .pull_image_manifest(image, &self.auth_at(image))
             .await
             .with_context(|| format!("reading the manifest of {}", image.whole()))?;
-        Ok((digest, manifest.layers.into_iter().map(|l| l.digest).collect()))
+        Ok((
+            digest,
+            manifest.layers.into_iter().map(|l| l.digest).collect(),
+        ))
     }
 
     async fn has_blob(&self, target: &Reference, digest: &str) -> Result<bool> {

@@ -59,7 +59,10 @@ pub fn newest<'a>(tags: impl IntoIterator<Item = &'a str>, prefix: &str) -> Opti
 
 /// The snapshots of `prefix` among `tags`, oldest first.
 pub fn oldest_first<'a>(tags: impl IntoIterator<Item = &'a str>, prefix: &str) -> Vec<String> {
-    let mut owned: Vec<Snapshot> = tags.into_iter().filter_map(|t| owned_by(t, prefix)).collect();
+    let mut owned: Vec<Snapshot> = tags
+        .into_iter()
+        .filter_map(|t| owned_by(t, prefix))
+        .collect();
     owned.sort_by(compare);
     owned.into_iter().map(|s| s.tag).collect()
 }
@@ -109,7 +112,11 @@ mod tests {
             (&[], None),
         ];
         for (tags, want) in table {
-            assert_eq!(newest_any(tags.iter().copied()).map(|s| s.tag).as_deref(), *want, "{tags:?}");
+            assert_eq!(
+                newest_any(tags.iter().copied()).map(|s| s.tag).as_deref(),
+                *want,
+                "{tags:?}"
+            );
         }
     }
     use std::time::Duration;

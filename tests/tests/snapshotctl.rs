@@ -630,8 +630,12 @@ async fn rebase_moves_each_users_newest_snapshot_onto_the_new_base() {
         let base = |t: &str| format!("{}/{IMAGE}:{t}", registry.host());
         let old_base = vec![layer("etc/base", "4.1")];
         let new_base = vec![layer("etc/base", "4.2"), layer("etc/extra", "4.2")];
-        registry.push_image(IMAGE, "4.1", &old_base, json!({})).await;
-        registry.push_image(IMAGE, "4.2", &new_base, json!({})).await;
+        registry
+            .push_image(IMAGE, "4.1", &old_base, json!({}))
+            .await;
+        registry
+            .push_image(IMAGE, "4.2", &new_base, json!({}))
+            .await;
         let repo_of = |user: &str| match layout {
             "shared" => (IMAGE.to_string(), format!("{user}-100")),
             _ => (format!("{user}/{IMAGE}"), "4.1-100".to_string()),
@@ -654,11 +658,18 @@ async fn rebase_moves_each_users_newest_snapshot_onto_the_new_base() {
         }
         let onto = base("4.2");
         let args = |extra: &[&str]| -> Vec<String> {
-            ["--layout", layout, "rebase", "--onto", onto.as_str(), "--all"]
-                .iter()
-                .chain(extra)
-                .map(|s| s.to_string())
-                .collect()
+            [
+                "--layout",
+                layout,
+                "rebase",
+                "--onto",
+                onto.as_str(),
+                "--all",
+            ]
+            .iter()
+            .chain(extra)
+            .map(|s| s.to_string())
+            .collect()
         };
         fn as_refs(v: &[String]) -> Vec<&str> {
             v.iter().map(String::as_str).collect()
@@ -666,12 +677,30 @@ async fn rebase_moves_each_users_newest_snapshot_onto_the_new_base() {
 
         let dry = run(&registry, &as_refs(&args(&["--dry-run"]))).await.ok();
         assert!(dry.stdout.contains("would rebase from"), "{}", dry.stdout);
-        assert!(dry.stdout.contains("no provenance annotations"), "{}", dry.stdout);
+        assert!(
+            dry.stdout.contains("no provenance annotations"),
+            "{}",
+            dry.stdout
+        );
         let (alice_repo, alice_tag) = repo_of("alice");
-        assert_eq!(registry.tags(&alice_repo).await.iter().filter(|t| t.contains('-')).count(), if layout == "shared" { 2 } else { 1 }, "a dry run writes nothing");
+        assert_eq!(
+            registry
+                .tags(&alice_repo)
+                .await
+                .iter()
+                .filter(|t| t.contains('-'))
+                .count(),
+            if layout == "shared" { 2 } else { 1 },
+            "a dry run writes nothing"
+        );
 
         let real = run(&registry, &as_refs(&args(&[]))).await.ok();
-        assert!(real.stdout.contains("rebased 1,"), "{layout}: {}\n{}", real.stdout, real.stderr);
+        assert!(
+            real.stdout.contains("rebased 1,"),
+            "{layout}: {}\n{}",
+            real.stdout,
+            real.stderr
+        );
         let new_tag = registry
             .tags(&alice_repo)
             .await
@@ -686,7 +715,10 @@ async fn rebase_moves_each_users_newest_snapshot_onto_the_new_base() {
         assert_eq!(a["org.opencontainers.image.base.name"], json!(base("4.2")));
         assert_eq!(a["io.abcdesktop.snapshot.first-user-layer"], "2");
         assert_eq!(manifest["layers"].as_array().unwrap().len(), 3);
-        assert_eq!(config["rootfs"]["diff_ids"][2], json!(layer("root/notes", "alice").1));
+        assert_eq!(
+            config["rootfs"]["diff_ids"][2],
+            json!(layer("root/notes", "alice").1)
+        );
         let again = run(&registry, &as_refs(&args(&[]))).await.ok();
         assert!(again.stdout.contains("already on it"), "{}", again.stdout);
     }

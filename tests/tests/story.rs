@@ -307,7 +307,12 @@ async fn a_snapshot_rebased_onto_a_new_base_restores_both_the_new_base_and_the_u
     );
     let upgrade = harness::registry::layer("opt/base/new-in-4.2", "4.2");
     node.registry
-        .push_image(repo, "4.1", &[base_layer.clone()], serde_json::json!({}))
+        .push_image(
+            repo,
+            "4.1",
+            std::slice::from_ref(&base_layer),
+            serde_json::json!({}),
+        )
         .await;
     node.registry
         .push_image(repo, "4.2", &[base_layer, upgrade], serde_json::json!({}))
@@ -343,7 +348,10 @@ async fn a_snapshot_rebased_onto_a_new_base_restores_both_the_new_base_and_the_u
         .await;
     assert!(seen.contains("layer of 4.2"), "the new base's file: {seen}");
     assert!(seen.contains("mine"), "the user's file: {seen}");
-    assert!(seen.contains("user\n"), "the user's version of a base file: {seen}");
+    assert!(
+        seen.contains("user\n"),
+        "the user's version of a base file: {seen}"
+    );
     assert!(seen.contains("No such file"), "the user's deletion: {seen}");
     // the next snapshot sits on the new base
     node.containerd
@@ -360,7 +368,10 @@ async fn a_snapshot_rebased_onto_a_new_base_restores_both_the_new_base_and_the_u
         manifest["annotations"]["org.opencontainers.image.base.name"],
         serde_json::json!(image("4.2"))
     );
-    assert_eq!(manifest["annotations"]["io.abcdesktop.snapshot.first-user-layer"], "2");
+    assert_eq!(
+        manifest["annotations"]["io.abcdesktop.snapshot.first-user-layer"],
+        "2"
+    );
     node.stop().await;
 }
 
@@ -374,7 +385,10 @@ async fn a_merge_reads_the_user_layers_the_node_lacks_from_the_registry() {
     let repo = Node::repository_path(&desktop).to_string();
     for round in 1..=2 {
         node.containerd
-            .exec(&desktop.container, &format!("echo {round} > /root/file-{round}"))
+            .exec(
+                &desktop.container,
+                &format!("echo {round} > /root/file-{round}"),
+            )
             .await;
         node.snapshot(&desktop, &max).await;
         node.logoff(desktop).await;
@@ -393,7 +407,10 @@ async fn a_merge_reads_the_user_layers_the_node_lacks_from_the_registry() {
             .expect("removing a user layer from the content store");
     }
     node.containerd
-        .exec(&desktop.container, "echo 3 > /root/file-3 && rm /root/file-1")
+        .exec(
+            &desktop.container,
+            "echo 3 > /root/file-3 && rm /root/file-1",
+        )
         .await;
     let live = node.containerd.tree(&desktop.container).await;
     let sidecar = node.sidecar(&desktop, &max).await;
@@ -409,7 +426,11 @@ async fn a_merge_reads_the_user_layers_the_node_lacks_from_the_registry() {
     assert_eq!(node.containerd.tree(&desktop.container).await, live);
     let tag = desktop.image.rsplit_once(':').unwrap().1.to_string();
     let (manifest, _) = node.registry.manifest_and_config(&repo, &tag).await;
-    assert_eq!(manifest["layers"].as_array().unwrap().len(), 2, "merged above the base");
+    assert_eq!(
+        manifest["layers"].as_array().unwrap().len(),
+        2,
+        "merged above the base"
+    );
     node.stop().await;
 }
 
@@ -426,12 +447,22 @@ async fn a_legacy_snapshot_on_a_node_without_its_base_gets_its_provenance_from_t
         harness::oci::sha256(&busybox),
     );
     node.registry
-        .push_image(repo, "4.1", &[base_layer.clone()], serde_json::json!({}))
+        .push_image(
+            repo,
+            "4.1",
+            std::slice::from_ref(&base_layer),
+            serde_json::json!({}),
+        )
         .await;
     // what an older version pushed: the base's layers and the user's, no annotations
     let user_layer = harness::registry::layer("root/legacy", "frank");
     node.registry
-        .push_image(repo, "frank-100", &[base_layer, user_layer], serde_json::json!({}))
+        .push_image(
+            repo,
+            "frank-100",
+            &[base_layer, user_layer],
+            serde_json::json!({}),
+        )
         .await;
     let base = format!("{}/{repo}:4.1", node.registry.host());
     let desktop = node.login_with("frank", &base).await;
@@ -444,7 +475,10 @@ async fn a_legacy_snapshot_on_a_node_without_its_base_gets_its_provenance_from_t
     let newest = tags.last().expect("a snapshot");
     let (manifest, _) = node.registry.manifest_and_config(repo, newest).await;
     let a = &manifest["annotations"];
-    assert_eq!(a["org.opencontainers.image.base.name"], serde_json::json!(base));
+    assert_eq!(
+        a["org.opencontainers.image.base.name"],
+        serde_json::json!(base)
+    );
     assert_eq!(a["io.abcdesktop.snapshot.first-user-layer"], "1");
     node.stop().await;
 }

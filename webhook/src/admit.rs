@@ -133,8 +133,11 @@ impl Admitter {
         if Instant::now() >= deadline {
             return spent();
         }
-        match tokio::time::timeout_at(deadline.into(), self.ask_registry(action, deadline, dry_run))
-            .await
+        match tokio::time::timeout_at(
+            deadline.into(),
+            self.ask_registry(action, deadline, dry_run),
+        )
+        .await
         {
             Ok(found) => found,
             Err(_) => spent(),
@@ -220,7 +223,8 @@ impl Admitter {
             // keep and fresh go by what the tag says
             Err(_) => (None, None),
         };
-        let Some(from) = newbase::moved_from(pod_image, target, &newest, provenance.as_ref(), per_user)
+        let Some(from) =
+            newbase::moved_from(pod_image, target, &newest, provenance.as_ref(), per_user)
         else {
             return (newest, None, None);
         };

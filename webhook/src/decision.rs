@@ -634,7 +634,13 @@ mod tests {
         // (found, outcome, restored tag, status contains, warns)
         let cases = [
             (
-                with("alice-9", BaseChange::Rebased { from: from.clone(), snapshot: "alice-5".into() }),
+                with(
+                    "alice-9",
+                    BaseChange::Rebased {
+                        from: from.clone(),
+                        snapshot: "alice-5".into(),
+                    },
+                ),
                 Outcome::Rebased,
                 Some("alice-9"),
                 "rebased alice-5 from",
@@ -648,14 +654,26 @@ mod tests {
                 false,
             ),
             (
-                with("alice-5", BaseChange::NotRebased { from: from.clone(), why: "registry unauthorized".into() }),
+                with(
+                    "alice-5",
+                    BaseChange::NotRebased {
+                        from: from.clone(),
+                        why: "registry unauthorized".into(),
+                    },
+                ),
                 Outcome::Restored,
                 Some("alice-5"),
                 "not rebased",
                 true,
             ),
             (
-                with("alice-5", BaseChange::Fresh { from: from.clone(), snapshot: "alice-5".into() }),
+                with(
+                    "alice-5",
+                    BaseChange::Fresh {
+                        from: from.clone(),
+                        snapshot: "alice-5".into(),
+                    },
+                ),
                 Outcome::FreshBase,
                 None,
                 "fresh desktop on a new base image: snapshot alice-5",
@@ -670,7 +688,11 @@ mod tests {
                 tag.map(|t| format!("reg.example:5000/abcdesktopio/oc.user:{t}")),
                 "{found:?}"
             );
-            assert!(r.status.as_deref().unwrap_or("").contains(status), "{:?}", r.status);
+            assert!(
+                r.status.as_deref().unwrap_or("").contains(status),
+                "{:?}",
+                r.status
+            );
             assert_eq!(r.warning.is_some(), warns, "{found:?}");
             assert_eq!(r.detail.is_some(), warns, "the reason goes to the log");
             assert!(r.base_change.is_some() && r.sidecar.is_some());

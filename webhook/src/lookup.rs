@@ -202,7 +202,11 @@ impl Lookup {
 
     /// The manifest of one of `target`'s tags, within the lookup deadline;
     /// `None` when the tag does not exist.
-    pub async fn manifest(&self, target: &Target, tag: &str) -> Result<Option<Document>, LookupError> {
+    pub async fn manifest(
+        &self,
+        target: &Target,
+        tag: &str,
+    ) -> Result<Option<Document>, LookupError> {
         let (registry, turns, path, tag_owned) = (
             self.registry.clone(),
             self.turns.clone(),
@@ -210,14 +214,19 @@ impl Lookup {
             tag.to_string(),
         );
         // concurrent reads of one manifest make one request; a failure is not kept
-        let read = self.manifests.entry(target.image(tag)).or_try_insert_with(async move {
-            let asked = at_the_registry(turns, async move { registry.manifest(&path, &tag_owned).await });
-            match asked.await {
-                Ok(Some(m)) => Ok(m),
-                Ok(None) => Err(None),
-                Err(e) => Err(Some(e)),
-            }
-        });
+        let read =
+            self.manifests
+                .entry(target.image(tag))
+                .or_try_insert_with(async move {
+                    let asked = at_the_registry(turns, async move {
+                        registry.manifest(&path, &tag_owned).await
+                    });
+                    match asked.await {
+                        Ok(Some(m)) => Ok(m),
+                        Ok(None) => Err(None),
+                        Err(e) => Err(Some(e)),
+                    }
+                });
         let result = match timeout(self.deadline, read).await {
             Ok(Ok(entry)) => {
                 if entry.is_fresh() {
@@ -245,7 +254,10 @@ impl Lookup {
     /// its admission was answered is found by the next login.
     pub async fn rebase(&self, job: rewrite::Job) -> Result<rewrite::Written, LookupError> {
         let registry = self.registry.clone();
-        at_the_registry(self.turns.clone(), async move { rewrite::rebase(&registry, &job).await }).await
+        at_the_registry(self.turns.clone(), async move {
+            rewrite::rebase(&registry, &job).await
+        })
+        .await
     }
 
     fn timed_out(&self) -> LookupError {

@@ -94,9 +94,7 @@ impl Metrics {
             .get_or_create(&KindLabel { kind: "coalesced" })
             .clone();
         let cache_digest_hit = cache.get_or_create(&KindLabel { kind: "digest" }).clone();
-        let cache_manifest_hit = cache
-            .get_or_create(&KindLabel { kind: "manifest" })
-            .clone();
+        let cache_manifest_hit = cache.get_or_create(&KindLabel { kind: "manifest" }).clone();
         Self {
             registry,
             admissions,

@@ -103,8 +103,18 @@ mod tests {
         let pod = "r.example/oc.user:4.2";
         let table: &[(&str, Option<Provenance>, bool, Option<&str>)] = &[
             ("4.2-1", Some(on("r.example/oc.user:4.2")), true, None),
-            ("4.2-1", Some(on("r.example/oc.user:4.1")), true, Some("r.example/oc.user:4.1")),
-            ("alice-1", Some(on("r.example/oc.user:4.1")), false, Some("r.example/oc.user:4.1")),
+            (
+                "4.2-1",
+                Some(on("r.example/oc.user:4.1")),
+                true,
+                Some("r.example/oc.user:4.1"),
+            ),
+            (
+                "alice-1",
+                Some(on("r.example/oc.user:4.1")),
+                false,
+                Some("r.example/oc.user:4.1"),
+            ),
             // no provenance: the per-user tag prefix is the base tag
             ("4.1-1", None, true, Some("r.example/oc.user:4.1")),
             ("4.2-1", None, true, None),

@@ -8,7 +8,10 @@
 //! and history entries after the base's. A file both the user and the new
 //! base changed keeps the user's version: the user's layers lie above.
 
-use crate::{registry::Document, tag::provenance::{self, Provenance}};
+use crate::{
+    registry::Document,
+    tag::provenance::{self, Provenance},
+};
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 
@@ -71,7 +74,11 @@ pub fn onto(
         ));
     }
     for (what, a, b) in [
-        ("architecture", &s_config["architecture"], &b_config["architecture"]),
+        (
+            "architecture",
+            &s_config["architecture"],
+            &b_config["architecture"],
+        ),
         ("os", &s_config["os"], &b_config["os"]),
     ] {
         if a != b {
@@ -175,7 +182,9 @@ fn parse(image: &Image, what: &str) -> Result<(Value, Value), String> {
     let manifest: Value = serde_json::from_slice(&image.manifest.body)
         .map_err(|e| format!("{what}'s manifest is not JSON: {e}"))?;
     if manifest.get("manifests").is_some() {
-        return Err(format!("{what}'s manifest is an index, not an image manifest"));
+        return Err(format!(
+            "{what}'s manifest is an index, not an image manifest"
+        ));
     }
     let config: Value = serde_json::from_slice(&image.config.body)
         .map_err(|e| format!("{what}'s config is not JSON: {e}"))?;
@@ -217,7 +226,10 @@ mod tests {
             "layers": layers.iter().map(|l| layer(l)).collect::<Vec<_>>(),
             "annotations": annotations,
         });
-        (Document::new(OCI.into(), serde_json::to_vec(&manifest).unwrap()), config)
+        (
+            Document::new(OCI.into(), serde_json::to_vec(&manifest).unwrap()),
+            config,
+        )
     }
 
     fn naming() -> Naming<'static> {
@@ -241,19 +253,42 @@ mod tests {
         );
         let (bm, bc) = image(&["new1"], json!([{"created_by": "new1"}]), json!({}));
         let r = onto(
-            &Image { manifest: &sm, config: &sc },
+            &Image {
+                manifest: &sm,
+                config: &sc,
+            },
             2,
-            &Image { manifest: &bm, config: &bc },
+            &Image {
+                manifest: &bm,
+                config: &bc,
+            },
             &naming(),
         )
         .unwrap();
         let m = json_of(&r.manifest);
         let c = json_of(&r.config);
-        let digests: Vec<_> = m["layers"].as_array().unwrap().iter().map(|l| l["digest"].as_str().unwrap()).collect();
+        let digests: Vec<_> = m["layers"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|l| l["digest"].as_str().unwrap())
+            .collect();
         assert_eq!(digests, ["sha256:new1", "sha256:u1", "sha256:u2"]);
-        assert_eq!(c["rootfs"]["diff_ids"], json!(["sha256:dnew1", "sha256:du1", "sha256:du2"]));
-        assert_eq!(c["config"]["Env"], json!(["BASE=new1"]), "the new base's config");
-        let created_by: Vec<_> = c["history"].as_array().unwrap().iter().map(|h| h["created_by"].as_str().unwrap()).collect();
+        assert_eq!(
+            c["rootfs"]["diff_ids"],
+            json!(["sha256:dnew1", "sha256:du1", "sha256:du2"])
+        );
+        assert_eq!(
+            c["config"]["Env"],
+            json!(["BASE=new1"]),
+            "the new base's config"
+        );
+        let created_by: Vec<_> = c["history"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|h| h["created_by"].as_str().unwrap())
+            .collect();
         assert_eq!(created_by, ["new1", "desktop-snapshot", "desktop-snapshot"]);
         assert_eq!(m["config"]["digest"], json!(r.config.digest));
         assert_eq!(m["config"]["size"], json!(r.config.body.len()));
@@ -272,16 +307,52 @@ mod tests {
     fn bad_inputs_are_refused_with_a_reason() {
         let (sm, sc) = image(&["old1", "u1"], json!([]), json!({}));
         let (bm, bc) = image(&["new1"], json!([]), json!({}));
-        let s = Image { manifest: &sm, config: &sc };
-        let b = Image { manifest: &bm, config: &bc };
-        assert!(onto(&s, 3, &b, &naming()).unwrap_err().contains("past its 2 layers"));
+        let s = Image {
+            manifest: &sm,
+            config: &sc,
+        };
+        let b = Image {
+            manifest: &bm,
+            config: &bc,
+        };
+        assert!(onto(&s, 3, &b, &naming())
+            .unwrap_err()
+            .contains("past its 2 layers"));
         let index = Document::new(OCI.into(), br#"{"manifests": []}"#.to_vec());
-        let e = onto(&s, 1, &Image { manifest: &index, config: &bc }, &naming()).unwrap_err();
+        let e = onto(
+            &s,
+            1,
+            &Image {
+                manifest: &index,
+                config: &bc,
+            },
+            &naming(),
+        )
+        .unwrap_err();
         assert!(e.contains("index"), "{e}");
         let garbage = Document::new(OCI.into(), b"<html>".to_vec());
-        assert!(onto(&Image { manifest: &garbage, config: &sc }, 1, &b, &naming()).unwrap_err().contains("not JSON"));
+        assert!(onto(
+            &Image {
+                manifest: &garbage,
+                config: &sc
+            },
+            1,
+            &b,
+            &naming()
+        )
+        .unwrap_err()
+        .contains("not JSON"));
         let arm = Document::new(String::new(), serde_json::to_vec(&json!({"architecture": "arm64", "os": "linux", "rootfs": {"diff_ids": ["sha256:dnew1"]}})).unwrap());
-        let e = onto(&s, 1, &Image { manifest: &bm, config: &arm }, &naming()).unwrap_err();
+        let e = onto(
+            &s,
+            1,
+            &Image {
+                manifest: &bm,
+                config: &arm,
+            },
+            &naming(),
+        )
+        .unwrap_err();
         assert!(e.contains("architecture"), "{e}");
     }
 
@@ -289,7 +360,19 @@ mod tests {
     fn history_that_does_not_count_the_layers_gets_one_entry_per_user_layer() {
         let (sm, sc) = image(&["old1", "u1", "u2"], json!([]), json!({}));
         let (bm, bc) = image(&["new1"], json!([{"created_by": "new1"}]), json!({}));
-        let r = onto(&Image { manifest: &sm, config: &sc }, 1, &Image { manifest: &bm, config: &bc }, &naming()).unwrap();
+        let r = onto(
+            &Image {
+                manifest: &sm,
+                config: &sc,
+            },
+            1,
+            &Image {
+                manifest: &bm,
+                config: &bc,
+            },
+            &naming(),
+        )
+        .unwrap();
         assert_eq!(json_of(&r.config)["history"].as_array().unwrap().len(), 3);
     }
 
@@ -297,7 +380,21 @@ mod tests {
     fn the_same_inputs_give_the_same_documents() {
         let (sm, sc) = image(&["old1", "u1"], json!([]), json!({}));
         let (bm, bc) = image(&["new1"], json!([]), json!({}));
-        let run = || onto(&Image { manifest: &sm, config: &sc }, 1, &Image { manifest: &bm, config: &bc }, &naming()).unwrap();
+        let run = || {
+            onto(
+                &Image {
+                    manifest: &sm,
+                    config: &sc,
+                },
+                1,
+                &Image {
+                    manifest: &bm,
+                    config: &bc,
+                },
+                &naming(),
+            )
+            .unwrap()
+        };
         assert_eq!(run(), run());
     }
 }

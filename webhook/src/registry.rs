@@ -497,7 +497,9 @@ impl Registry {
         reference: &str,
     ) -> Result<Option<Document>, LookupError> {
         let url = format!("{}/v2/{path}/manifests/{reference}", self.base());
-        let response = self.get(path, &url, Some(MANIFEST_TYPES.join(", "))).await?;
+        let response = self
+            .get(path, &url, Some(MANIFEST_TYPES.join(", ")))
+            .await?;
         let status = response.status();
         if status == StatusCode::NOT_FOUND {
             return Ok(None);
@@ -510,7 +512,11 @@ impl Registry {
             .to_string();
         let body = bounded_body(response, "reading the manifest").await?;
         if !status.is_success() {
-            return Err(LookupError::from_status(status, "reading the manifest", &body));
+            return Err(LookupError::from_status(
+                status,
+                "reading the manifest",
+                &body,
+            ));
         }
         Ok(Some(Document::new(media_type, body)))
     }
@@ -538,7 +544,12 @@ impl Registry {
     /// Makes blob `digest` present in `path`: there already, or mounted from
     /// repository `from` of the same registry (no data copied). `false` when
     /// neither worked (the registry started an upload instead, which is cancelled).
-    pub async fn ensure_blob(&self, path: &str, from: &str, digest: &str) -> Result<bool, LookupError> {
+    pub async fn ensure_blob(
+        &self,
+        path: &str,
+        from: &str,
+        digest: &str,
+    ) -> Result<bool, LookupError> {
         let url = format!("{}/v2/{path}/blobs/{digest}", self.base());
         let present = self
             .send(path, RegistryOperation::Pull, |http| http.head(&url))
@@ -580,7 +591,11 @@ impl Registry {
         if started.status() != StatusCode::ACCEPTED {
             let status = started.status();
             let body = started.bytes().await.unwrap_or_default();
-            return Err(LookupError::from_status(status, "starting an upload", &body));
+            return Err(LookupError::from_status(
+                status,
+                "starting an upload",
+                &body,
+            ));
         }
         let location = self.location(&started).ok_or_else(|| {
             LookupError::new(ErrorKind::Garbage, "the upload has no usable Location")
@@ -622,7 +637,11 @@ impl Registry {
         if response.status() != StatusCode::CREATED {
             let status = response.status();
             let body = response.bytes().await.unwrap_or_default();
-            return Err(LookupError::from_status(status, "writing the manifest", &body));
+            return Err(LookupError::from_status(
+                status,
+                "writing the manifest",
+                &body,
+            ));
         }
         Ok(())
     }

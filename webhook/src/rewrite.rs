@@ -42,10 +42,12 @@ fn failed(detail: impl Into<String>) -> LookupError {
 
 /// Writes `job`'s rebased snapshot.
 pub async fn rebase(registry: &Registry, job: &Job) -> Result<Written, LookupError> {
-    let base: Reference = job
-        .onto
-        .parse()
-        .map_err(|e| failed(format!("the new base {:?} is not an image reference: {e}", job.onto)))?;
+    let base: Reference = job.onto.parse().map_err(|e| {
+        failed(format!(
+            "the new base {:?} is not an image reference: {e}",
+            job.onto
+        ))
+    })?;
     if base.registry() != registry.host() {
         return Err(failed(format!(
             "the new base {} is not in the snapshot registry {}: a rebase mounts its layers from there",
@@ -54,20 +56,20 @@ pub async fn rebase(registry: &Registry, job: &Job) -> Result<Written, LookupErr
         )));
     }
     let path = &job.target.path;
-    let snapshot: Value = serde_json::from_slice(&job.snapshot_manifest.body)
-        .map_err(|e| LookupError::new(ErrorKind::Garbage, format!("the snapshot's manifest: {e}")))?;
-    let config_digest = snapshot["config"]["digest"]
-        .as_str()
-        .ok_or_else(|| LookupError::new(ErrorKind::Garbage, "the snapshot's manifest names no config"))?;
+    let snapshot: Value = serde_json::from_slice(&job.snapshot_manifest.body).map_err(|e| {
+        LookupError::new(ErrorKind::Garbage, format!("the snapshot's manifest: {e}"))
+    })?;
+    let config_digest = snapshot["config"]["digest"].as_str().ok_or_else(|| {
+        LookupError::new(
+            ErrorKind::Garbage,
+            "the snapshot's manifest names no config",
+        )
+    })?;
     let config = registry.document_blob(path, config_digest).await?;
     let platform: Value = serde_json::from_slice(&config.body).unwrap_or_default();
 
     let base_path = base.repository();
-    let reference = base
-        .digest()
-        .or(base.tag())
-        .unwrap_or("latest")
-        .to_string();
+    let reference = base.digest().or(base.tag()).unwrap_or("latest").to_string();
     let mut base_manifest = registry
         .manifest(base_path, &reference)
         .await?
@@ -81,8 +83,15 @@ pub async fn rebase(registry: &Registry, job: &Job) -> Result<Written, LookupErr
     let base_config_digest = serde_json::from_slice::<Value>(&base_manifest.body)
         .ok()
         .and_then(|m| m["config"]["digest"].as_str().map(str::to_string))
-        .ok_or_else(|| LookupError::new(ErrorKind::Garbage, "the new base's manifest names no config"))?;
-    let base_config = registry.document_blob(base_path, &base_config_digest).await?;
+        .ok_or_else(|| {
+            LookupError::new(
+                ErrorKind::Garbage,
+                "the new base's manifest names no config",
+            )
+        })?;
+    let base_config = registry
+        .document_blob(base_path, &base_config_digest)
+        .await?;
 
     let rebased = rebase::onto(
         &Image {
@@ -115,7 +124,9 @@ pub async fn rebase(registry: &Registry, job: &Job) -> Result<Written, LookupErr
         )));
     }
     registry.put_blob(path, &rebased.config).await?;
-    registry.put_manifest(path, &job.tag, &rebased.manifest).await?;
+    registry
+        .put_manifest(path, &job.tag, &rebased.manifest)
+        .await?;
     Ok(Written {
         tag: job.tag.clone(),
         digest: rebased.manifest.digest,
@@ -125,15 +136,17 @@ pub async fn rebase(registry: &Registry, job: &Job) -> Result<Written, LookupErr
 /// The digest of the entry of index `manifest` for `config`'s platform;
 /// `None` when `manifest` is an image manifest.
 fn for_platform(manifest: &Document, config: &Value) -> Result<Option<String>, LookupError> {
-    let index: Value = serde_json::from_slice(&manifest.body)
-        .map_err(|e| LookupError::new(ErrorKind::Garbage, format!("the new base's manifest: {e}")))?;
+    let index: Value = serde_json::from_slice(&manifest.body).map_err(|e| {
+        LookupError::new(ErrorKind::Garbage, format!("the new base's manifest: {e}"))
+    })?;
     let Some(entries) = index["manifests"].as_array() else {
         return Ok(None);
     };
     entries
         .iter()
         .find(|m| {
-            m["platform"]["os"] == config["os"] && m["platform"]["architecture"] == config["architecture"]
+            m["platform"]["os"] == config["os"]
+                && m["platform"]["architecture"] == config["architecture"]
         })
         .and_then(|m| m["digest"].as_str().map(|d| Some(d.to_string())))
         .ok_or_else(|| {

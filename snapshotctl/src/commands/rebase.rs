@@ -50,7 +50,10 @@ pub async fn run(
     let mut done = Vec::new();
     for ((user, repository), snapshot) in newest {
         let result = one(access, onto, &user, &repository, &snapshot.tag, dry_run).await;
-        progress.step(format!("user {user} ({repository}:{}): {result}", snapshot.tag));
+        progress.step(format!(
+            "user {user} ({repository}:{}): {result}",
+            snapshot.tag
+        ));
         done.push(Done {
             user,
             repository,
@@ -73,7 +76,14 @@ pub async fn run(
     );
     let rows: Vec<Vec<String>> = done
         .iter()
-        .map(|d| vec![d.user.clone(), d.repository.clone(), d.snapshot.clone(), d.result.clone()])
+        .map(|d| {
+            vec![
+                d.user.clone(),
+                d.repository.clone(),
+                d.snapshot.clone(),
+                d.result.clone(),
+            ]
+        })
         .collect();
     super::print(
         output,
