@@ -326,10 +326,16 @@ async fn new_layer(
 }
 
 /// The container's upper directory, if this sidecar can read it faithfully.
+/// Snapshotters whose active snapshot is an overlay mount with a plain
+/// upper directory: containerd's own, and the stargz snapshotter (its lower
+/// layers are FUSE mounts, read lazily; the upper directory lies under its
+/// root, `/var/lib/containerd-stargz-grpc`).
+const OVERLAY_SNAPSHOTTERS: [&str; 2] = ["overlayfs", "stargz"];
+
 async fn upper_of(ctrd: &Ctrd, container: &Container) -> Result<Upper, Unsupported> {
-    if container.snapshotter != "overlayfs" {
+    if !OVERLAY_SNAPSHOTTERS.contains(&container.snapshotter.as_str()) {
         return Err(Unsupported(format!(
-            "the snapshotter is {}, not overlayfs",
+            "the snapshotter is {}, not one of {OVERLAY_SNAPSHOTTERS:?}",
             container.snapshotter
         )));
     }

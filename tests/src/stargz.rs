@@ -269,6 +269,33 @@ impl Stargz {
     }
 }
 
+impl Stargz {
+    /// Starts container `id` of `image` (pulled with [`Self::rpull`]) on the
+    /// `stargz` snapshotter, labelled as the kubelet labels container
+    /// `x-graphical` of pod `pod_uid` (what the sidecar looks for); a shell
+    /// that stops on SIGTERM, like a desktop's init.
+    pub async fn run_desktop(&self, containerd: &Containerd, image: &str, id: &str, pod_uid: &str) {
+        let labels = [
+            format!("io.kubernetes.pod.uid={pod_uid}"),
+            format!("io.kubernetes.pod.name={pod_uid}-name"),
+            "io.kubernetes.pod.namespace=abcdesktop".to_string(),
+            "io.kubernetes.container.name=x-graphical".to_string(),
+        ];
+        let mut flags = vec!["--snapshotter", "stargz"];
+        for l in &labels {
+            flags.extend(["--label", l.as_str()]);
+        }
+        containerd
+            .run_with(
+                image,
+                id,
+                &flags,
+                &["/bin/sh", "-c", "trap 'exit 0' TERM; sleep 100000 & wait"],
+            )
+            .await
+    }
+}
+
 impl Drop for Stargz {
     /// SIGTERM first (the snapshotter unmounts its FUSE mounts as it closes),
     /// then SIGKILL after 3 s, then a lazy unmount of whatever is left under
@@ -448,6 +475,8 @@ pub struct Layer {
     pub media_type: String,
     /// `containerd.io/snapshot/stargz/toc.digest`: set on an eStargz layer.
     pub toc_digest: Option<String>,
+    /// `io.containers.estargz.uncompressed-size`: set on an eStargz layer.
+    pub uncompressed_size: Option<String>,
     /// The config's `rootfs.diff_ids` entry (sha256 of the uncompressed layer).
     pub diff_id: String,
 }
@@ -467,6 +496,9 @@ pub async fn layers(registry: &Registry, repo: &str, tag: &str) -> Vec<Layer> {
             size: l["size"].as_u64().unwrap_or(0),
             media_type: l["mediaType"].as_str().unwrap_or_default().to_string(),
             toc_digest: l["annotations"]["containerd.io/snapshot/stargz/toc.digest"]
+                .as_str()
+                .map(str::to_string),
+            uncompressed_size: l["annotations"]["io.containers.estargz.uncompressed-size"]
                 .as_str()
                 .map(str::to_string),
             diff_id: diff_ids
