@@ -946,6 +946,11 @@ async fn the_sidecar_has_what_it_needs_and_no_container_sees_the_password() {
     assert_eq!(size_limit as u64, limit + (256 << 20));
     assert_eq!(env_of(&sidecar, "SNAPSHOT_KEEP").as_deref(), Some("10"));
     assert_eq!(
+        env_of(&sidecar, "SNAPSHOT_LAYER_FORMAT").as_deref(),
+        Some("zstd"),
+        "the webhook's default layer format: half gzip's unpack at login"
+    );
+    assert_eq!(
         env_of(&sidecar, "SNAPSHOT_KEEP_MIN_AGE").as_deref(),
         Some("7days")
     );

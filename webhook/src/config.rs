@@ -206,6 +206,18 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_MAX_CHANGE_BYTES", default_value_t = 8 << 30)]
     pub sidecar_max_change_bytes: u64,
 
+    /// The sidecar's `--layer-format`: `zstd` (the default: containerd >= 1.5
+    /// and CRI-O >= 1.20 read it, and it halves the unpack at login), `gzip`
+    /// (every runtime), or `estargz` (lazy pulling where nodes run the stargz
+    /// snapshotter; a valid gzip layer elsewhere).
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_SIDECAR_LAYER_FORMAT",
+        default_value = "zstd",
+        value_parser = clap::builder::PossibleValuesParser::new(["gzip", "zstd", "estargz"])
+    )]
+    pub sidecar_layer_format: String,
+
     /// The sidecar's retention: after a push, the user's snapshots beyond this
     /// many newest are deleted (0 keeps every one).
     #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP", default_value_t = 10)]

@@ -84,6 +84,7 @@ async fn run(config: Config) -> Result<()> {
             .filter(|root| !root.is_empty()),
         cpu_limit: Some(config.sidecar_cpu_limit.clone()).filter(|limit| !limit.is_empty()),
         max_change_bytes: config.sidecar_max_change_bytes,
+        layer_format: config.sidecar_layer_format.clone(),
         keep: config.sidecar_keep,
         keep_min_age: config.sidecar_keep_min_age,
         logoff_grace_period: config.logoff_grace_period,

@@ -52,6 +52,8 @@ pub struct SidecarSpec {
     pub cpu_limit: Option<String>,
     /// Largest change a snapshot may spool on the node's disk, in bytes.
     pub max_change_bytes: u64,
+    /// The sidecar's `--layer-format` (`gzip`, `zstd` or `estargz`).
+    pub layer_format: String,
     /// Retention: how many newest snapshots stay, and the youngest age deleted.
     pub keep: usize,
     pub keep_min_age: std::time::Duration,
@@ -149,6 +151,7 @@ impl SidecarSpec {
                         "SNAPSHOT_MAX_CHANGE_BYTES",
                         &self.max_change_bytes.to_string(),
                     ),
+                    plain("SNAPSHOT_LAYER_FORMAT", &self.layer_format),
                     plain("SNAPSHOT_KEEP", &self.keep.to_string()),
                     plain(
                         "SNAPSHOT_KEEP_MIN_AGE",
