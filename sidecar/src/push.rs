@@ -477,12 +477,7 @@ impl Registry {
                 .await
                 .context("listing the registry's repositories")?;
             if response.status() == reqwest::StatusCode::UNAUTHORIZED {
-                let challenge = response
-                    .headers()
-                    .get(reqwest::header::WWW_AUTHENTICATE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string();
+                let challenge = challenge_of(&response);
                 bearer = Some(self.scoped_token(&challenge, "registry:catalog:*").await?);
                 response = request(&bearer)
                     .send()
@@ -549,12 +544,7 @@ impl Registry {
                 .with_context(|| format!("deleting {digest}"))?;
             let status = response.status();
             if status == reqwest::StatusCode::UNAUTHORIZED && attempt == 0 {
-                let challenge = response
-                    .headers()
-                    .get(reqwest::header::WWW_AUTHENTICATE)
-                    .and_then(|v| v.to_str().ok())
-                    .unwrap_or_default()
-                    .to_string();
+                let challenge = challenge_of(&response);
                 let scope = format!("repository:{}:delete", target.repository());
                 bearer = Some(self.scoped_token(&challenge, &scope).await?);
                 continue;
@@ -640,4 +630,14 @@ fn client_config(protocol: Protocol, roots: &[Certificate]) -> ClientConfig {
 
 fn to_oci(e: anyhow::Error) -> oci_client::errors::OciDistributionError {
     oci_client::errors::OciDistributionError::GenericError(Some(format!("{e:#}")))
+}
+
+/// The `WWW-Authenticate` challenge of a 401, empty when there is none.
+fn challenge_of(response: &reqwest::Response) -> String {
+    response
+        .headers()
+        .get(reqwest::header::WWW_AUTHENTICATE)
+        .and_then(|v| v.to_str().ok())
+        .unwrap_or_default()
+        .to_string()
 }

@@ -416,21 +416,7 @@ impl Containerd {
 
     /// Pulls `image` from the test registry as the kubelet would (TLS checked against its CA).
     pub async fn pull(&self, image: &str, registry: &crate::registry::Registry) {
-        let host = &registry.host;
-        let hosts = self.dir.path().join("certs.d").join(host);
-        std::fs::create_dir_all(&hosts).expect("hosts dir");
-        std::fs::write(
-            hosts.join("hosts.toml"),
-            format!(
-                "server = \"https://{host}\"\n[host.\"https://{host}\"]\n  ca = \"{}\"\n  capabilities = [\"pull\", \"resolve\"]\n",
-                registry.ca_path().display()
-            ),
-        )
-        .expect("hosts.toml");
-        let hosts_dir = self
-            .dir
-            .path()
-            .join("certs.d")
+        let hosts_dir = crate::registry::write_hosts_dir(self.dir.path(), registry)
             .to_string_lossy()
             .into_owned();
         let user = format!("{}:{}", crate::registry::USER, crate::registry::PASSWORD);
@@ -569,6 +555,13 @@ pub(crate) fn unmount_below(dir: &Path) {
 
 /// The base image's files (uncompressed tar): busybox and its applets, and a
 /// few files of the "distribution".
+/// The base layer gzipped, with its diff_id, as a registry holds it.
+pub fn base_layer_blob() -> (Vec<u8>, String) {
+    let tar = base_layer().expect("the harness's base layer");
+    let diff_id = crate::oci::sha256(&tar);
+    (crate::oci::gzip(&tar).expect("gzip"), diff_id)
+}
+
 pub fn base_layer() -> Result<Vec<u8>> {
     let mut b = tar::Builder::new(Vec::new());
     let busybox = std::fs::read("/bin/busybox")

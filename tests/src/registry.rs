@@ -332,6 +332,41 @@ impl Registry {
         Ok(())
     }
 
+    /// Uploads `data` as a blob of `repo` in one PUT (the registry's own
+    /// ingest, no chunking); returns its digest.
+    pub async fn upload_whole(&self, repo: &str, data: Vec<u8>) -> String {
+        let digest = crate::oci::sha256(&data);
+        let client = self.http_client();
+        let begin = client
+            .post(format!("https://{}/v2/{repo}/blobs/uploads/", self.host))
+            .basic_auth(USER, Some(PASSWORD))
+            .send()
+            .await
+            .expect("starting an upload");
+        let location = begin
+            .headers()
+            .get("location")
+            .and_then(|l| l.to_str().ok())
+            .expect("an upload location")
+            .to_string();
+        let location = if location.starts_with("http") {
+            location
+        } else {
+            format!("https://{}{location}", self.host)
+        };
+        let sep = if location.contains('?') { '&' } else { '?' };
+        let put = client
+            .put(format!("{location}{sep}digest={digest}"))
+            .basic_auth(USER, Some(PASSWORD))
+            .header("content-type", "application/octet-stream")
+            .body(data)
+            .send()
+            .await
+            .expect("the upload");
+        assert_eq!(put.status().as_u16(), 201, "the registry took the blob");
+        digest
+    }
+
     /// Pushes an image of `layers` (gzip blobs with their diff_ids, as
     /// [`layer`] makes) to `repo:tag`, with a history entry per layer and the
     /// manifest `annotations`; returns the manifest's digest.
@@ -486,6 +521,24 @@ fn layer_with(path: &str, name: &str) -> Result<(Vec<u8>, String)> {
     let tar = tar.into_inner()?;
     let diff_id = crate::oci::sha256(&tar);
     Ok((crate::oci::gzip(&tar)?, diff_id))
+}
+
+/// Writes `certs.d/<host>/hosts.toml` under `dir` for `registry` (its CA;
+/// pull, resolve, push); the `certs.d` folder, for `--hosts-dir`.
+pub fn write_hosts_dir(dir: &Path, registry: &Registry) -> PathBuf {
+    let host = &registry.host;
+    let certs = dir.join("certs.d");
+    let hosts = certs.join(host);
+    std::fs::create_dir_all(&hosts).expect("hosts dir");
+    std::fs::write(
+        hosts.join("hosts.toml"),
+        format!(
+            "server = \"https://{host}\"\n[host.\"https://{host}\"]\n  ca = \"{}\"\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n",
+            registry.ca_path().display()
+        ),
+    )
+    .expect("hosts.toml");
+    certs
 }
 
 /// The full path of a command on PATH.

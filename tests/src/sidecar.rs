@@ -29,6 +29,30 @@ pub struct Target<'a> {
     pub tag_prefix: &'a str,
 }
 
+impl<'a> Target<'a> {
+    /// A desktop of pod `pod_uid` in `containerd`, its snapshots pushed to
+    /// `repository_path` of `registry` as `<tag_prefix>-<ts>`, with the
+    /// registry's CA and credentials files.
+    pub fn at(
+        containerd: &'a Containerd,
+        registry: &'a crate::registry::Registry,
+        (ca, credentials): (&'a Path, &'a Path),
+        pod_uid: &'a str,
+        repository_path: &'a str,
+        tag_prefix: &'a str,
+    ) -> Self {
+        Self {
+            containerd,
+            pod_uid,
+            registry_host: &registry.host,
+            registry_ca: Some(ca),
+            credentials: Some(credentials),
+            repository_path,
+            tag_prefix,
+        }
+    }
+}
+
 impl Sidecar {
     pub async fn start(t: Target<'_>) -> Self {
         Self::start_with_socket(t, None).await

@@ -321,23 +321,7 @@ impl Drop for Stargz {
     }
 }
 
-/// Writes `certs.d/<host>/hosts.toml` under `dir` for `registry` (its CA;
-/// pull, resolve, push); the `certs.d` folder, for `--hosts-dir`.
-pub fn write_hosts_dir(dir: &Path, registry: &Registry) -> PathBuf {
-    let host = &registry.host;
-    let certs = dir.join("certs.d");
-    let hosts = certs.join(host);
-    std::fs::create_dir_all(&hosts).expect("hosts dir");
-    std::fs::write(
-        hosts.join("hosts.toml"),
-        format!(
-            "server = \"https://{host}\"\n[host.\"https://{host}\"]\n  ca = \"{}\"\n  capabilities = [\"pull\", \"resolve\", \"push\"]\n",
-            registry.ca_path().display()
-        ),
-    )
-    .expect("hosts.toml");
-    certs
-}
+pub use crate::registry::write_hosts_dir;
 
 /// An uncompressed layer (tar) of `files` (path, mode, content), with the
 /// folders above them; root owns everything.

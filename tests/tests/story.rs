@@ -300,11 +300,7 @@ async fn every_snapshot_says_what_it_sits_on_and_keeps_the_base_layers() {
 async fn a_snapshot_rebased_onto_a_new_base_restores_both_the_new_base_and_the_user() {
     let node = Node::start(&["--on-new-base", "rebase"]).await;
     let repo = "abcdesktopio/oc.user.rebase";
-    let busybox = harness::containerd::base_layer().expect("the base layer");
-    let base_layer = (
-        harness::oci::gzip(&busybox).expect("gzip"),
-        harness::oci::sha256(&busybox),
-    );
+    let base_layer = harness::containerd::base_layer_blob();
     let upgrade = harness::registry::layer("opt/base/new-in-4.2", "4.2");
     node.registry
         .push_image(
@@ -441,11 +437,7 @@ async fn a_merge_reads_the_user_layers_the_node_lacks_from_the_registry() {
 async fn a_legacy_snapshot_on_a_node_without_its_base_gets_its_provenance_from_the_registry() {
     let node = Node::start(&[]).await;
     let repo = "abcdesktopio/oc.user.legacy";
-    let busybox = harness::containerd::base_layer().expect("the base layer");
-    let base_layer = (
-        harness::oci::gzip(&busybox).expect("gzip"),
-        harness::oci::sha256(&busybox),
-    );
+    let base_layer = harness::containerd::base_layer_blob();
     node.registry
         .push_image(
             repo,

@@ -29,7 +29,6 @@ use serde_json::{json, Value};
 use snapshot_tags::provenance;
 use std::{
     collections::HashSet,
-    path::Path,
     time::{Duration, Instant},
 };
 
@@ -367,56 +366,7 @@ async fn put_blob(registry: &Registry, data: &[u8]) -> String {
     if head.status().is_success() {
         return digest;
     }
-    let begin = client
-        .post(format!(
-            "https://{}/v2/{REPO}/blobs/uploads/",
-            registry.host
-        ))
-        .basic_auth(USER, Some(PASSWORD))
-        .send()
-        .await
-        .expect("starting an upload");
-    let location = begin
-        .headers()
-        .get("location")
-        .and_then(|l| l.to_str().ok())
-        .expect("an upload location")
-        .to_string();
-    let location = if location.starts_with("http") {
-        location
-    } else {
-        format!("https://{}{location}", registry.host)
-    };
-    let sep = if location.contains('?') { '&' } else { '?' };
-    let put = client
-        .put(format!("{location}{sep}digest={digest}"))
-        .basic_auth(USER, Some(PASSWORD))
-        .header("content-type", "application/octet-stream")
-        .body(data.to_vec())
-        .send()
-        .await
-        .expect("the upload");
-    assert_eq!(put.status().as_u16(), 201, "the registry took the blob");
-    digest
-}
-
-fn target<'a>(
-    containerd: &'a Containerd,
-    registry: &'a Registry,
-    ca: &'a Path,
-    creds: &'a Path,
-    pod_uid: &'a str,
-    prefix: &'a str,
-) -> Target<'a> {
-    Target {
-        containerd,
-        pod_uid,
-        registry_host: &registry.host,
-        registry_ca: Some(ca),
-        credentials: Some(creds),
-        repository_path: REPO,
-        tag_prefix: prefix,
-    }
+    registry.upload_whole(REPO, data.to_vec()).await
 }
 
 /// The newest of `prefix`'s snapshot tags.
@@ -525,7 +475,7 @@ async fn life(
             .await;
         containerd.exec(&id, &change_script(i)).await;
         let sidecar = Sidecar::start_with(
-            target(containerd, registry, &ca, &creds, &pod, "alice"),
+            Target::at(containerd, registry, (&ca, &creds), &pod, REPO, "alice"),
             None,
             &env,
         )
@@ -672,7 +622,7 @@ async fn merge_run(
     let max = max_layers.to_string();
     let env = sidecar_env(&max, Some(base_ref));
     let sidecar = Sidecar::start_with(
-        target(containerd, registry, &ca, &creds, &pod, &prefix),
+        Target::at(containerd, registry, (&ca, &creds), &pod, REPO, &prefix),
         None,
         &env,
     )

@@ -56,7 +56,14 @@ async fn main() {
     // snapshot them, start a desktop from that snapshot, change 1 MiB in it
     let ca = registry.ca_path();
     let prep = Sidecar::start_with(
-        target(&containerd, &registry, &ca, &creds, "pod-small", "prep"),
+        Target::at(
+            &containerd,
+            &registry,
+            (&ca, &creds),
+            "pod-small",
+            REPO,
+            "prep",
+        ),
         None,
         &[("RUST_LOG", "warn")],
     )
@@ -111,12 +118,12 @@ async fn main() {
         );
         for codec in ["gzip", "zstd"] {
             let sidecar = Sidecar::start_with(
-                target(
+                Target::at(
                     &containerd,
                     &registry,
-                    &ca,
-                    &creds,
+                    (&ca, &creds),
                     &format!("pod-{container}"),
+                    REPO,
                     &format!("{set}-{codec}"),
                 ),
                 None,
@@ -161,62 +168,12 @@ async fn main() {
 
 /// Seconds the registry takes to receive `bytes` random bytes in one PUT.
 async fn registry_ingest(registry: &Registry, bytes: u64) -> f64 {
-    use sha2::Digest;
     let mut data = vec![0u8; bytes as usize];
     let mut random = std::fs::File::open("/dev/urandom").expect("/dev/urandom");
     std::io::Read::read_exact(&mut random, &mut data).expect("random bytes");
-    let digest = format!("sha256:{}", hex::encode(sha2::Sha256::digest(&data)));
-    let client = registry.http_client();
     let started = Instant::now();
-    let begin = client
-        .post(format!(
-            "https://{}/v2/{REPO}/blobs/uploads/",
-            registry.host
-        ))
-        .basic_auth(USER, Some(PASSWORD))
-        .send()
-        .await
-        .expect("starting an upload");
-    let location = begin
-        .headers()
-        .get("location")
-        .and_then(|l| l.to_str().ok())
-        .expect("an upload location")
-        .to_string();
-    let location = if location.starts_with("http") {
-        location
-    } else {
-        format!("https://{}{location}", registry.host)
-    };
-    let put = client
-        .put(format!("{location}&digest={digest}"))
-        .basic_auth(USER, Some(PASSWORD))
-        .header("content-type", "application/octet-stream")
-        .body(data)
-        .send()
-        .await
-        .expect("the upload");
-    assert_eq!(put.status().as_u16(), 201, "the registry took the blob");
+    registry.upload_whole(REPO, data).await;
     started.elapsed().as_secs_f64()
-}
-
-fn target<'a>(
-    containerd: &'a Containerd,
-    registry: &'a Registry,
-    ca: &'a std::path::Path,
-    creds: &'a std::path::Path,
-    pod_uid: &'a str,
-    prefix: &'a str,
-) -> Target<'a> {
-    Target {
-        containerd,
-        pod_uid,
-        registry_host: &registry.host,
-        registry_ca: Some(ca),
-        credentials: Some(creds),
-        repository_path: REPO,
-        tag_prefix: prefix,
-    }
 }
 
 /// The stock tools' time for the same work: diff with containerd's gzip, take the
