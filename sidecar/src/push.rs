@@ -35,6 +35,8 @@ pub struct Registry {
     credentials: Option<Vec<u8>>,
     extra_roots: Vec<Certificate>,
     protocol: Protocol,
+    /// What the repository is known to hold, across this sidecar's snapshots.
+    known: KnownBlobs,
 }
 
 impl Registry {
@@ -91,7 +93,15 @@ impl Registry {
             credentials: document,
             extra_roots,
             protocol,
+            known: KnownBlobs::default(),
         })
+    }
+
+    /// This client, sharing `known` (what earlier snapshots found or put in
+    /// the repository) with the clients of the next snapshots.
+    pub fn remembering(mut self, known: KnownBlobs) -> Self {
+        self.known = known;
+        self
     }
 
     /// Puts one base layer in the target repository: mounted from the base image's
@@ -283,7 +293,7 @@ impl Registry {
             )
             .await
             .context("uploading the manifest (the tag)")?;
-        remember(
+        self.known.remember(
             target,
             base.layer_digests()
                 .into_iter()
@@ -318,7 +328,7 @@ impl Registry {
                 .context("a base layer without digest")?;
             layers.push((digest, layer["size"].as_u64()));
         }
-        let known = known_in(target);
+        let known = self.known.known_in(target);
         let unknown: Vec<_> = layers
             .iter()
             .filter(|(digest, _)| !from_here && !known.contains(*digest))
@@ -353,7 +363,7 @@ impl Registry {
             }))
             .await?;
         }
-        remember(target, layers.iter().map(|(d, _)| *d));
+        self.known.remember(target, layers.iter().map(|(d, _)| *d));
         Ok(())
     }
 }
@@ -366,31 +376,34 @@ const BLOB_CHECKS: usize = 16;
 /// Base layer uploads at once.
 const BLOB_UPLOADS: usize = 3;
 
-/// Blobs this sidecar knows its repository has (one sidecar per desktop: it
-/// pushes to one repository), so the next snapshot does not ask again.
-static KNOWN: std::sync::Mutex<BTreeMap<String, BTreeSet<String>>> =
-    std::sync::Mutex::new(BTreeMap::new());
+/// Blobs a sidecar knows its repository has (one sidecar per desktop: it
+/// pushes to one repository), so the next snapshot does not ask again. Kept
+/// with its sessions ([`crate::session::Sessions`]); clones share one set.
+#[derive(Debug, Default, Clone)]
+pub struct KnownBlobs(std::sync::Arc<std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>>);
 
-fn repository_key(target: &Reference) -> String {
-    format!("{}/{}", target.resolve_registry(), target.repository())
-}
+impl KnownBlobs {
+    fn key(target: &Reference) -> String {
+        format!("{}/{}", target.resolve_registry(), target.repository())
+    }
 
-fn known_in(target: &Reference) -> BTreeSet<String> {
-    KNOWN
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .get(&repository_key(target))
-        .cloned()
-        .unwrap_or_default()
-}
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, BTreeSet<String>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
 
-fn remember<'a>(target: &Reference, digests: impl IntoIterator<Item = &'a str>) {
-    KNOWN
-        .lock()
-        .unwrap_or_else(|p| p.into_inner())
-        .entry(repository_key(target))
-        .or_default()
-        .extend(digests.into_iter().map(str::to_string));
+    fn known_in(&self, target: &Reference) -> BTreeSet<String> {
+        self.lock()
+            .get(&Self::key(target))
+            .cloned()
+            .unwrap_or_default()
+    }
+
+    fn remember<'a>(&self, target: &Reference, digests: impl IntoIterator<Item = &'a str>) {
+        self.lock()
+            .entry(Self::key(target))
+            .or_default()
+            .extend(digests.into_iter().map(str::to_string));
+    }
 }
 
 /// What a manifest DELETE came to.

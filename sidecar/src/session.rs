@@ -64,6 +64,8 @@ pub struct Sessions {
     inner: Mutex<Inner>,
     /// Bumped each time an operation ends, for those waiting on one.
     ended: tokio::sync::watch::Sender<u64>,
+    /// Blobs the snapshot repository is known to hold, for the next push.
+    pub known: crate::push::KnownBlobs,
 }
 
 impl Default for Sessions {
@@ -71,6 +73,7 @@ impl Default for Sessions {
         Self {
             inner: Mutex::default(),
             ended: tokio::sync::watch::Sender::new(0),
+            known: Default::default(),
         }
     }
 }

@@ -11,7 +11,7 @@ use crate::{
     lineage,
     metrics::Metrics,
     prune,
-    push::Registry,
+    push::{KnownBlobs, Registry},
     session::{Sessions, Step, Trigger},
     squash, tag,
     upper::{self, Capabilities, Unsupported, Upper},
@@ -137,6 +137,7 @@ async fn commit_and_push(
     let last_pushed = (trigger == Trigger::Logoff).then(|| sessions.last_pushed());
     let result = generate_and_push(
         config,
+        &sessions.known,
         &ctrd.with_lease(&lease.id),
         &container,
         &step,
@@ -150,6 +151,7 @@ async fn commit_and_push(
 
 async fn generate_and_push(
     config: &Config,
+    known: &KnownBlobs,
     ctrd: &Ctrd,
     container: &Container,
     step: &(dyn Fn(Step) + Sync),
@@ -163,7 +165,7 @@ async fn generate_and_push(
     // a snapshot made before provenance on a node without its base: ask the base's registry
     let mut registry = None;
     if let (None, Some(base_name)) = (&provenance, config.base_image.as_deref()) {
-        let r = login(config).await?;
+        let r = login(config, known).await?;
         provenance = lineage::from_registry(&r, &base, base_name).await;
         registry = Some(r);
     }
@@ -208,7 +210,7 @@ async fn generate_and_push(
         .with_context(|| format!("{image_ref} is not an image reference"))?;
     let registry = match registry {
         Some(r) => r,
-        None => login(config).await?,
+        None => login(config, known).await?,
     };
     registry.authenticate(&target).await?;
 
@@ -266,15 +268,17 @@ async fn generate_and_push(
     })
 }
 
-/// A client for the snapshot registry with the mounted credentials.
-async fn login(config: &Config) -> Result<Registry> {
-    Registry::login(
+/// A client for the snapshot registry with the mounted credentials, knowing
+/// what earlier snapshots found in the repository.
+async fn login(config: &Config, known: &KnownBlobs) -> Result<Registry> {
+    Ok(Registry::login(
         &config.repository,
         config.registry_protocol,
         config.registry_ca.as_deref(),
         config.registry_credentials.as_deref(),
     )
-    .await
+    .await?
+    .remembering(known.clone()))
 }
 
 /// The container's changes as a compressed layer: from the overlayfs upper
