@@ -194,6 +194,20 @@ async fn main() {
         );
         one.push((format.to_string(), snap));
     }
+    // the prefetch choice: the same eStargz snapshot without a prefetch landmark
+    let (no_prefetch, secs) = snapshot(
+        &builder,
+        &env,
+        "pod-big",
+        "one-estargz-noprefetch",
+        "estargz",
+        &[("SNAPSHOT_PREFETCH", "none")],
+    )
+    .await;
+    progress(
+        started,
+        &format!("estargz snapshot without prefetch: {secs:.1} s"),
+    );
     builder.remove("big").await;
 
     // the same change over `layer_count` layers: that many logins in a row
@@ -290,6 +304,12 @@ async fn main() {
             s,
             Options::lazy(),
             1,
+        ));
+        plan.push((
+            "stargz estargz, 1 layer, no prefetch landmark".into(),
+            no_prefetch.clone(),
+            Options::default(),
+            reps.max(3),
         ));
     }
     if let Some(s) = find(&one, "gzip") {
