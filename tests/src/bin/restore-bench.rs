@@ -125,7 +125,7 @@ async fn main() {
     let layer_count = env_u64("BENCH_LAYERS", 30).max(2) as usize;
     let reps = env_u64("BENCH_REPS", 2).max(1) as usize;
     let chain_formats: Vec<String> = std::env::var("BENCH_CHAIN_FORMATS")
-        .unwrap_or_else(|_| "gzip,zstd".into())
+        .unwrap_or_else(|_| "gzip,zstd,estargz".into())
         .split(',')
         .filter(|f| FORMATS.contains(f))
         .map(str::to_string)
