@@ -333,57 +333,49 @@ mod tests {
     use super::*;
     use serde_json::json;
 
+    /// layout, repository, tag, wanted (user, prefix)
+    type OwnerCase<'a> = (Layout, &'a str, &'a str, Option<(&'a str, &'a str)>);
+
+    /// A shared-layout tag (the repository plays no part there).
+    fn shared<'a>(tag: &'a str, want: Option<(&'a str, &'a str)>) -> OwnerCase<'a> {
+        (Layout::Shared, "org/img", tag, want)
+    }
+
+    fn per_user<'a>(
+        path: &'a str,
+        tag: &'a str,
+        want: Option<(&'a str, &'a str)>,
+    ) -> OwnerCase<'a> {
+        (Layout::PerUser, path, tag, want)
+    }
+
     #[test]
     fn owner_table() {
-        /// layout, repository, tag, wanted (user, prefix)
-        type Case<'a> = (Layout, &'a str, &'a str, Option<(&'a str, &'a str)>);
-        let table: &[Case] = &[
-            (
-                Layout::Shared,
-                "org/img",
-                "alice-1700000000000000000",
-                Some(("alice", "alice")),
-            ),
-            (
-                Layout::Shared,
-                "org/img",
+        let table = [
+            shared("alice-1700000000000000000", Some(("alice", "alice"))),
+            shared(
                 "jdoe_40example.com-5",
                 Some(("jdoe@example.com", "jdoe_40example.com")),
             ),
-            (
-                Layout::Shared,
-                "org/img",
-                "alice-1-500",
-                Some(("alice-1", "alice-1")),
-            ),
-            (Layout::Shared, "org/img", "latest", None),
-            (Layout::Shared, "org/img", "alice-", None),
+            shared("alice-1-500", Some(("alice-1", "alice-1"))),
+            shared("latest", None),
+            shared("alice-", None),
             // an escape no user id produces: nobody's
-            (Layout::Shared, "org/img", "a_4G-5", None),
-            (Layout::Shared, "org/img", "A_5F-5", None),
-            (
-                Layout::PerUser,
-                "alice/org/img",
-                "4.1-100",
-                Some(("alice", "4.1")),
-            ),
-            (
-                Layout::PerUser,
-                "u__416c696365/org/img",
-                "4.1-100",
-                Some(("Alice", "4.1")),
-            ),
-            (Layout::PerUser, "alice/org/img", "4.1", None),
-            (Layout::PerUser, "img", "4.1-100", None),
+            shared("a_4G-5", None),
+            shared("A_5F-5", None),
+            per_user("alice/org/img", "4.1-100", Some(("alice", "4.1"))),
+            per_user("u__416c696365/org/img", "4.1-100", Some(("Alice", "4.1"))),
+            per_user("alice/org/img", "4.1", None),
+            per_user("img", "4.1-100", None),
             // not what repository_component makes
-            (Layout::PerUser, "u__zz/org/img", "4.1-100", None),
-            (Layout::PerUser, "u__616c696365/org/img", "4.1-100", None),
+            per_user("u__zz/org/img", "4.1-100", None),
+            per_user("u__616c696365/org/img", "4.1-100", None),
         ];
         for (layout, path, tag, want) in table {
-            let got = owner(*layout, path, tag);
+            let got = owner(layout, path, tag);
             assert_eq!(
                 got.as_ref().map(|o| (o.user.as_str(), o.prefix.as_str())),
-                *want,
+                want,
                 "{path}:{tag}"
             );
         }
@@ -407,12 +399,31 @@ mod tests {
         })
     }
 
-    #[test]
-    fn describe_table() {
+    /// `tag` of alice's `org/img` described from `manifest`.
+    fn describe_alice(tag: &str, manifest: &Value) -> Snapshot {
         let alice = Owner {
             user: "alice".into(),
             prefix: "alice".into(),
         };
+        describe(&alice, "org/img", tag, "sha256:d", manifest)
+    }
+
+    /// A snapshot known by its names alone.
+    fn snapshot(user: &str, repository: &str, tag: &str) -> Snapshot {
+        Snapshot {
+            user: user.into(),
+            repository: repository.into(),
+            tag: tag.into(),
+            digest: String::new(),
+            created: None,
+            base: None,
+            user_bytes: None,
+            layers: 0,
+        }
+    }
+
+    #[test]
+    fn describe_table() {
         let with = manifest(
             json!({
                 provenance::BASE_NAME: "org/img:4.1",
@@ -422,7 +433,7 @@ mod tests {
             }),
             &[100, 200, 3000, 4000],
         );
-        let s = describe(&alice, "org/img", "alice-1", "sha256:d", &with);
+        let s = describe_alice("alice-1", &with);
         assert_eq!(s.user_bytes, Some(7000));
         assert_eq!(s.base.as_deref(), Some("org/img:4.1"));
         assert_eq!(s.created.as_deref(), Some("2026-01-02T03:04:05Z"));
@@ -430,46 +441,27 @@ mod tests {
 
         // legacy: no provenance, the age from the tag
         let legacy = manifest(json!(null), &[100]);
-        let s = describe(
-            &alice,
-            "org/img",
-            "alice-1700000000000000000",
-            "sha256:d",
-            &legacy,
-        );
+        let s = describe_alice("alice-1700000000000000000", &legacy);
         assert_eq!((s.user_bytes, s.base), (None, None));
         assert_eq!(s.created.as_deref(), Some("2023-11-14T22:13:20Z"));
         // an age the tag cannot tell
-        let s = describe(&alice, "org/img", "alice-17", "sha256:d", &legacy);
+        let s = describe_alice("alice-17", &legacy);
         assert_eq!(s.created, None);
         // a first user layer beyond the layers: unknown size, never a panic
         let wrong = manifest(
             json!({provenance::BASE_NAME: "b", provenance::FIRST_USER_LAYER: "9"}),
             &[1],
         );
-        assert_eq!(
-            describe(&alice, "r", "alice-1", "d", &wrong).user_bytes,
-            None
-        );
+        assert_eq!(describe_alice("alice-1", &wrong).user_bytes, None);
     }
 
     #[test]
     fn newest_first_per_user_and_repository() {
-        let s = |user: &str, repo: &str, tag: &str| Snapshot {
-            user: user.into(),
-            repository: repo.into(),
-            tag: tag.into(),
-            digest: String::new(),
-            created: None,
-            base: None,
-            user_bytes: None,
-            layers: 0,
-        };
         let mut all = vec![
-            s("bob", "r", "bob-5"),
-            s("alice", "r", "alice-999"),
-            s("alice", "r", "alice-1000"),
-            s("alice", "a", "alice-1"),
+            snapshot("bob", "r", "bob-5"),
+            snapshot("alice", "r", "alice-999"),
+            snapshot("alice", "r", "alice-1000"),
+            snapshot("alice", "a", "alice-1"),
         ];
         sort(&mut all);
         let tags: Vec<&str> = all.iter().map(|s| s.tag.as_str()).collect();
@@ -506,14 +498,10 @@ mod tests {
     #[test]
     fn snapshot_table_shows_dashes_for_the_unknown() {
         let snap = Snapshot {
-            user: "alice".into(),
-            repository: "org/img".into(),
-            tag: "alice-1".into(),
             digest: "sha256:x".into(),
-            created: None,
-            base: None,
             user_bytes: Some(2048),
             layers: 2,
+            ..snapshot("alice", "org/img", "alice-1")
         };
         let t = snapshot_table(&[snap]);
         let lines: Vec<&str> = t.lines().collect();

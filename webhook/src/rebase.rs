@@ -208,28 +208,64 @@ mod tests {
 
     const OCI: &str = "application/vnd.oci.image.manifest.v1+json";
 
+    /// A manifest and its config, as the registry holds them.
+    struct Stored {
+        manifest: Document,
+        config: Document,
+    }
+
+    impl Stored {
+        fn image(&self) -> Image<'_> {
+            pair(&self.manifest, &self.config)
+        }
+    }
+
+    fn pair<'a>(manifest: &'a Document, config: &'a Document) -> Image<'a> {
+        Image { manifest, config }
+    }
+
     fn layer(d: &str) -> Value {
         json!({"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": format!("sha256:{d}"), "size": 1})
     }
 
-    fn image(layers: &[&str], history: Value, annotations: Value) -> (Document, Document) {
-        let config = json!({
+    fn config(value: Value) -> Document {
+        Document::new(String::new(), serde_json::to_vec(&value).unwrap())
+    }
+
+    fn manifest(body: &[u8]) -> Document {
+        Document::new(OCI.into(), body.to_vec())
+    }
+
+    fn image(layers: &[&str], history: Value, annotations: Value) -> Stored {
+        let config = config(json!({
             "architecture": "amd64", "os": "linux",
             "config": {"Env": [format!("BASE={}", layers[0])]},
             "rootfs": {"type": "layers", "diff_ids": layers.iter().map(|l| format!("sha256:d{l}")).collect::<Vec<_>>()},
             "history": history,
-        });
-        let config = Document::new(String::new(), serde_json::to_vec(&config).unwrap());
-        let manifest = json!({
-            "schemaVersion": 2, "mediaType": OCI,
-            "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.digest, "size": config.body.len()},
-            "layers": layers.iter().map(|l| layer(l)).collect::<Vec<_>>(),
-            "annotations": annotations,
-        });
-        (
-            Document::new(OCI.into(), serde_json::to_vec(&manifest).unwrap()),
-            config,
-        )
+        }));
+        let manifest = manifest(
+            &serde_json::to_vec(&json!({
+                "schemaVersion": 2, "mediaType": OCI,
+                "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": config.digest, "size": config.body.len()},
+                "layers": layers.iter().map(|l| layer(l)).collect::<Vec<_>>(),
+                "annotations": annotations,
+            }))
+            .unwrap(),
+        );
+        Stored { manifest, config }
+    }
+
+    /// An image with no history and no annotations.
+    fn plain(layers: &[&str]) -> Stored {
+        image(layers, json!([]), json!({}))
+    }
+
+    /// One history entry a layer, each `created_by` its layer.
+    fn history(created_by: &[&str]) -> Value {
+        created_by
+            .iter()
+            .map(|c| json!({"created_by": c}))
+            .collect()
     }
 
     fn naming() -> Naming<'static> {
@@ -240,40 +276,39 @@ mod tests {
         }
     }
 
+    fn rebase(snapshot: Image, first_user_layer: usize, base: Image) -> Result<Rebased, String> {
+        onto(&snapshot, first_user_layer, &base, &naming())
+    }
+
     fn json_of(d: &Document) -> Value {
         serde_json::from_slice(&d.body).unwrap()
     }
 
+    /// `key` of each element of the array `value`.
+    fn strings<'a>(value: &'a Value, key: &str) -> Vec<&'a str> {
+        value
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v[key].as_str().unwrap())
+            .collect()
+    }
+
     #[test]
     fn the_user_layers_move_onto_the_new_base() {
-        let (sm, sc) = image(
+        let s = image(
             &["old1", "old2", "u1", "u2"],
             json!([{"created_by": "old1"}, {"created_by": "env", "empty_layer": true}, {"created_by": "old2"}, {"created_by": "desktop-snapshot"}, {"created_by": "desktop-snapshot"}]),
             json!({provenance::BASE_NAME: "r.example/oc.user:4.1", provenance::FIRST_USER_LAYER: "2", provenance::USER: "alice", provenance::TAG: "alice-1", "other": "kept"}),
         );
-        let (bm, bc) = image(&["new1"], json!([{"created_by": "new1"}]), json!({}));
-        let r = onto(
-            &Image {
-                manifest: &sm,
-                config: &sc,
-            },
-            2,
-            &Image {
-                manifest: &bm,
-                config: &bc,
-            },
-            &naming(),
-        )
-        .unwrap();
+        let b = image(&["new1"], history(&["new1"]), json!({}));
+        let r = rebase(s.image(), 2, b.image()).unwrap();
         let m = json_of(&r.manifest);
         let c = json_of(&r.config);
-        let digests: Vec<_> = m["layers"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|l| l["digest"].as_str().unwrap())
-            .collect();
-        assert_eq!(digests, ["sha256:new1", "sha256:u1", "sha256:u2"]);
+        assert_eq!(
+            strings(&m["layers"], "digest"),
+            ["sha256:new1", "sha256:u1", "sha256:u2"]
+        );
         assert_eq!(
             c["rootfs"]["diff_ids"],
             json!(["sha256:dnew1", "sha256:du1", "sha256:du2"])
@@ -283,18 +318,15 @@ mod tests {
             json!(["BASE=new1"]),
             "the new base's config"
         );
-        let created_by: Vec<_> = c["history"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|h| h["created_by"].as_str().unwrap())
-            .collect();
-        assert_eq!(created_by, ["new1", "desktop-snapshot", "desktop-snapshot"]);
+        assert_eq!(
+            strings(&c["history"], "created_by"),
+            ["new1", "desktop-snapshot", "desktop-snapshot"]
+        );
         assert_eq!(m["config"]["digest"], json!(r.config.digest));
         assert_eq!(m["config"]["size"], json!(r.config.body.len()));
         let a = &m["annotations"];
         assert_eq!(a[provenance::BASE_NAME], "r.example/oc.user:4.2");
-        assert_eq!(a[provenance::BASE_DIGEST], json!(bm.digest));
+        assert_eq!(a[provenance::BASE_DIGEST], json!(b.manifest.digest));
         assert_eq!(a[provenance::FIRST_USER_LAYER], "1");
         assert_eq!(a[provenance::USER], "alice");
         assert_eq!(a[provenance::TAG], "alice-20261128T030000Z");
@@ -305,96 +337,38 @@ mod tests {
 
     #[test]
     fn bad_inputs_are_refused_with_a_reason() {
-        let (sm, sc) = image(&["old1", "u1"], json!([]), json!({}));
-        let (bm, bc) = image(&["new1"], json!([]), json!({}));
-        let s = Image {
-            manifest: &sm,
-            config: &sc,
-        };
-        let b = Image {
-            manifest: &bm,
-            config: &bc,
-        };
-        assert!(onto(&s, 3, &b, &naming())
+        let s = plain(&["old1", "u1"]);
+        let b = plain(&["new1"]);
+        assert!(rebase(s.image(), 3, b.image())
             .unwrap_err()
             .contains("past its 2 layers"));
-        let index = Document::new(OCI.into(), br#"{"manifests": []}"#.to_vec());
-        let e = onto(
-            &s,
-            1,
-            &Image {
-                manifest: &index,
-                config: &bc,
-            },
-            &naming(),
-        )
-        .unwrap_err();
+        let index = manifest(br#"{"manifests": []}"#);
+        let e = rebase(s.image(), 1, pair(&index, &b.config)).unwrap_err();
         assert!(e.contains("index"), "{e}");
-        let garbage = Document::new(OCI.into(), b"<html>".to_vec());
-        assert!(onto(
-            &Image {
-                manifest: &garbage,
-                config: &sc
-            },
-            1,
-            &b,
-            &naming()
-        )
-        .unwrap_err()
-        .contains("not JSON"));
-        let arm = Document::new(String::new(), serde_json::to_vec(&json!({"architecture": "arm64", "os": "linux", "rootfs": {"diff_ids": ["sha256:dnew1"]}})).unwrap());
-        let e = onto(
-            &s,
-            1,
-            &Image {
-                manifest: &bm,
-                config: &arm,
-            },
-            &naming(),
-        )
-        .unwrap_err();
+        let garbage = manifest(b"<html>");
+        assert!(rebase(pair(&garbage, &s.config), 1, b.image())
+            .unwrap_err()
+            .contains("not JSON"));
+        let arm = config(
+            json!({"architecture": "arm64", "os": "linux", "rootfs": {"diff_ids": ["sha256:dnew1"]}}),
+        );
+        let e = rebase(s.image(), 1, pair(&b.manifest, &arm)).unwrap_err();
         assert!(e.contains("architecture"), "{e}");
     }
 
     #[test]
     fn history_that_does_not_count_the_layers_gets_one_entry_per_user_layer() {
-        let (sm, sc) = image(&["old1", "u1", "u2"], json!([]), json!({}));
-        let (bm, bc) = image(&["new1"], json!([{"created_by": "new1"}]), json!({}));
-        let r = onto(
-            &Image {
-                manifest: &sm,
-                config: &sc,
-            },
-            1,
-            &Image {
-                manifest: &bm,
-                config: &bc,
-            },
-            &naming(),
-        )
-        .unwrap();
+        let s = plain(&["old1", "u1", "u2"]);
+        let b = image(&["new1"], history(&["new1"]), json!({}));
+        let r = rebase(s.image(), 1, b.image()).unwrap();
         assert_eq!(json_of(&r.config)["history"].as_array().unwrap().len(), 3);
     }
 
     #[test]
     fn the_same_inputs_give_the_same_documents() {
-        let (sm, sc) = image(&["old1", "u1"], json!([]), json!({}));
-        let (bm, bc) = image(&["new1"], json!([]), json!({}));
-        let run = || {
-            onto(
-                &Image {
-                    manifest: &sm,
-                    config: &sc,
-                },
-                1,
-                &Image {
-                    manifest: &bm,
-                    config: &bc,
-                },
-                &naming(),
-            )
-            .unwrap()
-        };
+        let s = plain(&["old1", "u1"]);
+        let b = plain(&["new1"]);
+        let run = || rebase(s.image(), 1, b.image()).unwrap();
         assert_eq!(run(), run());
     }
 }
