@@ -67,6 +67,16 @@ pub fn response(answer: &Value) -> &Value {
     &answer["response"]
 }
 
+/// The warnings of an answer (none when it has none).
+pub fn warnings(answer: &Value) -> Vec<String> {
+    response(answer)["warnings"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(|w| w.as_str().map(String::from))
+        .collect()
+}
+
 /// The decoded JSON Patch of an answer, if any.
 pub fn patch(answer: &Value) -> Option<json_patch::Patch> {
     let encoded = answer["response"]["patch"].as_str()?;

@@ -426,6 +426,20 @@ impl Registry {
         crate::oci::sha256(&manifest)
     }
 
+    /// Pushes an image of the harness's base layer with `extra_layers` on top
+    /// to `repo:tag`, without annotations; returns the manifest's digest.
+    pub async fn push_on_base(
+        &self,
+        repo: &str,
+        tag: &str,
+        extra_layers: &[(Vec<u8>, String)],
+    ) -> String {
+        let mut layers = vec![crate::containerd::base_layer_blob()];
+        layers.extend(extra_layers.iter().cloned());
+        self.push_image(repo, tag, &layers, serde_json::json!({}))
+            .await
+    }
+
     /// The manifest of `repo:tag` and its image config, as JSON; panics when
     /// either cannot be read.
     pub async fn manifest_and_config(&self, repo: &str, tag: &str) -> (Value, Value) {

@@ -148,17 +148,7 @@ impl Node {
     /// The same, for a desktop pod whose graphical image is `image`.
     pub async fn admit_with(&self, user: &str, image: &str) -> Value {
         let pod = desktop_pod(user, image);
-        let answer: Value = self
-            .webhook
-            .client()
-            .post(self.webhook.url("/mutate"))
-            .json(&review(&pod, "CREATE", false))
-            .send()
-            .await
-            .expect("the webhook answers")
-            .json()
-            .await
-            .expect("an AdmissionReview");
+        let answer = self.webhook.admit(&review(&pod, "CREATE", false)).await;
         apply(&pod, &answer)
     }
 

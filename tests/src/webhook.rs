@@ -184,6 +184,18 @@ impl Webhook {
             .await
     }
 
+    /// POSTs an AdmissionReview to `/mutate`; returns the AdmissionReview it
+    /// answers (panics, with the webhook's log, on any other answer).
+    pub async fn admit(&self, review: &serde_json::Value) -> serde_json::Value {
+        let (status, answer) = self.send(review).await;
+        assert!(
+            status == reqwest::StatusCode::OK && answer.is_object(),
+            "the webhook answers an AdmissionReview, not {status} {answer}\nwebhook log:\n{}",
+            self.log()
+        );
+        answer
+    }
+
     /// POSTs raw bytes to `/mutate`, as [`Webhook::send`].
     pub async fn send_bytes(&self, body: Vec<u8>) -> (reqwest::StatusCode, serde_json::Value) {
         let r = match self

@@ -6,7 +6,7 @@
 //! made keeps the snapshot, with a warning, a log line and a metric.
 
 use harness::{
-    admission::{self, apply, as_pod, desktop_pod, image_of, review},
+    admission::{self, apply, as_pod, desktop_pod, image_of, review, warnings},
     registry::{layer, Registry},
     webhook::Webhook,
 };
@@ -99,17 +99,7 @@ impl World {
     /// alice logs in with the graphical image `image`: the answer and the pod.
     async fn login(&self, image: &str, dry_run: bool) -> (Value, Value) {
         let pod = desktop_pod("alice", image);
-        let answer: Value = self
-            .webhook
-            .client()
-            .post(self.webhook.url("/mutate"))
-            .json(&review(&pod, "CREATE", dry_run))
-            .send()
-            .await
-            .expect("the webhook answers")
-            .json()
-            .await
-            .expect("an AdmissionReview");
+        let answer = self.webhook.admit(&review(&pod, "CREATE", dry_run)).await;
         assert_eq!(
             admission::response(&answer)["allowed"],
             json!(true),
@@ -138,15 +128,6 @@ fn status(pod: &Value) -> String {
         .as_str()
         .unwrap_or_default()
         .to_string()
-}
-
-fn warnings(answer: &Value) -> Vec<String> {
-    admission::response(answer)["warnings"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|w| w.as_str().map(String::from))
-        .collect()
 }
 
 fn digests(layers: &[(Vec<u8>, String)]) -> Vec<String> {

@@ -300,19 +300,9 @@ async fn every_snapshot_says_what_it_sits_on_and_keeps_the_base_layers() {
 async fn a_snapshot_rebased_onto_a_new_base_restores_both_the_new_base_and_the_user() {
     let node = Node::start(&["--on-new-base", "rebase"]).await;
     let repo = "abcdesktopio/oc.user.rebase";
-    let base_layer = harness::containerd::base_layer_blob();
     let upgrade = harness::registry::layer("opt/base/new-in-4.2", "4.2");
-    node.registry
-        .push_image(
-            repo,
-            "4.1",
-            std::slice::from_ref(&base_layer),
-            serde_json::json!({}),
-        )
-        .await;
-    node.registry
-        .push_image(repo, "4.2", &[base_layer, upgrade], serde_json::json!({}))
-        .await;
+    node.registry.push_on_base(repo, "4.1", &[]).await;
+    node.registry.push_on_base(repo, "4.2", &[upgrade]).await;
     let image = |tag: &str| format!("{}/{repo}:{tag}", node.registry.host());
 
     let desktop = node.login_with("alice", &image("4.1")).await;
@@ -437,24 +427,11 @@ async fn a_merge_reads_the_user_layers_the_node_lacks_from_the_registry() {
 async fn a_legacy_snapshot_on_a_node_without_its_base_gets_its_provenance_from_the_registry() {
     let node = Node::start(&[]).await;
     let repo = "abcdesktopio/oc.user.legacy";
-    let base_layer = harness::containerd::base_layer_blob();
-    node.registry
-        .push_image(
-            repo,
-            "4.1",
-            std::slice::from_ref(&base_layer),
-            serde_json::json!({}),
-        )
-        .await;
+    node.registry.push_on_base(repo, "4.1", &[]).await;
     // what an older version pushed: the base's layers and the user's, no annotations
     let user_layer = harness::registry::layer("root/legacy", "frank");
     node.registry
-        .push_image(
-            repo,
-            "frank-100",
-            &[base_layer, user_layer],
-            serde_json::json!({}),
-        )
+        .push_on_base(repo, "frank-100", &[user_layer])
         .await;
     let base = format!("{}/{repo}:4.1", node.registry.host());
     let desktop = node.login_with("frank", &base).await;

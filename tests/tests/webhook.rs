@@ -4,7 +4,7 @@
 //! realistic abcdesktop desktop pod.
 
 use harness::{
-    admission::{self, apply, as_pod, desktop_pod, image_of, review},
+    admission::{self, apply, as_pod, desktop_pod, image_of, review, warnings},
     badregistry::{BadRegistry, Misbehaviour},
     registry::{Auth, Registry, PASSWORD, USER},
     webhook::{client_trusting, RegistryAccess, Webhook},
@@ -37,30 +37,9 @@ impl Setup {
     }
 }
 
-/// Sends a body to /mutate; returns the status and the JSON (or text) answer.
-async fn send_raw(webhook: &Webhook, body: Vec<u8>) -> (u16, String) {
-    let r = webhook
-        .client()
-        .post(webhook.url("/mutate"))
-        .header("content-type", "application/json")
-        .body(body)
-        .send()
-        .await
-        .expect("POST /mutate");
-    let status = r.status().as_u16();
-    (status, r.text().await.unwrap_or_default())
-}
-
 async fn admit(webhook: &Webhook, object: &Value, operation: &str, dry_run: bool) -> Value {
     let body = review(object, operation, dry_run);
-    let (status, text) = send_raw(webhook, serde_json::to_vec(&body).unwrap()).await;
-    assert_eq!(
-        status,
-        200,
-        "answer: {text}\nwebhook log:\n{}",
-        webhook.log()
-    );
-    let answer: Value = serde_json::from_str(&text).expect("the answer is JSON");
+    let answer = webhook.admit(&body).await;
     assert_eq!(answer["apiVersion"], "admission.k8s.io/v1");
     assert_eq!(answer["kind"], "AdmissionReview");
     assert_eq!(
@@ -89,15 +68,6 @@ async fn login(webhook: &Webhook, user: &str) -> (Value, Value) {
 
 fn allowed(answer: &Value) -> bool {
     admission::response(answer)["allowed"] == json!(true)
-}
-
-fn warnings(answer: &Value) -> Vec<String> {
-    admission::response(answer)["warnings"]
-        .as_array()
-        .into_iter()
-        .flatten()
-        .filter_map(|w| w.as_str().map(String::from))
-        .collect()
 }
 
 fn sidecar_of(patched: &Value) -> Option<k8s_openapi::api::core::v1::Container> {
@@ -501,17 +471,14 @@ async fn malformed_reviews_get_400_with_a_reason_and_oversized_413() {
         (br#"{"apiVersion":"admission.k8s.io/v1","kind":"AdmissionReview","request":{"uid":"x"}}"#.to_vec(), "not an AdmissionReview"),
     ];
     for (body, want) in cases {
-        let (status, text) = send_raw(&s.webhook, body).await;
-        assert_eq!(status, 400, "{text}");
-        assert!(text.contains(want), "{want:?} not in {text:?}");
+        let (status, answer) = s.webhook.send_bytes(body).await;
+        assert_eq!(status, 400, "{answer}");
+        let text = answer.as_str().unwrap_or_default();
+        assert!(text.contains(want), "{want:?} not in {answer}");
     }
     let mut pod = desktop_pod("u", IMAGE);
     pod["metadata"]["annotations"]["padding"] = json!("x".repeat(100_000));
-    let (status, _) = send_raw(
-        &s.webhook,
-        serde_json::to_vec(&review(&pod, "CREATE", false)).unwrap(),
-    )
-    .await;
+    let (status, _) = s.webhook.send(&review(&pod, "CREATE", false)).await;
     assert_eq!(status, 413);
     // still serving
     let (answer, _) = login(&s.webhook, "u").await;
