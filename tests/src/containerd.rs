@@ -162,16 +162,28 @@ impl Containerd {
         Ok(String::from_utf8_lossy(&out.stdout).into_owned())
     }
 
-    /// Builds the base image (busybox and a few files) and imports it as [`BASE_IMAGE`].
+    /// Builds the base image (busybox and a few files), imports it as
+    /// [`BASE_IMAGE`] and unpacks it into the overlayfs snapshotter, as the
+    /// kubelet would have (ctr 1.6 has no `images unpack`: the import unpacks).
     pub async fn import_base_image(&self) {
         let tar = self.dir.path().join("base.tar");
-        build_oci_archive(&tar, BASE_IMAGE).expect("building the base image");
+        let archive = || -> Result<()> {
+            crate::oci::Archive {
+                name: BASE_IMAGE,
+                ref_name: BASE_IMAGE.rsplit_once(':').map(|(_, tag)| tag),
+                layers: &[base_layer()?],
+                history: Some(serde_json::json!([{
+                    "created": "2023-11-14T22:13:20Z",
+                    "created_by": "desktop-snapshot test base",
+                }])),
+            }
+            .write(&tar)
+        };
+        archive().unwrap_or_else(|e| panic!("building the base image: {e:#}"));
         let path = tar.to_string_lossy().into_owned();
-        self.ctr(&["images", "import", "--no-unpack", &path])
+        self.ctr(&["images", "import", "--snapshotter", "overlayfs", &path])
             .await
-            .expect("importing the base image");
-        // unpack into the overlayfs snapshotter, as the kubelet would have
-        self.ctr(&["images", "unpack", BASE_IMAGE]).await.ok();
+            .unwrap_or_else(|e| panic!("importing and unpacking the base image: {e:#}"));
     }
 
     /// This daemon and namespace, for synchronous `ctr` calls.
@@ -603,46 +615,6 @@ pub fn base_layer() -> Result<Vec<u8>> {
         b.append_link(&mut h, format!("bin/{applet}"), "busybox")?;
     }
     Ok(b.into_inner()?)
-}
-
-/// An OCI image layout archive of the base image, for `ctr images import`.
-fn build_oci_archive(out: &Path, name: &str) -> Result<()> {
-    let layer_tar = base_layer()?;
-    let diff_id = crate::oci::sha256(&layer_tar);
-    let layer = crate::oci::gzip(&layer_tar)?;
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": [diff_id]},
-        "history": [{"created": "2023-11-14T22:13:20Z", "created_by": "desktop-snapshot test base"}]
-    }))?;
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": crate::oci::sha256(&config), "size": config.len()},
-        "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": crate::oci::sha256(&layer), "size": layer.len()}]
-    }))?;
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json", "digest": crate::oci::sha256(&manifest), "size": manifest.len(),
-            "annotations": {"io.containerd.image.name": name, "org.opencontainers.image.ref.name": "4.1"}}]
-    }))?;
-    let mut b = tar::Builder::new(std::fs::File::create(out)?);
-    let mut add = |path: String, data: &[u8]| -> Result<()> {
-        let mut h = crate::oci::tar_header(tar::EntryType::Regular, 0o644, data.len() as u64);
-        b.append_data(&mut h, path, data)?;
-        Ok(())
-    };
-    add("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    add("index.json".into(), &index)?;
-    for blob in [&layer, &config, &manifest] {
-        add(
-            format!("blobs/sha256/{}", &crate::oci::sha256(blob)[7..]),
-            blob,
-        )?;
-    }
-    b.into_inner()?;
-    Ok(())
 }
 
 /// An image imported from an OCI layout: its name in containerd and its entrypoint.

@@ -346,59 +346,7 @@ pub fn layer_tar(files: &[(&str, u32, &[u8])]) -> Result<Vec<u8>> {
     Ok(b.into_inner()?)
 }
 
-/// Writes an OCI image layout archive (for `ctr images import`) named `name`,
-/// of `layers` (uncompressed tars, bottom first; each stored gzip), with
-/// `/bin/sh` as its command.
-pub fn oci_archive(out: &Path, name: &str, layers: &[Vec<u8>]) -> Result<()> {
-    let mut blobs = Vec::new();
-    let (mut descriptors, mut diff_ids) = (Vec::new(), Vec::new());
-    for tar in layers {
-        diff_ids.push(crate::oci::sha256(tar));
-        let gz = crate::oci::gzip(tar)?;
-        descriptors.push(serde_json::json!({
-            "mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
-            "digest": crate::oci::sha256(&gz), "size": gz.len()}));
-        blobs.push(gz);
-    }
-    let config = serde_json::to_vec(&serde_json::json!({
-        "architecture": "amd64", "os": "linux",
-        "config": {"Env": ["PATH=/bin"], "Cmd": ["/bin/sh"]},
-        "rootfs": {"type": "layers", "diff_ids": diff_ids},
-    }))?;
-    let manifest = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "mediaType": "application/vnd.oci.image.manifest.v1+json",
-        "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
-                   "digest": crate::oci::sha256(&config), "size": config.len()},
-        "layers": descriptors,
-    }))?;
-    let index = serde_json::to_vec(&serde_json::json!({
-        "schemaVersion": 2,
-        "manifests": [{"mediaType": "application/vnd.oci.image.manifest.v1+json",
-            "digest": crate::oci::sha256(&manifest), "size": manifest.len(),
-            "annotations": {"io.containerd.image.name": name}}]
-    }))?;
-    blobs.push(config);
-    blobs.push(manifest);
-    let mut b = tar::Builder::new(std::fs::File::create(out)?);
-    let mut add = |path: String, data: &[u8]| -> Result<()> {
-        let mut h = crate::oci::tar_header(tar::EntryType::Regular, 0o644, data.len() as u64);
-        b.append_data(&mut h, path, data)?;
-        Ok(())
-    };
-    add("oci-layout".into(), br#"{"imageLayoutVersion":"1.0.0"}"#)?;
-    add("index.json".into(), &index)?;
-    for blob in &blobs {
-        add(
-            format!("blobs/sha256/{}", &crate::oci::sha256(blob)[7..]),
-            blob,
-        )?;
-    }
-    b.into_inner()?;
-    Ok(())
-}
-
-/// Imports an archive of [`oci_archive`] into `builder` (content only, no unpack).
+/// Imports an archive of [`crate::oci::Archive`] into `builder` (content only, no unpack).
 pub async fn import(builder: &Containerd, archive: &Path) {
     let path = archive.to_string_lossy();
     builder

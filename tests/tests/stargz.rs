@@ -5,6 +5,7 @@
 
 use harness::{
     containerd::{base_layer, Containerd},
+    oci,
     registry::Registry,
     stargz::{self, Options, Stargz},
 };
@@ -39,7 +40,13 @@ async fn source_image(builder: &Containerd, name: &str, big_size: usize) -> Stri
     .unwrap();
     drop(big);
     let archive = builder.dir.path().join("source.tar");
-    stargz::oci_archive(&archive, name, &[base_layer().unwrap(), data]).unwrap();
+    oci::Archive {
+        name,
+        layers: &[base_layer().unwrap(), data],
+        ..Default::default()
+    }
+    .write(&archive)
+    .unwrap();
     stargz::import(builder, &archive).await;
     std::fs::remove_file(&archive).unwrap();
     sum
