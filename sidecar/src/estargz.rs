@@ -26,6 +26,7 @@
 //! The layer's diff_id is the sha256 of the whole decompressed blob (entries,
 //! landmark, TOC entry, tar end), as the reference computes it.
 
+use crate::members::{Compressed, Compressor, Pool};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::{
@@ -33,8 +34,7 @@ use std::{
     fs::File,
     io::{self, BufWriter, Read, Seek, Write},
     path::PathBuf,
-    sync::{mpsc, Arc, Mutex},
-    thread::JoinHandle,
+    sync::mpsc,
 };
 use tar::{EntryType, Header};
 
@@ -562,7 +562,7 @@ impl<W: Write> Writer<W> {
             chunks,
             reply,
         });
-        while self.in_flight.len() > self.pool.threads * 2 {
+        while self.pool.is_full(self.in_flight.len()) {
             self.drain_one()?;
         }
         Ok(())
@@ -574,10 +574,7 @@ impl<W: Write> Writer<W> {
         let Some(job) = self.in_flight.pop_front() else {
             return Ok(());
         };
-        let done = job
-            .reply
-            .recv()
-            .map_err(|_| io::Error::other("an eStargz compressor stopped"))??;
+        let done = Pool::answer(&job.reply)?;
         let sink: &mut dyn Write = match job.part {
             Part::Front => &mut self.out,
             Part::Rest => match self.spill.as_mut() {
@@ -1207,139 +1204,16 @@ impl Write for Spill {
     }
 }
 
-/// A job's members compressed: one buffer, each member's length and its chunk's digest.
-struct Compressed {
-    bytes: Vec<u8>,
-    members: Vec<(usize, Option<[u8; 32]>)>,
-}
-
 struct InFlight {
     part: Part,
     chunks: Vec<(Option<(usize, usize)>, bool)>,
     reply: mpsc::Receiver<io::Result<Compressed>>,
 }
 
-/// Members to compress (each with the length of its chunk to digest) and where to answer.
-type Job = (
-    Vec<(Vec<u8>, Option<usize>)>,
-    mpsc::SyncSender<io::Result<Compressed>>,
-);
-
-/// Compressing threads, each with its own reusable compressor.
-struct Pool {
-    jobs: Option<mpsc::SyncSender<Job>>,
-    workers: Vec<JoinHandle<()>>,
-    threads: usize,
-}
-
-impl Pool {
-    fn new(threads: usize, level: u32) -> Self {
-        let (tx, rx) = mpsc::sync_channel::<Job>(threads);
-        let rx = Arc::new(Mutex::new(rx));
-        let workers = (0..threads)
-            .filter_map(|i| {
-                let rx = rx.clone();
-                std::thread::Builder::new()
-                    .name(format!("estargz-{i}"))
-                    .spawn(move || {
-                        let mut compressor = Compressor::new(level);
-                        loop {
-                            let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
-                            let Ok((members, reply)) = job else { return };
-                            let _ = reply.send(compressor.job(members));
-                        }
-                    })
-                    .ok()
-            })
-            .collect::<Vec<_>>();
-        Self {
-            threads: workers.len().max(1),
-            jobs: Some(tx),
-            workers,
-        }
-    }
-
-    fn submit(
-        &self,
-        members: Vec<(Vec<u8>, Option<usize>)>,
-    ) -> io::Result<mpsc::Receiver<io::Result<Compressed>>> {
-        let (reply, rx) = mpsc::sync_channel(1);
-        let sent = match (&self.jobs, self.workers.is_empty()) {
-            (Some(jobs), false) => jobs.send((members, reply)).is_ok(),
-            _ => false,
-        };
-        if !sent {
-            return Err(io::Error::other("no eStargz compressor is running"));
-        }
-        Ok(rx)
-    }
-}
-
-impl Drop for Pool {
-    fn drop(&mut self) {
-        self.jobs = None;
-        for worker in self.workers.drain(..) {
-            let _ = worker.join();
-        }
-    }
-}
-
-/// Writes gzip members with one deflate state, reset between members.
-struct Compressor {
-    deflate: flate2::Compress,
-}
-
-impl Compressor {
-    fn new(level: u32) -> Self {
-        Self {
-            deflate: flate2::Compress::new(flate2::Compression::new(level), false),
-        }
-    }
-
-    fn job(&mut self, members: Vec<(Vec<u8>, Option<usize>)>) -> io::Result<Compressed> {
-        let total: usize = members.iter().map(|m| m.0.len()).sum();
-        let mut out = Compressed {
-            bytes: Vec::with_capacity(total / 2 + 64 * members.len()),
-            members: Vec::with_capacity(members.len()),
-        };
-        for (data, chunk) in members {
-            let before = out.bytes.len();
-            self.member(&data, &mut out.bytes)?;
-            let digest = chunk.map(|n| Sha256::digest(&data[..n.min(data.len())]).into());
-            out.members.push((out.bytes.len() - before, digest));
-        }
-        Ok(out)
-    }
-
-    /// One gzip member of `data`, appended to `out` (header as Go writes it:
-    /// no name, time 0, OS unknown).
-    fn member(&mut self, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-        out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
-        self.deflate.reset();
-        let mut input = data;
-        loop {
-            out.reserve(input.len() / 2 + 4096);
-            let before = self.deflate.total_in();
-            let status = self
-                .deflate
-                .compress_vec(input, out, flate2::FlushCompress::Finish)
-                .map_err(io::Error::other)?;
-            input = &input[(self.deflate.total_in() - before) as usize..];
-            if status == flate2::Status::StreamEnd {
-                break;
-            }
-        }
-        let mut crc = flate2::Crc::new();
-        crc.update(data);
-        out.extend_from_slice(&crc.sum().to_le_bytes());
-        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
-        Ok(())
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::members::tests::gunzip as gunzip_all;
     use serde_json::Value;
     use std::io::Read;
 
@@ -1539,14 +1413,6 @@ mod tests {
             e.read_to_end(&mut data).unwrap();
             out.push((name, e.header().entry_type(), link, data, pax));
         }
-        out
-    }
-
-    fn gunzip_all(blob: &[u8]) -> Vec<u8> {
-        let mut out = Vec::new();
-        flate2::read::MultiGzDecoder::new(blob)
-            .read_to_end(&mut out)
-            .unwrap();
         out
     }
 

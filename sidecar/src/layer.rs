@@ -1,11 +1,12 @@
 //! Compressing the new layer on every core: the uncompressed tar (from the
 //! upper directory or from the Diff service) is hashed (its diff_id) and
-//! becomes gzip (parallel, with gzp; the default, what every runtime reads),
+//! becomes gzip ([`members`](crate::members): parallel members, what every
+//! runtime reads),
 //! zstd (multithreaded) or eStargz ([`estargz`](crate::estargz): gzip that
 //! the stargz snapshotter can mount lazily). Memory stays bounded: a few
 //! blocks in flight, never the whole layer.
 
-use crate::{estargz, spool::SpoolReader};
+use crate::{estargz, members, spool::SpoolReader};
 use clap::ValueEnum;
 use std::{
     collections::BTreeMap,
@@ -118,14 +119,7 @@ impl Compression {
         let threads = self.threads.max(1);
         Ok(match self.codec {
             Codec::Gzip => {
-                use gzp::{deflate::Gzip, par::compress::ParCompressBuilder};
-                Encoder::Gzip(
-                    ParCompressBuilder::<Gzip>::new()
-                        .num_threads(threads)
-                        .map_err(io::Error::other)?
-                        .compression_level(gzp::Compression::new(self.level() as u32))
-                        .from_writer(out),
-                )
+                Encoder::Gzip(members::GzipWriter::new(out, self.level() as u32, threads))
             }
             Codec::Zstd => {
                 let mut z = zstd::Encoder::new(out, self.level())?;
@@ -149,7 +143,7 @@ impl Compression {
 
 /// A compressing writer of any format.
 pub enum Encoder<W: Write + Send + 'static> {
-    Gzip(gzp::par::compress::ParCompress<'static, gzp::deflate::Gzip, W>),
+    Gzip(members::GzipWriter<W>),
     Zstd(zstd::Encoder<'static, W>),
     Estargz(Box<estargz::Writer<W>>),
 }
@@ -158,9 +152,8 @@ impl<W: Write + Send + 'static> Encoder<W> {
     /// Ends the compressed stream; the inner writer back, and for eStargz
     /// what the blob is (its own diff_id, TOC digest, annotations).
     pub fn finish(self) -> io::Result<(W, Option<estargz::Done>)> {
-        use gzp::ZWriter;
         let (mut w, done) = match self {
-            Encoder::Gzip(mut z) => (z.finish().map_err(io::Error::other)?, None),
+            Encoder::Gzip(z) => (z.finish()?, None),
             Encoder::Zstd(z) => (z.finish()?, None),
             Encoder::Estargz(z) => {
                 let (w, done) = z.finish()?;

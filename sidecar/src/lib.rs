@@ -18,6 +18,7 @@ pub mod image;
 pub mod layer;
 pub mod lineage;
 pub mod logoff;
+pub mod members;
 pub mod merge;
 pub mod metrics;
 pub mod prune;

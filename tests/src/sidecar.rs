@@ -362,8 +362,11 @@ pub async fn layers(registry: &Registry, repo: &str, tag: &str) -> Vec<Vec<(Stri
             .await
             .expect("pulling a layer");
         let mut tar = Vec::new();
-        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(gz.as_slice()), &mut tar)
-            .expect("a gzip layer");
+        std::io::Read::read_to_end(
+            &mut flate2::read::MultiGzDecoder::new(gz.as_slice()),
+            &mut tar,
+        )
+        .expect("a gzip layer");
         let mut archive = tar::Archive::new(tar.as_slice());
         let mut files = Vec::new();
         for entry in archive.entries().expect("a tar layer") {

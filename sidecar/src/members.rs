@@ -1,0 +1,332 @@
+//! Gzip members compressed in parallel, in order: the engine under both gzip
+//! layer formats. The eStargz writer ([`crate::estargz`]) hands it one member
+//! per file or chunk; [`GzipWriter`] cuts a plain gzip layer into members of
+//! [`MEMBER`] bytes (a multi-member gzip stream, as pigz and the gzip format
+//! allow: every runtime's reader takes it).
+//!
+//! A member deflate cannot shrink by 1/[`STORE_BELOW`] is written in stored
+//! blocks instead (random bytes, media, archives): a few bytes smaller than
+//! what the level-1 deflater makes of it, and three times faster to read back
+//! at login (see [`Compressor`]).
+
+use sha2::{Digest, Sha256};
+use std::{
+    collections::VecDeque,
+    io::{self, Write},
+    sync::{mpsc, Arc, Mutex},
+    thread::JoinHandle,
+};
+
+/// Uncompressed bytes in each member of a plain gzip layer.
+pub const MEMBER: usize = 1 << 20;
+
+/// A job's members compressed: one buffer, each member's length and its chunk's digest.
+pub(crate) struct Compressed {
+    pub bytes: Vec<u8>,
+    pub members: Vec<(usize, Option<[u8; 32]>)>,
+}
+
+/// Members to compress (each with the length of its chunk to digest) and where to answer.
+type Job = (
+    Vec<(Vec<u8>, Option<usize>)>,
+    mpsc::SyncSender<io::Result<Compressed>>,
+);
+
+/// Compressing threads, each with its own reusable compressor.
+pub(crate) struct Pool {
+    jobs: Option<mpsc::SyncSender<Job>>,
+    workers: Vec<JoinHandle<()>>,
+    threads: usize,
+}
+
+impl Pool {
+    pub fn new(threads: usize, level: u32) -> Self {
+        let (tx, rx) = mpsc::sync_channel::<Job>(threads);
+        let rx = Arc::new(Mutex::new(rx));
+        let workers = (0..threads)
+            .filter_map(|i| {
+                let rx = rx.clone();
+                std::thread::Builder::new()
+                    .name(format!("gzip-{i}"))
+                    .spawn(move || {
+                        let mut compressor = Compressor::new(level);
+                        loop {
+                            let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
+                            let Ok((members, reply)) = job else { return };
+                            let _ = reply.send(compressor.job(members));
+                        }
+                    })
+                    .ok()
+            })
+            .collect::<Vec<_>>();
+        Self {
+            threads: workers.len().max(1),
+            jobs: Some(tx),
+            workers,
+        }
+    }
+
+    /// Whether `in_flight` jobs are as many as memory allows (two per thread).
+    pub fn is_full(&self, in_flight: usize) -> bool {
+        in_flight > self.threads * 2
+    }
+
+    /// A submitted job's members, once compressed.
+    pub fn answer(reply: &mpsc::Receiver<io::Result<Compressed>>) -> io::Result<Compressed> {
+        reply
+            .recv()
+            .map_err(|_| io::Error::other("a gzip compressor stopped"))?
+    }
+
+    pub fn submit(
+        &self,
+        members: Vec<(Vec<u8>, Option<usize>)>,
+    ) -> io::Result<mpsc::Receiver<io::Result<Compressed>>> {
+        let (reply, rx) = mpsc::sync_channel(1);
+        let sent = match (&self.jobs, self.workers.is_empty()) {
+            (Some(jobs), false) => jobs.send((members, reply)).is_ok(),
+            _ => false,
+        };
+        if !sent {
+            return Err(io::Error::other("no gzip compressor is running"));
+        }
+        Ok(rx)
+    }
+}
+
+impl Drop for Pool {
+    fn drop(&mut self) {
+        self.jobs = None;
+        for worker in self.workers.drain(..) {
+            let _ = worker.join();
+        }
+    }
+}
+
+/// Writes gzip members with one deflate state, reset between members; data
+/// that deflate cannot shrink by [`STORE_BELOW`] goes in stored blocks.
+///
+/// Why: at level 1 the deflate backend codes incompressible data (random
+/// bytes, media, archives) with Huffman tables, a few bytes larger than the
+/// data and slow to read back (Go's gzip reader, containerd's, inflates it
+/// at about 65 MB/s against about 300 MB/s for stored blocks): restore-bench
+/// measured the unpack of such a layer as most of a login on overlayfs.
+pub(crate) struct Compressor {
+    deflate: flate2::Compress,
+    store: flate2::Compress,
+}
+
+/// A member is stored when deflate saves less than 1/`STORE_BELOW` of its data.
+const STORE_BELOW: usize = 32;
+
+impl Compressor {
+    pub fn new(level: u32) -> Self {
+        Self {
+            deflate: flate2::Compress::new(flate2::Compression::new(level), false),
+            store: flate2::Compress::new(flate2::Compression::none(), false),
+        }
+    }
+
+    fn job(&mut self, members: Vec<(Vec<u8>, Option<usize>)>) -> io::Result<Compressed> {
+        let total: usize = members.iter().map(|m| m.0.len()).sum();
+        let mut out = Compressed {
+            bytes: Vec::with_capacity(total / 2 + 64 * members.len()),
+            members: Vec::with_capacity(members.len()),
+        };
+        for (data, chunk) in members {
+            let before = out.bytes.len();
+            self.member(&data, &mut out.bytes)?;
+            let digest = chunk.map(|n| Sha256::digest(&data[..n.min(data.len())]).into());
+            out.members.push((out.bytes.len() - before, digest));
+        }
+        Ok(out)
+    }
+
+    /// One gzip member of `data`, appended to `out` (header as Go writes it:
+    /// no name, time 0, OS unknown).
+    pub fn member(&mut self, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+        out.extend_from_slice(&[0x1f, 0x8b, 8, 0, 0, 0, 0, 0, 0, 255]);
+        let start = out.len();
+        deflate_into(&mut self.deflate, data, out)?;
+        if !data.is_empty() && out.len() - start > data.len() - data.len() / STORE_BELOW {
+            out.truncate(start);
+            deflate_into(&mut self.store, data, out)?;
+        }
+        let mut crc = flate2::Crc::new();
+        crc.update(data);
+        out.extend_from_slice(&crc.sum().to_le_bytes());
+        out.extend_from_slice(&(data.len() as u32).to_le_bytes());
+        Ok(())
+    }
+}
+
+/// The raw deflate stream of `data` through `deflate` (reset first), appended to `out`.
+fn deflate_into(deflate: &mut flate2::Compress, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+    deflate.reset();
+    let mut input = data;
+    loop {
+        out.reserve(input.len() / 2 + 4096);
+        let before = deflate.total_in();
+        let status = deflate
+            .compress_vec(input, out, flate2::FlushCompress::Finish)
+            .map_err(io::Error::other)?;
+        input = &input[(deflate.total_in() - before) as usize..];
+        if status == flate2::Status::StreamEnd {
+            return Ok(());
+        }
+    }
+}
+
+/// A plain gzip layer: the bytes written, as members of [`MEMBER`] bytes
+/// compressed on every thread, written to `out` in order; a few members in
+/// flight, never the whole layer.
+pub struct GzipWriter<W: Write> {
+    out: W,
+    pool: Pool,
+    member: Vec<u8>,
+    in_flight: VecDeque<mpsc::Receiver<io::Result<Compressed>>>,
+}
+
+impl<W: Write> GzipWriter<W> {
+    /// Compresses into `out` at gzip `level` (1-9) on `threads` threads.
+    pub fn new(out: W, level: u32, threads: usize) -> Self {
+        Self {
+            out,
+            pool: Pool::new(threads.max(1), level.clamp(1, 9)),
+            member: Vec::with_capacity(MEMBER),
+            in_flight: VecDeque::new(),
+        }
+    }
+
+    /// Writes what is left; the output back, flushed. An empty input is one
+    /// empty member (a valid gzip stream).
+    pub fn finish(mut self) -> io::Result<W> {
+        if !self.member.is_empty() || self.in_flight.is_empty() {
+            self.dispatch()?;
+        }
+        while !self.in_flight.is_empty() {
+            self.drain_one()?;
+        }
+        self.out.flush()?;
+        Ok(self.out)
+    }
+
+    /// Sends the current member to the compressors; waits for the oldest when
+    /// too many are in flight.
+    fn dispatch(&mut self) -> io::Result<()> {
+        let member = std::mem::replace(&mut self.member, Vec::with_capacity(MEMBER));
+        self.in_flight
+            .push_back(self.pool.submit(vec![(member, None)])?);
+        while self.pool.is_full(self.in_flight.len()) {
+            self.drain_one()?;
+        }
+        Ok(())
+    }
+
+    fn drain_one(&mut self) -> io::Result<()> {
+        match self.in_flight.pop_front() {
+            Some(reply) => self.out.write_all(&Pool::answer(&reply)?.bytes),
+            None => Ok(()),
+        }
+    }
+}
+
+impl<W: Write> Write for GzipWriter<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = buf.len().min(MEMBER - self.member.len());
+        self.member.extend_from_slice(&buf[..n]);
+        if self.member.len() == MEMBER {
+            self.dispatch()?;
+        }
+        Ok(n)
+    }
+
+    /// Compressed output waits for whole members: flushes what `out` holds.
+    fn flush(&mut self) -> io::Result<()> {
+        self.out.flush()
+    }
+}
+
+#[cfg(test)]
+pub(crate) mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// Deterministic noise (xorshift).
+    fn noise(n: usize, mut seed: u64) -> Vec<u8> {
+        let mut out = Vec::with_capacity(n + 8);
+        while out.len() < n {
+            seed ^= seed << 13;
+            seed ^= seed >> 7;
+            seed ^= seed << 17;
+            out.extend_from_slice(&seed.to_le_bytes());
+        }
+        out.truncate(n);
+        out
+    }
+
+    /// The whole stream, every member, decompressed.
+    pub(crate) fn gunzip(blob: &[u8]) -> Vec<u8> {
+        let mut back = Vec::new();
+        flate2::read::MultiGzDecoder::new(blob)
+            .read_to_end(&mut back)
+            .unwrap();
+        back
+    }
+
+    #[test]
+    fn data_deflate_cannot_shrink_is_stored_and_reads_back() {
+        // a member's first deflate block type: bits 1-2 of the byte after the 10-byte header
+        let block_type = |member: &[u8]| (member[10] >> 1) & 3;
+        let noise = noise(1 << 20, 7);
+        let text = b"desktop config line\n".repeat(50_000);
+        let mut compressor = Compressor::new(1);
+        for (data, stored) in [(&noise[..], true), (&text[..], false), (&[][..], false)] {
+            let mut member = Vec::new();
+            compressor.member(data, &mut member).unwrap();
+            assert_eq!(block_type(&member) == 0, stored, "{} bytes", data.len());
+            if stored {
+                assert!(
+                    member.len() < data.len() + data.len() / 1000,
+                    "{}",
+                    member.len()
+                );
+            } else {
+                assert!(member.len() < data.len() / 10 + 64, "{}", member.len());
+            }
+            assert_eq!(gunzip(&member), data);
+        }
+    }
+
+    #[test]
+    fn a_gzip_layer_is_the_same_members_whatever_the_threads_and_writes() {
+        let mut data = b"text of a desktop\n".repeat(200_000);
+        data.extend(noise(3 * MEMBER + 12345, 3));
+        let blob = |threads: usize, piece: usize| {
+            let mut w = GzipWriter::new(Vec::new(), 1, threads);
+            for part in data.chunks(piece) {
+                w.write_all(part).unwrap();
+            }
+            w.finish().unwrap()
+        };
+        let one = blob(1, 1 << 20);
+        assert_eq!(gunzip(&one), data);
+        assert!(one.len() < data.len() * 3 / 4, "{}", one.len());
+        for (threads, piece) in [(2, 4096), (4, 777_777), (3, 1)] {
+            if piece == 1 {
+                // byte by byte over the first member boundary only
+                let mut w = GzipWriter::new(Vec::new(), 1, threads);
+                w.write_all(&data[..MEMBER - 3]).unwrap();
+                for b in &data[MEMBER - 3..MEMBER + 3] {
+                    w.write_all(std::slice::from_ref(b)).unwrap();
+                }
+                w.write_all(&data[MEMBER + 3..]).unwrap();
+                assert_eq!(w.finish().unwrap(), one, "{threads} threads, bytes");
+            } else {
+                assert_eq!(blob(threads, piece), one, "{threads} threads, {piece}");
+            }
+        }
+        let empty = GzipWriter::new(Vec::new(), 1, 2).finish().unwrap();
+        assert!(gunzip(&empty).is_empty() && !empty.is_empty());
+    }
+}
