@@ -349,21 +349,15 @@ async fn main() {
 
     // ---- where the overlayfs restore goes (§4) ----
     let mut analysis: Vec<(String, f64, String)> = Vec::new();
-    if let Some(s) = find(&one, "gzip") {
-        let secs = decompress(&env.registry, &s, "gzip");
-        analysis.push((
-            "gzip, 1 layer: gzip -dc of the blob alone".into(),
-            secs,
-            format!("{:.0} MiB/s of change", large_mib as f64 / secs),
-        ));
-    }
-    if let Some(s) = find(&one, "zstd") {
-        let secs = decompress(&env.registry, &s, "zstd");
-        analysis.push((
-            "zstd, 1 layer: zstd -dc of the blob alone".into(),
-            secs,
-            format!("{:.0} MiB/s of change", large_mib as f64 / secs),
-        ));
+    for tool in ["gzip", "zstd"] {
+        if let Some(s) = find(&one, tool) {
+            let secs = decompress(&env.registry, &s, tool);
+            analysis.push((
+                format!("{tool}, 1 layer: {tool} -dc of the blob alone"),
+                secs,
+                format!("{:.0} MiB/s of change", large_mib as f64 / secs),
+            ));
+        }
     }
     for f in ["gzip", "zstd"] {
         if let Some(s) = find(&chains, f) {
