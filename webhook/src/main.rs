@@ -58,6 +58,9 @@ async fn run(config: Config) -> Result<()> {
         .await
         .context("loading the registry credentials")?;
     let metrics = Arc::new(Metrics::new(registry.requests.clone()));
+    metrics
+        .admission_budget
+        .set(config.admission_budget.as_secs_f64());
     let rules = Rules {
         selector: Rules::parse_selector(&config.pod_selector)
             .map_err(anyhow::Error::msg)

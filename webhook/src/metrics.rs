@@ -3,9 +3,10 @@
 use crate::{newbase::BaseChange, outcome::Outcome, registry::ErrorKind};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
-    metrics::{counter::Counter, family::Family, histogram::Histogram},
+    metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
     registry::Registry,
 };
+use std::sync::atomic::AtomicU64;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct OutcomeLabel {
@@ -29,6 +30,8 @@ pub struct Metrics {
     new_base: Family<ActionLabel, Counter>,
     pub lookup_seconds: Histogram,
     pub admission_seconds: Histogram,
+    /// `--admission-budget`, for alerts on admissions near it.
+    pub admission_budget: Gauge<f64, AtomicU64>,
     pub cache_miss: Counter,
     pub cache_coalesced: Counter,
     pub cache_digest_hit: Counter,
@@ -51,6 +54,10 @@ impl Metrics {
             "Registry lookups that failed, by kind",
             registry_errors.clone(),
         );
+        // Present from the start, so that the first fail-open answer is an increase.
+        drop(admissions.get_or_create(&OutcomeLabel {
+            outcome: Outcome::RegistryError.as_str(),
+        }));
         let new_base = Family::<ActionLabel, Counter>::default();
         registry.register(
             "new_base",
@@ -72,6 +79,12 @@ impl Metrics {
             "admission_duration_seconds",
             "Whole admission, from the request's arrival at the webhook to its answer",
             admission_seconds.clone(),
+        );
+        let admission_budget = Gauge::<f64, AtomicU64>::default();
+        registry.register(
+            "admission_budget_seconds",
+            "The admission budget (--admission-budget): past it an admission is answered fail-open",
+            admission_budget.clone(),
         );
         let cache = Family::<KindLabel, Counter>::default();
         registry.register(
@@ -102,6 +115,7 @@ impl Metrics {
             new_base,
             lookup_seconds,
             admission_seconds,
+            admission_budget,
             cache_miss,
             cache_coalesced,
             cache_digest_hit,
