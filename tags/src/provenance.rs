@@ -21,11 +21,45 @@ pub const USER: &str = "io.abcdesktop.snapshot.user";
 /// Index in the manifest's `layers` of the first layer that is the user's
 /// (the count of base layers before it).
 pub const FIRST_USER_LAYER: &str = "io.abcdesktop.snapshot.first-user-layer";
+/// What made the snapshot: a [`Trigger`] (absent on snapshots made before it).
+pub const TRIGGER: &str = "io.abcdesktop.snapshot.trigger";
 
 /// `created_by` of the config history entry of each user layer.
 pub const HISTORY_CREATED_BY: &str = "desktop-snapshot";
 /// Its `comment`.
 pub const USER_LAYER_COMMENT: &str = "desktop-snapshot: the user's changes";
+
+/// The values of [`TRIGGER`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Trigger {
+    /// Asked for (the user's click, through the broker's `POST /snapshot`).
+    Click,
+    /// The pod went away (preStop hook or SIGTERM).
+    Logoff,
+    /// The sidecar's schedule.
+    Schedule,
+    /// A rebase onto a new base image (the webhook or `snapshotctl rebase`).
+    Rebase,
+}
+
+impl Trigger {
+    pub const ALL: [Self; 4] = [Self::Click, Self::Logoff, Self::Schedule, Self::Rebase];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Click => "click",
+            Self::Logoff => "logoff",
+            Self::Schedule => "schedule",
+            Self::Rebase => "rebase",
+        }
+    }
+
+    /// The trigger a snapshot's annotations name, if one of ours.
+    pub fn read(annotations: &BTreeMap<String, String>) -> Option<Self> {
+        let value = annotations.get(TRIGGER)?.trim();
+        Self::ALL.into_iter().find(|t| t.as_str() == value)
+    }
+}
 
 /// Where a snapshot's user layers start, and on what.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -180,6 +214,15 @@ mod tests {
             Provenance::legacy("b:1", None, &["l1"], &["l1"]).map(|p| p.first_user_layer),
             Some(1)
         );
+    }
+
+    #[test]
+    fn triggers_read_back() {
+        for t in Trigger::ALL {
+            assert_eq!(Trigger::read(&map(&[(TRIGGER, t.as_str())])), Some(t));
+        }
+        assert_eq!(Trigger::read(&map(&[(TRIGGER, "cron")])), None);
+        assert_eq!(Trigger::read(&map(&[])), None);
     }
 
     #[test]
