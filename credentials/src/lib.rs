@@ -27,10 +27,25 @@ pub enum CredentialsError {
     Json(#[from] serde_json::Error),
     #[error("the entry for {registry} has neither username/password nor a valid auth field")]
     Incomplete { registry: String },
+    #[error("no entry for {registry}")]
+    NoEntry { registry: String },
 }
 
 /// The credentials for `registry` (`host[:port]`); anonymous when the file has no entry for it.
 pub fn auth_for(document: &[u8], registry: &str) -> Result<RegistryAuth, CredentialsError> {
+    Ok(entry_for(document, registry)?.unwrap_or(RegistryAuth::Anonymous))
+}
+
+/// The credentials for `registry`, which the file must hold (whoever pushes
+/// needs them): [`CredentialsError::NoEntry`] when it has none.
+pub fn required_for(document: &[u8], registry: &str) -> Result<RegistryAuth, CredentialsError> {
+    entry_for(document, registry)?.ok_or_else(|| CredentialsError::NoEntry {
+        registry: registry.to_string(),
+    })
+}
+
+/// The credentials of the file's entry for `registry`, if it has one.
+fn entry_for(document: &[u8], registry: &str) -> Result<Option<RegistryAuth>, CredentialsError> {
     let config: DockerConfig = serde_json::from_slice(document)?;
     let Some(entry) = config
         .auths
@@ -38,11 +53,11 @@ pub fn auth_for(document: &[u8], registry: &str) -> Result<RegistryAuth, Credent
         .find(|(k, _)| host_of(k) == registry)
         .map(|(_, v)| v)
     else {
-        return Ok(RegistryAuth::Anonymous);
+        return Ok(None);
     };
     if let (Some(u), Some(p)) = (&entry.username, &entry.password) {
         if !u.is_empty() {
-            return Ok(RegistryAuth::Basic(u.clone(), p.clone()));
+            return Ok(Some(RegistryAuth::Basic(u.clone(), p.clone())));
         }
     }
     entry
@@ -58,6 +73,7 @@ pub fn auth_for(document: &[u8], registry: &str) -> Result<RegistryAuth, Credent
             s.split_once(':')
                 .map(|(u, p)| RegistryAuth::Basic(u.to_string(), p.to_string()))
         })
+        .map(Some)
         .ok_or_else(|| CredentialsError::Incomplete {
             registry: registry.to_string(),
         })
@@ -114,6 +130,22 @@ mod tests {
         assert!(matches!(
             auth_for(b"not json", "x"),
             Err(CredentialsError::Json(_))
+        ));
+        // whoever pushes needs an entry: the same answers, but none is an error
+        assert_eq!(
+            basic(required_for(d, "reg.example:5000").unwrap()),
+            Some(("alice".into(), "pw".into()))
+        );
+        let none = required_for(d, "unknown.example").unwrap_err();
+        assert!(matches!(none, CredentialsError::NoEntry { .. }));
+        assert_eq!(none.to_string(), "no entry for unknown.example");
+        assert!(matches!(
+            required_for(d, "broken.example"),
+            Err(CredentialsError::Incomplete { .. })
+        ));
+        assert!(matches!(
+            required_for(b"{}", "x"),
+            Err(CredentialsError::NoEntry { .. })
         ));
     }
 
