@@ -16,7 +16,8 @@ use oci_client::Reference;
 use serde_json::Value;
 use snapshot_sidecar::push::{self, Deleted};
 use snapshot_webhook::{
-    config::{Layout, Protocol},
+    config::Protocol,
+    policy::Layout,
     registry::{Registry, RegistrySettings},
     target, userid,
 };

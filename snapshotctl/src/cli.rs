@@ -3,7 +3,7 @@
 //! webhook's `--registry*` and `--layout` flags mean.
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
-use snapshot_webhook::config::{Layout, Protocol};
+use snapshot_webhook::{config::Protocol, policy::Layout};
 use std::{path::PathBuf, time::Duration};
 
 #[derive(Parser, Debug)]

@@ -16,7 +16,7 @@ use snapshot_tags::{
     provenance::{self, Provenance},
     retention,
 };
-use snapshot_webhook::{config::Layout, userid};
+use snapshot_webhook::{policy::Layout, userid};
 use std::{collections::BTreeMap, fmt::Write as _};
 
 /// Whose snapshot a tag is, and the prefix retention works on.

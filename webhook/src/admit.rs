@@ -2,12 +2,13 @@
 //! pod asks for a new base image, keep, rebase or fresh) -> resolution -> patch.
 
 use crate::{
-    config::Layout,
     decision::{self, Found, Outcome, Plan, Resolution, Rules, Want},
     lookup::{ErrorKind, Lookup, LookupError},
     metrics::Metrics,
-    newbase::{self, BaseChange, OnNewBase},
-    patch, rewrite,
+    newbase::{self, BaseChange},
+    patch,
+    policy::{Layout, OnNewBase},
+    rewrite,
     sidecar::SidecarSpec,
     tag::{self, provenance::Provenance},
     target::Target,

@@ -1,6 +1,7 @@
 //! Every setting of the webhook: command-line flags, each with an environment
 //! variable of the same meaning (`SNAPSHOT_WEBHOOK_*`) and a default.
 
+use crate::policy::{Layout, OnNewBase};
 use clap::{Parser, ValueEnum};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -111,8 +112,8 @@ pub struct Config {
     /// restores it, falling back to `keep` on any failure; `keep` restores the
     /// snapshot on its old base; `fresh` starts from the new base (the
     /// snapshots stay for a pin).
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_ON_NEW_BASE", value_enum, default_value_t = crate::newbase::OnNewBase::Rebase)]
-    pub on_new_base: crate::newbase::OnNewBase,
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_ON_NEW_BASE", value_enum, default_value_t = OnNewBase::Rebase)]
+    pub on_new_base: OnNewBase,
 
     /// Time budget of one registry lookup; past it the pod keeps its image.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_LOOKUP_TIMEOUT", default_value = "1s", value_parser = humantime::parse_duration)]
@@ -272,12 +273,6 @@ impl Protocol {
             Protocol::Http => "http",
         }
     }
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Layout {
-    Shared,
-    PerUser,
 }
 
 #[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]

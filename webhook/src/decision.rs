@@ -4,8 +4,8 @@
 
 pub use crate::outcome::Outcome;
 use crate::{
-    config::Layout,
     newbase::BaseChange,
+    policy::Layout,
     registry::LookupError,
     tag::{self, Snapshot},
     target::{self, NoTarget, Target},

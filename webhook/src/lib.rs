@@ -14,6 +14,7 @@ pub mod metrics;
 pub mod newbase;
 pub mod outcome;
 pub mod patch;
+pub mod policy;
 pub mod rebase;
 pub mod registry;
 pub mod rewrite;

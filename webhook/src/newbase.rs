@@ -1,21 +1,10 @@
 //! A login whose pod asks for another base image than the one its user's
 //! newest snapshot sits on (the operator upgraded the desktops): what the
-//! operator chose to do (`--on-new-base`), and what was done. Pure code.
+//! operator chose to do (`--on-new-base`, [`crate::policy::OnNewBase`]), and
+//! what was done. Pure code.
 
 use crate::{tag::provenance::Provenance, target::Target};
-use clap::ValueEnum;
 use oci_client::Reference;
-
-/// `--on-new-base`.
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum OnNewBase {
-    /// Restore the snapshot on its old base.
-    Keep,
-    /// Write the user's layers on the new base as a new snapshot, restore it.
-    Rebase,
-    /// Start from the new base; the snapshots stay for a pin.
-    Fresh,
-}
 
 /// What a login did about a new base.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -194,8 +194,9 @@ fn to_value<T: Serialize>(v: &T) -> Result<Value, serde_json::Error> {
 mod tests {
     use super::*;
     use crate::{
-        config::{Layout, Protocol},
+        config::Protocol,
         decision::{self, Found, Plan, Rules},
+        policy::Layout,
     };
     use kube::core::admission::Operation;
 

@@ -1,7 +1,7 @@
 //! Where a user's snapshots of one desktop image live: the repository and the
 //! tag prefix, derived from the graphical container's image. Pure code.
 
-use crate::{config::Layout, tag, userid};
+use crate::{policy::Layout, tag, userid};
 use oci_client::Reference;
 use std::fmt;
 
