@@ -36,9 +36,13 @@ soak *args: deps
     cargo build --release --locked --workspace --bins
     ./target/release/soak {{args}}
 
-# Make a CA and the webhook's serving certificate, and fill the caBundle into the manifests.
-certs service="snapshot-webhook" namespace="desktop-snapshot" out=".certs":
-    cargo run --quiet --locked -p snapshot-certs -- --service {{service}} --namespace {{namespace}} --out {{out}} --write-ca-bundle manifests/base/webhook-cabundle.yaml
+# The webhook's serving certificate, signed by the CA in .certs (made the first time; kept after, so the caBundle stays), and the caBundle filled into the manifests; `--new-ca` / `--drop-previous-ca` roll the CA over (docs/deploying.md).
+certs *args:
+    cargo run --quiet --locked -p snapshot-certs -- --write-ca-bundle manifests/base/webhook-cabundle.yaml {{args}}
+
+# On a live install: a new serving certificate from the same CA into its secret, then wait until every webhook pod serves it (the kubelet's refresh: 60-80 s).
+rotate-certs namespace="desktop-snapshot" service="snapshot-webhook" out=".certs":
+    bash scripts/rotate-certs.sh {{namespace}} {{service}} {{out}}
 
 # Render the manifests with kustomize and validate every object against the Kubernetes schemas, offline.
 manifests-check:

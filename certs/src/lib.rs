@@ -171,6 +171,35 @@ pub fn ca_bundle(ca_pem: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(ca_pem.as_bytes())
 }
 
+/// Checks that `cert_pem` is a serving certificate for `name` that a client trusting
+/// exactly the CA certificates of `bundle_pem` (one or more PEM blocks, as a caBundle
+/// carries them) accepts now: what kube-apiserver checks before it calls the webhook.
+pub fn verify_serving(bundle_pem: &str, cert_pem: &str, name: &str) -> Result<()> {
+    use rustls::client::danger::ServerCertVerifier;
+    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName, UnixTime};
+
+    let mut roots = rustls::RootCertStore::empty();
+    for ca in CertificateDer::pem_slice_iter(bundle_pem.as_bytes()) {
+        roots
+            .add(ca.context("reading the caBundle")?)
+            .context("adding a caBundle certificate")?;
+    }
+    anyhow::ensure!(!roots.is_empty(), "the caBundle holds no certificate");
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let verifier =
+        rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
+            .build()
+            .context("building a certificate verifier")?;
+    let leaf = CertificateDer::from_pem_slice(cert_pem.as_bytes())
+        .context("reading the serving certificate")?;
+    let server = ServerName::try_from(name.to_string())
+        .with_context(|| format!("{name:?} is not a server name"))?;
+    verifier
+        .verify_server_cert(&leaf, &[], &server, &[], UnixTime::now())
+        .with_context(|| format!("the serving certificate does not verify for {name}"))?;
+    Ok(())
+}
+
 /// A DNS name a certificate may carry: dot-separated labels of letters, digits and
 /// inner dashes, 63 bytes at most each, 253 in all; the first label may be `*`.
 fn is_dns_name(name: &str) -> bool {
@@ -204,26 +233,6 @@ fn validity(params: &mut CertificateParams, days: i64) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use rustls::client::danger::ServerCertVerifier;
-    use rustls::pki_types::{pem::PemObject, CertificateDer, ServerName, UnixTime};
-
-    fn verify(ca_pem: &str, cert_pem: &str, name: &str) -> Result<(), rustls::Error> {
-        let mut roots = rustls::RootCertStore::empty();
-        roots
-            .add(CertificateDer::from_pem_slice(ca_pem.as_bytes()).unwrap())
-            .unwrap();
-        let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
-        let verifier =
-            rustls::client::WebPkiServerVerifier::builder_with_provider(roots.into(), provider)
-                .build()
-                .unwrap();
-        let leaf = CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
-        let name = ServerName::try_from(name.to_string()).unwrap();
-        verifier
-            .verify_server_cert(&leaf, &[], &name, &[], UnixTime::now())
-            .map(|_| ())
-    }
-
     #[test]
     fn serving_certificate_is_signed_by_the_ca_for_its_names() {
         let ca = Authority::new("test CA", 2).unwrap();
@@ -232,12 +241,27 @@ mod tests {
         all.push("127.0.0.1".into());
         let serving = ca.serving(&all, 1).unwrap();
         for n in &names {
-            verify(&ca.cert_pem, &serving.cert_pem, n).unwrap();
+            verify_serving(&ca.cert_pem, &serving.cert_pem, n).unwrap();
         }
-        verify(&ca.cert_pem, &serving.cert_pem, "127.0.0.1").unwrap();
-        assert!(verify(&ca.cert_pem, &serving.cert_pem, "other.example").is_err());
+        verify_serving(&ca.cert_pem, &serving.cert_pem, "127.0.0.1").unwrap();
+        assert!(verify_serving(&ca.cert_pem, &serving.cert_pem, "other.example").is_err());
         let other = Authority::new("other CA", 2).unwrap();
-        assert!(verify(&other.cert_pem, &serving.cert_pem, &names[0]).is_err());
+        assert!(verify_serving(&other.cert_pem, &serving.cert_pem, &names[0]).is_err());
+    }
+
+    #[test]
+    fn a_bundle_of_two_cas_trusts_the_certificates_of_either() {
+        let old = Authority::new("test CA 1", 2).unwrap();
+        let new = Authority::new("test CA 2", 2).unwrap();
+        let bundle = format!("{}{}", new.cert_pem, old.cert_pem);
+        for ca in [&old, &new] {
+            let serving = ca.serving(&["localhost".into()], 1).unwrap();
+            verify_serving(&bundle, &serving.cert_pem, "localhost").unwrap();
+        }
+        let serving = new.serving(&["localhost".into()], 1).unwrap();
+        let err = verify_serving(&old.cert_pem, &serving.cert_pem, "localhost").unwrap_err();
+        assert!(format!("{err:#}").contains("does not verify"), "{err:#}");
+        assert!(verify_serving("", &serving.cert_pem, "localhost").is_err());
     }
 
     #[test]
@@ -245,7 +269,7 @@ mod tests {
         let ca = Authority::new("test CA", 2).unwrap();
         let again = Authority::from_pem(&ca.cert_pem, &ca.key_pem()).unwrap();
         let serving = again.serving(&["localhost".into()], 1).unwrap();
-        verify(&ca.cert_pem, &serving.cert_pem, "localhost").unwrap();
+        verify_serving(&ca.cert_pem, &serving.cert_pem, "localhost").unwrap();
         assert_eq!(ca_bundle(&again.cert_pem), ca_bundle(&ca.cert_pem));
         assert_eq!(
             again.not_after().unix_timestamp(),
@@ -293,7 +317,7 @@ mod tests {
                 "localhost",
             ]
         );
-        verify(&ca.cert_pem, &serving.cert_pem, "::1").unwrap();
+        verify_serving(&ca.cert_pem, &serving.cert_pem, "::1").unwrap();
     }
 
     #[test]
@@ -325,7 +349,7 @@ mod tests {
         let ca = Authority::new("short CA", 3).unwrap();
         let serving = ca.serving(&["localhost".into()], 365).unwrap();
         assert_eq!(serving.not_after, ca.not_after());
-        verify(&ca.cert_pem, &serving.cert_pem, "localhost").unwrap();
+        verify_serving(&ca.cert_pem, &serving.cert_pem, "localhost").unwrap();
         let shorter = ca.serving(&["localhost".into()], 1).unwrap();
         assert!(shorter.not_after < ca.not_after());
     }
