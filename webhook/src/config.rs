@@ -251,6 +251,14 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_WEBHOOK_LOGOFF_GRACE_PERIOD", default_value = "5m", value_parser = humantime::parse_duration)]
     pub logoff_grace_period: Duration,
 
+    /// Snapshot each desktop on a schedule, every this long (`30m`, `1h`);
+    /// `0`, the default, is off. A pod's annotation
+    /// `snapshot.abcdesktop.io/every` wins (`0` turns it off). The sidecar
+    /// spreads the desktops' snapshots over the interval and skips one when
+    /// nothing changed since the last.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SNAPSHOT_EVERY", default_value = "0", value_parser = humantime::parse_duration)]
+    pub snapshot_every: Duration,
+
     /// Largest AdmissionReview body accepted, in bytes.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_MAX_BODY_BYTES", default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,

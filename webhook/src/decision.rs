@@ -12,6 +12,7 @@ use crate::{
 };
 use k8s_openapi::api::core::v1::Pod;
 use kube::core::admission::Operation;
+use std::time::Duration;
 
 /// `"false"` here starts a fresh desktop (no restore); the sidecar is still injected.
 pub const ANNOTATION_RESTORE: &str = "snapshot.abcdesktop.io/restore";
@@ -20,6 +21,9 @@ pub const ANNOTATION_PIN: &str = "snapshot.abcdesktop.io/pin";
 /// `"true"` or `"false"`: snapshot this desktop when its pod is deleted, or
 /// not; wins over `--snapshot-on-logoff`.
 pub const ANNOTATION_ON_LOGOFF: &str = "snapshot.abcdesktop.io/on-logoff";
+/// A duration (`30m`, `1h`): snapshot this desktop on a schedule, every this
+/// long; `0` turns it off. Wins over `--snapshot-every`.
+pub const ANNOTATION_EVERY: &str = "snapshot.abcdesktop.io/every";
 /// Written by the webhook: what it did. Its presence makes a re-admission a no-op.
 pub const ANNOTATION_STATUS: &str = "snapshot.abcdesktop.io/status";
 
@@ -33,6 +37,9 @@ pub struct Rules {
     pub layout: Layout,
     /// Snapshot desktops at logoff unless their pod says otherwise.
     pub on_logoff: bool,
+    /// Snapshot desktops on a schedule, every this long (`None`: off),
+    /// unless their pod says otherwise.
+    pub every: Option<Duration>,
 }
 
 impl Rules {
@@ -72,6 +79,8 @@ pub struct Action {
     pub want: Want,
     /// Snapshot this desktop when its pod is deleted.
     pub on_logoff: bool,
+    /// Snapshot this desktop every this long.
+    pub every: Option<Duration>,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -157,6 +166,10 @@ pub fn plan(rules: &Rules, operation: &Operation, kind: &str, pod: Option<&Pod>)
             ))
         }
     };
+    let every = match schedule(annotation(ANNOTATION_EVERY), rules.every) {
+        Ok(every) => every,
+        Err(why) => return Plan::Deny(why),
+    };
     Plan::Act(Action {
         user: user.to_string(),
         container: index,
@@ -164,7 +177,25 @@ pub fn plan(rules: &Rules, operation: &Operation, kind: &str, pod: Option<&Pod>)
         target,
         want,
         on_logoff,
+        every,
     })
+}
+
+/// The schedule of a desktop: its pod's [`ANNOTATION_EVERY`] when it has one
+/// (`0` is off), else the flag's; an annotation that is no duration is the
+/// reason to refuse the pod.
+pub fn schedule(
+    annotation: Option<&str>,
+    flag: Option<Duration>,
+) -> Result<Option<Duration>, String> {
+    let Some(v) = annotation else {
+        return Ok(flag.filter(|d| !d.is_zero()));
+    };
+    humantime::parse_duration(v)
+        .map(|d| Some(d).filter(|d| !d.is_zero()))
+        .map_err(|e| {
+            format!("annotation {ANNOTATION_EVERY}={v:?} must be a duration such as \"30m\" or \"0\" (off): {e}")
+        })
 }
 
 /// What the registry said, for the wanted snapshot.
@@ -210,6 +241,8 @@ pub struct Resolution {
     pub sidecar: Option<Target>,
     /// With the sidecar: snapshot the desktop when the pod is deleted.
     pub on_logoff: bool,
+    /// With the sidecar: snapshot the desktop every this long.
+    pub every: Option<Duration>,
     /// Shown to the requester (kubectl prints admission warnings).
     pub warning: Option<String>,
     /// Set when the request must be refused.
@@ -231,6 +264,7 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
                 status: (action.want != Want::AlreadyDone).then(|| format!("not restored: {e}")),
                 sidecar: None,
                 on_logoff: false,
+                every: None,
                 warning: Some(format!(
                     "desktop-snapshot: no snapshot for this desktop: {e}"
                 )),
@@ -246,6 +280,7 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
         status: None,
         sidecar: Some(target.clone()),
         on_logoff: action.on_logoff,
+        every: action.every,
         warning: None,
         deny: None,
         detail: None,
@@ -354,6 +389,7 @@ mod tests {
             registry: "reg.example:5000".into(),
             layout: Layout::Shared,
             on_logoff: false,
+            every: None,
         }
     }
 
@@ -402,6 +438,48 @@ mod tests {
                 Plan::Ignore(why) => panic!("ignored: {why}"),
             };
             assert_eq!(got, want, "flag {flag}, annotation {annotation:?}");
+        }
+    }
+
+    #[test]
+    fn snapshots_on_a_schedule_from_the_flag_and_the_annotation() {
+        let m = |n: u64| Some(Duration::from_secs(60 * n));
+        // (flag, annotation, schedule; None: refused)
+        for (flag, annotation, want) in [
+            (None, None, Some(None)),
+            (Some(Duration::ZERO), None, Some(None)),
+            (m(30), None, Some(m(30))),
+            (None, Some("15m"), Some(m(15))),
+            (m(30), Some(" 1h "), Some(m(60))),
+            (m(30), Some("1h 30m"), Some(m(90))),
+            (m(30), Some("0"), Some(None)),
+            (m(30), Some("0s"), Some(None)),
+            (None, Some("30"), None),
+            (m(30), Some("often"), None),
+            (m(30), Some("-5m"), None),
+            (m(30), Some(""), None),
+        ] {
+            let r = Rules {
+                every: flag,
+                ..rules()
+            };
+            let pod = desktop(match annotation {
+                Some(v) => json!({ ANNOTATION_EVERY: v }),
+                None => json!({}),
+            });
+            let got = match plan(&r, &Operation::Create, "Pod", Some(&pod)) {
+                Plan::Act(a) => {
+                    // carried into the resolution, which the patch reads
+                    assert_eq!(resolve(&a, Found::Nothing).every, a.every);
+                    Some(a.every)
+                }
+                Plan::Deny(why) => {
+                    assert!(why.contains(ANNOTATION_EVERY), "{why}");
+                    None
+                }
+                Plan::Ignore(why) => panic!("ignored: {why}"),
+            };
+            assert_eq!(got, want, "flag {flag:?}, annotation {annotation:?}");
         }
     }
 

@@ -70,6 +70,7 @@ async fn run(config: Config) -> Result<()> {
         registry: config.registry.clone(),
         layout: config.layout,
         on_logoff: config.snapshot_on_logoff,
+        every: Some(config.snapshot_every).filter(|every| !every.is_zero()),
     };
     let sidecar = SidecarSpec {
         name: config.sidecar_name.clone(),

@@ -95,8 +95,13 @@ pub fn build(
         } else {
             "containers"
         };
-        let container =
-            to_value(&sidecar.container(target, &action.user, original_image, logoff_grace))?;
+        let container = to_value(&sidecar.container(
+            target,
+            &action.user,
+            original_image,
+            logoff_grace,
+            resolution.every,
+        ))?;
         match named {
             Some((_, _, true)) => {}
             Some((found_in, index, false)) if found_in == list => {
@@ -250,6 +255,7 @@ mod tests {
             registry: "reg:5000".into(),
             layout: Layout::Shared,
             on_logoff: false,
+            every: None,
         }
     }
 
@@ -521,8 +527,54 @@ mod tests {
     }
 
     #[test]
+    fn the_schedule_reaches_the_sidecar_as_its_env() {
+        let hour = std::time::Duration::from_secs(3600);
+        // (flag, annotation, SNAPSHOT_EVERY)
+        for (flag, annotation, want) in [
+            (None, None, None),
+            (Some(hour), None, Some("1h")),
+            (None, Some("15m"), Some("15m")),
+            (Some(hour), Some("90s"), Some("1m 30s")),
+            (Some(hour), Some("0"), None),
+        ] {
+            let r = Rules {
+                every: flag,
+                ..rules()
+            };
+            let annotations = annotation.map(|v| json!({ decision::ANNOTATION_EVERY: v }));
+            for native in [false, true] {
+                let (p, _) = run_with(
+                    &r,
+                    &pod(json!({}), annotations.clone()),
+                    snap("a-1"),
+                    native,
+                );
+                let s = p.spec.as_ref().unwrap();
+                let sidecar = s
+                    .containers
+                    .iter()
+                    .chain(s.init_containers.iter().flatten())
+                    .find(|c| c.name == "t-snapshot")
+                    .unwrap();
+                assert_eq!(
+                    env_of(sidecar, "SNAPSHOT_EVERY").as_deref(),
+                    want,
+                    "flag {flag:?}, annotation {annotation:?}"
+                );
+                assert!(
+                    s.termination_grace_period_seconds.is_none()
+                        && s.containers[0].lifecycle.is_none(),
+                    "a schedule alone adds no logoff hook"
+                );
+                let (again, ops) = run_with(&r, &p, snap("a-2"), native);
+                assert_eq!((ops, &again), (0, &p), "re-admission changes nothing");
+            }
+        }
+    }
+
+    #[test]
     fn no_credential_in_env_or_args() {
-        let c = spec(false).container(&decision_target(), "alice", "img", Some(300));
+        let c = spec(false).container(&decision_target(), "alice", "img", Some(300), None);
         let text = serde_json::to_string(&c).unwrap();
         assert!(!text.contains("password") && c.args.is_none() && c.command.is_none());
     }
@@ -530,7 +582,7 @@ mod tests {
     #[test]
     fn the_cpu_limit_is_left_out_unless_configured() {
         let quantity = |spec: &SidecarSpec, which: &str| {
-            let c = spec.container(&decision_target(), "alice", "img", None);
+            let c = spec.container(&decision_target(), "alice", "img", None, None);
             let r = c.resources.unwrap();
             let side = if which == "request" {
                 r.requests

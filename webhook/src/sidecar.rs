@@ -83,13 +83,15 @@ pub const WORK_HEADROOM_BYTES: u64 = 256 << 20;
 
 impl SidecarSpec {
     /// The sidecar container for `user`'s desktop pod; `logoff_grace_seconds`: the
-    /// pod's grace period, when the desktop is snapshotted at logoff.
+    /// pod's grace period, when the desktop is snapshotted at logoff; `every`:
+    /// the interval of its snapshots on a schedule, if any.
     pub fn container(
         &self,
         target: &Target,
         user: &str,
         original_image: &str,
         logoff_grace_seconds: Option<i64>,
+        every: Option<std::time::Duration>,
     ) -> Container {
         let plain = |name: &str, value: &str| EnvVar {
             name: name.to_string(),
@@ -169,6 +171,12 @@ impl SidecarSpec {
                         plain("SNAPSHOT_ON_LOGOFF", "true"),
                         plain("SNAPSHOT_LOGOFF_GRACE_PERIOD", &format!("{grace}s")),
                     ]
+                }))
+                .chain(every.map(|every| {
+                    plain(
+                        "SNAPSHOT_EVERY",
+                        &humantime::format_duration(every).to_string(),
+                    )
                 }))
                 .collect(),
             ),
