@@ -1,6 +1,6 @@
 //! Every setting of the sidecar, from the env the webhook injects (each also a flag).
 
-use crate::layer::Codec;
+use crate::{image::new_layer::Codec, registry::Protocol};
 use clap::{Parser, ValueEnum};
 use std::{net::SocketAddr, path::PathBuf, time::Duration};
 
@@ -104,7 +104,7 @@ pub struct Config {
     /// eStargz: paths (relative to `/`, `*` within a name, comma-separated)
     /// whose entries go before the prefetch landmark, fetched before the
     /// desktop starts; `none` for no prefetch.
-    #[arg(long, env = "SNAPSHOT_PREFETCH", value_delimiter = ',', default_value = crate::estargz::Prefetch::DEFAULT_PATHS)]
+    #[arg(long, env = "SNAPSHOT_PREFETCH", value_delimiter = ',', default_value = crate::layer::estargz::Prefetch::DEFAULT_PATHS)]
     pub prefetch: Vec<String>,
     /// eStargz: most bytes of file data before the prefetch landmark (files
     /// of at most 1 MiB each, in name order).
@@ -148,7 +148,7 @@ impl Config {
             codec: *self.compression,
             level: self.compression_level,
             threads: self.compression_threads,
-            prefetch: crate::estargz::Prefetch {
+            prefetch: crate::layer::estargz::Prefetch {
                 paths,
                 max_bytes: self.prefetch_max_bytes,
             },
@@ -228,12 +228,6 @@ impl clap::Args for LayerFormat {
 pub enum LayerSource {
     Auto,
     DiffService,
-}
-
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Protocol {
-    Https,
-    Http,
 }
 
 #[cfg(test)]

@@ -2,7 +2,12 @@
 
 use anyhow::Context;
 use clap::Parser;
-use snapshot_sidecar::{api, commit, config::Config, harden, logoff, state::AppState};
+use snapshot_sidecar::{
+    api::{self, logoff, AppState},
+    capture::commit,
+    config::Config,
+    harden,
+};
 use std::sync::Arc;
 use tracing::{error, info};
 use tracing_subscriber::EnvFilter;

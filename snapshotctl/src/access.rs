@@ -14,7 +14,7 @@ use crate::{
 use anyhow::{Context, Result};
 use oci_client::Reference;
 use serde_json::Value;
-use snapshot_sidecar::push::{self, Deleted};
+use snapshot_sidecar::registry::push::{self, Deleted};
 use snapshot_webhook::{
     config::Protocol,
     policy::Layout,
@@ -69,8 +69,8 @@ impl Access {
             .await
             .context("loading the registry credentials")?;
         let protocol = match args.registry_protocol {
-            Protocol::Https => snapshot_sidecar::config::Protocol::Https,
-            Protocol::Http => snapshot_sidecar::config::Protocol::Http,
+            Protocol::Https => snapshot_sidecar::registry::Protocol::Https,
+            Protocol::Http => snapshot_sidecar::registry::Protocol::Http,
         };
         let manifests = push::Registry::login(
             &args.registry,

@@ -2,7 +2,7 @@
 //! deletion request), in every repository in scope.
 //!
 //! Deletion is by manifest digest, and distribution deletes every tag on a
-//! digest (see [`snapshot_sidecar::prune`]). So a digest is deleted only when
+//! digest (see [`snapshot_sidecar::registry::prune`]). So a digest is deleted only when
 //! no other user's tag can be on it: its manifest's tag annotation names one
 //! of the user's tags (the sidecar's annotation makes each snapshot's
 //! manifest its own), or, for a snapshot without it, none of the
@@ -19,7 +19,7 @@ use crate::{
 use anyhow::Result;
 use futures::StreamExt;
 use serde::Serialize;
-use snapshot_sidecar::push::Deleted;
+use snapshot_sidecar::registry::push::Deleted;
 use snapshot_tags::provenance;
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -1,5 +1,5 @@
 //! `prune --keep N [--min-age D] [--user U] [--dry-run]`: the sidecar's
-//! retention ([`snapshot_sidecar::prune::run`]) applied to each user's
+//! retention ([`snapshot_sidecar::registry::prune::run`]) applied to each user's
 //! snapshots, per repository and tag prefix (per base tag in the per-user
 //! layout). As in the sidecar, a manifest is deleted only when its own tag
 //! annotation names the tag: distribution deletes every tag on a digest, and
@@ -10,7 +10,7 @@ use crate::{access::Access, cli::Output, inventory, progress::Progress};
 use anyhow::Result;
 use futures::StreamExt;
 use serde::Serialize;
-use snapshot_sidecar::{metrics::Metrics, prune};
+use snapshot_sidecar::{metrics::Metrics, registry::prune};
 use snapshot_tags::{
     self as tag, provenance,
     retention::{self, Policy},

@@ -1,81 +1,21 @@
 //! Compressing the new layer on every core: the uncompressed tar (from the
 //! upper directory or from the Diff service) is hashed (its diff_id) and
-//! becomes gzip ([`members`](crate::members): parallel members, what every
+//! becomes gzip ([`members`]: parallel members, what every
 //! runtime reads),
-//! zstd (multithreaded) or eStargz ([`estargz`](crate::estargz): gzip that
+//! zstd (multithreaded) or eStargz ([`estargz`]: gzip that
 //! the stargz snapshotter can mount lazily). Memory stays bounded: a few
 //! blocks in flight, never the whole layer.
 
-use crate::{estargz, members, spool::SpoolReader};
-use clap::ValueEnum;
+pub mod estargz;
+pub mod members;
+pub mod merge;
+pub mod tar;
+
+use crate::image::new_layer::Codec;
 use std::{
-    collections::BTreeMap,
     io::{self, Write},
     path::PathBuf,
 };
-
-/// The new layer's format (`--layer-format`).
-#[derive(ValueEnum, Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Codec {
-    Gzip,
-    Zstd,
-    Estargz,
-}
-
-impl Codec {
-    /// The media type of a layer in this format, in the manifest's family
-    /// (eStargz is a gzip layer to everyone but the stargz snapshotter).
-    pub fn media_type(self, docker: bool) -> &'static str {
-        match (self, docker) {
-            (Codec::Gzip | Codec::Estargz, true) => crate::image::DOCKER_LAYER_GZIP,
-            (Codec::Gzip | Codec::Estargz, false) => crate::image::OCI_LAYER_GZIP,
-            (Codec::Zstd, _) => "application/vnd.oci.image.layer.v1.tar+zstd",
-        }
-    }
-}
-
-/// What was written into a spool.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Written {
-    /// sha256 of the uncompressed layer (the config's diff_id).
-    pub diff_id: String,
-    /// sha256 of the change's tar as its source wrote it: the diff_id, but
-    /// for eStargz, whose layer adds a landmark and its TOC. Two snapshots of
-    /// the same change have the same.
-    pub change: String,
-    /// sha256 and size of the compressed blob.
-    pub digest: String,
-    pub size: u64,
-    /// The layer descriptor's annotations (eStargz: TOC digest, uncompressed size).
-    pub annotations: BTreeMap<String, String>,
-}
-
-/// The snapshot's new layer, compressed, as the upload reads it.
-pub struct NewLayer {
-    pub diff_id: String,
-    /// See [`Written::change`].
-    pub change: String,
-    pub digest: String,
-    pub size: u64,
-    pub annotations: BTreeMap<String, String>,
-    pub spool: SpoolReader,
-    /// Where it came from: `upperdir` or `diff-service`.
-    pub source: &'static str,
-}
-
-impl NewLayer {
-    pub fn new(written: Written, spool: SpoolReader, source: &'static str) -> Self {
-        Self {
-            diff_id: written.diff_id,
-            change: written.change,
-            digest: written.digest,
-            size: written.size,
-            annotations: written.annotations,
-            spool,
-            source,
-        }
-    }
-}
 
 /// How the new layer is compressed.
 #[derive(Debug, Clone, PartialEq, Eq)]

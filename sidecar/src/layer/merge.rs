@@ -43,7 +43,7 @@
 //! the usual runtimes write) are read once more each; entries out of order
 //! cost extra readers or re-reads (counted in [`Summary::rereads`]).
 
-use crate::upper::{pax_records, shown};
+use super::tar::{pax_records, shown};
 use std::{
     collections::{BTreeMap, HashMap},
     ffi::OsStr,

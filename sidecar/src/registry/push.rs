@@ -4,11 +4,13 @@
 //! flat whatever its size); config next; the manifest, with the tag, last, so
 //! a push that fails anywhere leaves no tag.
 
+use super::Protocol;
 use crate::{
-    config::Protocol,
     ctrd::Ctrd,
-    image,
-    layer::{Codec, NewLayer},
+    image::{
+        self,
+        new_layer::{Codec, NewLayer},
+    },
 };
 use anyhow::{Context, Result};
 use bytes::Bytes;
@@ -378,7 +380,7 @@ const BLOB_UPLOADS: usize = 3;
 
 /// Blobs a sidecar knows its repository has (one sidecar per desktop: it
 /// pushes to one repository), so the next snapshot does not ask again. Kept
-/// with its sessions ([`crate::session::Sessions`]); clones share one set.
+/// with its sessions ([`crate::snapshot::session::Sessions`]); clones share one set.
 #[derive(Debug, Default, Clone)]
 pub struct KnownBlobs(std::sync::Arc<std::sync::Mutex<BTreeMap<String, BTreeSet<String>>>>);
 

@@ -4,12 +4,15 @@
 //! content store, uncompressed), resume. The task is resumed on every path: errors return through
 //! the guard, and a panic or a dropped future resumes it from `Drop`.
 
+use super::upper::{self, Upper};
 use crate::ctrd::Ctrd;
 use crate::{
-    image,
-    layer::{Compression, Encoder, Hashing, NewLayer, Written},
-    spool::{self, SpoolWriter},
-    upper::{self, Upper},
+    image::{
+        self,
+        new_layer::{NewLayer, Written},
+        spool::{self, SpoolWriter},
+    },
+    layer::{Compression, Encoder, Hashing},
 };
 use anyhow::{Context, Result};
 use containerd_client::{
@@ -404,10 +407,12 @@ pub async fn diff(
                 source_date_epoch: None,
             }))
             .await),
-        Ok(Some(bytes)) => Err(
-            anyhow::Error::new(crate::spool::TooLarge { limit: max_bytes })
-                .context(format!("the change holds {bytes} bytes")),
-        ),
+        Ok(Some(bytes)) => {
+            Err(
+                anyhow::Error::new(crate::image::spool::TooLarge { limit: max_bytes })
+                    .context(format!("the change holds {bytes} bytes")),
+            )
+        }
         Err(e) => Err(e),
     };
     paused.resume().await?;

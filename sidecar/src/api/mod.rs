@@ -1,11 +1,12 @@
 //! The HTTP API on port 29785, as abcdesktop's front end calls it (through a
 //! router that may strip the `/snapshot` prefix, so both forms answer).
 
-pub use crate::state::AppState;
-use crate::{
-    logoff,
+pub mod logoff;
+pub mod state;
+
+use crate::snapshot::{
+    self,
     session::{now_ms, Begin, Trigger},
-    snapshot,
 };
 use axum::{
     extract::{Path, State},
@@ -15,6 +16,7 @@ use axum::{
     Json, Router,
 };
 use serde_json::json;
+pub use state::AppState;
 use std::sync::Arc;
 
 pub const API_VERSION: &str = "1.0";
@@ -131,7 +133,7 @@ async fn status(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> R
     match state.sessions.get(&id) {
         Some(op) => envelope(
             StatusCode::OK,
-            op.step != crate::session::Step::Error,
+            op.step != crate::snapshot::session::Step::Error,
             &op.message,
             &id,
         ),

@@ -65,7 +65,7 @@ pub struct Sessions {
     /// Bumped each time an operation ends, for those waiting on one.
     ended: tokio::sync::watch::Sender<u64>,
     /// Blobs the snapshot repository is known to hold, for the next push.
-    pub known: crate::push::KnownBlobs,
+    pub known: crate::registry::push::KnownBlobs,
 }
 
 impl Default for Sessions {

@@ -5,7 +5,7 @@
 //! layers beyond the base image's are the user's (the base looked up in the
 //! node's containerd, or else in its registry: [`from_registry`]).
 
-use crate::{ctrd::Ctrd, image, push::Registry};
+use crate::{ctrd::Ctrd, image, registry::push::Registry};
 use oci_client::Reference;
 use snapshot_tags::provenance::Provenance;
 use tracing::info;

@@ -1,5 +1,5 @@
 //! Gzip members compressed in parallel, in order: the engine under both gzip
-//! layer formats. The eStargz writer ([`crate::estargz`]) hands it one member
+//! layer formats. The eStargz writer ([`crate::layer::estargz`]) hands it one member
 //! per file or chunk; [`GzipWriter`] cuts a plain gzip layer into members of
 //! [`MEMBER`] bytes (a multi-member gzip stream, as pigz and the gzip format
 //! allow: every runtime's reader takes it).

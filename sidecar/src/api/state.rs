@@ -1,7 +1,7 @@
 //! What the API handlers and the logoff path share: the configuration, the
 //! operations, the metrics.
 
-use crate::{config::Config, metrics::Metrics, session::Sessions};
+use crate::{config::Config, metrics::Metrics, snapshot::session::Sessions};
 
 pub struct AppState {
     pub config: Config,

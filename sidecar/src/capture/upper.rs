@@ -12,7 +12,8 @@
 //! file whose data is still below) is refused with [`Unsupported`], and the
 //! caller uses the Diff service instead.
 
-use crate::beneath::{Dir, Entry, Meta};
+use super::beneath::{Dir, Entry, Meta};
+use crate::layer::tar::{pax_records, shown};
 use anyhow::{Context, Result};
 use rustix::fs::FileType;
 use std::{
@@ -163,12 +164,6 @@ pub fn write_layer<W: Write>(upper: &Upper, out: W) -> Result<W> {
         .context("opening the container's upper directory")?;
     walk.dir(&root, Path::new(""))?;
     walk.tar.into_inner().context("finishing the layer tar")
-}
-
-/// A path inside the container as the desktop sees it, quoted and escaped, for
-/// error texts (a name may hold newlines or terminal escapes).
-pub fn shown(rel: &Path) -> String {
-    format!("{:?}", Path::new("/").join(rel).to_string_lossy())
 }
 
 struct Walk<W: Write> {
@@ -387,25 +382,6 @@ pub fn device_numbers(rdev: u64) -> (u32, u32) {
     let major = ((rdev >> 8) & 0xfff) | ((rdev >> 32) & !0xfff);
     let minor = (rdev & 0xff) | ((rdev >> 12) & !0xff);
     (major as u32, minor as u32)
-}
-
-/// PAX records: `"<length> <key>=<value>\n"`, the length counting itself.
-pub fn pax_records<'a>(records: impl Iterator<Item = (Vec<u8>, &'a [u8])>) -> Vec<u8> {
-    let mut out = Vec::new();
-    for (key, value) in records {
-        let rest = key.len() + value.len() + 3; // ' ', '=', '\n'
-        let mut len = rest + 1;
-        while len != rest + len.to_string().len() {
-            len = rest + len.to_string().len();
-        }
-        out.extend_from_slice(len.to_string().as_bytes());
-        out.push(b' ');
-        out.extend_from_slice(&key);
-        out.push(b'=');
-        out.extend_from_slice(value);
-        out.push(b'\n');
-    }
-    out
 }
 
 /// A file's data, exactly as long as its header says: a file that shrank while

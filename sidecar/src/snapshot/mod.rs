@@ -1,23 +1,29 @@
 //! One snapshot, top to bottom: click (or logoff) -> find -> pause/read the
 //! changes/resume -> (a logoff with nothing new stops here) -> push.
 
+pub mod session;
+pub mod squash;
+
 use crate::{
-    commit::{self, Lease},
+    capture::{
+        commit::{self, Lease},
+        find::{self, Identity},
+        lineage,
+        upper::{self, Capabilities, Unsupported, Upper},
+    },
     config::{Config, LayerSource},
     ctrd::Ctrd,
-    find::{self, Identity},
-    image,
-    layer::NewLayer,
-    lineage,
+    image::{self, new_layer::NewLayer},
     metrics::Metrics,
-    prune,
-    push::{KnownBlobs, Registry},
-    session::{Sessions, Step, Trigger},
-    squash, tag,
-    upper::{self, Capabilities, Unsupported, Upper},
+    registry::{
+        prune,
+        push::{KnownBlobs, Registry},
+    },
+    tag,
 };
 use anyhow::{Context, Result};
 use containerd_client::services::v1::Container;
+use session::{Sessions, Step, Trigger};
 use snapshot_tags::{provenance, retention::Policy};
 use std::time::{Instant, SystemTime};
 use tracing::{error, info, warn};

@@ -1,5 +1,10 @@
 //! The base image as containerd holds it, and the snapshot's config and
 //! manifest built on it. Reading is I/O; building is pure and unit-tested.
+//! Below every stage of the data path, with what they hand each other: the
+//! [`new_layer`] and its [`spool`].
+
+pub mod new_layer;
+pub mod spool;
 
 use crate::ctrd::Ctrd;
 use anyhow::{bail, Context, Result};
@@ -331,11 +336,11 @@ mod tests {
         assert_eq!(m["layers"][0]["mediaType"], DOCKER_LAYER_GZIP);
         let stargz = BTreeMap::from([
             (
-                crate::estargz::TOC_DIGEST_ANNOTATION.to_string(),
+                crate::layer::estargz::TOC_DIGEST_ANNOTATION.to_string(),
                 "sha256:toc".to_string(),
             ),
             (
-                crate::estargz::UNCOMPRESSED_SIZE_ANNOTATION.to_string(),
+                crate::layer::estargz::UNCOMPRESSED_SIZE_ANNOTATION.to_string(),
                 "1024".to_string(),
             ),
         ]);
@@ -346,11 +351,11 @@ mod tests {
             &annotations,
         );
         assert_eq!(
-            m["layers"][1]["annotations"][crate::estargz::TOC_DIGEST_ANNOTATION],
+            m["layers"][1]["annotations"][crate::layer::estargz::TOC_DIGEST_ANNOTATION],
             "sha256:toc"
         );
         assert_eq!(
-            m["layers"][1]["annotations"][crate::estargz::UNCOMPRESSED_SIZE_ANNOTATION],
+            m["layers"][1]["annotations"][crate::layer::estargz::UNCOMPRESSED_SIZE_ANNOTATION],
             "1024"
         );
         assert_eq!(m["layers"][1]["mediaType"], OCI_LAYER_GZIP);

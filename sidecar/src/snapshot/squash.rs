@@ -1,6 +1,6 @@
 //! The squash that keeps the base: past the layer limit, the user's layers
 //! (everything above the base image's, as the provenance says) and the new
-//! change are merged into one layer ([`merge`](crate::merge): OCI semantics,
+//! change are merged into one layer ([`merge`](crate::layer::merge): OCI semantics,
 //! whiteouts of base files kept). The base image's layers stay below it byte
 //! for byte, shared with every other desktop; the work grows with the user's
 //! data, never with the base.
@@ -13,14 +13,16 @@
 //! (decompressed on the fly) while the result is compressed into a spool.
 
 use crate::{
-    commit::compress_into,
+    capture::commit::compress_into,
     config::Config,
     ctrd::Ctrd,
-    image,
-    layer::{NewLayer, Written},
-    merge,
-    push::Registry,
-    spool,
+    image::{
+        self,
+        new_layer::{NewLayer, Written},
+        spool,
+    },
+    layer::merge,
+    registry::push::Registry,
 };
 use anyhow::{bail, Context, Result};
 use futures::StreamExt;

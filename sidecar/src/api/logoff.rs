@@ -9,10 +9,10 @@
 //! the hook runs: it stays up until the commit has ended. A native sidecar is
 //! stopped after the graphical container, when the hook has done the work.
 
-use crate::{
+use super::state::AppState;
+use crate::snapshot::{
+    self,
     session::{LogoffBegin, Operation, Step, Trigger},
-    snapshot,
-    state::AppState,
 };
 use std::{sync::Arc, time::Duration};
 use tokio::time::Instant;

@@ -10,10 +10,8 @@
 //! Retention never fails a snapshot: whatever it meets is logged and counted.
 //! Reclaiming the blobs is the registry's garbage collector's work.
 
-use crate::{
-    metrics::Metrics,
-    push::{Deleted, Registry},
-};
+use super::push::{Deleted, Registry};
+use crate::metrics::Metrics;
 use anyhow::Result;
 use oci_client::Reference;
 use snapshot_tags::retention::{self, Policy};

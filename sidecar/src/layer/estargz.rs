@@ -26,7 +26,7 @@
 //! The layer's diff_id is the sha256 of the whole decompressed blob (entries,
 //! landmark, TOC entry, tar end), as the reference computes it.
 
-use crate::members::{Compressed, Compressor, Pool};
+use super::members::{Compressed, Compressor, Pool};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::{
@@ -1191,7 +1191,7 @@ struct Spill {
 impl Write for Spill {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
         if self.written + buf.len() as u64 > self.limit {
-            return Err(io::Error::other(crate::spool::TooLarge {
+            return Err(io::Error::other(crate::image::spool::TooLarge {
                 limit: self.limit,
             }));
         }
@@ -1213,7 +1213,7 @@ struct InFlight {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::members::tests::gunzip as gunzip_all;
+    use crate::layer::members::tests::gunzip as gunzip_all;
     use serde_json::Value;
     use std::io::Read;
 
@@ -1279,7 +1279,7 @@ mod tests {
             self
         }
         fn xattr(mut self, name: &str, key: &str, value: &[u8]) -> Self {
-            let records = crate::upper::pax_records(std::iter::once((
+            let records = crate::layer::tar::pax_records(std::iter::once((
                 format!("SCHILY.xattr.{key}").into_bytes(),
                 value,
             )));
