@@ -4,7 +4,8 @@ set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 need=()
 for pair in containerd:containerd runc:runc docker-registry:docker-registry htpasswd:apache2-utils \
-            skopeo:skopeo protoc:protobuf-compiler busybox:busybox-static; do
+            skopeo:skopeo protoc:protobuf-compiler busybox:busybox-static \
+            promtool:prometheus; do
     cmd=${pair%%:*} pkg=${pair#*:}
     command -v "$cmd" >/dev/null 2>&1 || need+=("$pkg")
 done
