@@ -16,7 +16,7 @@ build:
     bash scripts/build-stargz.sh
 
 # Run the unit and end-to-end tests against real registry and containerd (the story tests run the images).
-test: deps build images manifests-check
+test: deps build images manifests-check monitoring-check
     bash scripts/test.sh
 
 # Play the whole story on this machine, webhook and sidecar from their images: login, snapshot, logoff, login again.
@@ -48,6 +48,10 @@ rotate-certs namespace="desktop-snapshot" service="snapshot-webhook" out=".certs
 manifests-check:
     bash scripts/manifests-check.sh
 
+# Check the monitoring component offline: promtool check and unit-test its alerts, metric names against the binaries' sources, kustomize render.
+monitoring-check: deps
+    bash scripts/monitoring-check.sh
+
 # Build the webhook and sidecar OCI images (static binaries, no Docker daemon) into target/images, and the tests' static desktop-probe.
 images tag="0.1.0":
     RUSTFLAGS="-C target-feature=+crt-static" cargo build --release --locked --target x86_64-unknown-linux-gnu -p snapshot-webhook -p snapshot-sidecar -p desktop-probe
@@ -55,10 +59,9 @@ images tag="0.1.0":
     ./target/debug/oci-image target/x86_64-unknown-linux-gnu/release/snapshot-webhook snapshot-webhook {{tag}} 65532 target/images/snapshot-webhook
     ./target/debug/oci-image target/x86_64-unknown-linux-gnu/release/snapshot-sidecar snapshot-sidecar {{tag}} 0 target/images/snapshot-sidecar
 
-# Push the images built by `just images` to a registry, e.g. `just push-images registry.example.net/desktop-snapshot`.
+# Push the images built by `just images` to a registry, e.g. `just push-images registry.example.net/desktop-snapshot`; a private CA or credentials by env: PUSH_REGISTRY_CA, PUSH_REGISTRY_AUTHFILE or PUSH_REGISTRY_USERNAME and _PASSWORD.
 push-images prefix tag="0.1.0":
-    skopeo copy oci:target/images/snapshot-webhook:{{tag}} docker://{{prefix}}/snapshot-webhook:{{tag}}
-    skopeo copy oci:target/images/snapshot-sidecar:{{tag}} docker://{{prefix}}/snapshot-sidecar:{{tag}}
+    bash scripts/push-images.sh {{prefix}} {{tag}}
 
 # Format and lint.
 lint:
