@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# `just manifests-check`: renders manifests/base and every overlay with kustomize
-# (kubectl's built-in) and validates every rendered object offline:
+# `just manifests-check`: renders manifests/base, every overlay and example, and
+# the desktop namespace with kustomize (kubectl's built-in) and validates every
+# rendered object offline:
 # - Kubernetes kinds against the Kubernetes JSON schemas of K8S_VERSION, bundled in
 #   the PyPI package kubernetes-validate, in strict mode (an unknown field fails);
 # - cert-manager kinds (no Kubernetes schema) against manifests/schemas/cert-manager.io-v1.json,
 #   which refuses unknown fields too;
 # - then how the objects fit together: the webhook's Service, ports, TLS secret,
-#   caBundle or cert-manager injection, issuers, pod selector.
+#   caBundle or cert-manager injection, issuers, pod selector, the files the
+#   settings name (in a mounted volume), the registry's port (in the egress policy),
+#   the desktop namespace's Pod Security labels.
 # One line per object or check; exits non-zero on any failure.
 #
 # Tools: kubectl with kustomize v4+ from scripts/kubectl.sh (on PATH, or from PyPI
@@ -38,7 +41,7 @@ fi
 out=$(mktemp -d)
 trap 'rm -rf "$out"' EXIT
 rendered=()
-for dir in manifests/base manifests/overlays/*/ manifests/desktop-namespace; do
+for dir in manifests/base manifests/overlays/*/ manifests/examples/*/ manifests/desktop-namespace; do
     dir=${dir%/}
     [ -f "$dir/kustomization.yaml" ] || { say "FAILED: $dir has no kustomization.yaml"; exit 1; }
     file=$out/$(echo "${dir#manifests/}" | tr '/' '_').yaml
@@ -56,6 +59,7 @@ import base64
 import binascii
 import json
 import os
+import re
 import sys
 
 import jsonschema
@@ -228,6 +232,86 @@ def check_config(objs):
     return "; ".join(said) or "no ConfigMap settings"
 
 
+def webhook_settings(objs, deployment, container):
+    """The settings a container starts with: its ConfigMaps' data, then its env."""
+    settings = {}
+    for src in container.get("envFrom", []):
+        ref = src.get("configMapRef")
+        for cm in find(objs, "ConfigMap", ref["name"], ns_of(deployment)) if ref else []:
+            settings.update(cm.get("data") or {})
+    settings.update({e["name"]: e["value"] for e in container.get("env", []) if "value" in e})
+    return settings
+
+
+def containers(objs):
+    for d in find(objs, "Deployment"):
+        for c in d["spec"]["template"]["spec"]["containers"]:
+            yield d, c
+
+
+FILE_SETTINGS = ("SNAPSHOT_WEBHOOK_TLS_CERT", "SNAPSHOT_WEBHOOK_TLS_KEY",
+                 "SNAPSHOT_WEBHOOK_REGISTRY_CREDENTIALS", "SNAPSHOT_WEBHOOK_REGISTRY_CA")
+
+
+def check_files(objs):
+    """Every file a setting names lies in a volume the container mounts (and, for a
+    secret or configMap that lists its items, is one of them)."""
+    said = []
+    for d, c in containers(objs):
+        settings = webhook_settings(objs, d, c)
+        volumes = {v["name"]: v for v in d["spec"]["template"]["spec"].get("volumes", [])}
+        for key in FILE_SETTINGS:
+            path = settings.get(key)
+            if not path:
+                continue
+            mounts = [m for m in c.get("volumeMounts", [])
+                      if path.startswith(m["mountPath"].rstrip("/") + "/")]
+            ensure(mounts, f"{key} {path}: in no volume {name_of(d)}/{c['name']} mounts")
+            mount = max(mounts, key=lambda m: len(m["mountPath"]))
+            volume = volumes.get(mount["name"])
+            ensure(volume, f"{key}: no volume {mount['name']}")
+            source = volume.get("secret") or volume.get("configMap") or {}
+            inside = path[len(mount["mountPath"].rstrip("/")) + 1:]
+            items = [i["path"] for i in source.get("items", [])]
+            ensure(not items or inside in items,
+                   f"{key} {path}: volume {mount['name']} holds only {items}")
+            said.append(f"{key} in volume {mount['name']}" + (" (optional)" if source.get("optional") else ""))
+    return "; ".join(said) or "no file settings"
+
+
+def check_registry_egress(objs):
+    """The webhook's egress NetworkPolicies let it reach the registry's port."""
+    said = []
+    for d, c in containers(objs):
+        settings = webhook_settings(objs, d, c)
+        registry = settings.get("SNAPSHOT_WEBHOOK_REGISTRY")
+        if not registry:
+            continue
+        m = re.fullmatch(r"([^:/]+)(?::(\d+))?", registry)
+        ensure(m, f"SNAPSHOT_WEBHOOK_REGISTRY {registry!r} is not host[:port]")
+        protocol = settings.get("SNAPSHOT_WEBHOOK_REGISTRY_PROTOCOL", "https")
+        port = int(m.group(2)) if m.group(2) else {"https": 443, "http": 80}[protocol]
+        labels = d["spec"]["template"]["metadata"].get("labels", {})
+        policies = [np for np in find(objs, "NetworkPolicy", namespace=ns_of(d))
+                    if "Egress" in np["spec"].get("policyTypes", [])
+                    and np["spec"].get("podSelector", {}).get("matchLabels", {}).items() <= labels.items()]
+        if not policies:
+            said.append(f"registry {registry}: no egress policy selects {name_of(d)}")
+            continue
+
+        def allows(rule):
+            ports = rule.get("ports")
+            return not ports or any(
+                p.get("protocol", "TCP") == "TCP" and isinstance(p.get("port"), int)
+                and p["port"] <= port <= p.get("endPort", p["port"]) for p in ports)
+        ensure(any(allows(r) for np in policies for r in np["spec"].get("egress", [])),
+               f"the egress of NetworkPolicy {', '.join(name_of(np) for np in policies)} has no rule for "
+               f"TCP port {port}: the registry {registry} is unreachable where policies are enforced "
+               "(add the port: docs/deploying.md)")
+        said.append(f"registry {registry}: TCP {port} allowed by {', '.join(name_of(np) for np in policies)}")
+    return "; ".join(said) or "no registry setting"
+
+
 def check_desktop_namespace(objs):
     """The desktops' namespace enforces Pod Security `privileged` (the sidecar's
     hostPath socket), and the sidecar's port is reachable only from the pods the
@@ -238,7 +322,13 @@ def check_desktop_namespace(objs):
         ensure(enforce == "privileged",
                f"Namespace {name_of(ns)}: pod-security.kubernetes.io/enforce is {enforce!r}, "
                "the sidecar's hostPath needs 'privileged'")
-        said.append(f"Namespace {name_of(ns)} enforces privileged")
+        labels = ns["metadata"].get("labels", {})
+        for mode in ("warn", "audit"):
+            level = labels.get(f"pod-security.kubernetes.io/{mode}")
+            ensure(level in (None, enforce),
+                   f"Namespace {name_of(ns)}: {mode}s at {level!r} but enforces {enforce!r}: every "
+                   "desktop would be flagged for the sidecar's SYS_ADMIN and hostPath")
+        said.append(f"Namespace {name_of(ns)} enforces privileged, warns and audits at it")
     for np in find(objs, "NetworkPolicy"):
         selector = np["spec"].get("podSelector", {}).get("matchLabels", {})
         if selector.get("type") != "x11server":
@@ -297,7 +387,9 @@ def main():
                   (("webhook -> Service -> pods", check_webhooks),
                    ("caBundle", check_ca),
                    ("cert-manager issuers and serving Certificate", check_certificates),
-                   ("settings", check_config)))
+                   ("settings", check_config),
+                   ("files the settings name", check_files),
+                   ("registry port in the egress policy", check_registry_egress)))
         for label, check in checks:
             what = f"{render}: check {label}"
             try:
