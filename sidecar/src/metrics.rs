@@ -58,6 +58,14 @@ impl Default for Metrics {
             "Snapshots at logoff, by result (done, unchanged: nothing to push, error, timeout: not finished within the grace period, nothing tagged)",
             logoff.clone(),
         );
+        // Present from the start (at 0): a sidecar counts one logoff at most, and
+        // a rate needs the series before its first count to see it.
+        for result in ["done", "unchanged", "error", "timeout"] {
+            drop(logoff.get_or_create(&ResultLabel { result }));
+        }
+        for result in ["deleted", "skipped", "refused", "failed"] {
+            drop(retention.get_or_create(&ResultLabel { result }));
+        }
         Self {
             registry,
             snapshots,
