@@ -6,6 +6,15 @@ use prometheus_client::{
     registry::Registry,
 };
 
+/// How long each pause froze a desktop, to the end of its resume: observed by
+/// `capture::commit::Paused` (process-wide, like the set of paused tasks), and
+/// registered by every [`Metrics`].
+pub static PAUSED_SECONDS: std::sync::LazyLock<Histogram> = std::sync::LazyLock::new(|| {
+    Histogram::new([
+        0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0,
+    ])
+});
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct ResultLabel {
     result: &'static str,
@@ -57,6 +66,11 @@ impl Default for Metrics {
             "logoff",
             "Snapshots at logoff, by result (done, unchanged: nothing to push, error, timeout: not finished within the grace period, nothing tagged)",
             logoff.clone(),
+        );
+        registry.register(
+            "paused_seconds",
+            "How long each pause froze the desktop, from the pause to the end of the resume",
+            PAUSED_SECONDS.clone(),
         );
         // Present from the start (at 0): a sidecar counts one logoff at most, and
         // a rate needs the series before its first count to see it.

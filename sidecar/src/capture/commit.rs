@@ -108,10 +108,13 @@ pub async fn resume_all() {
 }
 
 /// A paused task; resumed by [`Paused::resume`], or by `Drop` on any other path.
+/// Each pause's length, to the end of its resume, goes to
+/// [`crate::metrics::PAUSED_SECONDS`].
 pub struct Paused {
     ctrd: Ctrd,
     container_id: String,
     active: bool,
+    since: std::time::Instant,
 }
 
 impl Paused {
@@ -125,6 +128,7 @@ impl Paused {
             ctrd: ctrd.clone(),
             container_id: container_id.to_string(),
             active: true,
+            since: std::time::Instant::now(),
         };
         let paused = ctrd
             .client
@@ -148,7 +152,9 @@ impl Paused {
     pub async fn resume(mut self) -> Result<()> {
         self.active = false;
         paused_set().retain(|(id, _)| id != &self.container_id);
-        resume(&self.ctrd, &self.container_id).await
+        let resumed = resume(&self.ctrd, &self.container_id).await;
+        crate::metrics::PAUSED_SECONDS.observe(self.since.elapsed().as_secs_f64());
+        resumed
     }
 }
 
@@ -181,13 +187,14 @@ impl Drop for Paused {
     fn drop(&mut self) {
         if self.active {
             paused_set().retain(|(id, _)| id != &self.container_id);
-            let (ctrd, id) = (self.ctrd.clone(), self.container_id.clone());
+            let (ctrd, id, since) = (self.ctrd.clone(), self.container_id.clone(), self.since);
             warn!(container = %id, "resuming the task after an interrupted commit");
             if let Ok(handle) = tokio::runtime::Handle::try_current() {
                 handle.spawn(async move {
                     if let Err(e) = resume(&ctrd, &id).await {
                         warn!(container = %id, error = %format!("{e:#}"), "could not resume the task");
                     }
+                    crate::metrics::PAUSED_SECONDS.observe(since.elapsed().as_secs_f64());
                 });
             }
         }
