@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `just monitoring-check`: the monitoring component (manifests/monitoring), offline.
-# - renders it with kustomize on manifests/base and on every overlay (kubectl
-#   from scripts/kubectl.sh);
+# - renders it with kustomize on manifests/base, every overlay and every example
+#   (kubectl from scripts/kubectl.sh);
 # - takes the rendered PrometheusRule's `spec` as a plain rule file: `promtool
 #   check rules` on it, `promtool test rules` with manifests/monitoring/rules.test.yaml
 #   (annotations left out there: promtool compares them word for word);
@@ -31,9 +31,9 @@ out=target/monitoring-check
 rm -rf "$out"
 mkdir -p "$out"
 renders=()
-for base in manifests/base manifests/overlays/*/; do
+for base in manifests/base manifests/overlays/*/ manifests/examples/*/; do
     base=${base%/}
-    dir=$out/render-$(basename "$base")
+    dir=$out/render-$(echo "${base#manifests/}" | tr '/' '_')
     mkdir -p "$dir"
     cat >"$dir/kustomization.yaml" <<EOF
 apiVersion: kustomize.config.k8s.io/v1beta1
@@ -176,7 +176,7 @@ def main():
         kinds = {k: sum(d.get("kind") == k for d in docs)
                  for k in ("PrometheusRule", "ServiceMonitor", "PodMonitor")}
         report(all(n == 1 for n in kinds.values()),
-               f"render {pathlib.Path(path).parent.name}", ", ".join(f"{n} {k}" for k, n in kinds.items()))
+               f"render {pathlib.Path(path).parent.name.removeprefix('render-')}", ", ".join(f"{n} {k}" for k, n in kinds.items()))
 
     rule = the(first, "PrometheusRule")
     if rule is None:
@@ -252,7 +252,7 @@ def main():
 
     # How the objects fit together.
     for path, docs in docs_by_render.items():
-        render = pathlib.Path(path).parent.name
+        render = pathlib.Path(path).parent.name.removeprefix("render-")
         sm, pm = the(docs, "ServiceMonitor"), the(docs, "PodMonitor")
         svc = next((d for d in docs if d.get("kind") == "Service"
                     and d["metadata"]["name"] == "snapshot-webhook"), None)
