@@ -13,6 +13,8 @@
 //! caller uses the Diff service instead.
 
 use super::beneath::{Dir, Entry, Meta};
+use super::increment::{Pick, Selection};
+use super::record;
 use crate::layer::tar::{pax_records, shown};
 use anyhow::{Context, Result};
 use rustix::fs::FileType;
@@ -150,48 +152,251 @@ impl Capabilities {
 /// ([`beneath`]), and read through its own descriptor. Errors name paths as
 /// the desktop sees them (`/etc/...`), never the node's.
 pub fn write_layer<W: Write>(upper: &Upper, out: W) -> Result<W> {
-    let mut walk = Walk {
-        tar: tar::Builder::new(out),
-        overlay_prefix: if upper.userxattr {
-            "user.overlay."
-        } else {
-            "trusted.overlay."
-        },
-        links: HashMap::new(),
-    };
-    let root = Entry::root(&upper.dir)
-        .and_then(|e| e.dir())
-        .context("opening the container's upper directory")?;
-    walk.dir(&root, Path::new(""))?;
+    write_selected(upper, None, out)
+}
+
+/// [`write_layer`] holding only what `selection` picks, with its explicit
+/// whiteouts: an increment over the last capture
+/// ([`increment`](super::increment)); `None` writes everything. The walk goes
+/// only into the directories that hold something picked or gone.
+pub fn write_selected<W: Write>(upper: &Upper, selection: Option<&Selection>, out: W) -> Result<W> {
+    let mut walk = Walk::new(upper, selection, out, None);
+    walk.dir(&root(upper)?, Path::new(""), &[], selection.is_none())?;
     walk.tar.into_inner().context("finishing the layer tar")
 }
 
-struct Walk<W: Write> {
+/// Where the layer's entries start, for a writer that keeps them apart
+/// ([`precopy`](super::precopy)): told by the walk as it goes.
+pub trait Cuts {
+    /// The entry at `rel` starts here; `meta` is what its descriptor said
+    /// when it was opened, just after `at_ns` (ns since the epoch).
+    fn begin(&self, rel: &Path, meta: &Meta, at_ns: i128) -> io::Result<()>;
+    /// The entry begun last changed while it was read: its bytes are no
+    /// state it had at one moment (or it was left out).
+    fn damaged(&self);
+    /// The entries are over: what follows is the tar's end.
+    fn end(&self);
+    /// Writing the output failed: the walk must stop.
+    fn failed(&self) -> bool;
+}
+
+/// [`write_layer`] while the desktop runs, telling `cuts` where each entry
+/// starts: an entry that changes while it is read (a file that shrinks, an
+/// entry that cannot be opened any more) is reported
+/// [damaged](Cuts::damaged) instead of ending the walk, a file that shrank
+/// padded to the size its header says. What a layer cannot express is still
+/// refused ([`Unsupported`]).
+pub fn write_running<W: Write>(upper: &Upper, cuts: &dyn Cuts, out: W) -> Result<W> {
+    let mut walk = Walk::new(upper, None, out, Some(cuts));
+    walk.dir(&root(upper)?, Path::new(""), &[], true)?;
+    cuts.end();
+    walk.tar.into_inner().context("finishing the layer tar")
+}
+
+/// Writes the entries at `keys` ([`record`]'s keys, in their order), each
+/// alone, as [`write_layer`] writes it (a directory with its opaque marker,
+/// without its children), telling `cuts` where each starts; an entry gone
+/// is left out. The paths of a file with several links must all be there:
+/// the first holds the data, the others link to it.
+pub fn write_entries<W: Write>(
+    upper: &Upper,
+    keys: &[Vec<u8>],
+    cuts: &dyn Cuts,
+    out: W,
+) -> Result<W> {
+    let mut walk = Walk::new(upper, None, out, Some(cuts));
+    let root = root(upper)?;
+    // the directory of the last key, kept for its siblings
+    let mut parent: Option<(Vec<u8>, Option<Dir>)> = None;
+    for key in keys {
+        let (dir_key, name) = record::split(key);
+        if name.is_empty() {
+            continue;
+        }
+        if parent.as_ref().is_none_or(|(k, _)| k != dir_key) {
+            let dir = open_dir(&root, dir_key)
+                .with_context(|| format!("opening {}", shown(&record::key_path(dir_key))))?;
+            parent = Some((dir_key.to_vec(), dir));
+        }
+        let dir = match &parent {
+            _ if dir_key.is_empty() => &root,
+            Some((_, Some(dir))) => dir,
+            // its directory is gone: so is it
+            _ => continue,
+        };
+        let rel = record::key_path(key);
+        let name = OsStr::from_bytes(name);
+        let at = now_ns();
+        let Some(entry) =
+            Entry::open(dir, name).with_context(|| format!("opening {}", shown(&rel)))?
+        else {
+            continue;
+        };
+        cuts.begin(&rel, &entry.meta, at)
+            .with_context(|| format!("adding {}", shown(&rel)))?;
+        walk.entry(&entry, &rel, name, true)?;
+    }
+    cuts.end();
+    walk.tar.into_inner().context("finishing the layer tar")
+}
+
+fn root(upper: &Upper) -> Result<Dir> {
+    Entry::root(&upper.dir)
+        .and_then(|e| e.dir())
+        .context("opening the container's upper directory")
+}
+
+/// The directory at `key` below `root`, one name at a time, never following
+/// a link; `None` if it is gone or is the root itself.
+fn open_dir(root: &Dir, key: &[u8]) -> io::Result<Option<Dir>> {
+    let mut dir: Option<Dir> = None;
+    for name in key.split(|&b| b == 0).filter(|n| !n.is_empty()) {
+        let at = dir.as_ref().unwrap_or(root);
+        let Some(entry) = Entry::open(at, OsStr::from_bytes(name))? else {
+            return Ok(None);
+        };
+        dir = Some(entry.dir()?);
+    }
+    Ok(dir)
+}
+
+/// The time in ns since the epoch (the clock file times come from).
+fn now_ns() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos() as i128)
+}
+
+struct Walk<'s, W: Write> {
+    /// What an increment holds; `None`: everything.
+    selection: Option<&'s Selection>,
     tar: tar::Builder<W>,
     overlay_prefix: &'static str,
     /// (device, inode) of files with several links -> their first path in the layer.
     links: HashMap<(u64, u64), PathBuf>,
+    /// Told where entries start; with it, the desktop runs while it is read
+    /// (see [`write_running`]).
+    cuts: Option<&'s dyn Cuts>,
 }
 
-impl<W: Write> Walk<W> {
-    fn dir(&mut self, dir: &Dir, rel: &Path) -> Result<()> {
-        let names = dir
+impl<'s, W: Write> Walk<'s, W> {
+    fn new(
+        upper: &Upper,
+        selection: Option<&'s Selection>,
+        out: W,
+        cuts: Option<&'s dyn Cuts>,
+    ) -> Self {
+        Self {
+            selection,
+            tar: tar::Builder::new(out),
+            overlay_prefix: if upper.userxattr {
+                "user.overlay."
+            } else {
+                "trusted.overlay."
+            },
+            links: HashMap::new(),
+            cuts,
+        }
+    }
+
+    /// Whether `error` only says the desktop changed what was read (then the
+    /// entry begun last is damaged, and the walk goes on).
+    fn damaged(&self, error: &anyhow::Error) -> bool {
+        match self.cuts {
+            Some(cuts) if error.downcast_ref::<Unsupported>().is_none() && !cuts.failed() => {
+                cuts.damaged();
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// The entries of directory `dir` (at `rel`, record key `key`): all of
+    /// them when `whole`, else those the selection picks, the directories
+    /// holding picks, and the selection's whiteouts, in name order.
+    fn dir(&mut self, dir: &Dir, rel: &Path, key: &[u8], whole: bool) -> Result<()> {
+        let names = match dir
             .names()
-            .with_context(|| format!("listing {}", shown(rel)))?;
+            .with_context(|| format!("listing {}", shown(rel)))
+        {
+            Ok(names) => names,
+            Err(e) if self.damaged(&e) => return Ok(()),
+            Err(e) => return Err(e),
+        };
+        let selection = if whole { None } else { self.selection };
+        let gone = selection.map(|s| s.gone_in(key)).unwrap_or_default();
+        let mut gone = gone.into_iter().peekable();
         for name in names.iter() {
-            let rel = rel.join(name);
-            // gone since the listing: the desktop removed it, nothing to carry
-            let Some(entry) =
-                Entry::open(dir, name).with_context(|| format!("opening {}", shown(&rel)))?
-            else {
+            let bytes = name.as_bytes();
+            while let Some(g) = gone.next_if(|g| *g < bytes) {
+                self.gone(rel, g)?;
+            }
+            // gone at the scan: its whiteout, whatever the name holds now
+            if gone.next_if(|g| *g == bytes).is_some() {
+                self.gone(rel, bytes)?;
                 continue;
+            }
+            let (pick, child) = match selection {
+                None => (Some(Pick::Whole), Vec::new()),
+                Some(s) => {
+                    let child = record::join(key, bytes);
+                    match s.pick(&child) {
+                        Some(p) => (Some(p), child),
+                        None if s.any_below(&child) => (None, child),
+                        None => continue,
+                    }
+                }
             };
-            self.entry(&entry, &rel, name)?;
+            let rel = rel.join(name);
+            let at = now_ns();
+            // gone since the listing: the desktop removed it, nothing to carry
+            // (nor what cannot be opened while it runs: read again at the pause)
+            let entry = match Entry::open(dir, name) {
+                Ok(Some(entry)) => entry,
+                Ok(None) => continue,
+                Err(_) if self.cuts.is_some() => continue,
+                Err(e) => return Err(e).with_context(|| format!("opening {}", shown(&rel))),
+            };
+            if let (Some(cuts), Some(_)) = (self.cuts, pick) {
+                cuts.begin(&rel, &entry.meta, at)
+                    .with_context(|| format!("adding {}", shown(&rel)))?;
+            }
+            let below = match pick {
+                Some(p) => match self.entry(&entry, &rel, name, p == Pick::Whole) {
+                    Ok(below) => below,
+                    Err(e) if self.damaged(&e) => None,
+                    Err(e) => return Err(e),
+                },
+                // a directory holding picks, itself unchanged: not written
+                None if entry.meta.kind == FileType::Directory => Some(
+                    entry
+                        .dir()
+                        .with_context(|| format!("opening directory {}", shown(&rel)))?,
+                ),
+                None => None,
+            };
+            if let Some(sub) = below {
+                let whole = pick == Some(Pick::Whole);
+                if whole || selection.is_some_and(|s| s.any_below(&child)) {
+                    self.dir(&sub, &rel, &child, whole)?;
+                }
+            }
+        }
+        for g in gone {
+            self.gone(rel, g)?;
         }
         Ok(())
     }
 
-    fn entry(&mut self, entry: &Entry, rel: &Path, name: &OsStr) -> Result<()> {
+    /// Writes one entry (with its opaque marker if `marker` and overlay set
+    /// one); a directory comes back opened, for its children.
+    fn entry(
+        &mut self,
+        entry: &Entry,
+        rel: &Path,
+        name: &OsStr,
+        marker: bool,
+    ) -> Result<Option<Dir>> {
         let meta = &entry.meta;
         if meta.is_whiteout() {
             let whiteout = rel
@@ -200,7 +405,7 @@ impl<W: Write> Walk<W> {
                 .join(OsStr::from_bytes(
                     &[WHITEOUT.as_bytes(), name.as_bytes()].concat(),
                 ));
-            return self.empty_file(&whiteout, meta);
+            return self.empty_file(&whiteout, meta).map(|()| None);
         }
         let xattrs = self.xattrs(entry, rel)?;
         let opaque = xattrs
@@ -234,10 +439,10 @@ impl<W: Write> Walk<W> {
                 self.tar
                     .append_data(&mut header, dir_name(rel), io::empty())
                     .with_context(|| format!("adding {}", shown(rel)))?;
-                if opaque {
+                if opaque && marker {
                     self.empty_file(&rel.join(OPAQUE), meta)?;
                 }
-                self.dir(&dir, rel)
+                Ok(Some(dir))
             }
             FileType::Symlink => {
                 let target = entry
@@ -247,7 +452,8 @@ impl<W: Write> Walk<W> {
                 header.set_size(0);
                 self.tar
                     .append_link(&mut header, rel, target)
-                    .with_context(|| format!("adding {}", shown(rel)))
+                    .with_context(|| format!("adding {}", shown(rel)))?;
+                Ok(None)
             }
             FileType::RegularFile => {
                 if meta.nlink > 1 {
@@ -256,10 +462,10 @@ impl<W: Write> Walk<W> {
                         header.set_entry_type(EntryType::Link);
                         header.set_size(0);
                         let first = first.clone();
-                        return self
-                            .tar
+                        self.tar
                             .append_link(&mut header, rel, first)
-                            .with_context(|| format!("adding {}", shown(rel)));
+                            .with_context(|| format!("adding {}", shown(rel)))?;
+                        return Ok(None);
                     }
                     self.links.insert(key, rel.to_path_buf());
                 }
@@ -268,10 +474,18 @@ impl<W: Write> Walk<W> {
                     .with_context(|| format!("opening {}", shown(rel)))?;
                 header.set_entry_type(EntryType::Regular);
                 header.set_size(meta.size);
-                let data = Exact::new(file, meta.size, rel);
+                let short = std::rc::Rc::new(std::cell::Cell::new(false));
+                // with the desktop running, a file that shrinks is padded
+                let data = Exact::new(file, meta.size, rel, self.cuts.map(|_| short.clone()));
                 self.tar
                     .append_data(&mut header, rel, BufReader::with_capacity(1 << 20, data))
-                    .with_context(|| format!("adding {}", shown(rel)))
+                    .with_context(|| format!("adding {}", shown(rel)))?;
+                if short.get() {
+                    if let Some(cuts) = self.cuts {
+                        cuts.damaged();
+                    }
+                }
+                Ok(None)
             }
             FileType::CharacterDevice | FileType::BlockDevice | FileType::Fifo => {
                 header.set_entry_type(match meta.kind {
@@ -287,11 +501,28 @@ impl<W: Write> Walk<W> {
                 }
                 self.tar
                     .append_data(&mut header, rel, io::empty())
-                    .with_context(|| format!("adding {}", shown(rel)))
+                    .with_context(|| format!("adding {}", shown(rel)))?;
+                Ok(None)
             }
             // a socket: a layer cannot hold one, and a socket is never worth restoring
-            _ => Ok(()),
+            _ => Ok(None),
         }
+    }
+
+    /// The whiteout of `name` in directory `rel`: an entry of the last
+    /// capture gone since (a fixed header, as the merge writes them).
+    fn gone(&mut self, rel: &Path, name: &[u8]) -> Result<()> {
+        let path = rel.join(OsStr::from_bytes(&[WHITEOUT.as_bytes(), name].concat()));
+        let mut header = Header::new_gnu();
+        header.set_entry_type(EntryType::Regular);
+        header.set_mode(0o644);
+        header.set_uid(0);
+        header.set_gid(0);
+        header.set_mtime(0);
+        header.set_size(0);
+        self.tar
+            .append_data(&mut header, &path, io::empty())
+            .with_context(|| format!("adding {}", shown(&path)))
     }
 
     fn empty_file(&mut self, rel: &Path, like: &Meta) -> Result<()> {
@@ -390,27 +621,49 @@ struct Exact {
     inner: io::Take<File>,
     left: u64,
     path: PathBuf,
+    /// Set, the data is padded with zeros instead (and the flag raised).
+    pad: Option<std::rc::Rc<std::cell::Cell<bool>>>,
 }
 
 impl Exact {
-    fn new(file: File, len: u64, rel: &Path) -> Self {
+    fn new(
+        file: File,
+        len: u64,
+        rel: &Path,
+        pad: Option<std::rc::Rc<std::cell::Cell<bool>>>,
+    ) -> Self {
         Self {
             inner: file.take(len),
             left: len,
             path: rel.to_path_buf(),
+            pad,
         }
     }
 }
 
 impl Read for Exact {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let n = self.inner.read(buf)?;
-        if n == 0 && self.left > 0 && !buf.is_empty() {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                format!("{} shrank while it was read", shown(&self.path)),
-            ));
+        if self.left == 0 || buf.is_empty() {
+            return Ok(0);
         }
+        let n = match (self.inner.read(buf), &self.pad) {
+            (Ok(n), _) if n > 0 => n,
+            (Ok(_), None) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    format!("{} shrank while it was read", shown(&self.path)),
+                ))
+            }
+            (Err(e), None) => return Err(e),
+            // shrank, or unreadable: zeros, and the entry is damaged
+            (_, Some(flag)) => {
+                flag.set(true);
+                self.inner.set_limit(0);
+                let n = buf.len().min(self.left as usize);
+                buf[..n].fill(0);
+                n
+            }
+        };
         self.left -= n as u64;
         Ok(n)
     }
@@ -736,5 +989,75 @@ mod tests {
         };
         let err = write_layer(&upper, Vec::new()).unwrap_err();
         assert!(err.downcast_ref::<Unsupported>().is_some(), "{err:#}");
+    }
+    /// An increment holds what changed since the last capture and the
+    /// whiteouts of what is gone, in the walk's order. Needs root (whiteouts
+    /// are device nodes, opaque marks trusted.* attributes).
+    #[test]
+    fn an_increment_holds_the_changes_and_explicit_whiteouts() {
+        use crate::capture::{increment, record};
+        let dir = tempfile::tempdir().unwrap();
+        let up = dir.path();
+        for d in ["keep/sub", "gone-dir/x", "opt", "a"] {
+            fs::create_dir_all(up.join(d)).unwrap();
+        }
+        fs::write(up.join("keep/sub/same"), "same").unwrap();
+        fs::write(up.join("keep/tmp"), "made then deleted").unwrap();
+        fs::write(up.join("gone-dir/x/f"), "f").unwrap();
+        fs::write(up.join("opt/old"), "old").unwrap();
+        fs::write(up.join("a/f"), "one").unwrap();
+        let before = record::scan(up, false).unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(30));
+        fs::remove_file(up.join("keep/tmp")).unwrap();
+        fs::remove_dir_all(up.join("gone-dir")).unwrap();
+        fs::remove_dir_all(up.join("opt")).unwrap();
+        fs::create_dir(up.join("opt")).unwrap();
+        xattr::set(up.join("opt"), "trusted.overlay.opaque", b"y").unwrap();
+        fs::write(up.join("opt/new"), "new").unwrap();
+        fs::write(up.join("a/f"), "two").unwrap();
+        fs::hard_link(up.join("a/f"), up.join("a-link")).unwrap();
+        let after = record::scan(up, false).unwrap();
+        let selection = increment::select(&before, &after);
+        let upper = Upper {
+            dir: up.to_path_buf(),
+            userxattr: false,
+            options: vec![],
+        };
+        let layer = write_selected(&upper, Some(&selection), Vec::new()).unwrap();
+        let mut archive = tar::Archive::new(layer.as_slice());
+        let mut seen = Vec::new();
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let path = entry.path().unwrap().to_string_lossy().into_owned();
+            let mut data = String::new();
+            entry.read_to_string(&mut data).unwrap();
+            seen.push((path, entry.header().entry_type(), data));
+        }
+        let names: Vec<&str> = seen.iter().map(|s| s.0.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "a/f",
+                "a-link",
+                ".wh.gone-dir",
+                "keep/",
+                "keep/.wh.tmp",
+                "opt/",
+                "opt/.wh..wh..opq",
+                "opt/new",
+            ]
+        );
+        assert_eq!(seen[0].2, "two");
+        assert_eq!(
+            seen[1].1,
+            EntryType::Link,
+            "the other path of the changed file"
+        );
+        let full = write_selected(&upper, None, Vec::new()).unwrap();
+        assert_eq!(full, write_layer(&upper, Vec::new()).unwrap());
+        let none = increment::select(&after, &after);
+        assert!(none.is_empty());
+        let empty = write_selected(&upper, Some(&none), Vec::new()).unwrap();
+        assert_eq!(empty, tar::Builder::new(Vec::new()).into_inner().unwrap());
     }
 }
