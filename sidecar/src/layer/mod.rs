@@ -9,6 +9,7 @@
 pub mod estargz;
 pub mod members;
 pub mod merge;
+pub mod pieces;
 pub mod tar;
 
 use crate::image::new_layer::Codec;
@@ -45,7 +46,7 @@ impl Compression {
         }
     }
 
-    fn level(&self) -> i32 {
+    pub(crate) fn level(&self) -> i32 {
         match (self.codec, self.level) {
             (Codec::Gzip | Codec::Estargz, Some(l)) => l.clamp(1, 9),
             (Codec::Gzip | Codec::Estargz, None) => 1,
