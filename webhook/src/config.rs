@@ -219,6 +219,12 @@ pub struct Config {
     )]
     pub sidecar_layer_format: String,
 
+    /// The sidecar's `--pre-copy`: the desktop's change is read and compressed
+    /// while it runs, and the desktop frozen only to read again what changed
+    /// meanwhile; `false`: frozen for the whole read and compression.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_PRE_COPY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sidecar_pre_copy: bool,
+
     /// The sidecar's retention: after a push, the user's snapshots beyond this
     /// many newest are deleted (0 keeps every one).
     #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP", default_value_t = 10)]

@@ -89,6 +89,7 @@ async fn run(config: Config) -> Result<()> {
         cpu_limit: Some(config.sidecar_cpu_limit.clone()).filter(|limit| !limit.is_empty()),
         max_change_bytes: config.sidecar_max_change_bytes,
         layer_format: config.sidecar_layer_format.clone(),
+        pre_copy: config.sidecar_pre_copy,
         keep: config.sidecar_keep,
         keep_min_age: config.sidecar_keep_min_age,
         logoff_grace_period: config.logoff_grace_period,

@@ -224,6 +224,7 @@ mod tests {
             cpu_limit: None,
             max_change_bytes: 8 << 30,
             layer_format: "zstd".to_string(),
+            pre_copy: true,
             keep: 10,
             keep_min_age: std::time::Duration::from_secs(7 * 86_400),
             logoff_grace_period: std::time::Duration::from_secs(300),

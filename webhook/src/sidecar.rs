@@ -54,6 +54,8 @@ pub struct SidecarSpec {
     pub max_change_bytes: u64,
     /// The sidecar's `--layer-format` (`gzip`, `zstd` or `estargz`).
     pub layer_format: String,
+    /// The sidecar's `--pre-copy`.
+    pub pre_copy: bool,
     /// Retention: how many newest snapshots stay, and the youngest age deleted.
     pub keep: usize,
     pub keep_min_age: std::time::Duration,
@@ -154,6 +156,7 @@ impl SidecarSpec {
                         &self.max_change_bytes.to_string(),
                     ),
                     plain("SNAPSHOT_LAYER_FORMAT", &self.layer_format),
+                    plain("SNAPSHOT_PRE_COPY", &self.pre_copy.to_string()),
                     plain("SNAPSHOT_KEEP", &self.keep.to_string()),
                     plain(
                         "SNAPSHOT_KEEP_MIN_AGE",
