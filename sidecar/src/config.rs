@@ -93,6 +93,13 @@ pub struct Config {
     /// The Diff service always pauses it.
     #[arg(long, env = "SNAPSHOT_PAUSE", default_value_t = true, action = clap::ArgAction::Set)]
     pub pause: bool,
+    /// Pre-copy: read and compress the upper directory while the desktop
+    /// runs, then pause it only to read again what changed meanwhile (the
+    /// layer is still the desktop at the pause); `false`: paused for the whole
+    /// read and compression. No effect with `--pause false` or through the
+    /// Diff service, which pauses for its whole diff.
+    #[arg(long, env = "SNAPSHOT_PRE_COPY", default_value_t = true, action = clap::ArgAction::Set)]
+    pub pre_copy: bool,
     /// Most layers a snapshot may have; past it the whole desktop is squashed into one
     /// layer, so a desktop can be snapshotted any number of times and still start.
     #[arg(long, env = "SNAPSHOT_MAX_LAYERS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=127))]

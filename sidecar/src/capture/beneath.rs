@@ -36,6 +36,9 @@ pub struct Meta {
     pub dev: u64,
     pub ino: u64,
     pub nlink: u64,
+    /// Last status change, ns since the epoch: moves on every write,
+    /// truncation, attribute, link or name change.
+    pub ctime_ns: i128,
 }
 
 impl Meta {
@@ -53,6 +56,7 @@ impl Meta {
             dev: st.st_dev as u64,
             ino: st.st_ino as u64,
             nlink: st.st_nlink as u64,
+            ctime_ns: st.st_ctime as i128 * 1_000_000_000 + st.st_ctime_nsec as i128,
         })
     }
 

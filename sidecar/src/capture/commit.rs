@@ -4,7 +4,10 @@
 //! content store, uncompressed), resume. The task is resumed on every path: errors return through
 //! the guard, and a panic or a dropped future resumes it from `Drop`.
 
-use super::upper::{self, Upper};
+use super::{
+    precopy,
+    upper::{self, Upper},
+};
 use crate::ctrd::Ctrd;
 use crate::{
     image::{
@@ -12,7 +15,10 @@ use crate::{
         new_layer::{NewLayer, Written},
         spool::{self, SpoolWriter},
     },
-    layer::{Compression, Encoder, Hashing},
+    layer::{
+        pieces::{Pieces, Unit},
+        Compression, Encoder, Hashing,
+    },
 };
 use anyhow::{Context, Result};
 use containerd_client::{
@@ -226,18 +232,34 @@ pub async fn mounts(ctrd: &Ctrd, container: &Container) -> Result<Vec<Mount>> {
         .mounts)
 }
 
-/// The layer of `container`'s changes read from its overlayfs upper directory,
-/// compressed into a spool while the task is paused; the task runs again before
-/// this returns, and the upload reads the spool afterwards.
+/// How the desktop is frozen while its upper directory is read.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Freeze {
+    /// Not at all (`--pause false`): the layer is no one instant's.
+    Never,
+    /// For the whole read and compression.
+    Throughout,
+    /// Only to read again what changed while the rest was read and
+    /// compressed with the desktop running ([`precopy`](super::precopy)).
+    PreCopy,
+}
+
+/// The layer of `container`'s changes read from its overlayfs upper directory
+/// into a compressed spool, the task paused as `freeze` says; the task runs
+/// again before this returns, and the upload reads the spool afterwards.
 pub async fn from_upper(
     ctrd: &Ctrd,
     container: &Container,
     upper: Upper,
-    pause: bool,
+    freeze: Freeze,
     compression: Compression,
     work_dir: &Path,
     max_bytes: u64,
 ) -> Result<NewLayer> {
+    if freeze == Freeze::PreCopy {
+        return pre_copied(ctrd, container, upper, compression, work_dir, max_bytes).await;
+    }
+    let pause = freeze == Freeze::Throughout;
     let (writer, reader) = spool::create(work_dir, max_bytes)?;
     let paused = if pause {
         Some(Paused::pause(ctrd, &container.id).await?)
@@ -253,9 +275,105 @@ pub async fn from_upper(
         p.resume().await?;
     }
     let layer = written.context("the layer writer panicked")??;
-    info!(diff_id = %layer.diff_id, compressed_bytes = layer.size, paused_ms = started.elapsed().as_millis() as u64, "layer read from the upper directory");
+    let paused_ms = if pause {
+        started.elapsed().as_millis() as u64
+    } else {
+        0
+    };
+    info!(diff_id = %layer.diff_id, compressed_bytes = layer.size, paused_ms, "layer read from the upper directory");
     Ok(NewLayer::new(layer, reader, "upperdir"))
 }
+/// [`from_upper`] with pre-copy: the first pass while the desktop runs, the
+/// pause for what moved since, the layer put together after the resume.
+async fn pre_copied(
+    ctrd: &Ctrd,
+    container: &Container,
+    upper: Upper,
+    compression: Compression,
+    work_dir: &Path,
+    max_bytes: u64,
+) -> Result<NewLayer> {
+    let started = std::time::Instant::now();
+    let unit = Unit::of(&compression);
+    let (threads, dir) = (compression.threads, work_dir.to_path_buf());
+    let (first, upper) = tokio::task::spawn_blocking(move || {
+        precopy::first_pass(&upper, unit, threads, &dir, max_bytes).map(|f| (f, upper))
+    })
+    .await
+    .context("the layer writer panicked")??;
+    let first_ms = started.elapsed().as_millis() as u64;
+
+    let paused = Paused::pause(ctrd, &container.id).await?;
+    let frozen = std::time::Instant::now();
+    let dir = work_dir.to_path_buf();
+    let under = tokio::task::spawn_blocking(move || {
+        let reread = precopy::under_pause(&upper, &first, &dir, max_bytes);
+        (first, reread)
+    })
+    .await;
+    let paused_ms = frozen.elapsed().as_millis() as u64;
+    paused.resume().await?;
+    let (first, reread) = under.context("the layer writer panicked")?;
+    let reread = reread?;
+
+    let (writer, reader) = spool::create(work_dir, max_bytes)?;
+    let read_again = reread.index.entries.len();
+    let layer = tokio::task::spawn_blocking(move || {
+        assemble_into(writer, &compression, &first, &reread).map(|w| (w, first.seen.len()))
+    })
+    .await
+    .context("the layer writer panicked")??;
+    let (layer, entries) = layer;
+    info!(
+        diff_id = %layer.diff_id,
+        compressed_bytes = layer.size,
+        entries,
+        read_again,
+        first_pass_ms = first_ms,
+        paused_ms,
+        elapsed_ms = started.elapsed().as_millis() as u64,
+        "layer read from the upper directory, what changed meanwhile read again under the pause"
+    );
+    Ok(NewLayer::new(layer, reader, "upperdir"))
+}
+
+/// The layer from the first pass's pieces and what the pause read again,
+/// into the spool: gzip and zstd groups copied as they are (the diff_id's
+/// hash resumed where the first change is); eStargz written from the
+/// assembled tar.
+fn assemble_into(
+    writer: SpoolWriter,
+    compression: &Compression,
+    first: &precopy::FirstPass,
+    reread: &precopy::Reread,
+) -> Result<Written> {
+    if first.unit == Unit::Plain {
+        return compress_into(writer, compression.clone(), |sink| {
+            let mut out = Pieces::new(sink, Unit::Plain, 1, false)?;
+            precopy::assemble(first, reread, &mut out, false)?;
+            Ok(out.finish()?.0)
+        });
+    }
+    let buffered = BufWriter::with_capacity(1 << 20, writer);
+    let mut out = Pieces::new(buffered, first.unit, compression.threads, false)
+        .context("starting the compressors")?;
+    let diff_id =
+        precopy::assemble(first, reread, &mut out, true)?.context("the layer's diff_id")?;
+    let (buffered, _) = out.finish().context("compressing the layer")?;
+    let spool = buffered
+        .into_inner()
+        .map_err(|e| e.into_error())
+        .context("writing the layer's spool file")?;
+    let (size, digest) = spool.finish();
+    Ok(Written {
+        change: diff_id.clone(),
+        diff_id,
+        digest,
+        size,
+        annotations: Default::default(),
+    })
+}
+
 
 /// The uncompressed layer `diff_id` from the content store, compressed into a
 /// spool (the task is not paused: the content store does not change).

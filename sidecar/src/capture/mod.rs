@@ -11,5 +11,6 @@ pub mod commit;
 pub mod find;
 pub mod increment;
 pub mod lineage;
+pub mod precopy;
 pub mod record;
 pub mod upper;

@@ -303,7 +303,11 @@ async fn new_layer(
                     ctrd,
                     container,
                     upper,
-                    config.pause,
+                    match (config.pause, config.pre_copy) {
+                        (false, _) => commit::Freeze::Never,
+                        (true, false) => commit::Freeze::Throughout,
+                        (true, true) => commit::Freeze::PreCopy,
+                    },
                     config.compression(),
                     &config.work_dir,
                     config.max_change_bytes,

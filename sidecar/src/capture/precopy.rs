@@ -1,0 +1,822 @@
+//! Pre-copy: the desktop is frozen only for what changed while its snapshot
+//! was taken. The upper directory is read and compressed while the desktop
+//! runs, in [pieces](crate::layer::pieces), each entry's stamp (inode, ctime,
+//! size, type, links) noted as it is opened. Then the task is paused, the
+//! directory's metadata walked once more, and only what is new, changed or
+//! gone since the first pass is read again, into a plain side file; the task
+//! resumes. The layer is put together after the resume: the first pass's
+//! groups copied as they are where nothing in them moved, the rest mended
+//! with what was read under the pause. It equals, entry for entry, the
+//! upper directory as it stood at the pause: what a snapshot read entirely
+//! under the pause gives.
+//!
+//! What makes an entry of the first pass stale ([`again`], pure):
+//! - it is gone, or its stamp differs at the pause (any write, truncation,
+//!   attribute or link change, rename onto it moves its ctime);
+//! - its ctime was within [`RACY`] of the moment it was stamped: a change in
+//!   the same tick of the file system's clock could leave the ctime as it was
+//!   (git's "racily clean" entries);
+//! - it changed while it was read (a file that shrank, an entry that could
+//!   not be opened: the walk of the first pass never fails on the desktop's
+//!   own changes);
+//! - it is one path of a file with several links, and any path of that file
+//!   moved: all its paths are read again, so that the first of them in the
+//!   layer holds the data and the others link to it.
+//!
+//! New entries are read; gone ones are left out. A directory whose listing
+//! changed has a new ctime: its own entry is written again, its children
+//! are judged one by one.
+
+use crate::{
+    capture::{
+        beneath::Meta,
+        record::{self, Record},
+        upper::{self, Cuts, Upper},
+    },
+    image::spool::TooLarge,
+    layer::pieces::{self, Index, Pieces, Stream, Unit},
+};
+use anyhow::{Context, Result};
+use std::{
+    cell::RefCell,
+    collections::{BTreeMap, HashMap},
+    fs::File,
+    io::{self, BufWriter, Write},
+    path::Path,
+};
+
+/// Entries whose ctime is this close to the moment they were stamped are
+/// read again under the pause, whatever their stamp says then (more than a
+/// tick of the coarse clock file times come from).
+pub const RACY_NS: i128 = 20_000_000;
+
+/// What decides whether an entry moved: its inode, ctime, size, type, links
+/// and device numbers (a whiteout is a character device 0:0).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct Stamp {
+    pub ino: u64,
+    pub ctime_ns: i128,
+    pub size: u64,
+    /// `st_mode & S_IFMT`.
+    pub kind: u32,
+    pub nlink: u64,
+    pub rdev: u64,
+}
+
+impl Stamp {
+    pub fn of(meta: &Meta) -> Self {
+        Self {
+            ino: meta.ino,
+            ctime_ns: meta.ctime_ns,
+            size: meta.size,
+            kind: meta.mode & libc::S_IFMT,
+            nlink: meta.nlink,
+            rdev: meta.rdev,
+        }
+    }
+
+    /// The same of a [`record`] stamp.
+    pub fn recorded(stamp: &record::Stamp) -> Self {
+        Self {
+            ino: stamp.ino,
+            ctime_ns: stamp.ctime_sec as i128 * 1_000_000_000 + stamp.ctime_nsec as i128,
+            size: stamp.size,
+            kind: stamp.mode & libc::S_IFMT,
+            nlink: stamp.nlink.into(),
+            rdev: stamp.rdev,
+        }
+    }
+
+    /// A regular file with several names.
+    fn linked(&self) -> bool {
+        self.kind == libc::S_IFREG && self.nlink > 1
+    }
+}
+
+/// An entry as the first pass saw it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Seen {
+    /// Its key ([`record`]'s: its path below the upper directory, names
+    /// joined by NUL, so that byte order is the layer's).
+    pub path: Vec<u8>,
+    pub stamp: Stamp,
+    /// When it was stamped (ns since the epoch, the clock of file times).
+    pub at_ns: i128,
+    /// It changed while it was read.
+    pub damaged: bool,
+}
+
+/// What the pause must do.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct Again {
+    /// For each entry of the first pass: whether it stands as it was read.
+    pub valid: Vec<bool>,
+    /// Keys to read under the pause, in the layer's order.
+    pub paths: Vec<Vec<u8>>,
+}
+
+/// Compares the first pass (`seen`, in the layer's order) with the upper
+/// directory's metadata at the pause (`now`: every entry but the root).
+/// Every path of a file with several links is read when one is, so the
+/// walk that reads them writes the data at the first and links the others.
+pub fn again(seen: &[Seen], now: &[(&[u8], Stamp)], racy_ns: i128) -> Again {
+    let now_by_path: HashMap<&[u8], &Stamp> = now.iter().map(|(p, s)| (*p, s)).collect();
+    let mut valid: Vec<bool> = seen
+        .iter()
+        .map(|s| {
+            !s.damaged
+                && s.stamp.ctime_ns < s.at_ns - racy_ns
+                && now_by_path.get(s.path.as_slice()) == Some(&&s.stamp)
+        })
+        .collect();
+    let seen_paths: HashMap<&[u8], usize> = seen
+        .iter()
+        .enumerate()
+        .map(|(i, s)| (s.path.as_slice(), i))
+        .collect();
+    // files with several links: their paths then and now, in the layer's order
+    let mut groups_now: BTreeMap<u64, Vec<&[u8]>> = BTreeMap::new();
+    for (path, stamp) in now.iter().filter(|(_, s)| s.linked()) {
+        groups_now.entry(stamp.ino).or_default().push(*path);
+    }
+    let mut groups_then: HashMap<u64, Vec<usize>> = HashMap::new();
+    for (i, s) in seen.iter().enumerate().filter(|(_, s)| s.stamp.linked()) {
+        groups_then.entry(s.stamp.ino).or_default().push(i);
+    }
+    let mut read: Vec<&[u8]> = now
+        .iter()
+        .filter(|(p, _)| seen_paths.get(p).is_none_or(|&i| !valid[i]))
+        .map(|(p, _)| *p)
+        .collect();
+    for (ino, paths) in groups_now {
+        let then: Vec<&[u8]> = groups_then
+            .remove(&ino)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|&i| valid[i])
+            .map(|i| seen[i].path.as_slice())
+            .collect();
+        let stands = paths.iter().all(|p| {
+            seen_paths
+                .get(p)
+                .is_some_and(|&i| valid[i] && seen[i].stamp.ino == ino)
+        }) && then.len() == paths.len();
+        if !stands {
+            for p in &paths {
+                if let Some(&i) = seen_paths.get(p) {
+                    if valid[i] {
+                        valid[i] = false;
+                        read.push(p);
+                    }
+                }
+            }
+        }
+    }
+    // a linked file of the first pass none of whose paths is linked now
+    for (_, indexes) in groups_then {
+        for i in indexes {
+            if valid[i] {
+                valid[i] = false;
+                read.push(&seen[i].path);
+            }
+        }
+    }
+    read.sort_unstable();
+    read.dedup();
+    Again {
+        valid,
+        paths: read.into_iter().map(<[u8]>::to_vec).collect(),
+    }
+}
+
+/// The first pass: the pieces (in an unnamed file of the work directory),
+/// their index, and each entry as it was stamped.
+pub struct FirstPass {
+    pub file: File,
+    pub index: Index,
+    pub seen: Vec<Seen>,
+    pub unit: Unit,
+}
+
+/// What the pause read again: the plain pieces of the entries read, which
+/// entries of the first pass still stand, and the record of the upper
+/// directory at the pause.
+pub struct Reread {
+    pub file: File,
+    pub index: Index,
+    pub valid: Vec<bool>,
+    pub record: Record,
+}
+
+/// Reads the upper directory into pieces of `unit` while the desktop runs.
+pub fn first_pass(
+    upper: &Upper,
+    unit: Unit,
+    threads: usize,
+    work_dir: &Path,
+    limit: u64,
+) -> Result<FirstPass> {
+    let (file, collect) = collector(unit, threads, work_dir, limit)?;
+    upper::write_running(upper, &collect, &collect)?;
+    let (index, seen) = collect.finish().context("writing the layer's pieces")?;
+    Ok(FirstPass {
+        file,
+        index,
+        seen,
+        unit,
+    })
+}
+
+/// Under the pause: the metadata walked once more ([`record::scan`]), and
+/// what moved since the first pass read again.
+pub fn under_pause(
+    upper: &Upper,
+    first: &FirstPass,
+    work_dir: &Path,
+    limit: u64,
+) -> Result<Reread> {
+    let record = record::scan(&upper.dir, upper.userxattr)?;
+    let now: Vec<(&[u8], Stamp)> = record
+        .iter()
+        .map(|(key, stamp)| (key, Stamp::recorded(stamp)))
+        .collect();
+    let again = again(&first.seen, &now, RACY_NS);
+    drop(now);
+    let (file, collect) = collector(Unit::Plain, 1, work_dir, limit)?;
+    upper::write_entries(upper, &again.paths, &collect, &collect)?;
+    let (index, _) = collect.finish().context("writing what changed")?;
+    Ok(Reread {
+        file,
+        index,
+        valid: again.valid,
+        record,
+    })
+}
+
+/// After the resume: the layer tar, from the first pass's pieces and what
+/// the pause read again, into `out` (of the first pass's unit); its diff_id
+/// with `hash`.
+pub fn assemble<S: Write>(
+    first: &FirstPass,
+    reread: &Reread,
+    out: &mut Pieces<S>,
+    hash: bool,
+) -> Result<Option<String>> {
+    pieces::assemble(
+        Stream {
+            index: &first.index,
+            file: &first.file,
+            unit: first.unit,
+        },
+        &reread.valid,
+        Stream {
+            index: &reread.index,
+            file: &reread.file,
+            unit: Unit::Plain,
+        },
+        out,
+        hash,
+    )
+    .context("putting the layer together")
+}
+
+fn collector(
+    unit: Unit,
+    threads: usize,
+    work_dir: &Path,
+    limit: u64,
+) -> Result<(File, Collect<Limited<BufWriter<File>>>)> {
+    let file = tempfile::tempfile_in(work_dir).with_context(|| {
+        format!(
+            "creating a file for the layer's pieces in {}",
+            work_dir.display()
+        )
+    })?;
+    let sink = Limited {
+        inner: BufWriter::with_capacity(1 << 20, file.try_clone()?),
+        written: 0,
+        limit,
+    };
+    let pieces = Pieces::new(sink, unit, threads, true).context("starting the compressors")?;
+    Ok((
+        file,
+        Collect(RefCell::new(Collected {
+            pieces,
+            seen: Vec::new(),
+            failed: false,
+        })),
+    ))
+}
+
+/// The walk's output (pieces) and what it tells of each entry (its stamp):
+/// the walk writes into it and tells it where entries start.
+struct Collect<W: Write>(RefCell<Collected<W>>);
+
+struct Collected<W: Write> {
+    pieces: Pieces<W>,
+    seen: Vec<Seen>,
+    /// Writing failed: the walk stops.
+    failed: bool,
+}
+
+impl<W: Write> Collect<W> {
+    fn finish(self) -> io::Result<(Index, Vec<Seen>)> {
+        let Collected { pieces, seen, .. } = self.0.into_inner();
+        let (_, index) = pieces.finish()?;
+        Ok((index, seen))
+    }
+}
+
+impl<W: Write> Write for &Collect<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let mut c = self.0.borrow_mut();
+        let written = c.pieces.write(data);
+        c.failed |= written.is_err();
+        written
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<W: Write> Cuts for Collect<W> {
+    fn begin(&self, rel: &Path, meta: &Meta, at_ns: i128) -> io::Result<()> {
+        let mut c = self.0.borrow_mut();
+        let key = record::path_key(rel);
+        let begun = c.pieces.begin(key.clone());
+        c.failed |= begun.is_err();
+        begun?;
+        c.seen.push(Seen {
+            path: key,
+            stamp: Stamp::of(meta),
+            at_ns,
+            damaged: false,
+        });
+        Ok(())
+    }
+
+    fn damaged(&self) {
+        if let Some(last) = self.0.borrow_mut().seen.last_mut() {
+            last.damaged = true;
+        }
+    }
+
+    fn end(&self) {
+        self.0.borrow_mut().pieces.seal();
+    }
+
+    fn failed(&self) -> bool {
+        self.0.borrow().failed
+    }
+}
+
+/// A file that refuses to grow past `limit` bytes (the node's disk is shared).
+struct Limited<W> {
+    inner: W,
+    written: u64,
+    limit: u64,
+}
+
+impl<W: Write> Write for Limited<W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        if self.written + data.len() as u64 > self.limit {
+            return Err(io::Error::other(TooLarge { limit: self.limit }));
+        }
+        let n = self.inner.write(data)?;
+        self.written += n as u64;
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stamp(ino: u64, ctime: i128, size: u64) -> Stamp {
+        Stamp {
+            ino,
+            ctime_ns: ctime,
+            size,
+            kind: libc::S_IFREG,
+            nlink: 1,
+            rdev: 0,
+        }
+    }
+
+    fn key(path: &str) -> Vec<u8> {
+        record::path_key(Path::new(path))
+    }
+
+    fn seen(path: &str, stamp: Stamp) -> Seen {
+        Seen {
+            path: key(path),
+            stamp,
+            at_ns: 1_000_000_000_000,
+            damaged: false,
+        }
+    }
+
+    fn names(keys: &[Vec<u8>]) -> Vec<String> {
+        keys.iter()
+            .map(|k| record::key_path(k).to_string_lossy().into_owned())
+            .collect()
+    }
+
+    fn again_of(first: &[Seen], now: &[(&str, Stamp)]) -> Again {
+        let keys: Vec<(Vec<u8>, Stamp)> = now.iter().map(|(p, s)| (key(p), *s)).collect();
+        let now: Vec<(&[u8], Stamp)> = keys.iter().map(|(k, s)| (k.as_slice(), *s)).collect();
+        again(first, &now, RACY_NS)
+    }
+
+    #[test]
+    fn what_is_read_again_under_the_pause() {
+        let old = 1_000;
+        let dir = |ino, ctime| Stamp {
+            kind: libc::S_IFDIR,
+            nlink: 2,
+            ..stamp(ino, ctime, 4096)
+        };
+        let first = vec![
+            seen("a", dir(1, old)),
+            seen("a/same", stamp(2, old, 10)),
+            seen("a/written", stamp(3, old, 10)),
+            seen("a/gone", stamp(4, old, 10)),
+            seen("b", stamp(5, old, 10)),
+            Seen {
+                damaged: true,
+                ..seen("c", stamp(6, old, 10))
+            },
+            // stamped 10 ms after its last change: racily clean
+            seen("d", stamp(7, 1_000_000_000_000 - 10_000_000, 10)),
+            seen("e", dir(8, old)),
+        ];
+        let now = vec![
+            ("a", dir(1, old + 5)),
+            ("a/same", stamp(2, old, 10)),
+            ("a/written", stamp(3, old + 7, 10)),
+            ("a/new", stamp(9, old + 5, 1)),
+            // same path, another inode: replaced
+            ("b", stamp(10, old, 10)),
+            ("c", stamp(6, old, 10)),
+            ("d", stamp(7, 1_000_000_000_000 - 10_000_000, 10)),
+            ("e", dir(8, old)),
+        ];
+        let got = again_of(&first, &now);
+        assert_eq!(
+            got.valid,
+            [false, true, false, false, false, false, false, true]
+        );
+        assert_eq!(
+            names(&got.paths),
+            ["a", "a/new", "a/written", "b", "c", "d"]
+        );
+    }
+
+    #[test]
+    fn a_file_with_several_links_is_read_again_by_all_its_paths() {
+        let linked = |ctime| Stamp {
+            nlink: 2,
+            ..stamp(5, ctime, 10)
+        };
+        let base = vec![
+            seen("x/one", linked(1)),
+            seen("x/two", linked(1)),
+            seen("y", stamp(6, 1, 3)),
+        ];
+        // nothing moved: all stands, the first path holds the data
+        let same: Vec<(&[u8], Stamp)> = base.iter().map(|s| (s.path.as_slice(), s.stamp)).collect();
+        let got = again(&base, &same, RACY_NS);
+        assert_eq!(got.valid, [true, true, true]);
+        assert!(got.paths.is_empty());
+
+        // one path renamed (the inode's ctime moves): every path read again
+        let now = vec![
+            ("a/moved", linked(2)),
+            ("x/two", linked(2)),
+            ("y", stamp(6, 1, 3)),
+        ];
+        let got = again_of(&base, &now);
+        assert_eq!(got.valid, [false, false, true]);
+        assert_eq!(names(&got.paths), ["a/moved", "x/two"]);
+
+        // the first path was read damaged: the others follow it
+        let mut damaged = base.clone();
+        damaged[0].damaged = true;
+        let got = again(&damaged, &same, RACY_NS);
+        assert_eq!(got.valid, [false, false, true]);
+        assert_eq!(names(&got.paths), ["x/one", "x/two"]);
+
+        // a second link made to a file that had one: both paths read
+        let single = vec![seen("p", stamp(7, 1, 3)), seen("q", stamp(8, 1, 3))];
+        let twice = Stamp {
+            nlink: 2,
+            ..stamp(7, 2, 3)
+        };
+        let now = vec![("p", twice), ("q", stamp(8, 1, 3)), ("r", twice)];
+        let got = again_of(&single, &now);
+        assert_eq!(got.valid, [false, true]);
+        assert_eq!(names(&got.paths), ["p", "r"]);
+
+        // one of two links removed: the survivor is a plain file again, read again
+        let now = vec![
+            (
+                "x/two",
+                Stamp {
+                    nlink: 1,
+                    ..linked(3)
+                },
+            ),
+            ("y", stamp(6, 1, 3)),
+        ];
+        let got = again_of(&base, &now);
+        assert_eq!(got.valid, [false, false, true]);
+        assert_eq!(names(&got.paths), ["x/two"]);
+    }
+
+    #[test]
+    fn paths_to_read_come_in_the_layers_order() {
+        let now = vec![
+            ("a.b", stamp(1, 1, 1)),
+            ("a/x", stamp(2, 1, 1)),
+            ("a", stamp(3, 1, 1)),
+        ];
+        let got = again_of(&[], &now);
+        assert_eq!(names(&got.paths), ["a", "a/x", "a.b"]);
+    }
+}
+
+/// The pre-copy on real trees: whatever moves between the first pass and the
+/// pause, the assembled layer is the layer of the tree at the pause.
+#[cfg(test)]
+mod trees {
+    use super::*;
+    use crate::{image::new_layer::Codec, layer::Compression};
+    use std::{
+        fs,
+        io::Read,
+        os::unix::{ffi::OsStrExt, fs::FileExt},
+        path::PathBuf,
+    };
+
+    fn upper(dir: &Path) -> Upper {
+        upper::upperdir(&[containerd_client::types::Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options: vec![format!("upperdir={}", dir.display())],
+        }])
+        .expect("an overlay mount")
+    }
+
+    fn write(path: PathBuf, data: &[u8]) {
+        fs::create_dir_all(path.parent().unwrap()).unwrap();
+        fs::write(path, data).unwrap();
+    }
+
+    fn noise(seed: u64, n: usize) -> Vec<u8> {
+        let mut x = seed | 1;
+        (0..n)
+            .map(|i| {
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                if (i / 4096) % 2 == 0 {
+                    b"desktop text\n"[i % 13]
+                } else {
+                    x as u8
+                }
+            })
+            .collect()
+    }
+
+    fn mknod_whiteout(path: &Path) {
+        let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+        assert_eq!(
+            unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, 0) },
+            0,
+            "mknod needs root"
+        );
+    }
+
+    /// A desktop's change: small and large files, links, a whiteout, an
+    /// opaque directory, attributes.
+    fn tree(root: &Path) {
+        for i in 0..300 {
+            write(
+                root.join(format!("etc/conf{i:03}")),
+                format!("line {i}\n").as_bytes(),
+            );
+        }
+        write(root.join("home/alice/big"), &noise(1, 3 << 20));
+        write(root.join("home/alice/notes"), b"first notes");
+        write(root.join("home/alice/same-size"), b"aaaaaaaa");
+        write(root.join("home/alice/docs/a"), &noise(2, 200_000));
+        write(root.join("home/alice/docs/b"), b"b");
+        write(root.join("opt/app/bin"), &noise(3, 1_500_000));
+        fs::hard_link(root.join("opt/app/bin"), root.join("opt/app/bin2")).unwrap();
+        write(root.join("usr/one"), b"linked once");
+        fs::hard_link(root.join("usr/one"), root.join("usr/two")).unwrap();
+        std::os::unix::fs::symlink("/etc/conf001", root.join("link")).unwrap();
+        mknod_whiteout(&root.join("etc/gone"));
+        fs::create_dir_all(root.join("var/opaque")).unwrap();
+        xattr::set(root.join("var/opaque"), "trusted.overlay.opaque", b"y").unwrap();
+        write(root.join("var/opaque/x"), b"x");
+        xattr::set(root.join("home/alice/notes"), "user.tag", b"v1").unwrap();
+    }
+
+    /// Everything a desktop may do between the first pass and the pause.
+    fn change(root: &Path) {
+        let mut f = fs::OpenOptions::new()
+            .append(true)
+            .open(root.join("home/alice/notes"))
+            .unwrap();
+        f.write_all(b" and more").unwrap();
+        // in place, same size: only the ctime says it
+        fs::OpenOptions::new()
+            .write(true)
+            .open(root.join("home/alice/same-size"))
+            .unwrap()
+            .write_all_at(b"bbbb", 2)
+            .unwrap();
+        fs::remove_file(root.join("etc/conf100")).unwrap();
+        write(root.join("etc/conf100.new"), b"new");
+        write(root.join("etc/new-dir/inside"), b"inside");
+        fs::rename(root.join("home/alice/docs"), root.join("home/alice/papers")).unwrap();
+        fs::rename(root.join("etc/conf200"), root.join("zz-moved")).unwrap();
+        // the first of two links gone: the second holds the data now
+        fs::remove_file(root.join("opt/app/bin")).unwrap();
+        fs::hard_link(root.join("usr/one"), root.join("a-third-link")).unwrap();
+        xattr::set(root.join("etc/conf050"), "user.changed", b"yes").unwrap();
+        fs::create_dir_all(root.join("home/alice/newly-opaque")).unwrap();
+        xattr::set(
+            root.join("home/alice/newly-opaque"),
+            "trusted.overlay.opaque",
+            b"y",
+        )
+        .unwrap();
+        mknod_whiteout(&root.join("etc/gone-too"));
+        fs::remove_file(root.join("link")).unwrap();
+        std::os::unix::fs::symlink("/elsewhere", root.join("link")).unwrap();
+        fs::remove_file(root.join("etc/conf001")).unwrap();
+        fs::create_dir(root.join("etc/conf001")).unwrap();
+        let big = fs::OpenOptions::new()
+            .write(true)
+            .open(root.join("home/alice/big"))
+            .unwrap();
+        big.write_all_at(b"CHANGED", 2 << 20).unwrap();
+    }
+
+    fn decode(unit: Unit, blob: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        match unit {
+            Unit::Gzip(_) => flate2::read::MultiGzDecoder::new(blob)
+                .read_to_end(&mut out)
+                .unwrap(),
+            Unit::Zstd(_) => zstd::stream::read::Decoder::new(blob)
+                .unwrap()
+                .read_to_end(&mut out)
+                .unwrap(),
+            Unit::Plain => {
+                out.extend_from_slice(blob);
+                0
+            }
+        };
+        out
+    }
+
+    /// The whole pre-copy without containerd: first pass, `between`, the
+    /// "pause", assembly; the layer's bytes (decoded), its diff_id, and how
+    /// many entries were read again.
+    fn precopy(root: &Path, unit: Unit, between: impl FnOnce()) -> (Vec<u8>, String, usize) {
+        let work = tempfile::tempdir().unwrap();
+        let first = first_pass(&upper(root), unit, 2, work.path(), u64::MAX).unwrap();
+        between();
+        let reread = under_pause(&upper(root), &first, work.path(), u64::MAX).unwrap();
+        let mut out = Pieces::new(Vec::new(), unit, 2, false).unwrap();
+        let diff_id = assemble(&first, &reread, &mut out, true).unwrap().unwrap();
+        let (blob, _) = out.finish().unwrap();
+        (decode(unit, &blob), diff_id, reread.index.entries.len())
+    }
+
+    fn sha(data: &[u8]) -> String {
+        use sha2::Digest;
+        format!("sha256:{}", hex::encode(sha2::Sha256::digest(data)))
+    }
+
+    const UNITS: [Unit; 3] = [Unit::Gzip(1), Unit::Zstd(3), Unit::Plain];
+
+    #[test]
+    fn unchanged_the_pieces_are_the_layer_and_nothing_is_read_again() {
+        let dir = tempfile::tempdir().unwrap();
+        tree(dir.path());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let want = upper::write_layer(&upper(dir.path()), Vec::new()).unwrap();
+        for unit in UNITS {
+            let (layer, diff_id, again) = precopy(dir.path(), unit, || {});
+            assert_eq!(layer, want, "{unit:?}");
+            assert_eq!(diff_id, sha(&want), "{unit:?}");
+            assert_eq!(again, 0, "{unit:?}: nothing moved, nothing read again");
+        }
+    }
+
+    #[test]
+    fn whatever_moved_before_the_pause_the_layer_is_the_tree_at_the_pause() {
+        for unit in UNITS {
+            let dir = tempfile::tempdir().unwrap();
+            tree(dir.path());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let (layer, diff_id, again) = precopy(dir.path(), unit, || change(dir.path()));
+            let want = upper::write_layer(&upper(dir.path()), Vec::new()).unwrap();
+            assert_eq!(layer.len(), want.len(), "{unit:?}");
+            assert!(
+                layer == want,
+                "{unit:?}: the layer of the tree at the pause"
+            );
+            assert_eq!(diff_id, sha(&want), "{unit:?}");
+            assert!(
+                again < 40,
+                "{unit:?}: only what moved is read again ({again})"
+            );
+        }
+    }
+
+    /// eStargz is written after the resume from the assembled tar: the same
+    /// blob, landmark and TOC as from a single pass.
+    #[test]
+    fn an_estargz_layer_from_pieces_is_the_single_pass_blob() {
+        let dir = tempfile::tempdir().unwrap();
+        tree(dir.path());
+        std::thread::sleep(std::time::Duration::from_millis(50));
+        let (plain, _, _) = precopy(dir.path(), Unit::Plain, || change(dir.path()));
+        let want = upper::write_layer(&upper(dir.path()), Vec::new()).unwrap();
+        let mut compression = Compression::new(Codec::Estargz, 2);
+        compression.prefetch = crate::layer::estargz::Prefetch {
+            paths: vec!["etc".into(), "home/*/notes".into()],
+            max_bytes: 1 << 20,
+        };
+        let blob = |tar: &[u8]| {
+            let mut e = compression.encoder(Vec::new()).unwrap();
+            e.write_all(tar).unwrap();
+            e.finish().unwrap()
+        };
+        let (ours, done) = blob(&plain);
+        let (single, single_done) = blob(&want);
+        assert!(ours == single);
+        assert_eq!(done, single_done);
+        assert!(done.unwrap().prefetched_entries > 300);
+    }
+
+    /// A desktop writing, renaming and deleting as fast as it can during the
+    /// first pass: once it stops (the pause), the layer is the tree then.
+    #[test]
+    fn a_desktop_racing_the_first_pass_gets_the_tree_at_the_pause() {
+        for (round, unit) in UNITS.iter().cycle().take(6).enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            tree(dir.path());
+            let root = dir.path().to_path_buf();
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let racer = {
+                let (stop, root) = (stop.clone(), root.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0u64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        n += 1;
+                        let i = n % 300;
+                        let conf = root.join(format!("etc/conf{i:03}"));
+                        let _ = match n % 7 {
+                            0 => fs::write(&conf, noise(n, (n % 5000) as usize)),
+                            1 => fs::remove_file(&conf),
+                            2 => fs::rename(&conf, root.join(format!("etc/moved{i:03}"))),
+                            3 => fs::OpenOptions::new()
+                                .write(true)
+                                .open(root.join("home/alice/big"))
+                                .and_then(|f| f.set_len(n % (3 << 20))),
+                            4 => fs::create_dir_all(root.join(format!("home/alice/d{}/e", n % 13)))
+                                .and_then(|()| {
+                                    fs::write(
+                                        root.join(format!("home/alice/d{}/e/f", n % 13)),
+                                        b"f",
+                                    )
+                                }),
+                            5 => fs::hard_link(&conf, root.join(format!("usr/link{i:03}"))),
+                            _ => fs::remove_dir_all(root.join(format!("home/alice/d{}", n % 13))),
+                        };
+                    }
+                    n
+                })
+            };
+            let unit = *unit;
+            let (layer, diff_id, _) = precopy(&root, unit, || {
+                stop.store(true, std::sync::atomic::Ordering::Relaxed);
+                let n = racer.join().unwrap();
+                assert!(n > 10, "the desktop ran ({n} operations)");
+            });
+            let want = upper::write_layer(&upper(&root), Vec::new()).unwrap();
+            assert!(layer == want, "round {round}, {unit:?}");
+            assert_eq!(diff_id, sha(&want), "round {round}, {unit:?}");
+        }
+    }
+}
