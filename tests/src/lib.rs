@@ -5,6 +5,7 @@
 pub mod admission;
 pub mod badregistry;
 pub mod containerd;
+pub mod kubeapi;
 pub mod kubelet;
 pub mod launch;
 pub mod oci;

@@ -2,9 +2,10 @@
 //! pod asks for a new base image, keep, rebase or fresh) -> resolution -> patch.
 
 use crate::{
-    decision::{self, Found, Outcome, Plan, Resolution, Rules, Want},
+    decision::{self, Found, InNamespace, Outcome, Plan, Resolution, Rules, Want},
     lookup::{ErrorKind, Lookup, LookupError},
     metrics::Metrics,
+    namespace::{Namespaces, Object},
     newbase::{self, BaseChange},
     patch,
     policy::{Layout, OnNewBase},
@@ -35,6 +36,8 @@ pub struct Admitter {
     pub budget: Duration,
     /// What a login does when its pod asks for another base than its snapshot's.
     pub on_new_base: OnNewBase,
+    /// Asks the API what the pod's namespace holds (`None`: `--namespace-check=false`).
+    pub namespaces: Option<Namespaces>,
 }
 
 /// Time kept at the end of the budget for the patch and the answer.
@@ -81,10 +84,24 @@ impl Admitter {
             }
             Plan::Act(action) => action,
         };
-        let found = self
-            .ask_within_budget(&action, arrived, request.dry_run)
-            .await;
+        // the registry and the API are asked at once, within the same budget
+        let (found, namespace) = tokio::join!(
+            self.ask_within_budget(&action, arrived, request.dry_run),
+            self.ask_namespace(&action, request.namespace.as_deref(), arrived),
+        );
         let resolution = decision::resolve(&action, found);
+        let resolution = match &namespace {
+            Some(ns) => {
+                self.metrics
+                    .namespace_check(Object::RegistrySecret.as_str(), &ns.secret.presence);
+                if let Some(ca) = &ns.ca {
+                    self.metrics
+                        .namespace_check(Object::RegistryCa.as_str(), &ca.presence);
+                }
+                decision::given_namespace(resolution, ns)
+            }
+            None => resolution,
+        };
         self.metrics.admission(resolution.outcome);
         if let Some(change) = &resolution.base_change {
             self.metrics.new_base(change);
@@ -108,7 +125,25 @@ impl Admitter {
                 response
             }
         };
-        with_warning(response, resolution.warning)
+        with_warnings(response, resolution.warnings)
+    }
+
+    /// What the pod's namespace holds, as known when the budget (from
+    /// `arrived`) runs out; `None` when not asked (the check is off, or the
+    /// desktop gets no sidecar, or was admitted before).
+    async fn ask_namespace(
+        &self,
+        action: &decision::Action,
+        namespace: Option<&str>,
+        arrived: Instant,
+    ) -> Option<InNamespace> {
+        let namespaces = self.namespaces.as_ref()?;
+        let namespace = namespace.filter(|n| !n.is_empty())?;
+        if action.target.is_err() || action.want == Want::AlreadyDone {
+            return None;
+        }
+        let deadline = arrived + self.budget.saturating_sub(ANSWER_MARGIN);
+        Some(namespaces.holds(namespace, deadline.into()).await)
     }
 
     /// The registry's answer, unless the admission's budget (from `arrived`)
@@ -306,16 +341,16 @@ impl Admitter {
             generated.unwrap_or(request.name.as_str()),
         );
         match r.outcome {
-            Outcome::RegistryError | Outcome::Unmappable => warn!(
+            Outcome::RegistryError | Outcome::Unmappable | Outcome::NoPullSecret => warn!(
                 uid = fields.0, namespace = fields.1, pod = fields.2, generated_name = generated.is_some(), user = %action.user, target = %target,
-                outcome = r.outcome.as_str(), reason = r.detail.as_deref().unwrap_or(""), elapsed_ms,
+                outcome = r.outcome.as_str(), reason = r.detail.as_deref().unwrap_or(""), warnings = ?r.warnings, elapsed_ms,
                 dry_run = request.dry_run, "desktop admitted without restore"
             ),
-            _ if r.detail.is_some() => warn!(
+            _ if r.detail.is_some() || !r.warnings.is_empty() => warn!(
                 uid = fields.0, namespace = fields.1, pod = fields.2, generated_name = generated.is_some(), user = %action.user, target = %target,
                 outcome = r.outcome.as_str(), image = r.image.as_deref().unwrap_or(""), elapsed_ms,
                 new_base = r.base_change.as_ref().map(BaseChange::as_str).unwrap_or(""),
-                reason = r.detail.as_deref().unwrap_or(""),
+                reason = r.detail.as_deref().unwrap_or(""), warnings = ?r.warnings,
                 dry_run = request.dry_run, "desktop admitted"
             ),
             _ => info!(
@@ -346,9 +381,12 @@ fn pod_of(request: &AdmissionRequest<DynamicObject>) -> Result<Option<Pod>, serd
         .transpose()
 }
 
-fn with_warning(mut response: AdmissionResponse, warning: Option<String>) -> AdmissionResponse {
-    if let Some(w) = warning {
-        response.warnings.get_or_insert_with(Vec::new).push(w);
+fn with_warnings(mut response: AdmissionResponse, warnings: Vec<String>) -> AdmissionResponse {
+    if !warnings.is_empty() {
+        response
+            .warnings
+            .get_or_insert_with(Vec::new)
+            .extend(warnings);
     }
     response
 }

@@ -68,6 +68,29 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_REGISTRY_CA_CONFIGMAP")]
     pub sidecar_registry_ca_configmap: Option<String>,
 
+    /// Ask the Kubernetes API whether the pod's namespace holds the registry
+    /// secret (and the CA configMap, when set): a `get` of that one name, as
+    /// metadata only. Without the secret a desktop is not restored (the
+    /// kubelet could not pull its snapshot) and is told it has no snapshots;
+    /// when the API does not answer, it is restored as if the secret were there.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_NAMESPACE_CHECK", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub namespace_check: bool,
+
+    /// The API server to ask, without credentials (`http://127.0.0.1:8001`
+    /// behind `kubectl proxy`, or a test's); unset: the pod's service account
+    /// (in-cluster), else the kubeconfig.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_KUBE_API_URL")]
+    pub kube_api_url: Option<String>,
+
+    /// How long the API's "present" answer about a namespace's object is kept.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_NAMESPACE_PRESENT_TTL", default_value = "1m", value_parser = humantime::parse_duration)]
+    pub namespace_present_ttl: Duration,
+
+    /// How long a "missing" (or no) answer is kept: creating the secret takes
+    /// effect within this.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_NAMESPACE_MISSING_TTL", default_value = "5s", value_parser = humantime::parse_duration)]
+    pub namespace_missing_ttl: Duration,
+
     /// Where snapshots live: `shared` (`<registry>/<image path>:<user>-<timestamp>`) or
     /// `per-user` (`<registry>/<user>/<image path>:<base tag>-<timestamp>`).
     #[arg(long, env = "SNAPSHOT_WEBHOOK_LAYOUT", value_enum, default_value_t = Layout::Shared)]

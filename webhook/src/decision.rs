@@ -243,8 +243,9 @@ pub struct Resolution {
     pub on_logoff: bool,
     /// With the sidecar: snapshot the desktop every this long.
     pub every: Option<Duration>,
-    /// Shown to the requester (kubectl prints admission warnings).
-    pub warning: Option<String>,
+    /// Shown to the requester (kubectl prints admission warnings), each short:
+    /// kube-apiserver truncates one past 256 characters.
+    pub warnings: Vec<String>,
     /// Set when the request must be refused.
     pub deny: Option<String>,
     /// Everything known about a failure, for the log (warnings stay short).
@@ -265,9 +266,9 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
                 sidecar: None,
                 on_logoff: false,
                 every: None,
-                warning: Some(format!(
+                warnings: vec![format!(
                     "desktop-snapshot: no snapshot for this desktop: {e}"
-                )),
+                )],
                 deny: None,
                 detail: Some(e.to_string()),
                 base_change: None,
@@ -281,7 +282,7 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
         sidecar: Some(target.clone()),
         on_logoff: action.on_logoff,
         every: action.every,
-        warning: None,
+        warnings: Vec::new(),
         deny: None,
         detail: None,
         base_change: None,
@@ -344,7 +345,7 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
                 outcome,
                 status: Some(status),
                 image: Some(image),
-                warning,
+                warnings: warning.into_iter().collect(),
                 detail,
                 base_change: change,
                 ..base
@@ -355,10 +356,10 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
             outcome: Outcome::RegistryError,
             status: Some(format!("not restored: {}", e.kind.words())),
             // kube-apiserver truncates warnings past 256 characters: the details go to the log.
-            warning: Some(format!(
+            warnings: vec![format!(
                 "desktop-snapshot: snapshot lookup failed ({}); the desktop starts from its original image",
                 e.kind.words()
-            )),
+            )],
             detail: Some(e.to_string()),
             ..base
         },
@@ -368,6 +369,85 @@ pub fn resolve(action: &Action, found: Found) -> Resolution {
             ..base
         },
     }
+}
+
+/// What the Kubernetes API says about an object a desktop needs in its namespace.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Presence {
+    Present,
+    Missing,
+    /// The API could not say (unreachable, refusing, too slow): why, in a few words.
+    Unknown(String),
+}
+
+/// One object of the pod's namespace that a restore or a snapshot needs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Needed {
+    pub name: String,
+    pub presence: Presence,
+}
+
+/// What the pod's namespace holds of what its desktop needs (`--namespace-check`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InNamespace {
+    pub namespace: String,
+    /// The registry secret: the kubelet pulls a restored snapshot with it,
+    /// the sidecar pushes with it.
+    pub secret: Needed,
+    /// The registry's CA configMap, which the sidecar trusts to push
+    /// (`--sidecar-registry-ca-configmap`, when set).
+    pub ca: Option<Needed>,
+}
+
+/// The resolution once the pod's namespace is known: a snapshot the kubelet
+/// could not pull (no registry secret) is not restored, and what the sidecar
+/// lacks to push is said. A pod not acted on (denied, unmappable, admitted
+/// before) is left as it was.
+pub fn given_namespace(mut r: Resolution, ns: &InNamespace) -> Resolution {
+    if r.sidecar.is_none() || r.deny.is_some() || r.outcome == Outcome::AlreadyDone {
+        return r;
+    }
+    let namespace = &ns.namespace;
+    let secret = &ns.secret.name;
+    match &ns.secret.presence {
+        Presence::Present => {}
+        Presence::Missing => {
+            let missing = format!("the registry secret {secret} is missing in namespace {namespace}");
+            match r.image.take() {
+                Some(image) => {
+                    r.outcome = Outcome::NoPullSecret;
+                    r.status = Some(format!("not restored: {missing}"));
+                    // what was said about the snapshot no longer holds: it is not restored
+                    r.warnings = vec![format!(
+                        "desktop-snapshot: not restored and no snapshots: {missing}"
+                    )];
+                    let before = r.detail.take().map(|d| format!(" ({d})")).unwrap_or_default();
+                    r.detail = Some(format!(
+                        "{missing}: the kubelet could not pull {image}{before}"
+                    ));
+                }
+                None => r
+                    .warnings
+                    .push(format!("desktop-snapshot: no snapshots: {missing}")),
+            }
+        }
+        Presence::Unknown(why) => r.warnings.push(format!(
+            "desktop-snapshot: could not check the registry secret {secret} in namespace {namespace} ({why}); without it restores and snapshots fail"
+        )),
+    }
+    if let Some(ca) = &ns.ca {
+        let name = &ca.name;
+        match &ca.presence {
+            Presence::Present => {}
+            Presence::Missing => r.warnings.push(format!(
+                "desktop-snapshot: no snapshots: the registry CA configMap {name} is missing in namespace {namespace}"
+            )),
+            Presence::Unknown(why) => r.warnings.push(format!(
+                "desktop-snapshot: could not check the registry CA configMap {name} in namespace {namespace} ({why}); without it snapshots fail"
+            )),
+        }
+    }
+    r
 }
 
 /// The snapshot tag `tag` as a [`Snapshot`], for a pinned tag that exists.
@@ -689,7 +769,7 @@ mod tests {
                 "the sidecar is always injected for a mappable user"
             );
             assert_eq!(
-                r.warning.is_some(),
+                !r.warnings.is_empty(),
                 outcome == Outcome::RegistryError,
                 "{want:?}"
             );
@@ -771,7 +851,7 @@ mod tests {
                 "{:?}",
                 r.status
             );
-            assert_eq!(r.warning.is_some(), warns, "{found:?}");
+            assert_eq!(!r.warnings.is_empty(), warns, "{found:?}");
             assert_eq!(r.detail.is_some(), warns, "the reason goes to the log");
             assert!(r.base_change.is_some() && r.sidecar.is_some());
         }
@@ -788,6 +868,121 @@ mod tests {
         };
         let r = resolve(&a, Found::NotAsked);
         assert_eq!(r.outcome, Outcome::Unmappable);
-        assert!(r.sidecar.is_none() && r.image.is_none() && r.warning.is_some());
+        assert!(r.sidecar.is_none() && r.image.is_none() && !r.warnings.is_empty());
+    }
+
+    #[test]
+    fn what_the_namespace_lacks() {
+        use Presence::{Missing, Present};
+        let unknown = || Presence::Unknown("the API answered 403 Forbidden".into());
+        let snap = || Found::Snapshot {
+            tag: "alice-5".into(),
+            digest: None,
+            change: None,
+        };
+        let not_rebased = || Found::Snapshot {
+            tag: "alice-5".into(),
+            digest: None,
+            change: Some(BaseChange::NotRebased {
+                from: "reg.example:5000/abcdesktopio/oc.user:4.0".into(),
+                why: "unauthorized".into(),
+            }),
+        };
+        let failed = || Found::Failed(LookupError::new(ErrorKind::Timeout, "no answer"));
+        let unmappable = || {
+            let p = pod(
+                json!({"type": "x11server", "access_userid": "x".repeat(300)}),
+                json!({}),
+            );
+            match plan(&rules(), &Operation::Create, "Pod", Some(&p)) {
+                Plan::Act(a) => a,
+                other => panic!("{other:?}"),
+            }
+        };
+        let restored = "reg.example:5000/abcdesktopio/oc.user:alice-5";
+        let no_secret = "the registry secret reg-secret is missing in namespace desktops";
+        // (what, action, found, secret, CA configMap, outcome, image restored,
+        //  status contains, the warnings contain, in order)
+        type Case = (
+            &'static str,
+            Action,
+            Found,
+            Presence,
+            Option<Presence>,
+            Outcome,
+            bool,
+            &'static str,
+            Vec<&'static str>,
+        );
+        let cases: Vec<Case> = vec![
+            ("all there", action(Want::Newest), snap(), Present, Some(Present), Outcome::Restored, true, "restored", vec![]),
+            ("no CA configured", action(Want::Newest), snap(), Present, None, Outcome::Restored, true, "restored", vec![]),
+            ("no secret: not restored", action(Want::Newest), snap(), Missing, None, Outcome::NoPullSecret, false,
+             "not restored: the registry secret reg-secret is missing", vec!["not restored and no snapshots: the registry secret reg-secret is missing in namespace desktops"]),
+            ("no secret, pinned", action(Want::Pinned("alice-5".into())), snap(), Missing, None, Outcome::NoPullSecret, false,
+             "not restored", vec!["not restored and no snapshots"]),
+            ("no secret: what was said of the snapshot goes", action(Want::Newest), not_rebased(), Missing, None, Outcome::NoPullSecret, false,
+             "not restored", vec!["not restored and no snapshots"]),
+            ("no secret, no snapshot yet", action(Want::Newest), Found::Nothing, Missing, None, Outcome::NoSnapshot, false,
+             "no snapshot yet", vec!["no snapshots: the registry secret reg-secret"]),
+            ("no secret, fresh", action(Want::Fresh), Found::NotAsked, Missing, None, Outcome::OptedOut, false,
+             "fresh desktop", vec!["no snapshots"]),
+            ("no secret, lookup failed", action(Want::Newest), failed(), Missing, None, Outcome::RegistryError, false,
+             "not restored: ", vec!["snapshot lookup failed", "no snapshots"]),
+            ("API refusing: restored anyway", action(Want::Newest), snap(), unknown(), None, Outcome::Restored, true,
+             "restored", vec!["could not check the registry secret reg-secret in namespace desktops (the API answered 403 Forbidden)"]),
+            ("no CA configMap: restored, no snapshots", action(Want::Newest), snap(), Present, Some(Missing), Outcome::Restored, true,
+             "restored", vec!["no snapshots: the registry CA configMap reg-ca is missing in namespace desktops"]),
+            ("CA configMap unknown", action(Want::Newest), snap(), Present, Some(unknown()), Outcome::Restored, true,
+             "restored", vec!["could not check the registry CA configMap reg-ca"]),
+            ("neither", action(Want::Newest), snap(), Missing, Some(Missing), Outcome::NoPullSecret, false,
+             "not restored", vec![no_secret, "CA configMap reg-ca is missing"]),
+            ("admitted before: left alone", action(Want::AlreadyDone), Found::NotAsked, Missing, Some(Missing), Outcome::AlreadyDone, false,
+             "", vec![]),
+            ("pin refused: left alone", action(Want::Pinned("alice-5".into())), Found::Nothing, Missing, None, Outcome::Denied, false,
+             "", vec![]),
+            ("unmappable: left alone", unmappable(), Found::NotAsked, Missing, None, Outcome::Unmappable, false,
+             "not restored: the user id", vec!["no snapshot for this desktop"]),
+        ];
+        for (what, action, found, secret, ca, outcome, image, status, warnings) in cases {
+            let ns = InNamespace {
+                namespace: "desktops".into(),
+                secret: Needed {
+                    name: "reg-secret".into(),
+                    presence: secret,
+                },
+                ca: ca.map(|presence| Needed {
+                    name: "reg-ca".into(),
+                    presence,
+                }),
+            };
+            let before = resolve(&action, found);
+            let r = given_namespace(before.clone(), &ns);
+            assert_eq!(r.outcome, outcome, "{what}");
+            assert_eq!(r.image.as_deref(), image.then_some(restored), "{what}");
+            assert!(
+                r.status.as_deref().unwrap_or("").contains(status),
+                "{what}: {:?}",
+                r.status
+            );
+            assert_eq!(r.warnings.len(), warnings.len(), "{what}: {:?}", r.warnings);
+            for (got, want) in r.warnings.iter().zip(&warnings) {
+                assert!(got.contains(want), "{what}: {got:?} lacks {want:?}");
+                assert!(
+                    got.len() <= 256,
+                    "{what}: kube-apiserver would truncate {got:?}"
+                );
+            }
+            // the sidecar stays: it snapshots once the objects are there
+            assert_eq!(r.sidecar, before.sidecar, "{what}");
+            assert_eq!(r.deny, before.deny, "{what}");
+            if outcome == Outcome::NoPullSecret {
+                assert!(
+                    r.detail.as_deref().is_some_and(|d| d.contains(restored)),
+                    "{what}: {:?}",
+                    r.detail
+                );
+            }
+        }
     }
 }

@@ -11,6 +11,7 @@ pub use registry_credentials as credentials;
 pub mod decision;
 pub mod lookup;
 pub mod metrics;
+pub mod namespace;
 pub mod newbase;
 pub mod outcome;
 pub mod patch;

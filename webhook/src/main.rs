@@ -8,6 +8,7 @@ use snapshot_webhook::{
     decision::Rules,
     lookup::Lookup,
     metrics::Metrics,
+    namespace::{self, Namespaces},
     registry::{Registry, RegistrySettings},
     server::{self, AppState},
     sidecar::SidecarSpec,
@@ -101,6 +102,21 @@ async fn run(config: Config) -> Result<()> {
         metrics.clone(),
     );
     lookup.warm_up().await;
+    let namespaces = if config.namespace_check {
+        Some(
+            Namespaces::new(namespace::Settings {
+                api_url: config.kube_api_url.clone(),
+                secret_name: config.registry_secret_name.clone(),
+                ca_configmap: config.sidecar_registry_ca_configmap.clone(),
+                present_ttl: config.namespace_present_ttl,
+                missing_ttl: config.namespace_missing_ttl,
+            })
+            .await
+            .context("--namespace-check")?,
+        )
+    } else {
+        None
+    };
     snapshot_webhook::target::warm_up();
     let admitter = Admitter {
         rules,
@@ -110,6 +126,7 @@ async fn run(config: Config) -> Result<()> {
         pin_digest: config.pin_digest,
         budget: config.admission_budget,
         on_new_base: config.on_new_base,
+        namespaces,
     };
     let state = Arc::new(AppState {
         admitter,

@@ -1,6 +1,6 @@
 //! Prometheus metrics of the webhook, served at `/metrics`.
 
-use crate::{newbase::BaseChange, outcome::Outcome, registry::ErrorKind};
+use crate::{decision::Presence, newbase::BaseChange, outcome::Outcome, registry::ErrorKind};
 use prometheus_client::{
     encoding::{text::encode, EncodeLabelSet},
     metrics::{counter::Counter, family::Family, gauge::Gauge, histogram::Histogram},
@@ -19,6 +19,12 @@ struct ActionLabel {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct NamespaceLabel {
+    object: &'static str,
+    answer: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct KindLabel {
     kind: &'static str,
 }
@@ -28,6 +34,7 @@ pub struct Metrics {
     admissions: Family<OutcomeLabel, Counter>,
     registry_errors: Family<KindLabel, Counter>,
     new_base: Family<ActionLabel, Counter>,
+    namespace_checks: Family<NamespaceLabel, Counter>,
     pub lookup_seconds: Histogram,
     pub admission_seconds: Histogram,
     /// `--admission-budget`, for alerts on admissions near it.
@@ -63,6 +70,12 @@ impl Metrics {
             "new_base",
             "Logins whose pod asked for another base image than their snapshot's, by what was done (kept, rebased, fresh, not_rebased)",
             new_base.clone(),
+        );
+        let namespace_checks = Family::<NamespaceLabel, Counter>::default();
+        registry.register(
+            "namespace_checks",
+            "Admissions by what the Kubernetes API said of an object the desktop needs in its namespace (object: registry_secret, registry_ca; answer: present, missing, unknown when the API could not say)",
+            namespace_checks.clone(),
         );
         let lookup_seconds = Histogram::new([
             0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
@@ -113,6 +126,7 @@ impl Metrics {
             admissions,
             registry_errors,
             new_base,
+            namespace_checks,
             lookup_seconds,
             admission_seconds,
             admission_budget,
@@ -136,6 +150,18 @@ impl Metrics {
             .get_or_create(&ActionLabel {
                 action: change.as_str(),
             })
+            .inc();
+    }
+
+    /// What the API said of `object` (`registry_secret`, `registry_ca`) for one admission.
+    pub fn namespace_check(&self, object: &'static str, presence: &Presence) {
+        let answer = match presence {
+            Presence::Present => "present",
+            Presence::Missing => "missing",
+            Presence::Unknown(_) => "unknown",
+        };
+        self.namespace_checks
+            .get_or_create(&NamespaceLabel { object, answer })
             .inc();
     }
 

@@ -12,6 +12,8 @@ pub enum Outcome {
     FreshBase,
     NoSnapshot,
     RegistryError,
+    /// Not restored: the pod's namespace lacks the registry secret the kubelet pulls with.
+    NoPullSecret,
     OptedOut,
     AlreadyDone,
     Unmappable,
@@ -29,6 +31,7 @@ impl Outcome {
             Outcome::FreshBase => "fresh_base",
             Outcome::NoSnapshot => "no_snapshot",
             Outcome::RegistryError => "registry_error",
+            Outcome::NoPullSecret => "no_pull_secret",
             Outcome::OptedOut => "opted_out",
             Outcome::AlreadyDone => "already_done",
             Outcome::Unmappable => "unmappable_user",
