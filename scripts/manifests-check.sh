@@ -9,7 +9,9 @@
 # - then how the objects fit together: the webhook's Service, ports, TLS secret,
 #   caBundle or cert-manager injection, issuers, pod selector, the files the
 #   settings name (in a mounted volume), the registry's port (in the egress policy),
-#   the desktop namespace's Pod Security labels.
+#   the namespace check's RBAC (a token mounted; `get` of the registry secret and
+#   CA configMap the settings name, by resourceNames, nothing else), the desktop
+#   namespace's Pod Security labels.
 # One line per object or check; exits non-zero on any failure.
 #
 # Tools: kubectl with kustomize v4+ from scripts/kubectl.sh (on PATH, or from PyPI
@@ -312,6 +314,52 @@ def check_registry_egress(objs):
     return "; ".join(said) or "no registry setting"
 
 
+def check_namespace_rbac(objs):
+    """With the namespace check on (--namespace-check), the webhook's pods carry their
+    service account's token, and the roles bound to that account let it `get` the
+    registry secret (and the CA configMap) the settings name, by name, and nothing else."""
+    said = []
+    for d, c in containers(objs):
+        settings = webhook_settings(objs, d, c)
+        if settings.get("SNAPSHOT_WEBHOOK_NAMESPACE_CHECK", "true").lower() == "false":
+            said.append(f"{name_of(d)}: namespace check off")
+            continue
+        pod = d["spec"]["template"]["spec"]
+        account = pod.get("serviceAccountName", "default")
+        accounts = find(objs, "ServiceAccount", account, ns_of(d))
+        automount = pod.get("automountServiceAccountToken",
+                            accounts[0].get("automountServiceAccountToken", True) if accounts else True)
+        ensure(automount or settings.get("SNAPSHOT_WEBHOOK_KUBE_API_URL"),
+               f"Deployment {name_of(d)} mounts no service account token: the namespace check "
+               "cannot reach the API (automountServiceAccountToken)")
+        wanted = {("secrets", settings.get("SNAPSHOT_WEBHOOK_REGISTRY_SECRET_NAME",
+                                           "abcdesktop-snapshot-registry"))}
+        if settings.get("SNAPSHOT_WEBHOOK_SIDECAR_REGISTRY_CA_CONFIGMAP"):
+            wanted.add(("configmaps", settings["SNAPSHOT_WEBHOOK_SIDECAR_REGISTRY_CA_CONFIGMAP"]))
+        bindings = [b for b in find(objs, "ClusterRoleBinding") + find(objs, "RoleBinding")
+                    if any(s.get("kind") == "ServiceAccount" and s.get("name") == account
+                           and s.get("namespace", ns_of(b)) == ns_of(d) for s in b.get("subjects", []))]
+        ensure(bindings, f"no ClusterRoleBinding or RoleBinding binds ServiceAccount {ns_of(d)}/{account}")
+        granted = set()
+        for b in bindings:
+            ref = b["roleRef"]
+            roles = find(objs, ref["kind"], ref["name"], None if ref["kind"] == "ClusterRole" else ns_of(b))
+            ensure(roles, f"{b['kind']} {name_of(b)}: no {ref['kind']} {ref['name']}")
+            for rule in roles[0].get("rules", []):
+                what = f"{ref['kind']} {ref['name']}, rule on {rule.get('resources')}"
+                ensure(rule.get("apiGroups") == [""] and rule.get("verbs") == ["get"],
+                       f"{what}: the webhook only gets core objects, not {rule.get('verbs')}")
+                ensure(rule.get("resourceNames"),
+                       f"{what}: no resourceNames, so every object of the kind in every namespace")
+                granted |= {(r, n) for r in rule.get("resources", []) for n in rule["resourceNames"]}
+        missing = sorted(wanted - granted)
+        ensure(not missing, f"the namespace check gets {', '.join(f'{r}/{n}' for r, n in missing)}, "
+                            f"which no role bound to {account} allows (rbac.yaml)")
+        said.append(f"{account} may get {', '.join(f'{r}/{n}' for r, n in sorted(wanted))} "
+                    "by name, nothing else")
+    return "; ".join(said) or "no webhook"
+
+
 def check_desktop_namespace(objs):
     """The desktops' namespace enforces Pod Security `privileged` (the sidecar's
     hostPath socket), and the sidecar's port is reachable only from the pods the
@@ -389,7 +437,8 @@ def main():
                    ("cert-manager issuers and serving Certificate", check_certificates),
                    ("settings", check_config),
                    ("files the settings name", check_files),
-                   ("registry port in the egress policy", check_registry_egress)))
+                   ("registry port in the egress policy", check_registry_egress),
+                   ("namespace check's RBAC", check_namespace_rbac)))
         for label, check in checks:
             what = f"{render}: check {label}"
             try:
