@@ -67,13 +67,29 @@ pub struct Config {
     /// (each pauses the desktop and pushes a tag).
     #[arg(long, env = "SNAPSHOT_MIN_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub min_interval: Duration,
-    /// After a push, the user's snapshots in the repository beyond this many
-    /// newest are deleted (manifest DELETE by digest); 0 keeps every one.
-    #[arg(long, env = "SNAPSHOT_KEEP", default_value_t = 10)]
-    pub keep: usize,
+    /// Retention after each push: the user's snapshots in the repository that
+    /// no rule keeps are deleted (manifest DELETE by digest). This many newest
+    /// stay (`--keep` is its older name); 0 turns retention off, every
+    /// snapshot stays.
+    #[arg(
+        long,
+        visible_alias = "keep",
+        env = "SNAPSHOT_KEEP",
+        default_value_t = 10
+    )]
+    pub keep_last: usize,
+    /// The newest snapshot of each of this many newest hours (UTC) that have one stays.
+    #[arg(long, env = "SNAPSHOT_KEEP_HOURLY", default_value_t = 24)]
+    pub keep_hourly: usize,
+    /// The newest snapshot of each of this many newest days (UTC) that have one stays.
+    #[arg(long, env = "SNAPSHOT_KEEP_DAILY", default_value_t = 7)]
+    pub keep_daily: usize,
+    /// The newest snapshot of each of this many newest ISO weeks that have one stays.
+    #[arg(long, env = "SNAPSHOT_KEEP_WEEKLY", default_value_t = 4)]
+    pub keep_weekly: usize,
     /// Retention never deletes a snapshot younger than this, so a burst of
-    /// snapshots cannot erase a user's history.
-    #[arg(long, env = "SNAPSHOT_KEEP_MIN_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
+    /// snapshots cannot push out what was just saved.
+    #[arg(long, env = "SNAPSHOT_KEEP_MIN_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub keep_min_age: Duration,
     /// Snapshot the desktop when its pod goes away (the webhook sets it with
     /// `--snapshot-on-logoff`): on SIGTERM the sidecar commits and pushes
@@ -144,6 +160,18 @@ pub struct Config {
 }
 
 impl Config {
+    /// What retention keeps (`--keep-last`, `--keep-hourly`, `--keep-daily`,
+    /// `--keep-weekly`, `--keep-min-age`).
+    pub fn retention(&self) -> snapshot_tags::retention::Rules {
+        snapshot_tags::retention::Rules {
+            last: self.keep_last,
+            hourly: self.keep_hourly,
+            daily: self.keep_daily,
+            weekly: self.keep_weekly,
+            min_age: self.keep_min_age,
+        }
+    }
+
     pub fn compression(&self) -> crate::layer::Compression {
         let paths = self
             .prefetch
@@ -273,6 +301,56 @@ mod tests {
             err.to_string().contains("legacy spelling --compression"),
             "{err}"
         );
+    }
+
+    #[test]
+    fn retention_by_tiers_with_keep_as_the_older_name_of_keep_last() {
+        use snapshot_tags::retention::Rules;
+        let day = Duration::from_secs(86_400);
+        let defaults = Rules {
+            last: 10,
+            hourly: 24,
+            daily: 7,
+            weekly: 4,
+            min_age: Duration::from_secs(3_600),
+        };
+        for (args, want) in [
+            (&[][..], defaults),
+            (
+                &["--keep=3"][..],
+                Rules {
+                    last: 3,
+                    ..defaults
+                },
+            ),
+            (
+                &[
+                    "--keep-last=3",
+                    "--keep-hourly=0",
+                    "--keep-daily=2",
+                    "--keep-weekly=0",
+                ][..],
+                Rules {
+                    last: 3,
+                    hourly: 0,
+                    daily: 2,
+                    weekly: 0,
+                    ..defaults
+                },
+            ),
+            (
+                &["--keep=0", "--keep-min-age=7d"][..],
+                Rules {
+                    last: 0,
+                    min_age: day * 7,
+                    ..defaults
+                },
+            ),
+        ] {
+            let got = parse(args).map(|c| c.retention());
+            assert_eq!(got.as_ref().ok(), Some(&want), "{args:?}: {got:?}");
+        }
+        assert!(parse(&["--keep=0"]).unwrap().retention().off());
     }
 
     #[test]

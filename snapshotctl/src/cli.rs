@@ -4,13 +4,16 @@
 
 use clap::{Args, Parser, Subcommand, ValueEnum};
 use snapshot_webhook::{config::Protocol, policy::Layout};
-use std::{path::PathBuf, time::Duration};
+use std::{
+    path::PathBuf,
+    time::{Duration, SystemTime},
+};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "snapshotctl",
     version,
-    about = "Lists, shows, prunes and forgets desktop snapshots in the snapshot registry"
+    about = "Lists, shows, prunes, pins and forgets desktop snapshots in the snapshot registry"
 )]
 pub struct Cli {
     #[command(flatten)]
@@ -80,11 +83,30 @@ pub enum Output {
 
 #[derive(Subcommand, Debug)]
 pub enum Command {
-    /// The snapshots (tag, created, base image, size of the user's layers), newest first per user.
+    /// The snapshots (tag, created, base image, size of the user's layers), newest first per
+    /// user; with `--user`, the user's timeline (when, trigger, bytes added, tag).
     List {
         /// Only this user's snapshots (the user id, as the pod's user label has it).
         #[arg(long, env = "SNAPSHOTCTL_USER")]
         user: Option<String>,
+    },
+    /// Prints the pod annotation that restores one of the user's snapshots: the one at or just
+    /// before a moment (in each of the user's series), or the one with a tag.
+    #[command(group(clap::ArgGroup::new("moment").required(true).args(["at", "ago", "tag"])))]
+    Pin {
+        /// The user whose desktop to restore.
+        #[arg(long, env = "SNAPSHOTCTL_USER")]
+        user: String,
+        /// The moment, RFC 3339 in UTC (`2026-12-01T18:00:00Z`): the snapshot taken at or
+        /// just before it.
+        #[arg(long, value_parser = parse_utc)]
+        at: Option<SystemTime>,
+        /// The moment as a time ago (`1d`, `3h 30m`): the snapshot taken at or just before it.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        ago: Option<Duration>,
+        /// The snapshot's tag.
+        #[arg(long)]
+        tag: Option<String>,
     },
     /// One snapshot in detail: digest, provenance, layers, annotations.
     Show {
@@ -94,11 +116,26 @@ pub enum Command {
         #[arg(long, env = "SNAPSHOTCTL_USER")]
         user: Option<String>,
     },
-    /// Deletes each user's snapshots beyond the newest `--keep` (those older than `--min-age`).
+    /// Deletes each user's snapshots that no rule keeps (per image and base tag): the newest
+    /// `--keep-last`, the newest of each of the `--keep-hourly` newest hours, `--keep-daily`
+    /// days and `--keep-weekly` ISO weeks (UTC) that have one, and those younger than
+    /// `--min-age`. The newest always stays.
+    #[command(group(clap::ArgGroup::new("rules").required(true).multiple(true)
+        .args(["keep_last", "keep_hourly", "keep_daily", "keep_weekly"])))]
     Prune {
-        /// How many of each user's newest snapshots (per image and base tag) stay.
-        #[arg(long, env = "SNAPSHOTCTL_KEEP", value_parser = clap::value_parser!(u32).range(1..))]
-        keep: u32,
+        /// How many of each user's newest snapshots stay (default 1: the newest, which always
+        /// stays). `--keep` is its older name.
+        #[arg(long, visible_alias = "keep", env = "SNAPSHOTCTL_KEEP", value_parser = clap::value_parser!(u32).range(1..))]
+        keep_last: Option<u32>,
+        /// The newest snapshot of each of this many newest hours that have one.
+        #[arg(long, env = "SNAPSHOTCTL_KEEP_HOURLY", default_value_t = 0)]
+        keep_hourly: u32,
+        /// The newest snapshot of each of this many newest days that have one.
+        #[arg(long, env = "SNAPSHOTCTL_KEEP_DAILY", default_value_t = 0)]
+        keep_daily: u32,
+        /// The newest snapshot of each of this many newest ISO weeks that have one.
+        #[arg(long, env = "SNAPSHOTCTL_KEEP_WEEKLY", default_value_t = 0)]
+        keep_weekly: u32,
         /// Snapshots younger than this stay whatever their number.
         #[arg(long, env = "SNAPSHOTCTL_MIN_AGE", default_value = "0s", value_parser = humantime::parse_duration)]
         min_age: Duration,
@@ -140,6 +177,14 @@ pub enum Command {
     },
 }
 
+/// An RFC 3339 time in UTC (`2026-12-01T18:00:00Z`; the `T` may be a space,
+/// the `Z` left out).
+fn parse_utc(s: &str) -> Result<SystemTime, String> {
+    humantime::parse_rfc3339_weak(s.trim()).map_err(|e| {
+        format!("{e}: give an RFC 3339 time in UTC, such as 2026-12-01T18:00:00Z, or use --ago")
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -157,6 +202,25 @@ mod tests {
             &["snapshotctl", "list", "--user", "alice", "--output", "json"],
             &["snapshotctl", "show", "alice-1", "--image", "a/b:1,c/d:2"],
             &["snapshotctl", "prune", "--keep", "3", "--dry-run"],
+            &[
+                "snapshotctl",
+                "prune",
+                "--keep-last",
+                "3",
+                "--keep-daily",
+                "7",
+            ],
+            &["snapshotctl", "prune", "--keep-weekly", "4"],
+            &[
+                "snapshotctl",
+                "pin",
+                "--user",
+                "alice",
+                "--at",
+                "2026-12-01T18:00:00Z",
+            ],
+            &["snapshotctl", "pin", "--user", "alice", "--ago", "1d"],
+            &["snapshotctl", "pin", "--user", "alice", "--tag", "alice-1"],
             &["snapshotctl", "rebase", "--onto", "a/b:2", "--all"],
             &["snapshotctl", "forget", "--user", "alice"],
         ];
@@ -172,7 +236,37 @@ mod tests {
     fn refuses_what_makes_no_sense() {
         let table: &[&[&str]] = &[
             &["snapshotctl", "prune", "--keep", "0"],
+            &[
+                "snapshotctl",
+                "prune",
+                "--keep-last",
+                "0",
+                "--keep-daily",
+                "1",
+            ],
             &["snapshotctl", "prune"],
+            &["snapshotctl", "prune", "--min-age", "1d"],
+            &["snapshotctl", "pin", "--user", "alice"],
+            &[
+                "snapshotctl",
+                "pin",
+                "--user",
+                "alice",
+                "--ago",
+                "1d",
+                "--tag",
+                "t-1",
+            ],
+            &["snapshotctl", "pin", "--user", "alice", "--at", "yesterday"],
+            &[
+                "snapshotctl",
+                "pin",
+                "--user",
+                "alice",
+                "--at",
+                "2026-12-01T18:00:00+02:00",
+            ],
+            &["snapshotctl", "pin", "--at", "2026-12-01T18:00:00Z"],
             &["snapshotctl", "rebase", "--onto", "a/b:2"],
             &[
                 "snapshotctl",

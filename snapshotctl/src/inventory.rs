@@ -63,12 +63,20 @@ pub struct Snapshot {
     pub digest: String,
     /// RFC 3339: the manifest's `created` annotation, else the tag's timestamp.
     pub created: Option<String>,
+    /// RFC 3339 (UTC, to the second): the tag's timestamp.
+    pub taken: Option<String>,
+    /// What made the snapshot (`click`, `logoff`, `schedule`, `rebase`), when it says.
+    pub trigger: Option<String>,
     /// The base image as the desktop pod named it (provenance annotation).
     pub base: Option<String>,
     /// Bytes of the user's layers (compressed, as stored); unknown without provenance.
     pub user_bytes: Option<u64>,
     /// Layers in the image, base ones included.
     pub layers: usize,
+    /// Bytes (compressed) of the layers the snapshot before it in the same
+    /// series does not have; with none before it, its user's layers. Set by
+    /// [`crate::timeline::added`].
+    pub added_bytes: Option<u64>,
 }
 
 /// A snapshot's manifest annotations as a map (strings only).
@@ -118,6 +126,12 @@ pub fn describe(
         .cloned()
         .or_else(|| taken_at(tag));
     Snapshot {
+        taken: taken_at(tag),
+        trigger: notes
+            .get(provenance::TRIGGER)
+            .map(|t| t.trim().to_string())
+            .filter(|t| !t.is_empty()),
+        added_bytes: None,
         user: owner.user.clone(),
         repository: repository.to_string(),
         tag: tag.to_string(),
@@ -416,6 +430,9 @@ mod tests {
             tag: tag.into(),
             digest: String::new(),
             created: None,
+            taken: None,
+            trigger: None,
+            added_bytes: None,
             base: None,
             user_bytes: None,
             layers: 0,

@@ -1,5 +1,5 @@
 //! `snapshotctl`: the operator's command for desktop snapshots in the
-//! snapshot registry (list, show, prune, forget; rebase to come), over the
+//! snapshot registry (list, show, prune, pin, forget, rebase), over the
 //! same registry access as the webhook and the sidecar.
 //!
 //! Logs (tracing) and progress lines go to stderr, the command's output
@@ -12,6 +12,7 @@ mod cli;
 mod commands;
 mod inventory;
 mod progress;
+mod timeline;
 
 use clap::Parser;
 use cli::{Cli, Command};
@@ -67,16 +68,34 @@ async fn run(cli: Cli) -> anyhow::Result<()> {
             commands::show::run(&access, &tag, user.as_deref(), out).await
         }
         Command::Prune {
-            keep,
+            keep_last,
+            keep_hourly,
+            keep_daily,
+            keep_weekly,
             min_age,
             user,
             dry_run,
         } => {
-            let policy = snapshot_tags::retention::Policy {
-                keep: keep as usize,
+            let rules = snapshot_tags::retention::Rules {
+                last: keep_last.unwrap_or(1) as usize,
+                hourly: keep_hourly as usize,
+                daily: keep_daily as usize,
+                weekly: keep_weekly as usize,
                 min_age,
             };
-            commands::prune::run(&access, policy, user.as_deref(), dry_run, out).await
+            commands::prune::run(&access, rules, user.as_deref(), dry_run, out).await
+        }
+        Command::Pin { user, at, ago, tag } => {
+            let moment = match (tag, at, ago) {
+                (Some(t), _, _) => commands::pin::Moment::Tag(t),
+                (None, Some(at), _) => commands::pin::Moment::At(at),
+                (None, None, ago) => commands::pin::Moment::At(
+                    std::time::SystemTime::now()
+                        .checked_sub(ago.unwrap_or_default())
+                        .unwrap_or(std::time::UNIX_EPOCH),
+                ),
+            };
+            commands::pin::run(&access, &user, &moment, out).await
         }
         Command::Rebase {
             onto,

@@ -42,27 +42,6 @@ impl Rules {
     }
 }
 
-/// Retention by count alone (`keep` newest), as the sidecar configured it
-/// before tiers; the same as [`Rules`] without periods.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Policy {
-    /// How many of the newest snapshots stay whatever their age; 0 turns
-    /// retention off.
-    pub keep: usize,
-    /// Snapshots younger than this stay whatever their number.
-    pub min_age: Duration,
-}
-
-impl From<Policy> for Rules {
-    fn from(p: Policy) -> Self {
-        Self {
-            last: p.keep,
-            min_age: p.min_age,
-            ..Self::default()
-        }
-    }
-}
-
 /// When a snapshot was taken, from its timestamp's digits.
 pub fn taken_at(snapshot: &Snapshot) -> Option<SystemTime> {
     let digits = &snapshot.timestamp;
@@ -106,11 +85,10 @@ impl Period {
 pub fn to_delete<'a>(
     tags: impl IntoIterator<Item = &'a str>,
     prefix: &str,
-    rules: impl Into<Rules>,
+    rules: Rules,
     now: SystemTime,
     pushed: &str,
 ) -> Vec<String> {
-    let rules = rules.into();
     if rules.off() {
         return Vec::new();
     }
@@ -366,9 +344,9 @@ mod tests {
         let days_ago = |d: u64| ns_tag("alice", now - DAY * d as u32);
         let tags: Vec<String> = (0..12).map(days_ago).collect();
         let refs: Vec<&str> = tags.iter().map(String::as_str).collect();
-        let week = Policy {
-            keep: 3,
+        let week = Rules {
             min_age: DAY * 7,
+            ..rules(3, 0, 0, 0)
         };
         // days 0, 1, 2 are the newest three; days 3..6 are younger than a week
         let got = to_delete(refs.iter().copied(), "alice", week, now, &tags[0]);
@@ -384,16 +362,13 @@ mod tests {
         assert_eq!(got, want, "the burst pushed out nothing young");
 
         // no minimum age: everything beyond the newest three
-        let none = Policy {
-            keep: 3,
-            min_age: Duration::ZERO,
-        };
+        let none = rules(3, 0, 0, 0);
         assert_eq!(
             to_delete(refs.iter().copied(), "alice", none, now, &tags[0]).len(),
             9
         );
         // keep 0: retention off
-        let off = Policy { keep: 0, ..none };
+        let off = rules(0, 0, 0, 0);
         assert!(to_delete(refs.iter().copied(), "alice", off, now, &tags[0]).is_empty());
     }
 

@@ -472,6 +472,53 @@ impl Registry {
         )
     }
 
+    /// Pulls `repo:tag` whole: its manifest, then its config and every
+    /// layer, each checked against its descriptor's digest and size; the
+    /// digests of those blobs. Panics naming the blob that is gone or wrong
+    /// (Basic auth).
+    pub async fn pull_whole(&self, repo: &str, tag: &str) -> Vec<String> {
+        let (manifest, _) = self.manifest_and_config(repo, tag).await;
+        let mut descriptors = vec![manifest["config"].clone()];
+        descriptors.extend(manifest["layers"].as_array().cloned().unwrap_or_default());
+        let mut digests = Vec::new();
+        for d in descriptors {
+            let digest = d["digest"].as_str().expect("a descriptor's digest");
+            let blob = self
+                .blob(repo, digest)
+                .await
+                .unwrap_or_else(|| panic!("{repo}:{tag}: blob {digest} is gone"));
+            assert_eq!(
+                crate::oci::sha256(&blob),
+                digest,
+                "{repo}:{tag}: blob {digest}"
+            );
+            assert_eq!(
+                Some(blob.len() as u64),
+                d["size"].as_u64(),
+                "{repo}:{tag}: size of {digest}"
+            );
+            digests.push(digest.to_string());
+        }
+        digests
+    }
+
+    /// The blob `digest` of `repo`, `None` when the registry no longer has it
+    /// (404); panics on any other answer (Basic auth).
+    pub async fn blob(&self, repo: &str, digest: &str) -> Option<Vec<u8>> {
+        let answer = self
+            .http_client()
+            .get(format!("https://{}/v2/{repo}/blobs/{digest}", self.host))
+            .basic_auth(USER, Some(PASSWORD))
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("GET blob {digest}: {e}"));
+        match answer.status().as_u16() {
+            404 => None,
+            200 => Some(answer.bytes().await.expect("the blob's body").to_vec()),
+            other => panic!("GET blob {repo}@{digest}: HTTP {other}"),
+        }
+    }
+
     /// The tags of `repo` as the registry lists them (none when it has no
     /// such repository); Basic or through the token service.
     pub async fn tags(&self, repo: &str) -> Vec<String> {

@@ -223,19 +223,19 @@ async fn shared_layout_with_basic_auth_list_show_prune_and_forget() {
         .expect("legacy");
     assert_eq!(legacy["user_bytes"], Value::Null, "no provenance, no size");
 
-    // list --user, one image: a table of alice's only
+    // list --user, one image: alice's timeline only
     let table = run(
         &registry,
         &["list", "--user", "alice", "--image", "desk/ubuntu:4.1"],
     )
     .await
     .ok();
-    assert!(table.stdout.starts_with("USER"), "{}", table.stdout);
+    assert!(table.stdout.starts_with("REPOSITORY"), "{}", table.stdout);
     assert_eq!(
         table
             .stdout
             .lines()
-            .filter(|l| l.starts_with("alice "))
+            .filter(|l| l.starts_with("desk/ubuntu ") && l.contains(" alice-"))
             .count(),
         6,
         "{}",
@@ -722,4 +722,232 @@ async fn rebase_moves_each_users_newest_snapshot_onto_the_new_base() {
         let again = run(&registry, &as_refs(&args(&[]))).await.ok();
         assert!(again.stdout.contains("already on it"), "{}", again.stdout);
     }
+}
+
+/// alice's chain in `registry`: each snapshot the layers of the one before
+/// and one of its own, on one base layer, at its moment (`days` before
+/// today's midnight UTC, then `hour`), with a trigger or none; the tags and
+/// the layers (base first).
+async fn chain(
+    registry: &Registry,
+    steps: &[(u32, u64, Option<&str>)],
+) -> (Vec<String>, Vec<(Vec<u8>, String)>) {
+    use harness::registry::layer;
+    let secs = SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("after 1970")
+        .as_secs();
+    let midnight = std::time::UNIX_EPOCH + Duration::from_secs(secs - secs % 86_400);
+    let mut layers = vec![layer("etc/base", "4.1")];
+    let mut tags = Vec::new();
+    for (i, (days, hour, trigger)) in steps.iter().enumerate() {
+        let at = midnight - DAY * *days + Duration::from_secs(3_600 * hour);
+        let tag = snapshot_tags::snapshot_tag("alice", at);
+        layers.push(layer(&format!("root/step-{i}"), &"x".repeat(i * 100)));
+        let provenance = Provenance {
+            base_name: format!("{IMAGE}:4.1"),
+            base_digest: None,
+            first_user_layer: 1,
+        };
+        let mut notes = provenance.annotations("alice", &tag, "2026-01-02T03:04:05Z");
+        if let Some(t) = trigger {
+            notes.insert(snapshot_tags::provenance::TRIGGER.into(), t.to_string());
+        }
+        registry
+            .push_image(IMAGE, &tag, &layers, json!(notes))
+            .await;
+        tags.push(tag);
+    }
+    (tags, layers)
+}
+
+/// The rows of `list --output json` by tag.
+fn rows_by_tag(list: &Value) -> std::collections::BTreeMap<String, Value> {
+    list["snapshots"]
+        .as_array()
+        .expect("snapshots")
+        .iter()
+        .map(|r| (r["tag"].as_str().unwrap_or_default().to_string(), r.clone()))
+        .collect()
+}
+
+/// `list --user` is the user's timeline (when, trigger, bytes added, tag);
+/// `pin` prints the annotation that restores a moment; `prune` by tiers
+/// deletes in the middle of the chain and every snapshot kept still pulls
+/// whole after the garbage collector ran.
+#[tokio::test]
+async fn timeline_pin_and_tiered_prune() {
+    let mut registry = Registry::start().await;
+    let (s, layers) = chain(
+        &registry,
+        &[
+            (10, 12, Some("click")),
+            (9, 10, Some("schedule")),
+            (9, 12, Some("schedule")),
+            (5, 12, Some("logoff")),
+            (2, 12, Some("schedule")),
+            (1, 10, None),
+            (1, 12, Some("click")),
+        ],
+    )
+    .await;
+    snapshots(&registry, IMAGE, "bob", "bob", 1).await;
+    let size = |i: usize| layers[i + 1].0.len() as u64;
+
+    // the timeline: newest first, what each added over the one before
+    let table = run(&registry, &["list", "--user", "alice"]).await.ok();
+    let lines: Vec<Vec<&str>> = table
+        .stdout
+        .lines()
+        .map(|l| l.split_whitespace().collect())
+        .collect();
+    assert_eq!(lines.len(), 1 + 7 + 1, "{}", table.stdout);
+    assert_eq!(lines[0], ["REPOSITORY", "WHEN", "TRIGGER", "ADDED", "TAG"]);
+    // ADDED is two words (`1.2 KiB`): the tag is the last
+    fn tag_of<'a>(l: &[&'a str]) -> &'a str {
+        l.last().copied().unwrap_or_default()
+    }
+    assert_eq!(
+        (lines[1][0], lines[1][2], tag_of(&lines[1])),
+        (IMAGE, "click", s[6].as_str())
+    );
+    assert_eq!(
+        (lines[2][2], tag_of(&lines[2])),
+        ("-", s[5].as_str()),
+        "no trigger"
+    );
+    assert!(!table.stdout.contains("bob-"), "{}", table.stdout);
+    let list = run(&registry, &["list", "--user", "alice", "--output", "json"])
+        .await
+        .ok()
+        .json();
+    let rows = rows_by_tag(&list);
+    for (i, t) in s.iter().enumerate() {
+        assert_eq!(
+            rows[t]["added_bytes"],
+            json!(size(i)),
+            "{t}: one layer of its own"
+        );
+        assert!(
+            rows[t]["taken"]
+                .as_str()
+                .is_some_and(|w| w.ends_with(":00:00Z")),
+            "{t}: {}",
+            rows[t]
+        );
+    }
+    assert_eq!(rows[&s[3]]["trigger"], "logoff");
+    assert_eq!(rows[&s[5]]["trigger"], Value::Null);
+
+    // pin: at a moment (exactly, or just after), a time ago, a tag
+    let pin = |args: Vec<String>| {
+        let registry = &registry;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            run(registry, &[&["pin", "--user", "alice"][..], &args].concat()).await
+        }
+    };
+    let taken = |i: usize| rows[&s[i]]["taken"].as_str().expect("taken").to_string();
+    let annotation = |i: usize| format!("snapshot.abcdesktop.io/pin: \"{}\"", s[i]);
+    for (args, want) in [
+        (vec!["--at".to_string(), taken(5)], 5),
+        (
+            vec![
+                "--at".to_string(),
+                taken(5).replace('T', " ").replace('Z', ""),
+            ],
+            5,
+        ),
+        (vec!["--ago".into(), "3d".into()], 3),
+        (vec!["--ago".into(), "7d".into()], 2),
+        (vec!["--tag".into(), s[1].clone()], 1),
+    ] {
+        let out = pin(args.clone()).await.ok();
+        assert!(
+            out.stdout.lines().any(|l| l == annotation(want)),
+            "{args:?}: {}",
+            out.stdout
+        );
+        assert!(
+            out.stdout.contains("metadata.annotations"),
+            "{}",
+            out.stdout
+        );
+    }
+    let json = pin(vec![
+        "--tag".into(),
+        s[3].clone(),
+        "--output".into(),
+        "json".into(),
+    ])
+    .await
+    .ok()
+    .json();
+    assert_eq!(
+        json[0]["annotation"]["snapshot.abcdesktop.io/pin"],
+        s[3].as_str()
+    );
+    assert_eq!(json[0]["image"], format!("{IMAGE}:4.1"));
+    assert_eq!(json[0]["trigger"], "logoff");
+    for args in [
+        vec!["--at".to_string(), "2000-01-01T00:00:00Z".to_string()],
+        vec!["--tag".into(), "alice-42".into()],
+    ] {
+        let out = pin(args.clone()).await;
+        assert_eq!(out.code, 1, "{args:?}: {}", out.stderr);
+        assert!(
+            out.stderr.contains("no snapshot of user \"alice\""),
+            "{}",
+            out.stderr
+        );
+    }
+
+    // prune by tiers: the newest, and the newest of the 3 newest days
+    let dry = run(
+        &registry,
+        &["prune", "--user", "alice", "--keep-daily", "3", "--dry-run"],
+    )
+    .await
+    .ok();
+    assert!(
+        dry.stdout.contains("prune --keep-last 1 --keep-daily 3:")
+            && dry.stdout.contains("would delete 4"),
+        "{}",
+        dry.stdout
+    );
+    run(
+        &registry,
+        &["prune", "--user", "alice", "--keep-daily", "3"],
+    )
+    .await
+    .ok();
+    let kept = vec![s[3].clone(), s[4].clone(), s[6].clone()];
+    assert_eq!(
+        owned(&registry.tags(IMAGE).await, "alice"),
+        sorted(kept.clone())
+    );
+    assert_eq!(owned(&registry.tags(IMAGE).await, "bob").len(), 1);
+
+    // manifests only: after the collector, every kept snapshot pulls whole,
+    // the one above the deleted middle (step 5) included
+    registry.garbage_collect().await;
+    for t in &kept {
+        registry.pull_whole(IMAGE, t).await;
+    }
+    let rows = rows_by_tag(
+        &run(&registry, &["list", "--user", "alice", "--output", "json"])
+            .await
+            .ok()
+            .json(),
+    );
+    assert_eq!(
+        rows[&s[6]]["added_bytes"],
+        json!(size(5) + size(6)),
+        "over step 4 now"
+    );
+    assert_eq!(
+        rows[&s[3]]["added_bytes"],
+        json!((0..=3).map(size).sum::<u64>()),
+        "the oldest: its user layers"
+    );
 }

@@ -911,7 +911,14 @@ async fn the_sidecar_has_what_it_needs_and_no_container_sees_the_password() {
         .and_then(|q| harness::kubelet::quantity(&q.0))
         .expect("a sizeLimit on the work emptyDir");
     assert_eq!(size_limit as u64, limit + (256 << 20));
-    assert_eq!(env_of(&sidecar, "SNAPSHOT_KEEP").as_deref(), Some("10"));
+    for (name, value) in [
+        ("SNAPSHOT_KEEP", "10"),
+        ("SNAPSHOT_KEEP_HOURLY", "24"),
+        ("SNAPSHOT_KEEP_DAILY", "7"),
+        ("SNAPSHOT_KEEP_WEEKLY", "4"),
+    ] {
+        assert_eq!(env_of(&sidecar, name).as_deref(), Some(value), "{name}");
+    }
     assert_eq!(
         env_of(&sidecar, "SNAPSHOT_LAYER_FORMAT").as_deref(),
         Some("zstd"),
@@ -919,7 +926,7 @@ async fn the_sidecar_has_what_it_needs_and_no_container_sees_the_password() {
     );
     assert_eq!(
         env_of(&sidecar, "SNAPSHOT_KEEP_MIN_AGE").as_deref(),
-        Some("7days")
+        Some("1h")
     );
     for name in ["home", "tmp", "x11socket"] {
         assert!(

@@ -248,13 +248,39 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_PRE_COPY", default_value_t = true, action = clap::ArgAction::Set)]
     pub sidecar_pre_copy: bool,
 
-    /// The sidecar's retention: after a push, the user's snapshots beyond this
-    /// many newest are deleted (0 keeps every one).
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP", default_value_t = 10)]
-    pub sidecar_keep: usize,
+    /// The sidecar's retention (its `--keep-last`): after a push, the user's
+    /// newest this many snapshots stay (0 turns retention off: every one
+    /// stays). `--sidecar-keep` is its older name.
+    #[arg(
+        long,
+        visible_alias = "sidecar-keep",
+        env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP",
+        default_value_t = 10
+    )]
+    pub sidecar_keep_last: usize,
+
+    /// The sidecar's `--keep-hourly`: the newest snapshot of each of this many newest hours stays.
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP_HOURLY",
+        default_value_t = 24
+    )]
+    pub sidecar_keep_hourly: usize,
+
+    /// The sidecar's `--keep-daily`: the newest snapshot of each of this many newest days stays.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP_DAILY", default_value_t = 7)]
+    pub sidecar_keep_daily: usize,
+
+    /// The sidecar's `--keep-weekly`: the newest snapshot of each of this many newest ISO weeks stays.
+    #[arg(
+        long,
+        env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP_WEEKLY",
+        default_value_t = 4
+    )]
+    pub sidecar_keep_weekly: usize,
 
     /// Retention never deletes a snapshot younger than this.
-    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP_MIN_AGE", default_value = "7d", value_parser = humantime::parse_duration)]
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_KEEP_MIN_AGE", default_value = "1h", value_parser = humantime::parse_duration)]
     pub sidecar_keep_min_age: std::time::Duration,
 
     /// Most admissions in flight on one HTTP/2 connection (kube-apiserver sends

@@ -91,8 +91,13 @@ async fn run(config: Config) -> Result<()> {
         max_change_bytes: config.sidecar_max_change_bytes,
         layer_format: config.sidecar_layer_format.clone(),
         pre_copy: config.sidecar_pre_copy,
-        keep: config.sidecar_keep,
-        keep_min_age: config.sidecar_keep_min_age,
+        retention: snapshot_webhook::tag::retention::Rules {
+            last: config.sidecar_keep_last,
+            hourly: config.sidecar_keep_hourly,
+            daily: config.sidecar_keep_daily,
+            weekly: config.sidecar_keep_weekly,
+            min_age: config.sidecar_keep_min_age,
+        },
         logoff_grace_period: config.logoff_grace_period,
     };
     let lookup = Lookup::new(

@@ -225,8 +225,13 @@ mod tests {
             max_change_bytes: 8 << 30,
             layer_format: "zstd".to_string(),
             pre_copy: true,
-            keep: 10,
-            keep_min_age: std::time::Duration::from_secs(7 * 86_400),
+            retention: crate::tag::retention::Rules {
+                last: 10,
+                hourly: 24,
+                daily: 7,
+                weekly: 4,
+                min_age: std::time::Duration::from_secs(3_600),
+            },
             logoff_grace_period: std::time::Duration::from_secs(300),
         }
     }

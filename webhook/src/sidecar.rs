@@ -56,9 +56,8 @@ pub struct SidecarSpec {
     pub layer_format: String,
     /// The sidecar's `--pre-copy`.
     pub pre_copy: bool,
-    /// Retention: how many newest snapshots stay, and the youngest age deleted.
-    pub keep: usize,
-    pub keep_min_age: std::time::Duration,
+    /// Retention: what of the user's snapshots the sidecar keeps after a push.
+    pub retention: crate::tag::retention::Rules,
     /// With a snapshot at logoff: the least termination grace period a pod gets.
     pub logoff_grace_period: std::time::Duration,
 }
@@ -157,10 +156,13 @@ impl SidecarSpec {
                     ),
                     plain("SNAPSHOT_LAYER_FORMAT", &self.layer_format),
                     plain("SNAPSHOT_PRE_COPY", &self.pre_copy.to_string()),
-                    plain("SNAPSHOT_KEEP", &self.keep.to_string()),
+                    plain("SNAPSHOT_KEEP", &self.retention.last.to_string()),
+                    plain("SNAPSHOT_KEEP_HOURLY", &self.retention.hourly.to_string()),
+                    plain("SNAPSHOT_KEEP_DAILY", &self.retention.daily.to_string()),
+                    plain("SNAPSHOT_KEEP_WEEKLY", &self.retention.weekly.to_string()),
                     plain(
                         "SNAPSHOT_KEEP_MIN_AGE",
-                        &humantime::format_duration(self.keep_min_age).to_string(),
+                        &humantime::format_duration(self.retention.min_age).to_string(),
                     ),
                 ]
                 .into_iter()

@@ -1,8 +1,10 @@
-//! Retention after a successful push: the user's snapshots beyond the
-//! `--keep` newest and older than `--keep-min-age` are deleted from the
-//! repository (manifest DELETE by digest), never another user's (the plan in
-//! `snapshot_tags::retention` matches the exact prefix), never the one just
-//! pushed. A manifest is deleted only when its own annotation names the tag
+//! Retention after a successful push: the user's snapshots no rule keeps
+//! (`--keep-last`, `--keep-hourly`, `--keep-daily`, `--keep-weekly`,
+//! `--keep-min-age`: the plan in `snapshot_tags::retention`) are deleted from
+//! the repository (manifest DELETE by digest), never another user's (the plan
+//! matches the exact prefix), never the newest or the one just pushed.
+//! Manifests only: a layer stays as long as any manifest names it, so a
+//! snapshot deleted in the middle of a chain takes nothing from those above it. A manifest is deleted only when its own annotation names the tag
 //! being pruned: distribution deletes every tag on a digest, and only the
 //! annotation proves no other tag shares it. Older snapshots without the
 //! annotation are left in place (counted as `skipped`).
@@ -14,7 +16,7 @@ use super::push::{Deleted, Registry};
 use crate::metrics::Metrics;
 use anyhow::Result;
 use oci_client::Reference;
-use snapshot_tags::retention::{self, Policy};
+use snapshot_tags::retention::{self, Rules};
 use std::time::SystemTime;
 use tracing::{info, warn};
 
@@ -27,16 +29,16 @@ pub struct Pruned {
     pub failed: u64,
 }
 
-/// Applies `policy` to `prefix`'s snapshots in `target`'s repository after
+/// Applies `rules` to `prefix`'s snapshots in `target`'s repository after
 /// `target` (its tag: the snapshot just pushed) was written.
 pub async fn run(
     registry: &Registry,
     target: &Reference,
     prefix: &str,
-    policy: Policy,
+    rules: Rules,
     metrics: &Metrics,
 ) -> Pruned {
-    let pruned = match prune(registry, target, prefix, policy).await {
+    let pruned = match prune(registry, target, prefix, rules).await {
         Ok(p) => p,
         Err(e) => {
             warn!(error = %format!("{e:#}"), "retention could not list the repository; nothing deleted");
@@ -66,10 +68,10 @@ async fn prune(
     registry: &Registry,
     target: &Reference,
     prefix: &str,
-    policy: Policy,
+    rules: Rules,
 ) -> Result<Pruned> {
     let mut pruned = Pruned::default();
-    if policy.keep == 0 {
+    if rules.off() {
         return Ok(pruned);
     }
     let pushed = target.tag().unwrap_or_default();
@@ -77,7 +79,7 @@ async fn prune(
     let doomed = retention::to_delete(
         tags.iter().map(String::as_str),
         prefix,
-        policy,
+        rules,
         SystemTime::now(),
         pushed,
     );

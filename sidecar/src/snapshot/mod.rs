@@ -24,7 +24,7 @@ use crate::{
 use anyhow::{Context, Result};
 use containerd_client::services::v1::Container;
 use session::{Sessions, Step, Trigger};
-use snapshot_tags::{provenance, retention::Policy};
+use snapshot_tags::provenance;
 use std::time::{Instant, SystemTime};
 use tracing::{error, info, warn};
 
@@ -262,11 +262,14 @@ async fn generate_and_push(
             &annotations,
         )
         .await?;
-    let policy = Policy {
-        keep: config.keep,
-        min_age: config.keep_min_age,
-    };
-    prune::run(&registry, &target, &config.tag_prefix, policy, metrics).await;
+    prune::run(
+        &registry,
+        &target,
+        &config.tag_prefix,
+        config.retention(),
+        metrics,
+    )
+    .await;
     Ok(Made::Pushed {
         image: format!("{image_ref}@{digest}"),
         source,

@@ -1,11 +1,14 @@
 //! `list [--user U]`: every snapshot in scope with its creation time, base
-//! image and the size of the user's layers (one manifest read each).
+//! image, the size of the user's layers and what it added over the one before
+//! it (one manifest read each). With `--user`, the user's timeline: when,
+//! trigger, bytes added, tag.
 
 use crate::{
     access::Access,
     cli::Output,
     inventory::{self, Snapshot},
     progress::Progress,
+    timeline,
 };
 use anyhow::Result;
 use futures::StreamExt;
@@ -31,22 +34,25 @@ pub async fn run(access: &Access, user: Option<&str>, output: Output) -> Result<
             async move {
                 let got = access.manifest(path, tag).await;
                 progress.step(format!("read {path}:{tag}"));
-                got.map(|(digest, manifest)| {
-                    inventory::describe(owner, path, tag, &digest, &manifest)
+                got.map(|(digest, manifest)| timeline::Read {
+                    snapshot: inventory::describe(owner, path, tag, &digest, &manifest),
+                    prefix: owner.prefix.clone(),
+                    manifest,
                 })
             }
         })
         .buffered(access.concurrency)
         .collect()
         .await;
-    let mut snapshots: Vec<Snapshot> = Vec::new();
+    let mut found = Vec::new();
     let mut failures = Vec::new();
     for r in read {
         match r {
-            Ok(s) => snapshots.push(s),
+            Ok(s) => found.push(s),
             Err(e) => failures.push(format!("{e:#}")),
         }
     }
+    let mut snapshots: Vec<Snapshot> = timeline::with_added(found);
     inventory::sort(&mut snapshots);
     let users: BTreeSet<&str> = snapshots.iter().map(|s| s.user.as_str()).collect();
     let repos: BTreeSet<&str> = snapshots.iter().map(|s| s.repository.as_str()).collect();
@@ -63,7 +69,10 @@ pub async fn run(access: &Access, user: Option<&str>, output: Output) -> Result<
     );
     super::print(
         output,
-        &inventory::snapshot_table(&snapshots),
+        &match user {
+            Some(_) => timeline::table(&snapshots),
+            None => inventory::snapshot_table(&snapshots),
+        },
         &summary,
         &serde_json::json!({"snapshots": snapshots, "unreadable": failures, "summary": summary}),
     )?;

@@ -3,6 +3,7 @@
 
 pub mod forget;
 pub mod list;
+pub mod pin;
 pub mod prune;
 pub mod rebase;
 pub mod show;

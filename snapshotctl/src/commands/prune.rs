@@ -1,4 +1,5 @@
-//! `prune --keep N [--min-age D] [--user U] [--dry-run]`: the sidecar's
+//! `prune [--keep-last N] [--keep-hourly H] [--keep-daily D] [--keep-weekly W]
+//! [--min-age A] [--user U] [--dry-run]`: the sidecar's
 //! retention ([`snapshot_sidecar::registry::prune::run`]) applied to each user's
 //! snapshots, per repository and tag prefix (per base tag in the per-user
 //! layout). As in the sidecar, a manifest is deleted only when its own tag
@@ -13,7 +14,7 @@ use serde::Serialize;
 use snapshot_sidecar::{metrics::Metrics, registry::prune};
 use snapshot_tags::{
     self as tag, provenance,
-    retention::{self, Policy},
+    retention::{self, Rules},
 };
 use std::{collections::BTreeMap, time::SystemTime};
 
@@ -41,7 +42,7 @@ struct Done {
 
 pub async fn run(
     access: &Access,
-    policy: Policy,
+    rules: Rules,
     user: Option<&str>,
     dry_run: bool,
     output: Output,
@@ -65,7 +66,7 @@ pub async fn run(
                 continue;
             };
             series += 1;
-            let candidates = retention::to_delete(tags, &prefix, policy, now, &newest.tag);
+            let candidates = retention::to_delete(tags, &prefix, rules, now, &newest.tag);
             if !candidates.is_empty() {
                 units.push(Unit {
                     user,
@@ -106,7 +107,7 @@ pub async fn run(
                 access.sidecar_registry(),
                 &target,
                 &unit.prefix,
-                policy,
+                rules,
                 &metrics,
             )
             .await;
@@ -127,8 +128,8 @@ pub async fn run(
     });
     let verb = if dry_run { "would delete" } else { "deleted" };
     let summary = format!(
-        "prune --keep {}: {} of {series} snapshot series (user, repository, prefix) had more; {verb} {deleted}, skipped {skipped} (no tag annotation), failed {failed}{}",
-        policy.keep,
+        "prune {}: {} of {series} snapshot series (user, repository, prefix) had more; {verb} {deleted}, skipped {skipped} (no tag annotation), failed {failed}{}",
+        flags(&rules),
         units.len(),
         if refused { "; the registry refuses deletes" } else { "" }
     );
@@ -181,6 +182,27 @@ pub async fn run(
         anyhow::bail!("{failed} snapshots could not be deleted (the log above says why)");
     }
     Ok(())
+}
+
+/// The rules as the flags that say them (`--keep-last 3 --keep-daily 7`).
+fn flags(rules: &Rules) -> String {
+    let mut out = format!("--keep-last {}", rules.last);
+    for (flag, n) in [
+        ("hourly", rules.hourly),
+        ("daily", rules.daily),
+        ("weekly", rules.weekly),
+    ] {
+        if n > 0 {
+            out.push_str(&format!(" --keep-{flag} {n}"));
+        }
+    }
+    if !rules.min_age.is_zero() {
+        out.push_str(&format!(
+            " --min-age {}",
+            humantime::format_duration(rules.min_age)
+        ));
+    }
+    out
 }
 
 /// What the real run would do with each candidate: read its manifest's tag annotation.
