@@ -64,9 +64,19 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_MAX_CHANGE_BYTES", default_value_t = 8 << 30)]
     pub max_change_bytes: u64,
     /// Shortest time between the end of one snapshot and the start of the next
-    /// (each pauses the desktop and pushes a tag).
+    /// (each pauses the desktop and pushes a tag). A click or a logoff counts
+    /// it from the end of the last click's or logoff's snapshot (never from a
+    /// scheduled one's); the schedule from the end of the last of any kind.
     #[arg(long, env = "SNAPSHOT_MIN_INTERVAL", default_value = "30s", value_parser = humantime::parse_duration)]
     pub min_interval: Duration,
+    /// Snapshot the desktop on a schedule, every this long (`30m`), at least
+    /// `--min-interval`; `0` or unset: off (the webhook sets it from
+    /// `--snapshot-every` or the pod's annotation). The first comes at a
+    /// random moment within the interval, each next one the interval ± a
+    /// tenth after the end of the last snapshot; one with nothing new pushes
+    /// nothing.
+    #[arg(long, env = "SNAPSHOT_EVERY", value_parser = humantime::parse_duration)]
+    pub every: Option<Duration>,
     /// Retention after each push: the user's snapshots in the repository that
     /// no rule keeps are deleted (manifest DELETE by digest). This many newest
     /// stay (`--keep` is its older name); 0 turns retention off, every
@@ -160,6 +170,14 @@ pub struct Config {
 }
 
 impl Config {
+    /// The schedule's interval, when there is one: `--every`, raised to
+    /// `--min-interval`.
+    pub fn schedule(&self) -> Option<Duration> {
+        self.every
+            .filter(|every| !every.is_zero())
+            .map(|every| every.max(self.min_interval))
+    }
+
     /// What retention keeps (`--keep-last`, `--keep-hourly`, `--keep-daily`,
     /// `--keep-weekly`, `--keep-min-age`).
     pub fn retention(&self) -> snapshot_tags::retention::Rules {
@@ -351,6 +369,24 @@ mod tests {
             assert_eq!(got.as_ref().ok(), Some(&want), "{args:?}: {got:?}");
         }
         assert!(parse(&["--keep=0"]).unwrap().retention().off());
+    }
+
+    #[test]
+    fn the_schedule_is_off_by_default_and_never_under_the_minimum_interval() {
+        let m = |n: u64| Some(Duration::from_secs(60 * n));
+        // (flags, schedule; None in the outer: refused)
+        for (args, want) in [
+            (&[][..], Some(None)),
+            (&["--every=0"][..], Some(None)),
+            (&["--every=0s"][..], Some(None)),
+            (&["--every=15m"][..], Some(m(15))),
+            (&["--every=1h", "--min-interval=2h"][..], Some(m(120))),
+            (&["--every=10s"][..], Some(Some(Duration::from_secs(30)))),
+            (&["--every=often"][..], None),
+        ] {
+            let got = parse(args).map(|c| c.schedule());
+            assert_eq!(got.as_ref().ok(), want.as_ref(), "{args:?}: {got:?}");
+        }
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use anyhow::Context;
 use clap::Parser;
 use snapshot_sidecar::{
-    api::{self, logoff, AppState},
+    api::{self, logoff, schedule, AppState},
     capture::commit,
     config::Config,
     harden,
@@ -64,13 +64,21 @@ async fn run(config: Config) -> anyhow::Result<()> {
         metrics: Default::default(),
         token,
     });
+    let schedule = state
+        .config
+        .schedule()
+        .map(|every| tokio::spawn(schedule::run(state.clone(), every)));
     let app = api::router(state.clone());
     axum::serve(listener, app)
         .with_graceful_shutdown(async move {
             shutdown_signal().await;
             // With --on-logoff the desktop is snapshotted first (the API keeps
-            // serving meanwhile, for the preStop hook's request).
+            // serving meanwhile, for the preStop hook's request); that ends
+            // the schedule.
             logoff::on_terminate(state).await;
+            if let Some(schedule) = schedule {
+                schedule.abort();
+            }
             // A commit still in progress is abandoned (no tag is written without
             // its manifest), but the desktop must never stay frozen.
             commit::resume_all().await;

@@ -20,6 +20,19 @@ struct ResultLabel {
     result: &'static str,
 }
 
+/// What started a snapshot (click, logoff, schedule; a click that joined a
+/// scheduled snapshot makes it a click's) and how it ended.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct OutcomeLabel {
+    trigger: &'static str,
+    result: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct TriggerLabel {
+    trigger: &'static str,
+}
+
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct SourceLabel {
     source: &'static str,
@@ -27,9 +40,9 @@ struct SourceLabel {
 
 pub struct Metrics {
     registry: Registry,
-    snapshots: Family<ResultLabel, Counter>,
+    snapshots: Family<OutcomeLabel, Counter>,
     layers: Family<SourceLabel, Counter>,
-    pub duration: Histogram,
+    duration: Family<TriggerLabel, Histogram, fn() -> Histogram>,
     retention: Family<ResultLabel, Counter>,
     logoff: Family<ResultLabel, Counter>,
 }
@@ -37,10 +50,10 @@ pub struct Metrics {
 impl Default for Metrics {
     fn default() -> Self {
         let mut registry = Registry::with_prefix("snapshot_sidecar");
-        let snapshots = Family::<ResultLabel, Counter>::default();
+        let snapshots = Family::<OutcomeLabel, Counter>::default();
         registry.register(
             "snapshots",
-            "Snapshot operations finished, by result (done, unchanged: nothing pushed, error)",
+            "Snapshot operations finished, by trigger (click, logoff, schedule) and result (done, unchanged: nothing pushed, error)",
             snapshots.clone(),
         );
         let layers = Family::<SourceLabel, Counter>::default();
@@ -49,10 +62,13 @@ impl Default for Metrics {
             "Snapshot layers pushed, by where they were read (upperdir, diff-service; merge: the user's layers merged above the base)",
             layers.clone(),
         );
-        let duration = Histogram::new([0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0]);
+        let duration =
+            Family::<TriggerLabel, Histogram, fn() -> Histogram>::new_with_constructor(|| {
+                Histogram::new([0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0])
+            });
         registry.register(
             "snapshot_duration_seconds",
-            "Time from the click to the tag (or the error)",
+            "Time from the click (or the logoff, or the schedule) to the tag (or the end without one, or the error), by trigger",
             duration.clone(),
         );
         let retention = Family::<ResultLabel, Counter>::default();
@@ -92,14 +108,24 @@ impl Default for Metrics {
 }
 
 impl Metrics {
-    /// One operation ended as `result` (done, unchanged, error); `source`:
-    /// where its pushed layer was read.
-    pub fn finished(&self, result: &'static str, source: Option<&'static str>, seconds: f64) {
-        self.snapshots.get_or_create(&ResultLabel { result }).inc();
+    /// One operation started by `trigger` ended as `result` (done,
+    /// unchanged, error); `source`: where its pushed layer was read.
+    pub fn finished(
+        &self,
+        trigger: &'static str,
+        result: &'static str,
+        source: Option<&'static str>,
+        seconds: f64,
+    ) {
+        self.snapshots
+            .get_or_create(&OutcomeLabel { trigger, result })
+            .inc();
         if let Some(source) = source {
             self.layers.get_or_create(&SourceLabel { source }).inc();
         }
-        self.duration.observe(seconds);
+        self.duration
+            .get_or_create(&TriggerLabel { trigger })
+            .observe(seconds);
     }
 
     /// A logoff snapshot ended as `result` (done, unchanged, error, timeout).

@@ -513,6 +513,42 @@ impl Containerd {
             .unwrap_or_else(|| "MISSING".to_string())
     }
 
+    /// Starts recording this daemon's events (`ctr events`); returns once
+    /// the recording sees them (an exec in running container `id` shows).
+    pub async fn events(&self, id: &str) -> Events {
+        let mut child = Command::from(self.address().command(&["events"]))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning ctr events");
+        let stdout = child.stdout.take().expect("ctr events' stdout");
+        let lines = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let into = lines.clone();
+        tokio::spawn(async move {
+            use tokio::io::AsyncBufReadExt;
+            let mut reader = tokio::io::BufReader::new(stdout).lines();
+            while let Ok(Some(line)) = reader.next_line().await {
+                into.lock().unwrap_or_else(|p| p.into_inner()).push(line);
+            }
+        });
+        let events = Events {
+            lines,
+            _child: child,
+        };
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+        while events.count("/tasks/exec-started", id) == 0 {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "ctr events never showed an exec in {id}: {:?}",
+                events.lines()
+            );
+            self.exec(id, "true").await;
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        events
+    }
+
     async fn clean(&self) {
         let ids = self
             .containers
@@ -671,4 +707,27 @@ pub struct RunSpec {
     pub cpus: Option<f64>,
     /// Where its stdout and stderr go.
     pub log: PathBuf,
+}
+
+/// containerd's events from [`Containerd::events`] on, one line each
+/// (`<time> <namespace> <topic> <payload>`), until dropped.
+pub struct Events {
+    lines: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+    _child: Child,
+}
+
+impl Events {
+    /// Every line so far.
+    pub fn lines(&self) -> Vec<String> {
+        self.lines.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// How many events of `topic` (`/tasks/paused`) named container `id`.
+    pub fn count(&self, topic: &str, id: &str) -> usize {
+        let quoted = format!("\"{id}\"");
+        self.lines()
+            .iter()
+            .filter(|l| l.split_whitespace().any(|w| w == topic) && l.contains(&quoted))
+            .count()
+    }
 }

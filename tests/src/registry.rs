@@ -35,6 +35,14 @@ pub struct Registry {
     child: Child,
 }
 
+/// Writes a `.dockerconfigjson` with an entry for registry `host`.
+pub fn write_dockerconfigjson(path: &Path, host: &str, user: &str, password: &str) {
+    let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
+    let doc = serde_json::json!({"auths": {host: {
+        "username": user, "password": password, "auth": auth, "email": ""}}});
+    std::fs::write(path, doc.to_string()).expect("writing a .dockerconfigjson");
+}
+
 impl Registry {
     /// A registry with htpasswd auth.
     pub async fn start() -> Self {
@@ -252,10 +260,7 @@ impl Registry {
 
     /// Writes a `.dockerconfigjson` for this registry with the given credentials.
     pub fn write_dockerconfigjson(&self, path: &Path, user: &str, password: &str) {
-        let auth = base64::engine::general_purpose::STANDARD.encode(format!("{user}:{password}"));
-        let doc = serde_json::json!({"auths": {self.host.clone(): {
-            "username": user, "password": password, "auth": auth, "email": ""}}});
-        std::fs::write(path, doc.to_string()).expect("writing a .dockerconfigjson");
+        write_dockerconfigjson(path, &self.host, user, password);
     }
 
     /// A `.dockerconfigjson` with the right credentials, written beside the registry.

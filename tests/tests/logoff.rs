@@ -207,8 +207,16 @@ async fn a_logoff_snapshot_that_cannot_finish_in_time_is_abandoned_untagged() {
         .await;
     // a registry that never answers: the push cannot end
     let silent = BadRegistry::start(Misbehaviour::Silent).await;
+    let creds = rig.registry.dir.path().join("silent.json");
+    harness::registry::write_dockerconfigjson(
+        &creds,
+        &silent.host,
+        harness::registry::USER,
+        harness::registry::PASSWORD,
+    );
     let target = harness::sidecar::Target {
         registry_host: &silent.host,
+        credentials: Some(&creds),
         ..rig.target("pod-l", "dave")
     };
     let sidecar = Sidecar::start_with(

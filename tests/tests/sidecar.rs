@@ -179,12 +179,85 @@ async fn bad_credentials_end_in_error_with_the_task_running_and_no_tag() {
     s.containerd.stop().await;
 }
 
+/// Issue 19 §1: without usable credentials for the registry the snapshot
+/// fails at once and the desktop is never paused (a click used to pause it,
+/// build the layer, and only then fail).
+#[tokio::test]
+async fn without_credentials_for_the_registry_a_snapshot_fails_before_any_pause() {
+    let s = Setup::new().await;
+    let events = s.containerd.events("desk-a").await;
+    let dir = s.registry.dir.path();
+    let (missing, garbage, elsewhere) = (
+        dir.join("missing/.dockerconfigjson"),
+        dir.join("garbage.json"),
+        dir.join("elsewhere.json"),
+    );
+    std::fs::write(&garbage, "not a document").unwrap();
+    harness::registry::write_dockerconfigjson(&elsewhere, "other.example:5000", USER, PASSWORD);
+    let host = s.registry.host.clone();
+    // (credentials file, what the error names)
+    let cases: [(&std::path::Path, &[&str]); 3] = [
+        (
+            &missing,
+            &[".dockerconfigjson does not exist", "registry secret", &host],
+        ),
+        (
+            &garbage,
+            &["garbage.json", "not a .dockerconfigjson document"],
+        ),
+        (
+            &elsewhere,
+            &["elsewhere.json", &format!("no entry for {host}")],
+        ),
+    ];
+    for (file, names) in cases {
+        let sidecar = Sidecar::start(Target {
+            credentials: Some(file),
+            ..s.target()
+        })
+        .await;
+        let steps = sidecar.snapshot_expecting_error().await;
+        let why = steps.last().expect("an error");
+        for name in names {
+            assert!(why.contains(name), "{file:?}: {name:?} not in {why:?}");
+        }
+        assert!(why.contains("the desktop was not paused"), "{why}");
+        assert!(
+            !steps.iter().any(|m| m == "generate desktop image"),
+            "{steps:?}"
+        );
+        assert!(!sidecar.log().contains(PASSWORD));
+        assert_eq!(s.containerd.task_status("desk-a").await, "RUNNING");
+        sidecar.stop().await;
+    }
+    assert_eq!(
+        events.count("/tasks/paused", "desk-a"),
+        0,
+        "{:#?}",
+        events.lines()
+    );
+    assert!(s.snapshot_tags().await.is_empty());
+    // the same desktop with its credentials: paused (the recording sees it), pushed
+    let sidecar = Sidecar::start(s.target()).await;
+    sidecar.snapshot_done().await;
+    assert!(
+        events.count("/tasks/paused", "desk-a") >= 1,
+        "{:#?}",
+        events.lines()
+    );
+    sidecar.stop().await;
+    s.containerd.stop().await;
+}
+
 #[tokio::test]
 async fn registry_refused_ends_in_error_with_the_task_running() {
     let s = Setup::new().await;
     let refused = format!("127.0.0.1:{}", harness::ports::free_port());
+    let creds = s.registry.dir.path().join("refused.json");
+    harness::registry::write_dockerconfigjson(&creds, &refused, USER, PASSWORD);
     let sidecar = Sidecar::start(Target {
         registry_host: &refused,
+        credentials: Some(&creds),
         ..s.target()
     })
     .await;
@@ -339,7 +412,7 @@ async fn the_api_can_require_a_bearer_token_and_counts_operations() {
         .await
         .unwrap();
     assert!(
-        metrics.contains("snapshot_sidecar_snapshots_total{result=\"done\"} 1"),
+        metrics.contains("snapshot_sidecar_snapshots_total{trigger=\"click\",result=\"done\"} 1"),
         "{metrics}"
     );
     sidecar.stop().await;

@@ -2,6 +2,7 @@
 //! router that may strip the `/snapshot` prefix, so both forms answer).
 
 pub mod logoff;
+pub mod schedule;
 pub mod state;
 
 use crate::snapshot::{

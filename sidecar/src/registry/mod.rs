@@ -1,8 +1,10 @@
 //! The registry: [`push`] the snapshot (its base layers, new layer, config,
-//! manifest and tag) and [`prune`] the user's old snapshots after it.
+//! manifest and tag) with the [`credentials`] of the mounted secret, and
+//! [`prune`] the user's old snapshots after it.
 
 use clap::ValueEnum;
 
+pub mod credentials;
 pub mod prune;
 pub mod push;
 

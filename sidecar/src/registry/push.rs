@@ -49,20 +49,12 @@ impl Registry {
         ca: Option<&Path>,
         credentials: Option<&Path>,
     ) -> Result<Self> {
-        let host = repository.split('/').next().unwrap_or(repository);
-        let document = match credentials {
-            Some(path) => Some(tokio::fs::read(path).await.with_context(|| {
-                format!(
-                    "reading the registry credentials {} (is the registry secret in the pod's namespace?)",
-                    path.display()
-                )
-            })?),
-            None => None,
-        };
-        let auth = match &document {
-            Some(doc) => registry_credentials::auth_for(doc, host)
-                .context("reading the registry credentials")?,
-            None => RegistryAuth::Anonymous,
+        let (document, auth) = match credentials {
+            Some(file) => {
+                let (document, auth) = super::credentials::read(repository, file).await?;
+                (Some(document), auth)
+            }
+            None => (None, RegistryAuth::Anonymous),
         };
         let mut extra_roots = Vec::new();
         if let Some(ca) = ca {

@@ -1,5 +1,6 @@
-//! One snapshot, top to bottom: click (or logoff) -> find -> pause/read the
-//! changes/resume -> (a logoff with nothing new stops here) -> push.
+//! One snapshot, top to bottom: click (or logoff, or the schedule) -> the
+//! registry credentials -> find -> pause/read the changes/resume -> (a logoff
+//! or a scheduled snapshot with nothing new stops here) -> push.
 
 pub mod session;
 pub mod squash;
@@ -16,7 +17,7 @@ use crate::{
     image::{self, new_layer::NewLayer},
     metrics::Metrics,
     registry::{
-        prune,
+        self, prune,
         push::{KnownBlobs, Registry},
     },
     tag,
@@ -49,11 +50,11 @@ pub enum Made {
         source: &'static str,
         diff_id: String,
     },
-    /// A logoff found nothing new: nothing pushed.
+    /// A logoff or a scheduled snapshot found nothing new: nothing pushed.
     Unchanged,
 }
 
-/// What the front end reads when a logoff pushed nothing.
+/// What the front end reads when a snapshot pushed nothing.
 pub const UNCHANGED: &str = "nothing changed since the last snapshot: no new tag";
 
 /// Runs operation `id` to its end: `done` or `error`, never stuck. Returns
@@ -66,14 +67,24 @@ pub async fn run(
     trigger: Trigger,
 ) -> &'static str {
     let started = Instant::now();
-    let result = commit_and_push(config, sessions, metrics, id, trigger).await;
+    let op = Progress {
+        sessions,
+        id,
+        trigger,
+    };
+    let result = commit_and_push(config, metrics, &op).await;
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let (word, source) = match &result {
         Ok(Made::Pushed { source, .. }) => ("done", Some(*source)),
         Ok(Made::Unchanged) => ("unchanged", None),
         Err(_) => ("error", None),
     };
-    metrics.finished(word, source, started.elapsed().as_secs_f64());
+    metrics.finished(
+        op.answers_as().word(),
+        word,
+        source,
+        started.elapsed().as_secs_f64(),
+    );
     match result {
         Ok(Made::Pushed {
             image,
@@ -113,18 +124,44 @@ fn give_back_memory() {
     }
 }
 
-async fn commit_and_push(
-    config: &Config,
-    sessions: &Sessions,
-    metrics: &Metrics,
-    id: &str,
+/// The operation a snapshot runs as: its steps, what it answers as.
+struct Progress<'a> {
+    sessions: &'a Sessions,
+    id: &'a str,
     trigger: Trigger,
-) -> Result<Made> {
-    let step = |s: Step| {
-        info!(session = id, step = s.words(), "step");
-        sessions.step(id, s);
-    };
-    step(Step::SearchDesktop);
+}
+
+impl Progress<'_> {
+    fn step(&self, s: Step) {
+        info!(session = self.id, step = s.words(), "step");
+        self.sessions.step(self.id, s);
+    }
+
+    /// The trigger that started it, or a click that joined it.
+    fn answers_as(&self) -> Trigger {
+        self.sessions
+            .get(self.id)
+            .map_or(self.trigger, |op| op.answers_as())
+    }
+
+    /// Whether the snapshot ends here, its change (digest `change`) adding
+    /// nothing: a logoff's or a scheduled one's, unless a click joined it
+    /// (a click always answers with a tag); the operation is then ended.
+    fn nothing_new(&self, change: &str) -> bool {
+        unchanged(change, self.sessions.last_pushed().as_deref())
+            && self.sessions.end_unchanged(self.id, UNCHANGED)
+    }
+}
+
+async fn commit_and_push(config: &Config, metrics: &Metrics, op: &Progress<'_>) -> Result<Made> {
+    // before anything is paused: a snapshot that cannot be pushed must not
+    // freeze the desktop first
+    if let Some(file) = &config.registry_credentials {
+        registry::credentials::check(&config.repository, file)
+            .await
+            .context("the desktop was not paused")?;
+    }
+    op.step(Step::SearchDesktop);
     let ctrd = Ctrd::connect(&config.containerd_socket, &config.containerd_namespace).await?;
     let container = find::container(
         &ctrd,
@@ -137,18 +174,15 @@ async fn commit_and_push(
     )
     .await?;
 
-    step(Step::GenerateImage);
+    op.step(Step::GenerateImage);
     let lease = Lease::create(&ctrd, config.lease_expiry).await?;
-    // a logoff pushes only what is new; a click always answers with a tag
-    let last_pushed = (trigger == Trigger::Logoff).then(|| sessions.last_pushed());
     let result = generate_and_push(
         config,
-        &sessions.known,
+        &op.sessions.known,
         &ctrd.with_lease(&lease.id),
         &container,
-        &step,
+        op,
         metrics,
-        last_pushed,
     )
     .await;
     lease.release().await;
@@ -160,9 +194,8 @@ async fn generate_and_push(
     known: &KnownBlobs,
     ctrd: &Ctrd,
     container: &Container,
-    step: &(dyn Fn(Step) + Sync),
+    op: &Progress<'_>,
     metrics: &Metrics,
-    skip_if_unchanged_since: Option<Option<String>>,
 ) -> Result<Made> {
     let started = Instant::now();
     let mut base = image::base(ctrd, &container.image).await?;
@@ -202,12 +235,10 @@ async fn generate_and_push(
         source = layer.source,
         "desktop image generated"
     );
-    if let Some(last) = skip_if_unchanged_since {
-        if unchanged(&layer.change, last.as_deref()) {
-            return Ok(Made::Unchanged);
-        }
+    if op.nothing_new(&layer.change) {
+        return Ok(Made::Unchanged);
     }
-    step(Step::LoginRegistry);
+    op.step(Step::LoginRegistry);
     let now = SystemTime::now();
     let tag = tag::snapshot_tag(&config.tag_prefix, now);
     let image_ref = format!("{}:{tag}", config.repository);
@@ -243,12 +274,16 @@ async fn generate_and_push(
         None => layer,
     };
 
-    step(Step::PushImage);
+    op.step(Step::PushImage);
     let created = humantime::format_rfc3339_seconds(now).to_string();
-    let annotations = match &provenance {
+    let mut annotations = match &provenance {
         Some(p) => p.annotations(&config.user, &tag, &created),
         None => provenance::unsourced(&config.user, &tag, &created),
     };
+    annotations.insert(
+        provenance::TRIGGER.to_string(),
+        op.answers_as().word().to_string(),
+    );
     let (source, diff_id) = (layer.source, layer.change.clone());
     let digest = registry
         .push(
