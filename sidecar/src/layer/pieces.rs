@@ -277,7 +277,7 @@ impl<S: Write> Pieces<S> {
         while !self.queue.is_empty() {
             self.drain_one()?;
         }
-        let n = io::copy(encoded, &mut self.sink)?;
+        let n = copy_all(encoded, &mut self.sink)?;
         self.index.compressed_len += n;
         self.index.plain_len += plain;
         Ok(())
@@ -529,7 +529,7 @@ pub fn assemble<S: Write>(
                         group.compressed_start,
                         group.compressed_len,
                     ))?;
-                    let n = io::copy(&mut reader, &mut HashInto(h))?;
+                    let n = copy_all(&mut reader, &mut HashInto(h))?;
                     if n != plain {
                         return Err(io::Error::other("a layer piece does not decompress whole"));
                     }
@@ -602,6 +602,23 @@ fn pass<S: Write>(
         len -= want as u64;
     }
     Ok(())
+}
+
+/// `io::copy` in blocks of [`BLOCK`] bytes (its own are 8 KiB): the bytes
+/// copied.
+fn copy_all(from: &mut dyn Read, to: &mut dyn Write) -> io::Result<u64> {
+    let mut buf = vec![0u8; BLOCK];
+    let mut total = 0;
+    loop {
+        let n = match from.read(&mut buf) {
+            Ok(0) => return Ok(total),
+            Ok(n) => n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        };
+        to.write_all(&buf[..n])?;
+        total += n as u64;
+    }
 }
 
 struct HashInto<'a>(&'a mut Sha256);

@@ -6,6 +6,13 @@
 //! Change sets: `large` is about 1 GiB written in the container (half
 //! compressible text, half random); `small` is 1 MiB changed on a root
 //! filesystem that already holds 20,000 files.
+//!
+//! Then the freeze (how long the desktop stays paused, from the sidecar's
+//! `snapshot_sidecar_paused_seconds`) and the click-to-tag time, pre-copy off
+//! (the desktop paused while its whole change is read and compressed) and on,
+//! for each layer format: the large change, the small one, 1 MiB with
+//! 20,000 files in the change itself (each stamped at the pause), and the
+//! large change with the desktop writing 20 MB/s throughout the snapshot.
 
 use harness::{
     containerd::Containerd,
@@ -154,6 +161,7 @@ async fn main() {
             sidecar.stop().await;
         }
     }
+    freezes(&containerd, &registry, (&ca, &creds), large_mib).await;
     // the least any client can spend: the registry taking the random half (what
     // no codec shrinks) in one PUT
     let floor = registry_ingest(&registry, half * 1024 * 1024).await;
@@ -164,6 +172,103 @@ async fn main() {
         half as f64 / floor
     );
     containerd.stop().await;
+}
+
+/// The freeze and the click-to-tag time of each layer format, pre-copy off
+/// and on, on the large change, on 1 MiB changed among 20,000 files of the
+/// change, and on the large change while the desktop writes 20 MB/s.
+async fn freezes(
+    containerd: &Containerd,
+    registry: &Registry,
+    (ca, creds): (&std::path::Path, &std::path::Path),
+    large_mib: u64,
+) {
+    containerd
+        .run_desktop("many", "pod-many", "1-many", "x-graphical")
+        .await;
+    containerd
+        .exec(
+            "many",
+            "mkdir -p /root/many && cd /root/many && for d in $(seq 1 100); do mkdir $d; for f in $(seq 1 200); do echo $d-$f > $d/$f; done; done && \
+             dd if=/dev/urandom of=/root/one-mib bs=1048576 count=1 2>/dev/null && sync",
+        )
+        .await;
+    // files written during the first pass are read again under the pause:
+    // let the bench's own writes age past the racy window first
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    println!();
+    println!("freeze and click-to-tag, pre-copy off -> on ({large_mib} MiB large change)");
+    println!(
+        "{:<40} {:>12} {:>12} {:>11} {:>11}",
+        "run", "freeze off", "freeze on", "tag off", "tag on"
+    );
+    let sets: [(&str, &str, bool); 4] = [
+        ("large", "large", false),
+        ("1 MiB over 20,000 files of the image", "small2", false),
+        ("20,000 files + 1 MiB in the change", "many", false),
+        ("large, desktop writing 20 MB/s", "large", true),
+    ];
+    for (set, container, writing) in sets {
+        if writing {
+            // 2 MiB every 100 ms, over ten files in turn
+            containerd
+                .exec_detached(
+                    container,
+                    "mkdir -p /root/writer && i=0; while :; do i=$(( (i + 1) % 10 )); \
+                     head -c 2097152 /dev/urandom > /root/writer/$i; usleep 100000; done",
+                )
+                .await;
+            tokio::time::sleep(Duration::from_secs(2)).await;
+        }
+        for codec in ["gzip", "zstd", "estargz"] {
+            let mut figures = Vec::new();
+            for pre_copy in ["false", "true"] {
+                let sidecar = Sidecar::start_with(
+                    Target::at(
+                        containerd,
+                        registry,
+                        (ca, creds),
+                        &format!("pod-{container}"),
+                        REPO,
+                        &format!("freeze-{container}-{codec}-{pre_copy}"),
+                    ),
+                    None,
+                    &[
+                        ("SNAPSHOT_LAYER_FORMAT", codec),
+                        ("SNAPSHOT_PRE_COPY", pre_copy),
+                        ("RUST_LOG", "warn"),
+                    ],
+                )
+                .await;
+                let started = Instant::now();
+                let steps = sidecar.snapshot().await;
+                let seconds = started.elapsed().as_secs_f64();
+                assert_eq!(
+                    steps.last().map(String::as_str),
+                    Some("done"),
+                    "{steps:?}\n{}",
+                    sidecar.log()
+                );
+                let metrics = sidecar.metrics().await;
+                let frozen = metrics
+                    .lines()
+                    .find_map(|l| l.strip_prefix("snapshot_sidecar_paused_seconds_sum "))
+                    .and_then(|v| v.trim().parse::<f64>().ok())
+                    .unwrap_or(f64::NAN);
+                figures.push((frozen, seconds));
+                sidecar.stop().await;
+            }
+            let ms = |s: f64| format!("{:.0} ms", s * 1000.0);
+            println!(
+                "{:<40} {:>12} {:>12} {:>10.2}s {:>10.2}s",
+                format!("{set}: {codec}"),
+                ms(figures[0].0),
+                ms(figures[1].0),
+                figures[0].1,
+                figures[1].1
+            );
+        }
+    }
 }
 
 /// Seconds the registry takes to receive `bytes` random bytes in one PUT.
