@@ -12,9 +12,11 @@ use moka::{future::Cache, Expiry};
 use std::time::{Duration, Instant};
 use tracing::{info, warn};
 
-/// Longest wait for one API read (besides the admission's own deadline),
-/// so reads that outlive their admission end.
-const READ_TIMEOUT: Duration = Duration::from_secs(5);
+/// Longest wait for one API read (besides the admission's own deadline), so
+/// that reads outliving their admission end, and an API that does not answer
+/// (a policy dropping the packets) holds admissions up only that long before
+/// its `Unknown` is cached like a missing object.
+const READ_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// What the namespace check needs from the configuration.
 pub struct Settings {
@@ -88,6 +90,9 @@ impl Namespaces {
         config.connect_timeout = Some(READ_TIMEOUT);
         config.read_timeout = Some(READ_TIMEOUT);
         config.write_timeout = Some(READ_TIMEOUT);
+        // the read timeout counts from the request, not from when its pooled
+        // connection went idle
+        config.reset_reader_on_write = true;
         let client = kube::Client::try_from(config).context("a Kubernetes API client")?;
         let cache = Cache::builder()
             .max_capacity(10_000)
