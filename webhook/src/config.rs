@@ -248,6 +248,12 @@ pub struct Config {
     #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_PRE_COPY", default_value_t = true, action = clap::ArgAction::Set)]
     pub sidecar_pre_copy: bool,
 
+    /// The sidecar's `--incremental`: after a desktop's first snapshot, each
+    /// adds a layer of what changed since the last one; `false`: every
+    /// snapshot's layer holds the whole change since the desktop started.
+    #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_INCREMENTAL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub sidecar_incremental: bool,
+
     /// The sidecar's retention (its `--keep-last`): after a push, the user's
     /// newest this many snapshots stay (0 turns retention off: every one
     /// stays). `--sidecar-keep` is its older name.

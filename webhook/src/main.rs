@@ -91,6 +91,7 @@ async fn run(config: Config) -> Result<()> {
         max_change_bytes: config.sidecar_max_change_bytes,
         layer_format: config.sidecar_layer_format.clone(),
         pre_copy: config.sidecar_pre_copy,
+        incremental: config.sidecar_incremental,
         retention: snapshot_webhook::tag::retention::Rules {
             last: config.sidecar_keep_last,
             hourly: config.sidecar_keep_hourly,

@@ -225,6 +225,7 @@ mod tests {
             max_change_bytes: 8 << 30,
             layer_format: "zstd".to_string(),
             pre_copy: true,
+            incremental: true,
             retention: crate::tag::retention::Rules {
                 last: 10,
                 hourly: 24,

@@ -56,6 +56,8 @@ pub struct SidecarSpec {
     pub layer_format: String,
     /// The sidecar's `--pre-copy`.
     pub pre_copy: bool,
+    /// The sidecar's `--incremental`.
+    pub incremental: bool,
     /// Retention: what of the user's snapshots the sidecar keeps after a push.
     pub retention: crate::tag::retention::Rules,
     /// With a snapshot at logoff: the least termination grace period a pod gets.
@@ -156,6 +158,7 @@ impl SidecarSpec {
                     ),
                     plain("SNAPSHOT_LAYER_FORMAT", &self.layer_format),
                     plain("SNAPSHOT_PRE_COPY", &self.pre_copy.to_string()),
+                    plain("SNAPSHOT_INCREMENTAL", &self.incremental.to_string()),
                     plain("SNAPSHOT_KEEP", &self.retention.last.to_string()),
                     plain("SNAPSHOT_KEEP_HOURLY", &self.retention.hourly.to_string()),
                     plain("SNAPSHOT_KEEP_DAILY", &self.retention.daily.to_string()),
