@@ -3,8 +3,8 @@
 //!
 //! The data path, one folder per stage, top to bottom (each imports only
 //! those below it):
-//! - [`api`]: the HTTP API (a click), the [`logoff`](api::logoff) snapshot and
-//!   the state they share;
+//! - [`api`]: the HTTP API (a click), the [`logoff`](api::logoff) snapshot,
+//!   the [`schedule`](api::schedule) and the state they share;
 //! - [`snapshot`]: one snapshot's orchestration, the operations the front end
 //!   polls ([`session`](snapshot::session)) and the squash past the layer limit;
 //! - [`capture`]: find the container, pause it, read its change from the
