@@ -126,6 +126,13 @@ pub struct Config {
     /// Diff service, which pauses for its whole diff.
     #[arg(long, env = "SNAPSHOT_PRE_COPY", default_value_t = true, action = clap::ArgAction::Set)]
     pub pre_copy: bool,
+    /// Incremental snapshots: after the first snapshot of a container, each
+    /// adds to the last one a layer of what changed since it (read from the
+    /// upper directory against the record of the last capture kept in
+    /// `--work-dir`); `false`: every snapshot's layer holds the whole change
+    /// since the desktop started, on the desktop's image.
+    #[arg(long, env = "SNAPSHOT_INCREMENTAL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub incremental: bool,
     /// Most layers a snapshot may have; past it the whole desktop is squashed into one
     /// layer, so a desktop can be snapshotted any number of times and still start.
     #[arg(long, env = "SNAPSHOT_MAX_LAYERS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=127))]

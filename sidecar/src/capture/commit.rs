@@ -5,6 +5,10 @@
 //! the guard, and a panic or a dropped future resumes it from `Drop`.
 
 use super::{
+    increment,
+    record::{self, Record},
+};
+use super::{
     precopy,
     upper::{self, Upper},
 };
@@ -283,6 +287,89 @@ pub async fn from_upper(
     info!(diff_id = %layer.diff_id, compressed_bytes = layer.size, paused_ms, "layer read from the upper directory");
     Ok(NewLayer::new(layer, reader, "upperdir"))
 }
+
+/// [`from_upper`] in a chain of snapshots: with `last`, the record of the
+/// last pushed capture, only what changed since it (an increment,
+/// [`increment`]), read under the pause (unless `freeze` is
+/// [`Freeze::Never`]); without it, the whole change as [`from_upper`] reads
+/// it. This capture's record comes back with the layer, taken right before
+/// the layer is read (under the pause when there is one): whatever changes
+/// after it is seen changed by the next capture, never missed.
+#[allow(clippy::too_many_arguments)]
+pub async fn from_upper_recorded(
+    ctrd: &Ctrd,
+    container: &Container,
+    upper: Upper,
+    freeze: Freeze,
+    last: Option<Record>,
+    compression: Compression,
+    work_dir: &Path,
+    max_bytes: u64,
+) -> Result<(NewLayer, Option<Record>)> {
+    let Some(last) = last else {
+        let (dir, userxattr) = (upper.dir.clone(), upper.userxattr);
+        let scanned = tokio::task::spawn_blocking(move || scan(&dir, userxattr))
+            .await
+            .context("the scan panicked")?;
+        let record = scanned
+            .map_err(|e| warn!(error = %format!("{e:#}"), "the upper directory cannot be recorded: the next snapshot's layer is a full one too"))
+            .ok();
+        let layer = from_upper(
+            ctrd,
+            container,
+            upper,
+            freeze,
+            compression,
+            work_dir,
+            max_bytes,
+        )
+        .await?;
+        return Ok((layer, record));
+    };
+    let (writer, reader) = spool::create(work_dir, max_bytes)?;
+    let paused = match freeze {
+        Freeze::Never => None,
+        Freeze::Throughout | Freeze::PreCopy => Some(Paused::pause(ctrd, &container.id).await?),
+    };
+    let started = std::time::Instant::now();
+    let written = tokio::task::spawn_blocking(move || -> Result<_> {
+        let now = scan(&upper.dir, upper.userxattr)?;
+        let selection = increment::select(&last, &now);
+        let counts = (selection.picks().count(), selection.gone().count());
+        let layer = compress_into(writer, compression, |out| {
+            upper::write_selected(&upper, Some(&selection), out)
+        })?;
+        Ok((layer, now, counts))
+    })
+    .await;
+    let paused_ms = paused
+        .as_ref()
+        .map(|_| started.elapsed().as_millis() as u64);
+    if let Some(p) = paused {
+        p.resume().await?;
+    }
+    let (layer, now, (picked, whiteouts)) = written.context("the layer writer panicked")??;
+    info!(
+        diff_id = %layer.diff_id,
+        compressed_bytes = layer.size,
+        entries = now.len(),
+        picked,
+        whiteouts,
+        paused_ms = paused_ms.unwrap_or(0),
+        "increment read from the upper directory: what changed since the last snapshot"
+    );
+    Ok((NewLayer::new(layer, reader, "upperdir"), Some(now)))
+}
+
+/// The record of the upper directory at `dir` now, entries changed within
+/// the clock's last ticks marked racy ([`record::Record::mark_racy`]).
+fn scan(dir: &Path, userxattr: bool) -> Result<Record> {
+    let since = record::racy_since();
+    let mut now = record::scan(dir, userxattr).context("recording the upper directory")?;
+    now.mark_racy(since);
+    Ok(now)
+}
+
 /// [`from_upper`] with pre-copy: the first pass while the desktop runs, the
 /// pause for what moved since, the layer put together after the resume.
 async fn pre_copied(
@@ -373,7 +460,6 @@ fn assemble_into(
         annotations: Default::default(),
     })
 }
-
 
 /// The uncompressed layer `diff_id` from the content store, compressed into a
 /// spool (the task is not paused: the content store does not change).

@@ -21,7 +21,15 @@ pub async fn of(
     if let Some(p) = Provenance::read(&image.annotations()) {
         return Some(p);
     }
-    let base_name = base_name.filter(|b| !b.is_empty())?;
+    let Some(base_name) = base_name.filter(|b| !b.is_empty()) else {
+        // no base named (no `SNAPSHOT_BASE_IMAGE`): the desktop's own image,
+        // which says nothing of its own, is the base of its first snapshot
+        return Some(Provenance {
+            base_name: image_name.to_string(),
+            base_digest: Some(image.digest.clone()),
+            first_user_layer: image::layer_count(image),
+        });
+    };
     let base_ref: Reference = base_name.parse().ok()?;
     if image_name
         .parse::<Reference>()

@@ -211,7 +211,8 @@ impl Registry {
         Ok(sized.stream)
     }
 
-    /// Pushes the snapshot; returns the manifest digest.
+    /// Pushes the snapshot; returns it (manifest digest, manifest, config),
+    /// the base of an increment over it.
     #[allow(clippy::too_many_arguments)]
     pub async fn push(
         &self,
@@ -223,7 +224,7 @@ impl Registry {
         codec: Codec,
         created: &str,
         annotations: &BTreeMap<String, String>,
-    ) -> Result<String> {
+    ) -> Result<image::Base> {
         self.client
             .store_auth_if_needed(target.resolve_registry(), &self.auth)
             .await;
@@ -293,10 +294,14 @@ impl Registry {
                 .into_iter()
                 .chain([layer.digest.as_str()]),
         );
-        Ok(format!(
-            "sha256:{}",
-            hex::encode(sha2::Sha256::digest(&manifest_bytes))
-        ))
+        Ok(image::Base {
+            digest: format!(
+                "sha256:{}",
+                hex::encode(sha2::Sha256::digest(&manifest_bytes))
+            ),
+            manifest,
+            config,
+        })
     }
 
     /// Makes sure the repository has every base layer, at a cost that does

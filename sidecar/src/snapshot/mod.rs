@@ -2,6 +2,7 @@
 //! registry credentials -> find -> pause/read the changes/resume -> (a logoff
 //! or a scheduled snapshot with nothing new stops here) -> push.
 
+pub mod chain;
 pub mod session;
 pub mod squash;
 
@@ -10,6 +11,7 @@ use crate::{
         commit::{self, Lease},
         find::{self, Identity},
         lineage,
+        record::{self, Identity as Recorded, Record},
         upper::{self, Capabilities, Unsupported, Upper},
     },
     config::{Config, LayerSource},
@@ -52,6 +54,9 @@ pub enum Made {
     },
     /// A logoff or a scheduled snapshot found nothing new: nothing pushed.
     Unchanged,
+    /// A click found nothing changed since the last snapshot of the chain:
+    /// its answer is that snapshot, the newest tag (`image@digest`).
+    Newest { image: String },
 }
 
 /// What the front end reads when a snapshot pushed nothing.
@@ -76,7 +81,7 @@ pub async fn run(
     let elapsed_ms = started.elapsed().as_millis() as u64;
     let (word, source) = match &result {
         Ok(Made::Pushed { source, .. }) => ("done", Some(*source)),
-        Ok(Made::Unchanged) => ("unchanged", None),
+        Ok(Made::Unchanged | Made::Newest { .. }) => ("unchanged", None),
         Err(_) => ("error", None),
     };
     metrics.finished(
@@ -102,6 +107,10 @@ pub async fn run(
                 "nothing changed since the last snapshot: no new tag"
             );
             sessions.unchanged(id, UNCHANGED);
+        }
+        Ok(Made::Newest { image }) => {
+            info!(session = id, ?trigger, image = %image, elapsed_ms, "nothing changed since the last snapshot: the newest tag answers");
+            sessions.newest(id, image);
         }
         Err(e) => {
             let why = format!("{e:#}");
@@ -176,7 +185,7 @@ async fn commit_and_push(config: &Config, metrics: &Metrics, op: &Progress<'_>) 
 
     op.step(Step::GenerateImage);
     let lease = Lease::create(&ctrd, config.lease_expiry).await?;
-    let result = generate_and_push(
+    let result = chained(
         config,
         &op.sessions.known,
         &ctrd.with_lease(&lease.id),
@@ -189,7 +198,11 @@ async fn commit_and_push(config: &Config, metrics: &Metrics, op: &Progress<'_>) 
     result
 }
 
-async fn generate_and_push(
+/// The snapshot as an increment over the last pushed capture of this
+/// container when its record is there ([`chain`]), else with the whole
+/// change; nothing changed since that capture (its record says so, before any
+/// pause or registry request): no tag, or for a click the newest tag.
+async fn chained(
     config: &Config,
     known: &KnownBlobs,
     ctrd: &Ctrd,
@@ -197,13 +210,126 @@ async fn generate_and_push(
     op: &Progress<'_>,
     metrics: &Metrics,
 ) -> Result<Made> {
+    let upper = match config.layer_source {
+        LayerSource::Auto => upper_of(ctrd, container).await.map_err(|e| e.0),
+        _ => Err("the layer source is the Diff service".to_string()),
+    };
+    let identity = match &upper {
+        Ok(u) if config.incremental => Recorded::of(
+            &u.dir,
+            &container.id,
+            &container.snapshot_key,
+            &config.repository,
+        )
+        .map_err(|e| warn!(error = %e, "the upper directory cannot be identified: no increment"))
+        .ok(),
+        _ => None,
+    };
+    let last = identity.as_ref().and_then(|id| chain::load(config, id));
+    if let (Some((newest, old)), Ok(upper)) = (&last, &upper) {
+        if unchanged_since(upper, old).await {
+            if op.sessions.end_unchanged(op.id, UNCHANGED) {
+                return Ok(Made::Unchanged);
+            }
+            return Ok(Made::Newest {
+                image: newest.image.clone(),
+            });
+        }
+    }
+    let upper = upper
+        .map_err(|why| info!(reason = %why, "the layer comes from the Diff service"))
+        .ok();
+    let made = generate_and_push(
+        config,
+        known,
+        ctrd,
+        container,
+        op,
+        metrics,
+        (upper.clone(), identity.as_ref(), last),
+    )
+    .await;
+    match made {
+        Err(e) if e.downcast_ref::<NotAnIncrement>().is_some() => {
+            warn!(reason = %format!("{e:#}"), "this snapshot's layer is a full one");
+            chain::forget(config);
+            generate_and_push(
+                config,
+                known,
+                ctrd,
+                container,
+                op,
+                metrics,
+                (upper, identity.as_ref(), None),
+            )
+            .await
+        }
+        other => other,
+    }
+}
+
+/// The upper directory cannot give an increment (what it holds now cannot
+/// be read from it): the snapshot is made again with a full layer.
+#[derive(Debug, thiserror::Error)]
+#[error("the increment cannot be read from the upper directory: {0}")]
+struct NotAnIncrement(String);
+
+/// Whether the upper directory is as the record `old` says: one metadata
+/// walk, no pause, no data read.
+async fn unchanged_since(upper: &Upper, old: &Record) -> bool {
+    let (dir, userxattr) = (upper.dir.clone(), upper.userxattr);
     let started = Instant::now();
-    let mut base = image::base(ctrd, &container.image).await?;
-    let mut provenance =
-        lineage::of(ctrd, &container.image, &base, config.base_image.as_deref()).await;
+    match tokio::task::spawn_blocking(move || record::scan(&dir, userxattr)).await {
+        Ok(Ok(now)) => {
+            let same = record::diff(old, &now).next().is_none();
+            info!(
+                entries = now.len(),
+                unchanged = same,
+                elapsed_ms = started.elapsed().as_millis() as u64,
+                "the upper directory compared with the record of the last capture"
+            );
+            same
+        }
+        Ok(Err(e)) => {
+            warn!(error = %format!("{e:#}"), "the upper directory cannot be recorded");
+            false
+        }
+        Err(_) => false,
+    }
+}
+
+/// What a snapshot starts from: the upper directory when it can be read,
+/// its identity when increments are on, and the last pushed capture of the
+/// chain (its image and record) when there is one.
+type Start<'a> = (
+    Option<Upper>,
+    Option<&'a Recorded>,
+    Option<(chain::Last, Record)>,
+);
+
+async fn generate_and_push(
+    config: &Config,
+    known: &KnownBlobs,
+    ctrd: &Ctrd,
+    container: &Container,
+    op: &Progress<'_>,
+    metrics: &Metrics,
+    (upper, identity, last): Start<'_>,
+) -> Result<Made> {
+    let started = Instant::now();
+    let (last, old) = last.unzip();
+    let mut base = match &last {
+        Some(newest) => newest.base(),
+        None => image::base(ctrd, &container.image).await?,
+    };
+    let mut provenance = match &last {
+        // the chain's last snapshot says what it sits on
+        Some(_) => provenance::Provenance::read(&base.annotations()),
+        None => lineage::of(ctrd, &container.image, &base, config.base_image.as_deref()).await,
+    };
     // a snapshot made before provenance on a node without its base: ask the base's registry
     let mut registry = None;
-    if let (None, Some(base_name)) = (&provenance, config.base_image.as_deref()) {
+    if let (None, None, Some(base_name)) = (&last, &provenance, config.base_image.as_deref()) {
         let r = login(config, known).await?;
         provenance = lineage::from_registry(&r, &base, base_name).await;
         registry = Some(r);
@@ -229,7 +355,7 @@ async fn generate_and_push(
     } else {
         commit::Scope::Changes
     };
-    let layer = new_layer(config, ctrd, container, scope).await?;
+    let (layer, record) = new_layer(config, ctrd, container, scope, upper, old).await?;
     info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         source = layer.source,
@@ -237,6 +363,11 @@ async fn generate_and_push(
     );
     if op.nothing_new(&layer.change) {
         return Ok(Made::Unchanged);
+    }
+    if let (Some(newest), EMPTY_LAYER) = (&last, layer.change.as_str()) {
+        return Ok(Made::Newest {
+            image: newest.image.clone(),
+        });
     }
     op.step(Step::LoginRegistry);
     let now = SystemTime::now();
@@ -260,12 +391,16 @@ async fn generate_and_push(
                 "layer limit reached: merging the user's layers into one above the base"
             );
             // user layers the node lacks are read from the image's repository
-            let from = container
-                .image
-                .parse::<oci_client::Reference>()
-                .ok()
-                .filter(|r| r.registry() == target.registry())
-                .unwrap_or_else(|| target.clone());
+            // the chain's layers are in the snapshot repository
+            let from = match &last {
+                Some(_) => target.clone(),
+                None => container
+                    .image
+                    .parse::<oci_client::Reference>()
+                    .ok()
+                    .filter(|r| r.registry() == target.registry())
+                    .unwrap_or_else(|| target.clone()),
+            };
             let merged =
                 squash::merged(ctrd, (&registry, &from), &base, first, layer, config).await?;
             base = image::below(&base, first);
@@ -285,7 +420,7 @@ async fn generate_and_push(
         op.answers_as().word().to_string(),
     );
     let (source, diff_id) = (layer.source, layer.change.clone());
-    let digest = registry
+    let pushed = registry
         .push(
             ctrd,
             &target,
@@ -297,6 +432,8 @@ async fn generate_and_push(
             &annotations,
         )
         .await?;
+    let image = format!("{image_ref}@{}", pushed.digest);
+    keep_chain(config, identity, record, &image, pushed);
     prune::run(
         &registry,
         &target,
@@ -306,10 +443,36 @@ async fn generate_and_push(
     )
     .await;
     Ok(Made::Pushed {
-        image: format!("{image_ref}@{digest}"),
+        image,
         source,
         diff_id,
     })
+}
+
+/// The chain goes on from the capture just pushed: its record kept with the
+/// image it made (`pushed`, tagged `image`); a push without a record (the
+/// Diff service's layer, increments off) ends the chain.
+fn keep_chain(
+    config: &Config,
+    identity: Option<&Recorded>,
+    record: Option<Record>,
+    image: &str,
+    pushed: image::Base,
+) {
+    let (Some(identity), Some(record)) = (identity, record) else {
+        chain::forget(config);
+        return;
+    };
+    let last = chain::Last {
+        image: image.to_string(),
+        digest: pushed.digest,
+        manifest: pushed.manifest,
+        config: pushed.config,
+    };
+    if let Err(e) = chain::save(config, identity, &last, &record) {
+        warn!(error = %format!("{e:#}"), "the record of this capture cannot be kept: the next snapshot's layer is a full one");
+        chain::forget(config);
+    }
 }
 
 /// A client for the snapshot registry with the mounted credentials, knowing
@@ -333,48 +496,64 @@ async fn new_layer(
     ctrd: &Ctrd,
     container: &Container,
     scope: commit::Scope,
-) -> Result<NewLayer> {
-    if scope == commit::Scope::Changes && config.layer_source == LayerSource::Auto {
-        match upper_of(ctrd, container).await {
-            Ok(upper) => {
-                match commit::from_upper(
-                    ctrd,
-                    container,
-                    upper,
-                    match (config.pause, config.pre_copy) {
-                        (false, _) => commit::Freeze::Never,
-                        (true, false) => commit::Freeze::Throughout,
-                        (true, true) => commit::Freeze::PreCopy,
-                    },
-                    config.compression(),
-                    &config.work_dir,
-                    config.max_change_bytes,
-                )
-                .await
-                {
-                    Ok(layer) => return Ok(layer),
-                    Err(e) if e.downcast_ref::<Unsupported>().is_some() => {
-                        warn!(reason = %format!("{e:#}"), "the upper directory cannot be used; the layer comes from the Diff service")
-                    }
-                    Err(e) => return Err(e),
+    upper: Option<Upper>,
+    last: Option<Record>,
+) -> Result<(NewLayer, Option<Record>)> {
+    if let (commit::Scope::Changes, Some(upper)) = (scope, upper) {
+        let freeze = match (config.pause, config.pre_copy) {
+            (false, _) => commit::Freeze::Never,
+            (true, false) => commit::Freeze::Throughout,
+            (true, true) => commit::Freeze::PreCopy,
+        };
+        let increment = last.is_some();
+        let read = if config.incremental {
+            commit::from_upper_recorded(
+                ctrd,
+                container,
+                upper,
+                freeze,
+                last,
+                config.compression(),
+                &config.work_dir,
+                config.max_change_bytes,
+            )
+            .await
+        } else {
+            commit::from_upper(
+                ctrd,
+                container,
+                upper,
+                freeze,
+                config.compression(),
+                &config.work_dir,
+                config.max_change_bytes,
+            )
+            .await
+            .map(|layer| (layer, None))
+        };
+        match read {
+            Ok(read) => return Ok(read),
+            Err(e) if e.downcast_ref::<Unsupported>().is_some() => {
+                if increment {
+                    return Err(NotAnIncrement(format!("{e:#}")).into());
                 }
+                warn!(reason = %format!("{e:#}"), "the upper directory cannot be used; the layer comes from the Diff service")
             }
-            Err(why) => {
-                info!(reason = %why, "the layer comes from the Diff service")
-            }
+            Err(e) => return Err(e),
         }
     }
     // The Diff service writes the change uncompressed into containerd's content
     // store, on the node's disk: the limit applies to it before it starts.
     let diff = commit::diff(ctrd, container, scope, config.max_change_bytes).await?;
-    commit::compress_stored(
+    let layer = commit::compress_stored(
         ctrd,
         &diff.digest,
         config.compression(),
         &config.work_dir,
         config.max_change_bytes,
     )
-    .await
+    .await?;
+    Ok((layer, None))
 }
 
 /// The container's upper directory, if this sidecar can read it faithfully.
