@@ -333,3 +333,46 @@ async fn a_logoff_ends_the_schedule() {
     let (ended, log) = sidecar.terminate().await;
     assert!(ended.success, "{ended}: {log}");
 }
+
+/// The whole chain: the webhook's `--snapshot-every` reaches the sidecar it
+/// injects (run from its image as the kubelet would), which snapshots the
+/// desktop on its own.
+#[tokio::test]
+async fn the_webhook_puts_the_desktops_it_admits_on_a_schedule() {
+    use harness::{admission::as_pod, story::Node};
+    let node = Node::start(&["--snapshot-every", "2s"]).await;
+    let alice = node.login("alice").await;
+    let pod = as_pod(&alice.pod);
+    let spec = pod.spec.as_ref().expect("spec");
+    let every = spec
+        .containers
+        .iter()
+        .chain(spec.init_containers.iter().flatten())
+        .find(|c| c.name == "t-snapshot")
+        .and_then(|c| c.env.as_ref())
+        .and_then(|env| env.iter().find(|e| e.name == "SNAPSHOT_EVERY"))
+        .and_then(|e| e.value.clone());
+    assert_eq!(every.as_deref(), Some("2s"));
+    node.containerd
+        .exec(&alice.container, "echo scheduled > /root/on-its-own")
+        .await;
+    // the schedule keeps the minimum interval (30 s by default): shortened here
+    let sidecar = node
+        .sidecar(&alice, &[("SNAPSHOT_MIN_INTERVAL", "1s")])
+        .await;
+    let pushed = until(&sidecar, Duration::from_secs(120), |ops| {
+        ops.iter().find(|op| scheduled(op) && finished(op)).cloned()
+    })
+    .await;
+    assert!(pushed["image"].is_string(), "{pushed}\n{}", sidecar.log());
+    let tags = node.tags(&alice).await;
+    assert_eq!(tags.len(), 1, "{tags:?}");
+    let (manifest, _) = node
+        .registry
+        .manifest_and_config(Node::repository_path(&alice), &tags[0])
+        .await;
+    assert_eq!(manifest["annotations"][TRIGGER], "schedule");
+    sidecar.stop().await;
+    node.logoff(alice).await;
+    node.stop().await;
+}
