@@ -291,10 +291,12 @@ pub async fn from_upper(
 /// [`from_upper`] in a chain of snapshots: with `last`, the record of the
 /// last pushed capture, only what changed since it (an increment,
 /// [`increment`]), read under the pause (unless `freeze` is
-/// [`Freeze::Never`]); without it, the whole change as [`from_upper`] reads
-/// it. This capture's record comes back with the layer, taken right before
-/// the layer is read (under the pause when there is one): whatever changes
-/// after it is seen changed by the next capture, never missed.
+/// [`Freeze::Never`]; with [`Freeze::PreCopy`] only read there, into a
+/// plain file, and compressed after the resume); without it, the whole
+/// change as [`from_upper`] reads it. This capture's record comes back with
+/// the layer, taken right before the layer is read (under the pause when
+/// there is one): whatever changes after it is seen changed by the next
+/// capture, never missed.
 #[allow(clippy::too_many_arguments)]
 pub async fn from_upper_recorded(
     ctrd: &Ctrd,
@@ -332,13 +334,23 @@ pub async fn from_upper_recorded(
         Freeze::Throughout | Freeze::PreCopy => Some(Paused::pause(ctrd, &container.id).await?),
     };
     let started = std::time::Instant::now();
+    // with pre-copy, the increment is only read under the pause (into a plain
+    // file of the work directory) and compressed after the resume
+    let dir = work_dir.to_path_buf();
     let written = tokio::task::spawn_blocking(move || -> Result<_> {
         let now = scan(&upper.dir, upper.userxattr)?;
         let selection = increment::select(&last, &now);
         let counts = (selection.picks().count(), selection.gone().count());
-        let layer = compress_into(writer, compression, |out| {
-            upper::write_selected(&upper, Some(&selection), out)
-        })?;
+        let layer = if freeze == Freeze::PreCopy {
+            let plain = precopy::plain(&dir, max_bytes, |out| {
+                upper::write_selected(&upper, Some(&selection), out).map(drop)
+            })?;
+            Increment::Plain(plain, writer, compression)
+        } else {
+            Increment::Compressed(compress_into(writer, compression, |out| {
+                upper::write_selected(&upper, Some(&selection), out)
+            })?)
+        };
         Ok((layer, now, counts))
     })
     .await;
@@ -349,6 +361,17 @@ pub async fn from_upper_recorded(
         p.resume().await?;
     }
     let (layer, now, (picked, whiteouts)) = written.context("the layer writer panicked")??;
+    let layer = match layer {
+        Increment::Compressed(layer) => layer,
+        Increment::Plain(plain, writer, compression) => tokio::task::spawn_blocking(move || {
+            compress_into(writer, compression, |mut out| {
+                precopy::copy_plain(plain, &mut out)?;
+                Ok(out)
+            })
+        })
+        .await
+        .context("the layer writer panicked")??,
+    };
     info!(
         diff_id = %layer.diff_id,
         compressed_bytes = layer.size,
@@ -359,6 +382,13 @@ pub async fn from_upper_recorded(
         "increment read from the upper directory: what changed since the last snapshot"
     );
     Ok((NewLayer::new(layer, reader, "upperdir"), Some(now)))
+}
+
+/// An increment read under the pause: compressed there, or plain (with
+/// pre-copy), to be compressed into its spool after the resume.
+enum Increment {
+    Compressed(Written),
+    Plain(std::fs::File, SpoolWriter, Compression),
 }
 
 /// The record of the upper directory at `dir` now, entries changed within
@@ -389,6 +419,22 @@ async fn pre_copied(
     .await
     .context("the layer writer panicked")??;
     let first_ms = started.elapsed().as_millis() as u64;
+    let Some(first) = first else {
+        info!(
+            most = precopy::MAX_ENTRIES,
+            "too many entries to pre-copy: the change is read under the pause"
+        );
+        return Box::pin(from_upper(
+            ctrd,
+            container,
+            upper,
+            Freeze::Throughout,
+            compression,
+            work_dir,
+            max_bytes,
+        ))
+        .await;
+    };
 
     let paused = Paused::pause(ctrd, &container.id).await?;
     let frozen = std::time::Instant::now();

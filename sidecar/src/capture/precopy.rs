@@ -45,6 +45,12 @@ use std::{
     path::Path,
 };
 
+/// Most entries a first pass keeps (it holds about 200 bytes for each: its
+/// key, stamp and place in the pieces): past it the first pass stops and the
+/// change is read under the pause as without pre-copy, so that a desktop of
+/// a million files stays within the sidecar's memory limit.
+pub const MAX_ENTRIES: usize = 200_000;
+
 /// Entries whose ctime is this close to the moment they were stamped are
 /// read again under the pause, whatever their stamp says then (more than a
 /// tick of the coarse clock file times come from).
@@ -208,23 +214,40 @@ pub struct Reread {
     pub record: Record,
 }
 
-/// Reads the upper directory into pieces of `unit` while the desktop runs.
+/// Reads the upper directory into pieces of `unit` while the desktop runs;
+/// `None` past [`MAX_ENTRIES`] entries.
 pub fn first_pass(
     upper: &Upper,
     unit: Unit,
     threads: usize,
     work_dir: &Path,
     limit: u64,
-) -> Result<FirstPass> {
-    let (file, collect) = collector(unit, threads, work_dir, limit)?;
-    upper::write_running(upper, &collect, &collect)?;
+) -> Result<Option<FirstPass>> {
+    first_pass_of_at_most(upper, unit, threads, work_dir, limit, MAX_ENTRIES)
+}
+
+fn first_pass_of_at_most(
+    upper: &Upper,
+    unit: Unit,
+    threads: usize,
+    work_dir: &Path,
+    limit: u64,
+    most: usize,
+) -> Result<Option<FirstPass>> {
+    let (file, mut collect) = collector(unit, threads, work_dir, limit)?;
+    collect.most = most;
+    match upper::write_running(upper, &collect, &collect) {
+        Ok(_) => {}
+        Err(_) if collect.state.borrow().overflow => return Ok(None),
+        Err(e) => return Err(e),
+    }
     let (index, seen) = collect.finish().context("writing the layer's pieces")?;
-    Ok(FirstPass {
+    Ok(Some(FirstPass {
         file,
         index,
         seen,
         unit,
-    })
+    }))
 }
 
 /// Under the pause: the metadata walked once more ([`record::scan`]), and
@@ -280,6 +303,44 @@ pub fn assemble<S: Write>(
     .context("putting the layer together")
 }
 
+/// A tar written by `write` into an unnamed file of `work_dir` (at most
+/// `limit` bytes), plain: what is read under the pause, to be compressed
+/// after the resume ([`copy_plain`]).
+pub fn plain(
+    work_dir: &Path,
+    limit: u64,
+    write: impl FnOnce(&mut dyn Write) -> Result<()>,
+) -> Result<File> {
+    let file = tempfile::tempfile_in(work_dir).with_context(|| {
+        format!(
+            "creating a file for the layer's tar in {}",
+            work_dir.display()
+        )
+    })?;
+    let mut sink = Limited {
+        inner: BufWriter::with_capacity(1 << 20, file.try_clone()?),
+        written: 0,
+        limit,
+    };
+    write(&mut sink)?;
+    sink.flush().context("writing the layer's tar")?;
+    Ok(file)
+}
+
+/// The tar [`plain`] wrote, into `out`.
+pub fn copy_plain(mut file: File, out: &mut impl Write) -> Result<()> {
+    use std::io::{Read, Seek};
+    file.rewind().context("reading the layer's tar")?;
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf).context("reading the layer's tar")?;
+        if n == 0 {
+            return Ok(());
+        }
+        out.write_all(&buf[..n])?;
+    }
+}
+
 fn collector(
     unit: Unit,
     threads: usize,
@@ -300,28 +361,38 @@ fn collector(
     let pieces = Pieces::new(sink, unit, threads, true).context("starting the compressors")?;
     Ok((
         file,
-        Collect(RefCell::new(Collected {
-            pieces,
-            seen: Vec::new(),
-            failed: false,
-        })),
+        Collect {
+            state: RefCell::new(Collected {
+                pieces,
+                seen: Vec::new(),
+                failed: false,
+                overflow: false,
+            }),
+            most: usize::MAX,
+        },
     ))
 }
 
 /// The walk's output (pieces) and what it tells of each entry (its stamp):
 /// the walk writes into it and tells it where entries start.
-struct Collect<W: Write>(RefCell<Collected<W>>);
+struct Collect<W: Write> {
+    state: RefCell<Collected<W>>,
+    /// Most entries kept: past it, the walk stops (`overflow`).
+    most: usize,
+}
 
 struct Collected<W: Write> {
     pieces: Pieces<W>,
     seen: Vec<Seen>,
     /// Writing failed: the walk stops.
     failed: bool,
+    /// More entries than the most kept.
+    overflow: bool,
 }
 
 impl<W: Write> Collect<W> {
     fn finish(self) -> io::Result<(Index, Vec<Seen>)> {
-        let Collected { pieces, seen, .. } = self.0.into_inner();
+        let Collected { pieces, seen, .. } = self.state.into_inner();
         let (_, index) = pieces.finish()?;
         Ok((index, seen))
     }
@@ -329,7 +400,7 @@ impl<W: Write> Collect<W> {
 
 impl<W: Write> Write for &Collect<W> {
     fn write(&mut self, data: &[u8]) -> io::Result<usize> {
-        let mut c = self.0.borrow_mut();
+        let mut c = self.state.borrow_mut();
         let written = c.pieces.write(data);
         c.failed |= written.is_err();
         written
@@ -341,7 +412,11 @@ impl<W: Write> Write for &Collect<W> {
 
 impl<W: Write> Cuts for Collect<W> {
     fn begin(&self, rel: &Path, meta: &Meta, at_ns: i128) -> io::Result<()> {
-        let mut c = self.0.borrow_mut();
+        let mut c = self.state.borrow_mut();
+        if c.seen.len() >= self.most {
+            (c.failed, c.overflow) = (true, true);
+            return Err(io::Error::other("too many entries to pre-copy"));
+        }
         let key = record::path_key(rel);
         let begun = c.pieces.begin(key.clone());
         c.failed |= begun.is_err();
@@ -356,17 +431,17 @@ impl<W: Write> Cuts for Collect<W> {
     }
 
     fn damaged(&self) {
-        if let Some(last) = self.0.borrow_mut().seen.last_mut() {
+        if let Some(last) = self.state.borrow_mut().seen.last_mut() {
             last.damaged = true;
         }
     }
 
     fn end(&self) {
-        self.0.borrow_mut().pieces.seal();
+        self.state.borrow_mut().pieces.seal();
     }
 
     fn failed(&self) -> bool {
-        self.0.borrow().failed
+        self.state.borrow().failed
     }
 }
 
@@ -692,7 +767,9 @@ mod trees {
     /// many entries were read again.
     fn precopy(root: &Path, unit: Unit, between: impl FnOnce()) -> (Vec<u8>, String, usize) {
         let work = tempfile::tempdir().unwrap();
-        let first = first_pass(&upper(root), unit, 2, work.path(), u64::MAX).unwrap();
+        let first = first_pass(&upper(root), unit, 2, work.path(), u64::MAX)
+            .unwrap()
+            .expect("few entries");
         between();
         let reread = under_pause(&upper(root), &first, work.path(), u64::MAX).unwrap();
         let mut out = Pieces::new(Vec::new(), unit, 2, false).unwrap();
@@ -707,6 +784,26 @@ mod trees {
     }
 
     const UNITS: [Unit; 3] = [Unit::Gzip(1), Unit::Zstd(3), Unit::Plain];
+
+    #[test]
+    fn past_the_most_entries_there_is_no_first_pass() {
+        let dir = tempfile::tempdir().unwrap();
+        tree(dir.path());
+        let work = tempfile::tempdir().unwrap();
+        let first = |most| {
+            first_pass_of_at_most(
+                &upper(dir.path()),
+                Unit::Zstd(3),
+                2,
+                work.path(),
+                u64::MAX,
+                most,
+            )
+            .unwrap()
+        };
+        assert!(first(100).is_none());
+        assert!(first(1000).is_some_and(|f| f.seen.len() > 300));
+    }
 
     #[test]
     fn unchanged_the_pieces_are_the_layer_and_nothing_is_read_again() {
