@@ -8,9 +8,10 @@
 //! The user's layers come from the node's content store (the node pulled
 //! them to run this desktop) or, for one the node lacks (garbage-collected,
 //! or a snapshotter that pulls lazily), from the registry; each, and the new
-//! change, is staged compressed
-//! in a private folder of the work directory, then read twice by the merge
-//! (decompressed on the fly) while the result is compressed into a spool.
+//! change, is decompressed once, as it is staged in a private folder of the
+//! work directory (the user's layers one per core); the merge reads the
+//! staged tars (its two passes: headers, then the surviving entries' data)
+//! while the result is compressed into a spool.
 
 use crate::{
     capture::commit::compress_into,
@@ -25,12 +26,12 @@ use crate::{
     registry::push::Registry,
 };
 use anyhow::{bail, Context, Result};
-use futures::StreamExt;
+use futures::{StreamExt, TryStreamExt};
 use std::{
-    io::{BufReader, Read},
+    io::{self, BufReader, BufWriter, Read, Write},
     path::{Path, PathBuf},
 };
-use tokio::io::AsyncWriteExt;
+use tokio_util::io::{StreamReader, SyncIoBridge};
 use tracing::info;
 
 /// How a staged layer is read back.
@@ -76,32 +77,22 @@ pub async fn merged(
         .prefix("squash-")
         .tempdir_in(work_dir)
         .with_context(|| format!("a staging folder in {}", work_dir.display()))?;
-    let mut layers: Vec<(PathBuf, Encoding)> = Vec::new();
     let user = base.manifest["layers"]
         .as_array()
         .map(|l| l.iter().skip(first).cloned().collect::<Vec<_>>())
         .unwrap_or_default();
+    let mut staging_each = Vec::new();
     for (i, layer) in user.iter().enumerate() {
-        let digest = layer["digest"]
-            .as_str()
-            .context("a user layer without digest")?;
-        let media_type = layer["mediaType"].as_str().unwrap_or_default();
         let path = staging.path().join(format!("{i}"));
-        let stream = image::read_stream(ctrd, digest);
-        if let Err(e) = stage(stream, &path).await {
-            info!(layer = digest, reason = %format!("{e:#}"), "a user layer is not in the node's content store: reading it from the registry");
-            let stream = registry.blob_stream(from, digest).await?;
-            stage(stream, &path).await.with_context(|| {
-                format!("user layer {digest}: not in the node's content store ({e:#}), nor readable from {}", from.whole())
-            })?;
-        }
-        layers.push((path, encoding(media_type)?));
+        staging_each.push(stage_user_layer(ctrd, (registry, from), layer, path));
     }
+    let staged = futures::stream::iter(staging_each).buffered(compression.threads.max(1));
+    let mut layers: Vec<PathBuf> = staged.try_collect().await?;
     let path = staging.path().join("change");
-    stage(change.spool.stream(), &path)
+    stage(change.spool.stream(), &path, encoding(change_media_type)?)
         .await
         .context("staging the new change")?;
-    layers.push((path, encoding(change_media_type)?));
+    layers.push(path);
 
     let (writer, reader) = spool::create(work_dir, max_bytes)?;
     let count = layers.len();
@@ -109,7 +100,7 @@ pub async fn merged(
         tokio::task::spawn_blocking(move || -> Result<(Written, merge::Summary)> {
             let mut summary = None;
             let written = compress_into(writer, compression, |mut out| {
-                let open = |i: usize| open(&layers[i].0, layers[i].1);
+                let open = |i: usize| open(&layers[i]);
                 summary =
                     Some(merge::merge(open, count, &mut out).context("merging the user's layers")?);
                 Ok(out)
@@ -131,30 +122,75 @@ pub async fn merged(
     Ok(NewLayer::new(written, reader, "merge"))
 }
 
-/// Writes a blob stream into `path`.
-async fn stage<E: Into<anyhow::Error>>(
-    stream: impl futures::Stream<Item = Result<bytes::Bytes, E>>,
-    path: &Path,
-) -> Result<()> {
-    let mut file = tokio::fs::File::create(path)
-        .await
-        .with_context(|| format!("creating {}", path.display()))?;
-    let mut stream = Box::pin(stream);
-    while let Some(chunk) = stream.next().await {
-        file.write_all(&chunk.map_err(Into::into)?).await?;
+/// Stages one user layer at `path` from the node's content store, or else
+/// from the registry.
+async fn stage_user_layer(
+    ctrd: &Ctrd,
+    (registry, from): (&Registry, &oci_client::Reference),
+    layer: &serde_json::Value,
+    path: PathBuf,
+) -> Result<PathBuf> {
+    let digest = layer["digest"]
+        .as_str()
+        .context("a user layer without digest")?;
+    let encoding = encoding(layer["mediaType"].as_str().unwrap_or_default())?;
+    let stream = image::read_stream(ctrd, digest);
+    if let Err(e) = stage(stream, &path, encoding).await {
+        info!(layer = digest, reason = %format!("{e:#}"), "a user layer is not in the node's content store: reading it from the registry");
+        let stream = registry.blob_stream(from, digest).await?;
+        stage(stream, &path, encoding).await.with_context(|| {
+            format!(
+                "user layer {digest}: not in the node's content store ({e:#}), nor readable from {}",
+                from.whole()
+            )
+        })?;
     }
-    file.flush().await?;
-    Ok(())
+    Ok(path)
 }
 
-/// A staged layer, decompressed as it is read.
-fn open(path: &Path, encoding: Encoding) -> std::io::Result<Box<dyn Read>> {
-    let file = BufReader::with_capacity(1 << 20, std::fs::File::open(path)?);
-    Ok(match encoding {
-        Encoding::Gzip => Box::new(flate2::read::MultiGzDecoder::new(file)),
-        Encoding::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(file)?),
-        Encoding::Plain => Box::new(file),
+/// Writes a blob stream into `path`, decompressed (`encoding`): the one
+/// time the layer is decompressed.
+async fn stage<E: Into<anyhow::Error>>(
+    stream: impl futures::Stream<Item = Result<bytes::Bytes, E>> + Send + 'static,
+    path: &Path,
+    encoding: Encoding,
+) -> Result<()> {
+    let input = SyncIoBridge::new(StreamReader::new(Box::pin(
+        stream.map_err(|e| io::Error::other(e.into())),
+    )));
+    let path = path.to_path_buf();
+    tokio::task::spawn_blocking(move || -> Result<()> {
+        let mut input = decoder(BufReader::with_capacity(1 << 20, input), encoding)?;
+        let file =
+            std::fs::File::create(&path).with_context(|| format!("creating {}", path.display()))?;
+        let mut out = BufWriter::with_capacity(1 << 20, file);
+        io::copy(&mut input, &mut out).context("reading the layer")?;
+        out.flush()
+            .with_context(|| format!("writing {}", path.display()))?;
+        Ok(())
     })
+    .await
+    .context("the staging panicked")?
+}
+
+/// A layer read decompressed.
+fn decoder<R: io::BufRead + Send + 'static>(
+    input: R,
+    encoding: Encoding,
+) -> io::Result<Box<dyn Read + Send>> {
+    Ok(match encoding {
+        Encoding::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(input)),
+        Encoding::Zstd => Box::new(zstd::stream::read::Decoder::with_buffer(input)?),
+        Encoding::Plain => Box::new(input),
+    })
+}
+
+/// A staged layer, as the merge reads it.
+fn open(path: &Path) -> io::Result<BufReader<std::fs::File>> {
+    Ok(BufReader::with_capacity(
+        1 << 20,
+        std::fs::File::open(path)?,
+    ))
 }
 
 #[cfg(test)]
