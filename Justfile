@@ -29,6 +29,7 @@ bench: deps
     ./target/release/webhook-bench
     ./target/release/sidecar-bench
     ./target/release/lifetime-bench
+    ./target/release/increment-bench
     ./target/release/restore-bench
 
 # Soak, release build, not part of `test`: 10 min of 200 admissions/s and a snapshot every 10 s, registry restart, cert rotation; fails on a budget overrun, a paused desktop, an incomplete image or growth (`just soak --minutes 2`).

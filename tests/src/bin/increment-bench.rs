@@ -1,0 +1,272 @@
+//! `just bench` (increments part): what incremental snapshots save, with
+//! `SNAPSHOT_INCREMENTAL=false` ("before": every layer holds the whole change
+//! since the desktop started) and `true` ("after"), in one run, release
+//! sidecar, zstd (the webhook's default format).
+//!
+//! - A session of 6 snapshots of one desktop: a change of 1 GiB of random
+//!   data first (16 files of 64 MiB), then 10 MiB changed between two
+//!   snapshots (a new 5 MiB file, and the one made before it written again
+//!   whole: a file changed in part is carried whole): the bytes the sidecar
+//!   uploaded (its `snapshot layer uploaded` lines, layers the registry did
+//!   not hold).
+//! - A scheduled-like snapshot of a desktop whose upper directory holds
+//!   20,000 entries, none changed since its last snapshot (the logoff's
+//!   endpoint: a trigger that is not a click): the sidecar's CPU time across
+//!   it (`/proc/<pid>/stat`), the freeze (its `paused_ms` log fields) and the
+//!   requests the registry logged.
+//!
+//! Settings (env): `INCREMENT_FIRST_MIB` (1024), `INCREMENT_STEP_MIB` (10),
+//! `INCREMENT_SNAPSHOTS` (6), `INCREMENT_ENTRIES` (20000).
+
+use harness::sidecar::{Rig, Sidecar};
+use serde_json::Value;
+use std::time::Instant;
+
+fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+/// The sidecar's log lines with `message`, as JSON.
+fn lines(log: &str, message: &str) -> Vec<Value> {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
+        .filter(|l| {
+            l["message"]
+                .as_str()
+                .is_some_and(|m| m.starts_with(message))
+        })
+        .collect()
+}
+
+/// Bytes of layers the sidecar uploaded (not already in the registry).
+fn uploaded(log: &str) -> u64 {
+    lines(log, "snapshot layer uploaded")
+        .iter()
+        .filter(|l| l["already_there"] != true)
+        .map(|l| l["bytes"].as_u64().unwrap_or(0))
+        .sum()
+}
+
+/// CPU seconds a process has used (user and system).
+fn cpu_seconds(pid: u32) -> f64 {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // the fields after the command's closing parenthesis: utime is the 12th, stime the 13th
+    let rest = stat.rsplit_once(')').map(|(_, r)| r).unwrap_or("");
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    let ticks = |i: usize| {
+        fields
+            .get(i)
+            .and_then(|f| f.parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    // SAFETY: sysconf reads a constant.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    (ticks(11) + ticks(12)) / hz
+}
+
+fn mib(bytes: u64) -> f64 {
+    bytes as f64 / (1 << 20) as f64
+}
+
+struct Session {
+    pushed: Vec<u64>,
+}
+
+/// Six snapshots of one desktop, increments `on` or off.
+async fn session(rig: &Rig, on: bool, first: u64, step: u64, count: usize) -> Session {
+    let name = if on { "after" } else { "before" };
+    let (desk, pod) = (format!("desk-{name}"), format!("pod-{name}"));
+    rig.containerd
+        .run_desktop(&desk, &pod, &format!("12896316-{name}"), "x-graphical")
+        .await;
+    let work = tempfile::tempdir().expect("a work directory");
+    let work_dir = work.path().to_string_lossy().into_owned();
+    let sidecar = Sidecar::start_with(
+        rig.target(&pod, name),
+        None,
+        &[
+            ("SNAPSHOT_WORK_DIR", work_dir.as_str()),
+            ("SNAPSHOT_INCREMENTAL", if on { "true" } else { "false" }),
+            ("SNAPSHOT_LAYER_FORMAT", "zstd"),
+            ("SNAPSHOT_MAX_LAYERS", "64"),
+        ],
+    )
+    .await;
+    let files = (first / 64).max(1);
+    rig.containerd
+        .exec(
+            &desk,
+            &format!(
+                "mkdir -p /root/big && for i in $(seq 1 {files}); do dd if=/dev/urandom of=/root/big/f$i bs=1048576 count=64 2>/dev/null; done"
+            ),
+        )
+        .await;
+    let mut pushed = Vec::new();
+    let mut before = 0;
+    for i in 1..=count {
+        if i > 1 {
+            let half = (step / 2).max(1);
+            rig.containerd
+                .exec(
+                    &desk,
+                    &format!(
+                        "dd if=/dev/urandom of=/root/big/n{i} bs=1048576 count={half} 2>/dev/null && \
+                         dd if=/dev/urandom of=/root/big/n{} bs=1048576 count={half} 2>/dev/null",
+                        i - 1
+                    ),
+                )
+                .await;
+        }
+        let steps = sidecar.snapshot_done().await;
+        assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}");
+        let total = uploaded(&sidecar.log());
+        pushed.push(total - before);
+        before = total;
+        eprintln!(
+            "increment-bench {name}: snapshot {i} pushed {:.1} MiB",
+            mib(pushed[i - 1])
+        );
+    }
+    sidecar.stop().await;
+    rig.containerd.remove(&desk).await;
+    Session { pushed }
+}
+
+struct Idle {
+    cpu: f64,
+    elapsed: f64,
+    paused_ms: u64,
+    requests: usize,
+    answer: String,
+}
+
+/// An unchanged desktop of `entries` entries, snapshotted by a trigger that
+/// is not a click, increments `on` or off.
+async fn idle(rig: &Rig, on: bool, entries: usize) -> Idle {
+    let name = if on { "idle-after" } else { "idle-before" };
+    let (desk, pod) = (format!("desk-{name}"), format!("pod-{name}"));
+    rig.containerd
+        .run_desktop(&desk, &pod, &format!("12896316-{name}"), "x-graphical")
+        .await;
+    let dirs = entries / 100;
+    rig.containerd
+        .exec(
+            &desk,
+            &format!(
+                "for d in $(seq 1 {dirs}); do mkdir -p /root/t/d$d && for f in $(seq 1 99); do echo $d-$f > /root/t/d$d/f$f; done; done"
+            ),
+        )
+        .await;
+    let work = tempfile::tempdir().expect("a work directory");
+    let work_dir = work.path().to_string_lossy().into_owned();
+    let sidecar = Sidecar::start_with(
+        rig.target(&pod, name),
+        None,
+        &[
+            ("SNAPSHOT_WORK_DIR", work_dir.as_str()),
+            ("SNAPSHOT_INCREMENTAL", if on { "true" } else { "false" }),
+            ("SNAPSHOT_LAYER_FORMAT", "zstd"),
+        ],
+    )
+    .await;
+    let steps = sidecar.snapshot_done().await;
+    assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}");
+    tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+    let pid = sidecar.pid().expect("the sidecar's pid");
+    let paused_before: u64 = lines(&sidecar.log(), "")
+        .iter()
+        .filter_map(|l| l["paused_ms"].as_u64())
+        .sum();
+    let (cpu, asked) = (cpu_seconds(pid), rig.registry.log().lines().count());
+    let started = Instant::now();
+    let (_, body) = sidecar.get("/snapshot/logoff").await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let requests = rig.registry.log().lines().count() - asked;
+    let cpu = cpu_seconds(pid) - cpu;
+    let paused_ms = lines(&sidecar.log(), "")
+        .iter()
+        .filter_map(|l| l["paused_ms"].as_u64())
+        .sum::<u64>()
+        - paused_before;
+    sidecar.stop().await;
+    rig.containerd.remove(&desk).await;
+    Idle {
+        cpu,
+        elapsed,
+        paused_ms,
+        requests,
+        answer: body["message"].as_str().unwrap_or_default().to_string(),
+    }
+}
+
+#[tokio::main]
+async fn main() {
+    harness::init_crypto();
+    let first: u64 = env_or("INCREMENT_FIRST_MIB", 1024);
+    let step: u64 = env_or("INCREMENT_STEP_MIB", 10);
+    let count: usize = env_or("INCREMENT_SNAPSHOTS", 6);
+    let entries: usize = env_or("INCREMENT_ENTRIES", 20_000);
+    let rig = Rig::new().await;
+    let before = session(&rig, false, first, step, count).await;
+    let after = session(&rig, true, first, step, count).await;
+    let idle_before = idle(&rig, false, entries).await;
+    let idle_after = idle(&rig, true, entries).await;
+
+    let date = std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default();
+    println!(
+        "snapshot-sidecar increment benchmark, {date}, {} cores, release sidecar, zstd; before: SNAPSHOT_INCREMENTAL=false, after: true",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    println!(
+        "a session of {count} snapshots of one desktop: {first} MiB of random data first, then {step} MiB changed before each next one (a new file, the one before it written again); MiB uploaded"
+    );
+    println!("snapshot        before        after");
+    for i in 0..count {
+        println!(
+            "{:<8} {:>12.1} {:>12.1}",
+            i + 1,
+            mib(before.pushed[i]),
+            mib(after.pushed[i])
+        );
+    }
+    let rest = |s: &Session| s.pushed.iter().skip(1).sum::<u64>();
+    let changed = step * (count as u64 - 1);
+    println!(
+        "after the first {:>7.1} {:>12.1}   (changed: {changed} MiB; after/changed {:.3})",
+        mib(rest(&before)),
+        mib(rest(&after)),
+        mib(rest(&after)) / changed as f64
+    );
+    println!(
+        "an unchanged desktop of {entries} entries, snapshotted by a non-click trigger (the logoff endpoint)"
+    );
+    println!("                       before        after");
+    println!(
+        "sidecar CPU s    {:>12.3} {:>12.3}",
+        idle_before.cpu, idle_after.cpu
+    );
+    println!(
+        "answered in s    {:>12.3} {:>12.3}",
+        idle_before.elapsed, idle_after.elapsed
+    );
+    println!(
+        "paused ms        {:>12} {:>12}",
+        idle_before.paused_ms, idle_after.paused_ms
+    );
+    println!(
+        "registry lines   {:>12} {:>12}",
+        idle_before.requests, idle_after.requests
+    );
+    println!(
+        "answers: before {:?}; after {:?}",
+        idle_before.answer, idle_after.answer
+    );
+    rig.containerd.stop().await;
+}
