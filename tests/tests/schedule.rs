@@ -325,11 +325,15 @@ async fn a_logoff_ends_the_schedule() {
             .any(|op| scheduled(op) && op["started"].as_u64() >= logoff["started"].as_u64()),
         "{ops:#?}"
     );
-    let tags = rig.tags("liam").await;
-    assert_eq!(
-        manifest_trigger(&rig, tags.last().expect("a tag")).await,
-        "logoff"
-    );
+    // a scheduled snapshot may have pushed the change just before the
+    // logoff, which then had nothing new; a logoff that pushed says so
+    if logoff["image"].is_string() {
+        let tags = rig.tags("liam").await;
+        assert_eq!(
+            manifest_trigger(&rig, tags.last().expect("a tag")).await,
+            "logoff"
+        );
+    }
     let (ended, log) = sidecar.terminate().await;
     assert!(ended.success, "{ended}: {log}");
 }
