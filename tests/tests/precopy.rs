@@ -136,30 +136,29 @@ fn state_of(tree: &Tree) -> Option<(u64, usize)> {
     None
 }
 
-/// Parses the dump [`DUMP`] prints.
+/// Parses the dump [`DUMP`] prints: `=d <dir>` lines, then `=f <file>
+/// <bytes>` lines each followed by that many bytes and a newline (a file's
+/// content need not end with one).
 fn parse(dump: &str) -> Tree {
     let mut tree = Tree::default();
-    let mut current: Option<String> = None;
-    for line in dump.split_inclusive('\n') {
+    let mut rest = dump;
+    while let Some((line, after)) = rest.split_once('\n') {
+        rest = after;
         if let Some(dir) = line.strip_prefix("=d ") {
-            tree.dirs.insert(dir.trim_end().to_string());
-            current = None;
+            tree.dirs.insert(dir.to_string());
         } else if let Some(file) = line.strip_prefix("=f ") {
-            let file = file.trim_end().to_string();
-            tree.files.insert(file.clone(), String::new());
-            current = Some(file);
-        } else if let Some(f) = &current {
+            let (name, size) = file.rsplit_once(' ').expect("=f <file> <bytes>");
+            let size: usize = size.trim().parse().expect("a size");
             tree.files
-                .get_mut(f)
-                .expect("inserted above")
-                .push_str(line);
+                .insert(name.to_string(), rest[..size].to_string());
+            rest = rest[size..].strip_prefix('\n').unwrap_or(&rest[size..]);
         }
     }
     tree
 }
 
 const DUMP: &str = "cd /root/w && for d in $(find . -type d | sort); do echo \"=d $d\"; done; \
-     for f in $(find . -type f | sort); do echo \"=f $f\"; cat $f; done";
+     for f in $(find . -type f | sort); do echo \"=f $f $(wc -c < $f)\"; cat $f; echo; done";
 
 #[test]
 fn the_model_knows_the_writers_states() {
@@ -181,8 +180,12 @@ fn the_model_knows_the_writers_states() {
     let mut t = Model::after(7, 3).tree;
     t.files.insert("./new/8".into(), "8\n".into());
     assert_eq!(state_of(&t), None);
-    let dump = "=d .\n=d ./dirs\n=d ./new\n=f ./f0\n=f ./f1\n=f ./f2\n=f ./f3\n=f ./tag.0\ntag\n";
+    let dump = "=d .\n=d ./dirs\n=d ./new\n=f ./f0 0\n\n=f ./f1 0\n\n=f ./f2 0\n\n=f ./f3 0\n\n=f ./tag.0 4\ntag\n\n";
     assert_eq!(state_of(&parse(dump)), Some((0, 0)));
+    // a file whose content does not end with a newline
+    let t = parse("=d .\n=f ./bulk 4\n1\n22\n=f ./f0 2\n1\n\n");
+    assert_eq!(t.files["./bulk"], "1\n22");
+    assert_eq!(t.files["./f0"], "1\n");
 }
 
 /// Records the writer has appended to f0 so far.
@@ -268,7 +271,7 @@ async fn a_desktop_writing_during_its_snapshot_restores_to_one_instant() {
             rig.containerd.remove(&id).await;
             let Some((steps_done, ops)) = state_of(&tree) else {
                 panic!(
-                    "{what}: the restored desktop is no state the writer passed through: {:?}",
+                    "{what}: the restored desktop is no state the writer passed through: {:?}\n{log}",
                     tree.files.keys().collect::<Vec<_>>()
                 )
             };

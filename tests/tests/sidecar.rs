@@ -355,7 +355,8 @@ async fn sigterm_during_a_commit_leaves_the_desktop_running() {
             "dd if=/dev/zero of=/root/big bs=1048576 count=400 2>/dev/null; sync",
         )
         .await;
-    let sidecar = Sidecar::start(s.target()).await;
+    // paused for the whole read (with pre-copy the pause is too short to see)
+    let sidecar = Sidecar::start_with(s.target(), None, &[("SNAPSHOT_PRE_COPY", "false")]).await;
     let started = sidecar.post("/snapshot").await;
     let id = started["session_id"].as_str().unwrap().to_string();
     let mut paused = false;

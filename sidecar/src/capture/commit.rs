@@ -140,13 +140,26 @@ impl Paused {
             active: true,
             since: std::time::Instant::now(),
         };
-        let paused = ctrd
-            .client
-            .tasks()
-            .pause(ctrd.req(PauseTaskRequest {
-                container_id: container_id.to_string(),
-            }))
-            .await;
+        // the freezer gives up on a task it cannot stop in time (one stuck in
+        // a write on a busy disk): tried again a few times
+        let mut paused = Ok(());
+        for attempt in 0..4u64 {
+            paused = ctrd
+                .client
+                .tasks()
+                .pause(ctrd.req(PauseTaskRequest {
+                    container_id: container_id.to_string(),
+                }))
+                .await
+                .map(drop);
+            match &paused {
+                Err(e) if e.message().contains("unable to freeze") && attempt < 3 => {
+                    warn!(container = container_id, attempt, error = %e.message(), "the pause failed; trying again");
+                    tokio::time::sleep(Duration::from_millis(200 * (attempt + 1))).await;
+                }
+                _ => break,
+            }
+        }
         if let Err(e) = paused {
             guard.active = false;
             paused_set().retain(|(id, _)| id != container_id);
@@ -260,8 +273,45 @@ pub async fn from_upper(
     work_dir: &Path,
     max_bytes: u64,
 ) -> Result<NewLayer> {
+    let recorded = read_upper(
+        ctrd,
+        container,
+        upper,
+        freeze,
+        compression,
+        work_dir,
+        max_bytes,
+        false,
+    )
+    .await?;
+    Ok(recorded.0)
+}
+
+/// [`from_upper`], and with `record` the record of the upper directory as
+/// the layer holds it: scanned under the pause (before the read, with the
+/// pause off).
+#[allow(clippy::too_many_arguments)]
+async fn read_upper(
+    ctrd: &Ctrd,
+    container: &Container,
+    upper: Upper,
+    freeze: Freeze,
+    compression: Compression,
+    work_dir: &Path,
+    max_bytes: u64,
+    record: bool,
+) -> Result<(NewLayer, Option<Record>)> {
     if freeze == Freeze::PreCopy {
-        return pre_copied(ctrd, container, upper, compression, work_dir, max_bytes).await;
+        return pre_copied(
+            ctrd,
+            container,
+            upper,
+            compression,
+            work_dir,
+            max_bytes,
+            record,
+        )
+        .await;
     }
     let pause = freeze == Freeze::Throughout;
     let (writer, reader) = spool::create(work_dir, max_bytes)?;
@@ -272,20 +322,30 @@ pub async fn from_upper(
     };
     let started = std::time::Instant::now();
     let written = tokio::task::spawn_blocking(move || {
+        let recorded = record.then(|| recorded(&upper));
         compress_into(writer, compression, |out| upper::write_layer(&upper, out))
+            .map(|layer| (layer, recorded.flatten()))
     })
     .await;
     if let Some(p) = paused {
         p.resume().await?;
     }
-    let layer = written.context("the layer writer panicked")??;
+    let (layer, recorded) = written.context("the layer writer panicked")??;
     let paused_ms = if pause {
         started.elapsed().as_millis() as u64
     } else {
         0
     };
     info!(diff_id = %layer.diff_id, compressed_bytes = layer.size, paused_ms, "layer read from the upper directory");
-    Ok(NewLayer::new(layer, reader, "upperdir"))
+    Ok((NewLayer::new(layer, reader, "upperdir"), recorded))
+}
+
+/// The record of the upper directory now ([`scan`]); `None`, logged, when
+/// it cannot be taken (the next layer is a full one too).
+fn recorded(upper: &Upper) -> Option<Record> {
+    scan(&upper.dir, upper.userxattr)
+        .map_err(|e| warn!(error = %format!("{e:#}"), "the upper directory cannot be recorded: the next snapshot's layer is a full one too"))
+        .ok()
 }
 
 /// [`from_upper`] in a chain of snapshots: with `last`, the record of the
@@ -309,14 +369,10 @@ pub async fn from_upper_recorded(
     max_bytes: u64,
 ) -> Result<(NewLayer, Option<Record>)> {
     let Some(last) = last else {
-        let (dir, userxattr) = (upper.dir.clone(), upper.userxattr);
-        let scanned = tokio::task::spawn_blocking(move || scan(&dir, userxattr))
-            .await
-            .context("the scan panicked")?;
-        let record = scanned
-            .map_err(|e| warn!(error = %format!("{e:#}"), "the upper directory cannot be recorded: the next snapshot's layer is a full one too"))
-            .ok();
-        let layer = from_upper(
+        // the record of what the layer holds: taken at its cut (under the
+        // pause), so that an entry made after an earlier scan and deleted
+        // before the next capture still gets its whiteout
+        return read_upper(
             ctrd,
             container,
             upper,
@@ -324,9 +380,9 @@ pub async fn from_upper_recorded(
             compression,
             work_dir,
             max_bytes,
+            true,
         )
-        .await?;
-        return Ok((layer, record));
+        .await;
     };
     let (writer, reader) = spool::create(work_dir, max_bytes)?;
     let paused = match freeze {
@@ -409,7 +465,8 @@ async fn pre_copied(
     compression: Compression,
     work_dir: &Path,
     max_bytes: u64,
-) -> Result<NewLayer> {
+    record: bool,
+) -> Result<(NewLayer, Option<Record>)> {
     let started = std::time::Instant::now();
     let unit = Unit::of(&compression);
     let (threads, dir) = (compression.threads, work_dir.to_path_buf());
@@ -424,7 +481,7 @@ async fn pre_copied(
             most = precopy::MAX_ENTRIES,
             "too many entries to pre-copy: the change is read under the pause"
         );
-        return Box::pin(from_upper(
+        return Box::pin(read_upper(
             ctrd,
             container,
             upper,
@@ -432,6 +489,7 @@ async fn pre_copied(
             compression,
             work_dir,
             max_bytes,
+            record,
         ))
         .await;
     };
@@ -447,10 +505,11 @@ async fn pre_copied(
     let paused_ms = frozen.elapsed().as_millis() as u64;
     paused.resume().await?;
     let (first, reread) = under.context("the layer writer panicked")?;
-    let reread = reread?;
+    let mut reread = reread?;
 
     let (writer, reader) = spool::create(work_dir, max_bytes)?;
     let read_again = reread.index.entries.len();
+    let recorded = reread.record.take().filter(|_| record);
     let layer = tokio::task::spawn_blocking(move || {
         assemble_into(writer, &compression, &first, &reread).map(|w| (w, first.seen.len()))
     })
@@ -467,7 +526,7 @@ async fn pre_copied(
         elapsed_ms = started.elapsed().as_millis() as u64,
         "layer read from the upper directory, what changed meanwhile read again under the pause"
     );
-    Ok(NewLayer::new(layer, reader, "upperdir"))
+    Ok((NewLayer::new(layer, reader, "upperdir"), recorded))
 }
 
 /// The layer from the first pass's pieces and what the pause read again,

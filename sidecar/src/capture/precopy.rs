@@ -206,12 +206,12 @@ pub struct FirstPass {
 
 /// What the pause read again: the plain pieces of the entries read, which
 /// entries of the first pass still stand, and the record of the upper
-/// directory at the pause.
+/// directory at the pause (what the layer holds), its racy entries marked.
 pub struct Reread {
     pub file: File,
     pub index: Index,
     pub valid: Vec<bool>,
-    pub record: Record,
+    pub record: Option<Record>,
 }
 
 /// Reads the upper directory into pieces of `unit` while the desktop runs;
@@ -258,7 +258,8 @@ pub fn under_pause(
     work_dir: &Path,
     limit: u64,
 ) -> Result<Reread> {
-    let record = record::scan(&upper.dir, upper.userxattr)?;
+    let since = record::racy_since();
+    let mut record = record::scan(&upper.dir, upper.userxattr)?;
     let now: Vec<(&[u8], Stamp)> = record
         .iter()
         .map(|(key, stamp)| (key, Stamp::recorded(stamp)))
@@ -268,11 +269,12 @@ pub fn under_pause(
     let (file, collect) = collector(Unit::Plain, 1, work_dir, limit)?;
     upper::write_entries(upper, &again.paths, &collect, &collect)?;
     let (index, _) = collect.finish().context("writing what changed")?;
+    record.mark_racy(since);
     Ok(Reread {
         file,
         index,
         valid: again.valid,
-        record,
+        record: Some(record),
     })
 }
 
@@ -919,6 +921,113 @@ mod trees {
             let want = upper::write_layer(&upper(&root), Vec::new()).unwrap();
             assert!(layer == want, "round {round}, {unit:?}");
             assert_eq!(diff_id, sha(&want), "round {round}, {unit:?}");
+        }
+    }
+}
+
+/// The steps of the consistency test's desktop writer (`tests/tests/precopy.rs`)
+/// racing the first pass: the assembled layer is the tree at the "pause".
+#[cfg(test)]
+mod writer_steps {
+    use super::*;
+    use std::fs;
+
+    fn upper(dir: &Path) -> Upper {
+        upper::upperdir(&[containerd_client::types::Mount {
+            r#type: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options: vec![format!("upperdir={}", dir.display())],
+        }])
+        .expect("an overlay mount")
+    }
+
+    #[test]
+    fn the_consistency_writers_steps() {
+        for round in 0..6 {
+            let dir = tempfile::tempdir().unwrap();
+            let w = dir.path().join("root/w");
+            fs::create_dir_all(w.join("new")).unwrap();
+            fs::create_dir_all(w.join("dirs")).unwrap();
+            fs::write(w.join("tag.0"), "tag\n").unwrap();
+            for i in 0..2000 {
+                fs::create_dir_all(dir.path().join("opt/many")).unwrap();
+                fs::write(dir.path().join(format!("opt/many/{i}")), format!("{i}\n")).unwrap();
+            }
+            let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+            let racer = {
+                let (stop, w) = (stop.clone(), w.clone());
+                std::thread::spawn(move || {
+                    let mut n = 0i64;
+                    while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                        n += 1;
+                        let line = format!("{n}\n");
+                        for f in ["f0", "f1", "f2", "f3"] {
+                            use std::io::Write;
+                            fs::OpenOptions::new()
+                                .create(true)
+                                .append(true)
+                                .open(w.join(f))
+                                .unwrap()
+                                .write_all(line.as_bytes())
+                                .unwrap();
+                        }
+                        fs::write(w.join(format!("new/{n}")), &line).unwrap();
+                        let _ = fs::remove_file(w.join(format!("new/{}", n - 3)));
+                        fs::create_dir(w.join(format!("dirs/{n}"))).unwrap();
+                        fs::write(w.join(format!("dirs/{n}/x")), &line).unwrap();
+                        let _ = fs::remove_dir_all(w.join(format!("dirs/{}", n - 3)));
+                        fs::rename(w.join(format!("tag.{}", n - 1)), w.join(format!("tag.{n}")))
+                            .unwrap();
+                        fs::write(w.join("bulk.tmp"), line.repeat(1000)).unwrap();
+                        fs::rename(w.join("bulk.tmp"), w.join("bulk")).unwrap();
+                    }
+                })
+            };
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            let work = tempfile::tempdir().unwrap();
+            let unit = [Unit::Gzip(1), Unit::Zstd(3), Unit::Plain][round % 3];
+            let first = first_pass(&upper(dir.path()), unit, 2, work.path(), u64::MAX)
+                .unwrap()
+                .unwrap();
+            stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            racer.join().unwrap();
+            let reread = under_pause(&upper(dir.path()), &first, work.path(), u64::MAX).unwrap();
+            let mut out = Pieces::new(Vec::new(), unit, 2, false).unwrap();
+            let diff_id = assemble(&first, &reread, &mut out, true).unwrap().unwrap();
+            let (blob, _) = out.finish().unwrap();
+            let mut plain = Vec::new();
+            use std::io::Read;
+            match unit {
+                Unit::Gzip(_) => {
+                    flate2::read::MultiGzDecoder::new(blob.as_slice())
+                        .read_to_end(&mut plain)
+                        .unwrap();
+                }
+                Unit::Zstd(_) => {
+                    zstd::stream::read::Decoder::new(blob.as_slice())
+                        .unwrap()
+                        .read_to_end(&mut plain)
+                        .unwrap();
+                }
+                Unit::Plain => plain = blob,
+            }
+            let want = upper::write_layer(&upper(dir.path()), Vec::new()).unwrap();
+            let names = |t: &[u8]| -> Vec<String> {
+                tar::Archive::new(t)
+                    .entries()
+                    .unwrap()
+                    .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+                    .filter(|p| p.contains("dirs"))
+                    .collect()
+            };
+            assert_eq!(names(&plain), names(&want), "round {round} {unit:?}");
+            assert!(plain == want, "round {round}");
+            use sha2::Digest;
+            assert_eq!(
+                diff_id,
+                format!("sha256:{}", hex::encode(sha2::Sha256::digest(&want)))
+            );
         }
     }
 }
