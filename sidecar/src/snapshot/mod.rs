@@ -239,6 +239,7 @@ async fn chained(
     let upper = upper
         .map_err(|why| info!(reason = %why, "the layer comes from the Diff service"))
         .ok();
+    let chained = last.is_some();
     let made = generate_and_push(
         config,
         known,
@@ -263,6 +264,13 @@ async fn chained(
                 (upper, identity.as_ref(), None),
             )
             .await
+        }
+        // the chain's last snapshot may be what failed (deleted, its layers
+        // collected): the next snapshot starts a chain anew, never stuck
+        Err(e) if chained => {
+            warn!("the snapshot failed: the next one's layer is a full one");
+            chain::forget(config);
+            Err(e)
         }
         other => other,
     }
