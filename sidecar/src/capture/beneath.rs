@@ -191,7 +191,22 @@ impl Dir {
     /// The names in this directory (without `.` and `..`), in byte order; kept
     /// in one buffer, so a directory of a million entries costs tens of MiB.
     pub fn names(&self) -> io::Result<Names> {
-        let mut listing = rfs::Dir::read_from(&self.fd)?;
+        Names::of(&self.fd)
+    }
+}
+
+/// Names packed in one buffer: `(start, end)` ranges into `bytes`.
+#[derive(Default)]
+pub struct Names {
+    bytes: Vec<u8>,
+    ranges: Vec<(u32, u32)>,
+}
+
+impl Names {
+    /// The names in the directory open at `fd` (without `.` and `..`), in
+    /// byte order.
+    pub fn of(fd: &OwnedFd) -> io::Result<Self> {
+        let mut listing = rfs::Dir::read_from(fd)?;
         let mut names = Names::default();
         for entry in &mut listing {
             let entry = entry?;
@@ -204,16 +219,7 @@ impl Dir {
         names.sort();
         Ok(names)
     }
-}
 
-/// Names packed in one buffer: `(start, end)` ranges into `bytes`.
-#[derive(Default)]
-pub struct Names {
-    bytes: Vec<u8>,
-    ranges: Vec<(u32, u32)>,
-}
-
-impl Names {
     fn push(&mut self, name: &[u8]) {
         let start = self.bytes.len() as u32;
         self.bytes.extend_from_slice(name);
@@ -235,6 +241,12 @@ impl Names {
 
     pub fn is_empty(&self) -> bool {
         self.ranges.is_empty()
+    }
+
+    /// The `i`th name, if there are that many.
+    pub fn get(&self, i: usize) -> Option<&[u8]> {
+        let &(s, e) = self.ranges.get(i)?;
+        Some(&self.bytes[s as usize..e as usize])
     }
 
     pub fn iter(&self) -> impl Iterator<Item = &OsStr> + '_ {

@@ -868,6 +868,27 @@ mod trees {
         assert!(done.unwrap().prefetched_entries > 300);
     }
 
+    /// An empty upper directory (a new user who changed nothing): an empty
+    /// layer tar, its end only, in every unit and as eStargz.
+    #[test]
+    fn an_empty_change_is_an_empty_layer() {
+        let dir = tempfile::tempdir().unwrap();
+        let want = upper::write_layer(&upper(dir.path()), Vec::new()).unwrap();
+        for unit in UNITS {
+            let (layer, diff_id, again) = precopy(dir.path(), unit, || {});
+            assert!(layer == want, "{unit:?}");
+            assert_eq!(diff_id, sha(&want), "{unit:?}");
+            assert_eq!(again, 0, "{unit:?}");
+        }
+        let (plain, _, _) = precopy(dir.path(), Unit::Plain, || {});
+        let mut e = Compression::new(Codec::Estargz, 2)
+            .encoder(Vec::new())
+            .unwrap();
+        e.write_all(&plain).unwrap();
+        let (blob, done) = e.finish().unwrap();
+        assert!(!blob.is_empty() && done.is_some());
+    }
+
     /// A desktop writing, renaming and deleting as fast as it can during the
     /// first pass: once it stops (the pause), the layer is the tree then.
     #[test]

@@ -16,6 +16,7 @@
 //! missing, damaged or foreign record is no record ([`load`] says why),
 //! and the next layer is a full one, never a wrong one.
 
+use super::beneath::Names;
 use anyhow::{bail, Context, Result};
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, StatxFlags};
 use serde::{Deserialize, Serialize};
@@ -23,7 +24,8 @@ use sha2::{Digest, Sha256};
 use std::{
     cmp::Ordering,
     ffi::OsStr,
-    io::{self, Write},
+    io::{self, Read, Write},
+    ops::ControlFlow,
     os::{fd::OwnedFd, unix::ffi::OsStrExt},
     path::{Path, PathBuf},
 };
@@ -330,11 +332,41 @@ pub fn racy_since() -> (i64, u32) {
 }
 
 /// The record of the tree at `dir` (the upper directory itself is not an
-/// entry), walked like the layer writer walks it: every entry stamped
-/// through its parent's descriptor (`statx`, links never followed), only
-/// directories opened (`O_NOFOLLOW`), nothing outside the tree reachable.
-/// `userxattr`: overlay's attributes are `user.overlay.*`.
+/// entry), walked as [`walk`] walks it.
 pub fn scan(dir: &Path, userxattr: bool) -> Result<Record> {
+    let mut record = Record::default();
+    // never breaks: every entry is pushed
+    let _walked = walk(dir, userxattr, |key, stamp| {
+        record.push(key, stamp)?;
+        Ok(ControlFlow::Continue(()))
+    })?;
+    Ok(record)
+}
+
+/// Whether the tree at `dir` is as `old` records it, entry for entry (no
+/// new, changed, racy or gone entry); the walk stops at the first
+/// difference, and holds no second record.
+pub fn same_as(dir: &Path, userxattr: bool, old: &Record) -> Result<bool> {
+    let mut was = old.iter();
+    let walked = walk(dir, userxattr, |key, now| match was.next() {
+        Some((k, w)) if k == key && now.unchanged_since(w) => Ok(ControlFlow::Continue(())),
+        _ => Ok(ControlFlow::Break(())),
+    })?;
+    Ok(walked.is_continue() && was.next().is_none())
+}
+
+/// Walks the tree at `dir` (the upper directory itself is not an entry) like
+/// the layer writer walks it, giving `visit` each entry's key and stamp in
+/// key order until it breaks: every entry stamped through its parent's
+/// descriptor (`statx`, links never followed), only directories opened
+/// (`O_NOFOLLOW`), nothing outside the tree reachable. A directory's names
+/// are held packed ([`Names`]): a million entries in one directory cost
+/// tens of MiB. `userxattr`: overlay's attributes are `user.overlay.*`.
+pub fn walk(
+    dir: &Path,
+    userxattr: bool,
+    mut visit: impl FnMut(&[u8], Stamp) -> Result<ControlFlow<()>>,
+) -> Result<ControlFlow<()>> {
     let opaque_name = if userxattr {
         "user.overlay.opaque"
     } else {
@@ -342,20 +374,20 @@ pub fn scan(dir: &Path, userxattr: bool) -> Result<Record> {
     };
     let (root, _) = open_dir_at(None, dir)
         .with_context(|| format!("opening the upper directory {}", dir.display()))?;
-    let names = list(&root).context("listing the upper directory")?;
-    let mut record = Record::default();
-    // one frame per open directory: its descriptor, key, and names left
-    let mut stack: Vec<(OwnedFd, Vec<u8>, std::vec::IntoIter<Vec<u8>>)> =
-        vec![(root, Vec::new(), names.into_iter())];
-    while let Some((fd, key, names)) = stack.last_mut() {
-        let Some(name) = names.next() else {
+    let names = Names::of(&root).context("listing the upper directory")?;
+    // one frame per open directory: its descriptor, key, names and the next
+    let mut stack: Vec<(OwnedFd, Vec<u8>, Names, usize)> = vec![(root, Vec::new(), names, 0)];
+    while let Some((fd, key, names, next)) = stack.last_mut() {
+        let Some(name) = names.get(*next) else {
             stack.pop();
             continue;
         };
-        let child = join(key, &name);
+        *next += 1;
+        let name = OsStr::from_bytes(name);
+        let child = join(key, name.as_bytes());
         let st = match rfs::statx(
             &*fd,
-            OsStr::from_bytes(&name),
+            name,
             AtFlags::SYMLINK_NOFOLLOW,
             StatxFlags::BASIC_STATS,
         ) {
@@ -366,15 +398,17 @@ pub fn scan(dir: &Path, userxattr: bool) -> Result<Record> {
         };
         let mut stamp = stamp_of(&st, false);
         if stamp.is_dir() {
-            match open_dir_at(Some(&*fd), OsStr::from_bytes(&name)) {
+            match open_dir_at(Some(&*fd), name) {
                 Ok((sub, sub_st)) => {
                     // the directory now at that name: its own stamp
                     let opaque = is_y(&sub, opaque_name);
                     stamp = stamp_of(&sub_st, opaque);
-                    let names =
-                        list(&sub).with_context(|| format!("listing {}", shown_key(&child)))?;
-                    record.push(&child, stamp)?;
-                    stack.push((sub, child, names.into_iter()));
+                    let names = Names::of(&sub)
+                        .with_context(|| format!("listing {}", shown_key(&child)))?;
+                    if visit(&child, stamp)?.is_break() {
+                        return Ok(ControlFlow::Break(()));
+                    }
+                    stack.push((sub, child, names, 0));
                     continue;
                 }
                 Err(rustix::io::Errno::NOENT) => continue,
@@ -382,7 +416,7 @@ pub fn scan(dir: &Path, userxattr: bool) -> Result<Record> {
                 Err(rustix::io::Errno::NOTDIR) | Err(rustix::io::Errno::LOOP) => {
                     match rfs::statx(
                         &*fd,
-                        OsStr::from_bytes(&name),
+                        name,
                         AtFlags::SYMLINK_NOFOLLOW,
                         StatxFlags::BASIC_STATS,
                     ) {
@@ -393,9 +427,11 @@ pub fn scan(dir: &Path, userxattr: bool) -> Result<Record> {
                 Err(e) => return Err(e).with_context(|| format!("opening {}", shown_key(&child))),
             }
         }
-        record.push(&child, stamp)?;
+        if visit(&child, stamp)?.is_break() {
+            return Ok(ControlFlow::Break(()));
+        }
     }
-    Ok(record)
+    Ok(ControlFlow::Continue(()))
 }
 
 /// Whether the attribute `name` of `fd` is `y`.
@@ -415,21 +451,6 @@ fn open_dir_at(
     };
     let st = rfs::statx(&fd, c"", AtFlags::EMPTY_PATH, StatxFlags::BASIC_STATS)?;
     Ok((fd, st))
-}
-
-/// The names in a directory, without `.` and `..`, in byte order.
-fn list(fd: &OwnedFd) -> Result<Vec<Vec<u8>>> {
-    let mut names = Vec::new();
-    let mut dir = rfs::Dir::read_from(fd)?;
-    for entry in &mut dir {
-        let entry = entry?;
-        let name = entry.file_name().to_bytes();
-        if name != b"." && name != b".." {
-            names.push(name.to_vec());
-        }
-    }
-    names.sort_unstable();
-    Ok(names)
 }
 
 fn stamp_of(st: &rfs::Statx, opaque: bool) -> Stamp {
@@ -495,23 +516,29 @@ struct Header {
     payload: serde_json::Value,
 }
 
-/// The record, with the identity it describes and the caller's `payload`, as
-/// bytes (see [`save`]).
+/// Writes the record, with the identity it describes and the caller's
+/// `payload`, into `out` (see [`save`]): streamed, entry by entry, the
+/// checksum last, so that a record of millions of entries needs no second
+/// copy in memory.
 pub fn encode(
+    out: impl Write,
     identity: &Identity,
     payload: &serde_json::Value,
     record: &Record,
-) -> Result<Vec<u8>> {
+) -> Result<()> {
     let header = serde_json::to_vec(&Header {
         identity: identity.clone(),
         payload: payload.clone(),
     })?;
-    let mut out = Vec::with_capacity(64 + header.len() + record.len() * (ENTRY_BYTES + 24));
-    out.extend_from_slice(MAGIC);
-    out.extend_from_slice(&VERSION.to_le_bytes());
-    out.extend_from_slice(&(header.len() as u32).to_le_bytes());
-    out.extend_from_slice(&header);
-    out.extend_from_slice(&(record.len() as u64).to_le_bytes());
+    let mut out = Summed {
+        inner: out,
+        sum: Sha256::new(),
+    };
+    out.write_all(MAGIC)?;
+    out.write_all(&VERSION.to_le_bytes())?;
+    out.write_all(&(header.len() as u32).to_le_bytes())?;
+    out.write_all(&header)?;
+    out.write_all(&(record.len() as u64).to_le_bytes())?;
     let mut previous: &[u8] = &[];
     for (key, s) in record.iter() {
         let shared = previous
@@ -521,32 +548,51 @@ pub fn encode(
             .count()
             .min(u16::MAX as usize);
         let suffix = &key[shared..];
-        out.extend_from_slice(&(shared as u16).to_le_bytes());
-        out.extend_from_slice(&(suffix.len() as u32).to_le_bytes());
-        out.extend_from_slice(suffix);
-        out.extend_from_slice(&s.ino.to_le_bytes());
-        out.extend_from_slice(&s.ctime_sec.to_le_bytes());
-        out.extend_from_slice(&s.ctime_nsec.to_le_bytes());
-        out.extend_from_slice(&s.size.to_le_bytes());
-        out.extend_from_slice(&s.mode.to_le_bytes());
-        out.extend_from_slice(&s.nlink.to_le_bytes());
-        out.extend_from_slice(&s.rdev.to_le_bytes());
-        out.push(s.flags);
+        out.write_all(&(shared as u16).to_le_bytes())?;
+        out.write_all(&(suffix.len() as u32).to_le_bytes())?;
+        out.write_all(suffix)?;
+        out.write_all(&s.ino.to_le_bytes())?;
+        out.write_all(&s.ctime_sec.to_le_bytes())?;
+        out.write_all(&s.ctime_nsec.to_le_bytes())?;
+        out.write_all(&s.size.to_le_bytes())?;
+        out.write_all(&s.mode.to_le_bytes())?;
+        out.write_all(&s.nlink.to_le_bytes())?;
+        out.write_all(&s.rdev.to_le_bytes())?;
+        out.write_all(&[s.flags])?;
         previous = key;
     }
-    let sum = Sha256::digest(&out);
-    out.extend_from_slice(&sum);
-    Ok(out)
+    let sum = out.sum.finalize();
+    out.inner.write_all(&sum)?;
+    out.inner.flush()?;
+    Ok(())
 }
 
-/// The identity, payload and record in `bytes`; an error says what is wrong.
-pub fn decode(bytes: &[u8]) -> Result<(Identity, serde_json::Value, Record)> {
-    let body_len = bytes.len().checked_sub(32).context("too short")?;
-    let (body, sum) = bytes.split_at(body_len);
-    if Sha256::digest(body).as_slice() != sum {
-        bail!("the checksum does not match");
+/// A writer that hashes what passes through it.
+struct Summed<W> {
+    inner: W,
+    sum: Sha256,
+}
+
+impl<W: Write> Write for Summed<W> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let n = self.inner.write(buf)?;
+        self.sum.update(&buf[..n]);
+        Ok(n)
     }
-    let mut r = Reader { bytes: body };
+    fn flush(&mut self) -> io::Result<()> {
+        self.inner.flush()
+    }
+}
+
+/// The identity, payload and record in the `len` bytes `input` holds (as
+/// [`encode`] wrote them), read as a stream; an error says what is wrong.
+pub fn decode(input: impl Read, len: u64) -> Result<(Identity, serde_json::Value, Record)> {
+    let body_len = len.checked_sub(32).context("too short")?;
+    let mut r = Reader {
+        input,
+        left: body_len,
+        sum: Sha256::new(),
+    };
     if r.take(8)? != MAGIC {
         bail!("not a record");
     }
@@ -558,10 +604,10 @@ pub fn decode(bytes: &[u8]) -> Result<(Identity, serde_json::Value, Record)> {
     if header_len > MAX_HEADER {
         bail!("a header of {header_len} bytes");
     }
-    let header: Header = serde_json::from_slice(r.take(header_len)?).context("the header")?;
+    let header: Header = serde_json::from_slice(&r.take(header_len)?).context("the header")?;
     let count = r.u64()? as usize;
-    if count > MAX_ENTRIES || count > r.bytes.len() / ENTRY_BYTES {
-        bail!("{count} entries in {} bytes", r.bytes.len());
+    if count > MAX_ENTRIES || count as u64 > r.left / ENTRY_BYTES as u64 {
+        bail!("{count} entries in {} bytes", r.left);
     }
     let mut record = Record::default();
     let mut key: Vec<u8> = Vec::new();
@@ -571,8 +617,11 @@ pub fn decode(bytes: &[u8]) -> Result<(Identity, serde_json::Value, Record)> {
         if shared > key.len() {
             bail!("a path sharing more than the one before");
         }
-        key.truncate(shared);
-        key.extend_from_slice(r.take(suffix_len)?);
+        if suffix_len as u64 > r.left {
+            bail!("it ends early");
+        }
+        key.resize(shared + suffix_len, 0);
+        r.fill(&mut key[shared..])?;
         let stamp = Stamp {
             ino: r.u64()?,
             ctime_sec: r.u64()? as i64,
@@ -585,33 +634,58 @@ pub fn decode(bytes: &[u8]) -> Result<(Identity, serde_json::Value, Record)> {
         };
         record.push(&key, stamp)?;
     }
-    if !r.bytes.is_empty() {
-        bail!("{} bytes after the last entry", r.bytes.len());
+    if r.left != 0 {
+        bail!("{} bytes after the last entry", r.left);
+    }
+    let mut sum = [0u8; 32];
+    r.input
+        .read_exact(&mut sum)
+        .context("it ends before its checksum")?;
+    if r.sum.finalize().as_slice() != sum {
+        bail!("the checksum does not match");
     }
     Ok((header.identity, header.payload, record))
 }
 
-struct Reader<'a> {
-    bytes: &'a [u8],
+/// The body of a record: what is left of it, hashed as it is read.
+struct Reader<R> {
+    input: R,
+    left: u64,
+    sum: Sha256,
 }
 
-impl<'a> Reader<'a> {
-    fn take(&mut self, n: usize) -> Result<&'a [u8]> {
-        if n > self.bytes.len() {
+impl<R: Read> Reader<R> {
+    /// The next `buf.len()` bytes of the body, into `buf`.
+    fn fill(&mut self, buf: &mut [u8]) -> Result<()> {
+        if buf.len() as u64 > self.left {
             bail!("it ends early");
         }
-        let (head, rest) = self.bytes.split_at(n);
-        self.bytes = rest;
-        Ok(head)
+        self.input.read_exact(buf).context("it ends early")?;
+        self.left -= buf.len() as u64;
+        self.sum.update(&*buf);
+        Ok(())
+    }
+    fn take(&mut self, n: usize) -> Result<Vec<u8>> {
+        if n as u64 > self.left {
+            bail!("it ends early");
+        }
+        let mut buf = vec![0u8; n];
+        self.fill(&mut buf)?;
+        Ok(buf)
+    }
+    fn array<const N: usize>(&mut self) -> Result<[u8; N]> {
+        let mut buf = [0u8; N];
+        self.fill(&mut buf)?;
+        Ok(buf)
     }
     fn u16(&mut self) -> Result<u16> {
-        Ok(u16::from_le_bytes(self.take(2)?.try_into()?))
+        Ok(u16::from_le_bytes(self.array()?))
     }
     fn u32(&mut self) -> Result<u32> {
-        Ok(u32::from_le_bytes(self.take(4)?.try_into()?))
+        Ok(u32::from_le_bytes(self.array()?))
     }
     fn u64(&mut self) -> Result<u64> {
-        Ok(u64::from_le_bytes(self.take(8)?.try_into()?))
+        Ok(u64::from_le_bytes(self.array()?))
     }
 }
 
@@ -623,13 +697,17 @@ pub fn save(
     payload: &serde_json::Value,
     record: &Record,
 ) -> Result<()> {
-    let bytes = encode(identity, payload, record)?;
     let dir = path.parent().unwrap_or(Path::new("."));
-    let mut file = tempfile::NamedTempFile::new_in(dir)
+    let file = tempfile::NamedTempFile::new_in(dir)
         .with_context(|| format!("a temporary file in {}", dir.display()))?;
-    file.write_all(&bytes)
-        .and_then(|()| file.as_file().sync_all())
-        .with_context(|| format!("writing {}", file.path().display()))?;
+    encode(
+        io::BufWriter::with_capacity(1 << 16, file.as_file()),
+        identity,
+        payload,
+        record,
+    )
+    .and_then(|()| Ok(file.as_file().sync_all()?))
+    .with_context(|| format!("writing {}", file.path().display()))?;
     file.persist(path)
         .with_context(|| format!("renaming the record to {}", path.display()))?;
     Ok(())
@@ -639,15 +717,15 @@ pub fn save(
 /// reason) when there is none, it is damaged, or it describes another
 /// container or upper directory.
 pub fn load(path: &Path, identity: &Identity) -> Result<(serde_json::Value, Record), String> {
-    let bytes = match std::fs::read(path) {
-        Ok(b) => b,
+    let (file, len) = match std::fs::File::open(path).and_then(|f| Ok((f.metadata()?.len(), f))) {
+        Ok((len, f)) => (f, len),
         Err(e) if e.kind() == io::ErrorKind::NotFound => {
             return Err("no record of an earlier capture".into())
         }
         Err(e) => return Err(format!("the record cannot be read: {e}")),
     };
-    let (found, payload, record) =
-        decode(&bytes).map_err(|e| format!("the record is damaged: {e:#}"))?;
+    let (found, payload, record) = decode(io::BufReader::with_capacity(1 << 16, file), len)
+        .map_err(|e| format!("the record is damaged: {e:#}"))?;
     if &found != identity {
         return Err(format!(
             "the record describes another capture (container {}, snapshot {})",

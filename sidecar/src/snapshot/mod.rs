@@ -225,9 +225,10 @@ async fn chained(
         .ok(),
         _ => None,
     };
-    let last = identity.as_ref().and_then(|id| chain::load(config, id));
-    if let (Some((newest, old)), Ok(upper)) = (&last, &upper) {
-        if unchanged_since(upper, old).await {
+    let mut last = identity.as_ref().and_then(|id| chain::load(config, id));
+    if let (Some((newest, old)), Ok(upper)) = (last.take(), &upper) {
+        let (same, old) = unchanged_since(upper, old).await;
+        if same {
             if op.sessions.end_unchanged(op.id, UNCHANGED) {
                 return Ok(Made::Unchanged);
             }
@@ -235,6 +236,7 @@ async fn chained(
                 image: newest.image.clone(),
             });
         }
+        last = old.map(|old| (newest, old));
     }
     let upper = upper
         .map_err(|why| info!(reason = %why, "the layer comes from the Diff service"))
@@ -283,26 +285,32 @@ async fn chained(
 struct NotAnIncrement(String);
 
 /// Whether the upper directory is as the record `old` says: one metadata
-/// walk, no pause, no data read.
-async fn unchanged_since(upper: &Upper, old: &Record) -> bool {
+/// walk that stops at the first difference, no pause, no data read. The
+/// record comes back for the increment (none if the walk's thread died:
+/// the next layer is a full one).
+async fn unchanged_since(upper: &Upper, old: Record) -> (bool, Option<Record>) {
     let (dir, userxattr) = (upper.dir.clone(), upper.userxattr);
     let started = Instant::now();
-    match tokio::task::spawn_blocking(move || record::scan(&dir, userxattr)).await {
-        Ok(Ok(now)) => {
-            let same = record::diff(old, &now).next().is_none();
+    let walked = tokio::task::spawn_blocking(move || {
+        let same = record::same_as(&dir, userxattr, &old);
+        (same, old)
+    })
+    .await;
+    match walked {
+        Ok((Ok(same), old)) => {
             info!(
-                entries = now.len(),
+                entries = old.len(),
                 unchanged = same,
                 elapsed_ms = started.elapsed().as_millis() as u64,
                 "the upper directory compared with the record of the last capture"
             );
-            same
+            (same, Some(old))
         }
-        Ok(Err(e)) => {
+        Ok((Err(e), old)) => {
             warn!(error = %format!("{e:#}"), "the upper directory cannot be recorded");
-            false
+            (false, Some(old))
         }
-        Err(_) => false,
+        Err(_) => (false, None),
     }
 }
 
