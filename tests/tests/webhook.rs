@@ -921,8 +921,8 @@ async fn the_sidecar_has_what_it_needs_and_no_container_sees_the_password() {
     }
     assert_eq!(
         env_of(&sidecar, "SNAPSHOT_LAYER_FORMAT").as_deref(),
-        Some("zstd"),
-        "the webhook's default layer format: half gzip's unpack at login"
+        Some("estargz"),
+        "the webhook's default layer format: the fastest restore, lazy on stargz nodes"
     );
     assert_eq!(
         env_of(&sidecar, "SNAPSHOT_KEEP_MIN_AGE").as_deref(),

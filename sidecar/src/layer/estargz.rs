@@ -1105,6 +1105,11 @@ pub fn parse_footer(footer: &[u8]) -> Option<u64> {
 /// another thread into the diff_id's hash. Returns their number.
 fn append_spill<W: Write>(spill: Spill, out: &mut W, diff: &mut Sha256) -> io::Result<u64> {
     let mut file = spill.file.into_inner().map_err(|e| e.into_error())?;
+    if file.stream_position()? == 0 {
+        // everything was prefetched (or there was nothing): no member to
+        // inflate, and an empty gzip stream is no stream
+        return Ok(0);
+    }
     file.rewind()?;
     let (tx, rx) = mpsc::sync_channel::<Vec<u8>>(4);
     let hasher = std::mem::take(diff);
@@ -1508,6 +1513,36 @@ mod tests {
                 .find(|e| e.0 == "home/alice/.config/app.conf")
                 .unwrap();
             assert_eq!(xattrs.4, ["SCHILY.xattr.user.origin=desktop"]);
+        }
+    }
+
+    /// With prefetch paths, an empty layer (a desktop that changed nothing)
+    /// and one whose every entry is prefetched leave nothing spilled: still
+    /// a blob whose TOC lists what the tar holds.
+    #[test]
+    fn nothing_left_after_the_prefetched_part_is_a_blob_too() {
+        let mut only_etc = tar::Builder::new(Vec::new());
+        let mut header = tar::Header::new_ustar();
+        header.set_size(5);
+        header.set_mode(0o644);
+        header.set_cksum();
+        only_etc
+            .append_data(&mut header, "etc/hosts", &b"hosts"[..])
+            .unwrap();
+        let only_etc = only_etc.into_inner().unwrap();
+        for (tar, names) in [(vec![0u8; 1024], &[][..]), (only_etc, &["etc/hosts"][..])] {
+            for piece in [1 << 16, 7] {
+                let (blob, done) = blob(&tar, options(&["etc", "home"], 2), piece);
+                let whole = gunzip_all(&blob);
+                assert_eq!(done.diff_id, sha(&whole));
+                let got: Vec<String> = entries(&whole).into_iter().map(|e| e.0).collect();
+                let kept: Vec<&str> = got
+                    .iter()
+                    .map(String::as_str)
+                    .filter(|n| *n != TOC_NAME && !n.starts_with("."))
+                    .collect();
+                assert_eq!(kept, names);
+            }
         }
     }
 
