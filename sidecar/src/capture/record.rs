@@ -17,6 +17,7 @@
 //! and the next layer is a full one, never a wrong one.
 
 use super::beneath::Names;
+use crate::layer::Hashing;
 use anyhow::{bail, Context, Result};
 use rustix::fs::{self as rfs, AtFlags, FileType, Mode, OFlags, StatxFlags};
 use serde::{Deserialize, Serialize};
@@ -530,10 +531,7 @@ pub fn encode(
         identity: identity.clone(),
         payload: payload.clone(),
     })?;
-    let mut out = Summed {
-        inner: out,
-        sum: Sha256::new(),
-    };
+    let mut out = Hashing::new(out);
     out.write_all(MAGIC)?;
     out.write_all(&VERSION.to_le_bytes())?;
     out.write_all(&(header.len() as u32).to_le_bytes())?;
@@ -561,27 +559,10 @@ pub fn encode(
         out.write_all(&[s.flags])?;
         previous = key;
     }
-    let sum = out.sum.finalize();
-    out.inner.write_all(&sum)?;
-    out.inner.flush()?;
+    let (sum, mut out) = out.finish_raw();
+    out.write_all(&sum)?;
+    out.flush()?;
     Ok(())
-}
-
-/// A writer that hashes what passes through it.
-struct Summed<W> {
-    inner: W,
-    sum: Sha256,
-}
-
-impl<W: Write> Write for Summed<W> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let n = self.inner.write(buf)?;
-        self.sum.update(&buf[..n]);
-        Ok(n)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.inner.flush()
-    }
 }
 
 /// The identity, payload and record in the `len` bytes `input` holds (as

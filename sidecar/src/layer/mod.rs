@@ -141,11 +141,14 @@ impl<W: Write> Hashing<W> {
 
     /// `sha256:<hex>` of everything written, and the inner writer.
     pub fn finish(self) -> (String, W) {
+        let (sum, inner) = self.finish_raw();
+        (format!("sha256:{}", hex::encode(sum)), inner)
+    }
+
+    /// The sha256 of everything written, as bytes, and the inner writer.
+    pub fn finish_raw(self) -> ([u8; 32], W) {
         use sha2::Digest;
-        (
-            format!("sha256:{}", hex::encode(self.hasher.finalize())),
-            self.inner,
-        )
+        (self.hasher.finalize().into(), self.inner)
     }
 }
 
