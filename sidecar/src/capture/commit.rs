@@ -306,6 +306,7 @@ async fn read_upper(
             ctrd,
             container,
             upper,
+            None,
             compression,
             work_dir,
             max_bytes,
@@ -351,12 +352,11 @@ fn recorded(upper: &Upper) -> Option<Record> {
 /// [`from_upper`] in a chain of snapshots: with `last`, the record of the
 /// last pushed capture, only what changed since it (an increment,
 /// [`increment`]), read under the pause (unless `freeze` is
-/// [`Freeze::Never`]; with [`Freeze::PreCopy`] only read there, into a
-/// plain file, and compressed after the resume); without it, the whole
-/// change as [`from_upper`] reads it. This capture's record comes back with
-/// the layer, taken right before the layer is read (under the pause when
-/// there is one): whatever changes after it is seen changed by the next
-/// capture, never missed.
+/// [`Freeze::Never`]; with [`Freeze::PreCopy`] pre-copied as a full layer
+/// is, [`pre_copied`]); without it, the whole change as [`from_upper`]
+/// reads it. This capture's record comes back with the layer, taken right
+/// before the layer is read (under the pause when there is one): whatever
+/// changes after it is seen changed by the next capture, never missed.
 #[allow(clippy::too_many_arguments)]
 pub async fn from_upper_recorded(
     ctrd: &Ctrd,
@@ -384,6 +384,47 @@ pub async fn from_upper_recorded(
         )
         .await;
     };
+    if freeze == Freeze::PreCopy {
+        return pre_copied(
+            ctrd,
+            container,
+            upper,
+            Some(last),
+            compression,
+            work_dir,
+            max_bytes,
+            true,
+        )
+        .await;
+    }
+    increment_under_pause(
+        ctrd,
+        container,
+        upper,
+        freeze,
+        last,
+        compression,
+        work_dir,
+        max_bytes,
+    )
+    .await
+}
+
+/// The increment over `last` read under the pause (unless `freeze` is
+/// [`Freeze::Never`]; with [`Freeze::PreCopy`], the fallback of a first
+/// pass past [`precopy::MAX_ENTRIES`], only read there, into a plain file,
+/// and compressed after the resume).
+#[allow(clippy::too_many_arguments)]
+async fn increment_under_pause(
+    ctrd: &Ctrd,
+    container: &Container,
+    upper: Upper,
+    freeze: Freeze,
+    last: Record,
+    compression: Compression,
+    work_dir: &Path,
+    max_bytes: u64,
+) -> Result<(NewLayer, Option<Record>)> {
     let (writer, reader) = spool::create(work_dir, max_bytes)?;
     let paused = match freeze {
         Freeze::Never => None,
@@ -458,10 +499,17 @@ fn scan(dir: &Path, userxattr: bool) -> Result<Record> {
 
 /// [`from_upper`] with pre-copy: the first pass while the desktop runs, the
 /// pause for what moved since, the layer put together after the resume.
+/// With `last`, the record of the last capture, the layer is the increment
+/// over it: the first pass writes what a scan right before it selects, the
+/// pause what the selection at the pause holds and the first pass does not
+/// hold as it is ([`precopy::under_pause`]); the record at the pause comes
+/// back.
+#[allow(clippy::too_many_arguments)]
 async fn pre_copied(
     ctrd: &Ctrd,
     container: &Container,
     upper: Upper,
+    last: Option<Record>,
     compression: Compression,
     work_dir: &Path,
     max_bytes: u64,
@@ -470,8 +518,14 @@ async fn pre_copied(
     let started = std::time::Instant::now();
     let unit = Unit::of(&compression);
     let (threads, dir) = (compression.threads, work_dir.to_path_buf());
-    let (first, upper) = tokio::task::spawn_blocking(move || {
-        precopy::first_pass(&upper, unit, threads, &dir, max_bytes).map(|f| (f, upper))
+    let (first, upper, last) = tokio::task::spawn_blocking(move || -> Result<_> {
+        let selection = match &last {
+            Some(last) => Some(increment::select(last, &scan(&upper.dir, upper.userxattr)?)),
+            None => None,
+        };
+        let first =
+            precopy::first_pass(&upper, selection.as_ref(), unit, threads, &dir, max_bytes)?;
+        Ok((first, upper, last))
     })
     .await
     .context("the layer writer panicked")??;
@@ -481,6 +535,19 @@ async fn pre_copied(
             most = precopy::MAX_ENTRIES,
             "too many entries to pre-copy: the change is read under the pause"
         );
+        if let Some(last) = last {
+            return Box::pin(increment_under_pause(
+                ctrd,
+                container,
+                upper,
+                Freeze::PreCopy,
+                last,
+                compression,
+                work_dir,
+                max_bytes,
+            ))
+            .await;
+        }
         return Box::pin(read_upper(
             ctrd,
             container,
@@ -497,8 +564,9 @@ async fn pre_copied(
     let paused = Paused::pause(ctrd, &container.id).await?;
     let frozen = std::time::Instant::now();
     let dir = work_dir.to_path_buf();
+    let increment = last.is_some();
     let under = tokio::task::spawn_blocking(move || {
-        let reread = precopy::under_pause(&upper, &first, &dir, max_bytes);
+        let reread = precopy::under_pause(&upper, &first, last.as_ref(), &dir, max_bytes);
         (first, reread)
     })
     .await;
@@ -508,24 +576,41 @@ async fn pre_copied(
     let mut reread = reread?;
 
     let (writer, reader) = spool::create(work_dir, max_bytes)?;
-    let read_again = reread.index.entries.len();
+    let read_again = reread.read;
+    let (picked, whiteouts) = (reread.picked, reread.whiteouts);
     let recorded = reread.record.take().filter(|_| record);
+    let recorded_entries = recorded.as_ref().map_or(0, Record::len);
     let layer = tokio::task::spawn_blocking(move || {
         assemble_into(writer, &compression, &first, &reread).map(|w| (w, first.seen.len()))
     })
     .await
     .context("the layer writer panicked")??;
     let (layer, entries) = layer;
-    info!(
-        diff_id = %layer.diff_id,
-        compressed_bytes = layer.size,
-        entries,
-        read_again,
-        first_pass_ms = first_ms,
-        paused_ms,
-        elapsed_ms = started.elapsed().as_millis() as u64,
-        "layer read from the upper directory, what changed meanwhile read again under the pause"
-    );
+    if increment {
+        info!(
+            diff_id = %layer.diff_id,
+            compressed_bytes = layer.size,
+            entries = recorded_entries,
+            picked,
+            whiteouts,
+            read_again,
+            first_pass_ms = first_ms,
+            paused_ms,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "increment read from the upper directory: what changed since the last snapshot, what changed meanwhile read again under the pause"
+        );
+    } else {
+        info!(
+            diff_id = %layer.diff_id,
+            compressed_bytes = layer.size,
+            entries,
+            read_again,
+            first_pass_ms = first_ms,
+            paused_ms,
+            elapsed_ms = started.elapsed().as_millis() as u64,
+            "layer read from the upper directory, what changed meanwhile read again under the pause"
+        );
+    }
     Ok((NewLayer::new(layer, reader, "upperdir"), recorded))
 }
 

@@ -27,7 +27,7 @@ use super::record::{self, is_below, split, Change, Record};
 use std::collections::{BTreeMap, BTreeSet, HashSet};
 
 /// How the writer writes a picked entry.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum Pick {
     /// The entry alone: a file, link, device node or whiteout; for a
     /// directory its header, without opaque marker (its children are picked
@@ -95,6 +95,11 @@ impl Selection {
     /// The paths that get an explicit whiteout, in key order.
     pub fn gone(&self) -> impl Iterator<Item = &[u8]> + '_ {
         self.gone.iter().map(Vec::as_slice)
+    }
+
+    /// Whether `key` gets an explicit whiteout.
+    pub fn is_gone(&self, key: &[u8]) -> bool {
+        self.gone.contains(key)
     }
 
     /// Whether `key` is written whole as part of a picked directory.

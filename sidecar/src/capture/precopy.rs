@@ -26,15 +26,25 @@
 //! New entries are read; gone ones are left out. A directory whose listing
 //! changed has a new ctime: its own entry is written again, its children
 //! are judged one by one.
+//!
+//! An increment ([`increment`]) is pre-copied the same way: the first pass
+//! writes the layer of what changed since the last capture as a scan just
+//! before it selects; under the pause the selection is made again from the
+//! record then, and what that layer holds ([`layer_of`]) is compared with
+//! the first pass: an entry also stands only if it is written in the same
+//! form (a directory picked alone or with everything below, [`Pick`]), an
+//! explicit whiteout only if the entry is still gone; what the first pass
+//! wrote and the layer no longer holds is left out.
 
 use crate::{
     capture::{
         beneath::Meta,
+        increment::{self, Pick, Selection},
         record::{self, Record},
         upper::{self, Cuts, Upper},
     },
     image::spool::TooLarge,
-    layer::pieces::{self, Index, Pieces, Stream, Unit},
+    layer::pieces::{self, Group, Index, Piece, Pieces, Stream, Unit},
 };
 use anyhow::{Context, Result};
 use std::{
@@ -57,20 +67,37 @@ pub const MAX_ENTRIES: usize = 200_000;
 pub const RACY_NS: i128 = 20_000_000;
 
 /// What decides whether an entry moved: its inode, ctime, size, type, links
-/// and device numbers (a whiteout is a character device 0:0).
+/// and device numbers (a whiteout is a character device 0:0), and how the
+/// layer writes it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Stamp {
     pub ino: u64,
     pub ctime_ns: i128,
     pub size: u64,
-    /// `st_mode & S_IFMT`.
+    /// `st_mode & S_IFMT` (0 for an explicit whiteout, [`Stamp::WHITEOUT`]).
     pub kind: u32,
     pub nlink: u64,
     pub rdev: u64,
+    /// A directory alone ([`Pick::Entry`]: no opaque marker), or with its
+    /// marker and everything below ([`Pick::Whole`], as a full layer writes
+    /// every entry).
+    pub pick: Pick,
 }
 
 impl Stamp {
-    pub fn of(meta: &Meta) -> Self {
+    /// An increment's explicit whiteout of an entry gone since the last
+    /// capture: no inode, its bytes its path's alone.
+    pub const WHITEOUT: Stamp = Stamp {
+        ino: 0,
+        ctime_ns: 0,
+        size: 0,
+        kind: 0,
+        nlink: 0,
+        rdev: 0,
+        pick: Pick::Entry,
+    };
+
+    pub fn of(meta: &Meta, pick: Pick) -> Self {
         Self {
             ino: meta.ino,
             ctime_ns: meta.ctime_ns,
@@ -78,11 +105,12 @@ impl Stamp {
             kind: meta.mode & libc::S_IFMT,
             nlink: meta.nlink,
             rdev: meta.rdev,
+            pick,
         }
     }
 
     /// The same of a [`record`] stamp.
-    pub fn recorded(stamp: &record::Stamp) -> Self {
+    pub fn recorded(stamp: &record::Stamp, pick: Pick) -> Self {
         Self {
             ino: stamp.ino,
             ctime_ns: stamp.ctime_sec as i128 * 1_000_000_000 + stamp.ctime_nsec as i128,
@@ -90,6 +118,7 @@ impl Stamp {
             kind: stamp.mode & libc::S_IFMT,
             nlink: stamp.nlink.into(),
             rdev: stamp.rdev,
+            pick,
         }
     }
 
@@ -122,7 +151,8 @@ pub struct Again {
 }
 
 /// Compares the first pass (`seen`, in the layer's order) with the upper
-/// directory's metadata at the pause (`now`: every entry but the root).
+/// directory's metadata at the pause (`now`: every entry but the root the
+/// layer holds then, [`layer_of`]).
 /// Every path of a file with several links is read when one is, so the
 /// walk that reads them writes the data at the first and links the others.
 pub fn again(seen: &[Seen], now: &[(&[u8], Stamp)], racy_ns: i128) -> Again {
@@ -212,22 +242,83 @@ pub struct Reread {
     pub index: Index,
     pub valid: Vec<bool>,
     pub record: Option<Record>,
+    /// Entries read under the pause.
+    pub read: usize,
+    /// An increment's picks and explicit whiteouts at the pause.
+    pub picked: usize,
+    pub whiteouts: usize,
 }
 
-/// Reads the upper directory into pieces of `unit` while the desktop runs;
-/// `None` past [`MAX_ENTRIES`] entries.
+/// The entries of the layer `selection` gives over `record` (`None`: the
+/// full layer), each with its stamp as [`again`] compares it: the picks, in
+/// their form; everything below a [`Pick::Whole`] directory, whole too; the
+/// explicit whiteouts ([`Stamp::WHITEOUT`]); in key order. Pure.
+pub fn layer_of<'a>(
+    selection: Option<&'a Selection>,
+    record: &'a Record,
+) -> Vec<(&'a [u8], Stamp)> {
+    let Some(selection) = selection else {
+        return record
+            .iter()
+            .map(|(key, stamp)| (key, Stamp::recorded(stamp, Pick::Whole)))
+            .collect();
+    };
+    let mut layer = Vec::new();
+    for (key, pick) in selection.picks() {
+        if let Some(stamp) = record.get(key) {
+            layer.push((key, Stamp::recorded(stamp, pick)));
+        }
+        if pick == Pick::Whole {
+            layer.extend(
+                record
+                    .below(key)
+                    .map(|(k, stamp)| (k, Stamp::recorded(stamp, Pick::Whole))),
+            );
+        }
+    }
+    layer.extend(selection.gone().map(|key| (key, Stamp::WHITEOUT)));
+    layer.sort_unstable_by(|a, b| a.0.cmp(b.0));
+    layer
+}
+
+/// How many entries [`layer_of`] holds, without making it.
+pub fn layer_len(selection: Option<&Selection>, record: &Record) -> usize {
+    let Some(selection) = selection else {
+        return record.len();
+    };
+    let below: usize = selection
+        .picks()
+        .filter(|(_, pick)| *pick == Pick::Whole)
+        .map(|(key, _)| record.below(key).count())
+        .sum();
+    selection.picks().count() + selection.gone().count() + below
+}
+
+/// Reads the upper directory (with `selection`, only the increment it
+/// picks, [`upper::write_selected`]) into pieces of `unit` while the desktop
+/// runs; `None` past [`MAX_ENTRIES`] entries.
 pub fn first_pass(
     upper: &Upper,
+    selection: Option<&Selection>,
     unit: Unit,
     threads: usize,
     work_dir: &Path,
     limit: u64,
 ) -> Result<Option<FirstPass>> {
-    first_pass_of_at_most(upper, unit, threads, work_dir, limit, MAX_ENTRIES)
+    first_pass_of_at_most(
+        upper,
+        selection,
+        unit,
+        threads,
+        work_dir,
+        limit,
+        MAX_ENTRIES,
+    )
 }
 
 fn first_pass_of_at_most(
     upper: &Upper,
+    selection: Option<&Selection>,
     unit: Unit,
     threads: usize,
     work_dir: &Path,
@@ -236,7 +327,7 @@ fn first_pass_of_at_most(
 ) -> Result<Option<FirstPass>> {
     let (file, mut collect) = collector(unit, threads, work_dir, limit)?;
     collect.most = most;
-    match upper::write_running(upper, &collect, &collect) {
+    match upper::write_running(upper, selection, &collect, &collect) {
         Ok(_) => {}
         Err(_) if collect.state.borrow().overflow => return Ok(None),
         Err(e) => return Err(e),
@@ -251,32 +342,107 @@ fn first_pass_of_at_most(
 }
 
 /// Under the pause: the metadata walked once more ([`record::scan`]), and
-/// what moved since the first pass read again.
+/// what moved since the first pass read again. With `last`, the record of
+/// the last capture, the layer is the increment over it selected now
+/// ([`increment::select`]); past [`MAX_ENTRIES`] entries in the layer, it
+/// is read whole here.
 pub fn under_pause(
     upper: &Upper,
     first: &FirstPass,
+    last: Option<&Record>,
     work_dir: &Path,
     limit: u64,
 ) -> Result<Reread> {
+    under_pause_of_at_most(upper, first, last, work_dir, limit, MAX_ENTRIES)
+}
+
+fn under_pause_of_at_most(
+    upper: &Upper,
+    first: &FirstPass,
+    last: Option<&Record>,
+    work_dir: &Path,
+    limit: u64,
+    most: usize,
+) -> Result<Reread> {
     let since = record::racy_since();
     let mut record = record::scan(&upper.dir, upper.userxattr)?;
-    let now: Vec<(&[u8], Stamp)> = record
-        .iter()
-        .map(|(key, stamp)| (key, Stamp::recorded(stamp)))
-        .collect();
+    record.mark_racy(since);
+    let selection = last.map(|last| increment::select(last, &record));
+    let (picked, whiteouts) = selection
+        .as_ref()
+        .map_or((0, 0), |s| (s.picks().count(), s.gone().count()));
+    let entries = layer_len(selection.as_ref(), &record);
+    if entries > most {
+        let (file, index) = whole(upper, selection.as_ref(), work_dir, limit)?;
+        return Ok(Reread {
+            file,
+            index,
+            valid: vec![false; first.seen.len()],
+            record: Some(record),
+            read: entries,
+            picked,
+            whiteouts,
+        });
+    }
+    let now = layer_of(selection.as_ref(), &record);
     let again = again(&first.seen, &now, RACY_NS);
     drop(now);
     let (file, collect) = collector(Unit::Plain, 1, work_dir, limit)?;
-    upper::write_entries(upper, &again.paths, &collect, &collect)?;
+    upper::write_entries(upper, &again.paths, selection.as_ref(), &collect, &collect)?;
     let (index, _) = collect.finish().context("writing what changed")?;
-    record.mark_racy(since);
     Ok(Reread {
         file,
         index,
         valid: again.valid,
         record: Some(record),
+        read: again.paths.len(),
+        picked,
+        whiteouts,
     })
 }
+
+/// The whole layer of `selection`, plain, as one piece that comes before
+/// everything (its key the root's): with every entry of the first pass
+/// stale, the assembly is this piece and the tar's end.
+fn whole(
+    upper: &Upper,
+    selection: Option<&Selection>,
+    work_dir: &Path,
+    limit: u64,
+) -> Result<(File, Index)> {
+    let file = plain(work_dir, limit, |out| {
+        upper::write_selected(upper, selection, out).map(drop)
+    })?;
+    let len = file
+        .metadata()
+        .context("the size of the layer's tar")?
+        .len()
+        .checked_sub(TAR_END)
+        .context("the layer's tar has no end")?;
+    let index = Index {
+        entries: vec![Piece {
+            key: Vec::new(),
+            start: 0,
+            len,
+            group: 0,
+        }],
+        groups: vec![Group {
+            first: 0,
+            plain_start: 0,
+            compressed_start: 0,
+            compressed_len: len,
+            hash_before: Default::default(),
+        }],
+        plain_len: len,
+        compressed_len: len,
+        hash_end: Default::default(),
+    };
+    Ok((file, index))
+}
+
+/// The bytes of a tar's end (two zero blocks), which [`pieces::assemble`]
+/// writes itself.
+const TAR_END: u64 = 1024;
 
 /// After the resume: the layer tar, from the first pass's pieces and what
 /// the pause read again, into `out` (of the first pass's unit); its diff_id
@@ -412,8 +578,9 @@ impl<W: Write> Write for &Collect<W> {
     }
 }
 
-impl<W: Write> Cuts for Collect<W> {
-    fn begin(&self, rel: &Path, meta: &Meta, at_ns: i128) -> io::Result<()> {
+impl<W: Write> Collect<W> {
+    /// An entry of `stamp` at `rel` starts here.
+    fn start(&self, rel: &Path, stamp: Stamp, at_ns: i128) -> io::Result<()> {
         let mut c = self.state.borrow_mut();
         if c.seen.len() >= self.most {
             (c.failed, c.overflow) = (true, true);
@@ -425,11 +592,22 @@ impl<W: Write> Cuts for Collect<W> {
         begun?;
         c.seen.push(Seen {
             path: key,
-            stamp: Stamp::of(meta),
+            stamp,
             at_ns,
             damaged: false,
         });
         Ok(())
+    }
+}
+
+impl<W: Write> Cuts for Collect<W> {
+    fn begin(&self, rel: &Path, meta: &Meta, pick: Pick, at_ns: i128) -> io::Result<()> {
+        self.start(rel, Stamp::of(meta, pick), at_ns)
+    }
+
+    fn whiteout(&self, rel: &Path) -> io::Result<()> {
+        // no ctime to be racy: it stands while the entry stays gone
+        self.start(rel, Stamp::WHITEOUT, i128::MAX)
     }
 
     fn damaged(&self) {
@@ -480,6 +658,7 @@ mod tests {
             kind: libc::S_IFREG,
             nlink: 1,
             rdev: 0,
+            pick: Pick::Whole,
         }
     }
 
@@ -622,6 +801,112 @@ mod tests {
         ];
         let got = again_of(&[], &now);
         assert_eq!(names(&got.paths), ["a", "a/x", "a.b"]);
+    }
+
+    /// `(path, kind, inode, ctime)`; kind: `f` file, `d` directory, `o`
+    /// opaque directory.
+    fn recorded(rows: &[(&str, char, u64, i64)]) -> Record {
+        let mut r = Record::default();
+        for &(path, kind, ino, ctime) in rows {
+            let (mode, opaque) = match kind {
+                'f' => (libc::S_IFREG, false),
+                'd' => (libc::S_IFDIR, false),
+                _ => (libc::S_IFDIR, true),
+            };
+            let stamp = record::Stamp::new(ino, (ctime, 0), 0, mode | 0o644, 1, 0, opaque);
+            r.push(&key(path), stamp).unwrap();
+        }
+        r
+    }
+
+    #[test]
+    fn what_the_layer_of_an_increment_holds() {
+        let last = recorded(&[
+            ("a", 'd', 1, 1),
+            ("a/same", 'f', 2, 1),
+            ("a/tmp", 'f', 3, 1),
+            ("b", 'd', 4, 1),
+            ("b/x", 'f', 5, 1),
+            ("c", 'f', 6, 1),
+        ]);
+        let now = recorded(&[
+            ("a", 'd', 1, 5),
+            ("a/new", 'f', 7, 5),
+            ("a/same", 'f', 2, 1),
+            ("c", 'f', 6, 1),
+            // made anew, opaque: whole, with everything below
+            ("o", 'o', 8, 5),
+            ("o/p", 'd', 9, 5),
+            ("o/p/q", 'f', 10, 5),
+        ]);
+        let selection = increment::select(&last, &now);
+        let layer = layer_of(Some(&selection), &now);
+        let shown: Vec<(String, Option<Pick>)> = layer
+            .iter()
+            .map(|(k, s)| {
+                let path = record::key_path(k).to_string_lossy().into_owned();
+                (path, (*s != Stamp::WHITEOUT).then_some(s.pick))
+            })
+            .collect();
+        let want: Vec<(String, Option<Pick>)> = [
+            ("a", Some(Pick::Entry)),
+            ("a/new", Some(Pick::Entry)),
+            // made, pushed, deleted: its whiteout
+            ("a/tmp", None),
+            // a directory gone: its whiteout alone
+            ("b", None),
+            ("o", Some(Pick::Whole)),
+            ("o/p", Some(Pick::Whole)),
+            ("o/p/q", Some(Pick::Whole)),
+        ]
+        .into_iter()
+        .map(|(p, f)| (p.to_string(), f))
+        .collect();
+        assert_eq!(shown, want);
+        assert_eq!(layer_len(Some(&selection), &now), want.len());
+        assert_eq!(
+            layer[1].1,
+            Stamp::recorded(now.get(&key("a/new")).unwrap(), Pick::Entry)
+        );
+
+        // a full layer: every entry, whole
+        let full = layer_of(None, &now);
+        assert_eq!(full.len(), now.len());
+        assert_eq!(layer_len(None, &now), now.len());
+        assert!(full.iter().all(|(_, s)| s.pick == Pick::Whole));
+    }
+
+    /// An entry of the first pass of an increment stands only in the same
+    /// form: a directory picked alone then and whole now (or the reverse)
+    /// is read again, a whiteout stands while its entry stays gone, and a
+    /// whiteout whose entry came back gives way to the entry.
+    #[test]
+    fn an_increments_entries_stand_in_the_same_form_only() {
+        let dir = |pick| Stamp {
+            kind: libc::S_IFDIR,
+            pick,
+            ..stamp(1, 1, 0)
+        };
+        let entry = |pick| Stamp {
+            pick,
+            ..stamp(2, 1, 5)
+        };
+        let first = vec![
+            seen("d", dir(Pick::Entry)),
+            seen("d/f", entry(Pick::Entry)),
+            seen("gone", Stamp::WHITEOUT),
+            seen("back", Stamp::WHITEOUT),
+            seen("dropped", stamp(3, 1, 1)),
+        ];
+        let now = vec![
+            ("d", dir(Pick::Whole)),
+            ("d/f", entry(Pick::Whole)),
+            ("gone", Stamp::WHITEOUT),
+            ("back", stamp(4, 1, 1)),
+        ];
+        let got = again_of(&first, &now);
+        assert_eq!(got.valid, [false, false, true, false, false]);
+        assert_eq!(names(&got.paths), ["back", "d", "d/f"]);
     }
 }
 
@@ -769,11 +1054,11 @@ mod trees {
     /// many entries were read again.
     fn precopy(root: &Path, unit: Unit, between: impl FnOnce()) -> (Vec<u8>, String, usize) {
         let work = tempfile::tempdir().unwrap();
-        let first = first_pass(&upper(root), unit, 2, work.path(), u64::MAX)
+        let first = first_pass(&upper(root), None, unit, 2, work.path(), u64::MAX)
             .unwrap()
             .expect("few entries");
         between();
-        let reread = under_pause(&upper(root), &first, work.path(), u64::MAX).unwrap();
+        let reread = under_pause(&upper(root), &first, None, work.path(), u64::MAX).unwrap();
         let mut out = Pieces::new(Vec::new(), unit, 2, false).unwrap();
         let diff_id = assemble(&first, &reread, &mut out, true).unwrap().unwrap();
         let (blob, _) = out.finish().unwrap();
@@ -795,6 +1080,7 @@ mod trees {
         let first = |most| {
             first_pass_of_at_most(
                 &upper(dir.path()),
+                None,
                 Unit::Zstd(3),
                 2,
                 work.path(),
@@ -889,14 +1175,16 @@ mod trees {
         assert!(!blob.is_empty() && done.is_some());
     }
 
-    /// A desktop writing, renaming and deleting as fast as it can during the
-    /// first pass: once it stops (the pause), the layer is the tree then.
-    #[test]
-    fn a_desktop_racing_the_first_pass_gets_the_tree_at_the_pause() {
-        for (round, unit) in UNITS.iter().cycle().take(6).enumerate() {
-            let dir = tempfile::tempdir().unwrap();
-            tree(dir.path());
-            let root = dir.path().to_path_buf();
+    /// A desktop writing, renaming, linking and deleting as fast as it can
+    /// in `root`, already at it when this returns; it stops when told.
+    struct Racer {
+        stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+        racer: std::thread::JoinHandle<u64>,
+    }
+
+    impl Racer {
+        fn start(root: &Path) -> Self {
+            let root = root.to_path_buf();
             let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
             let done = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
             let racer = {
@@ -930,18 +1218,248 @@ mod trees {
                     n
                 })
             };
-            let unit = *unit;
             // the desktop is at it before the first pass starts
             while done.load(std::sync::atomic::Ordering::Relaxed) < 100 {
                 std::thread::yield_now();
             }
-            let (layer, diff_id, _) = precopy(&root, unit, || {
-                stop.store(true, std::sync::atomic::Ordering::Relaxed);
-                racer.join().unwrap();
-            });
+            Self { stop, racer }
+        }
+
+        /// The pause: the desktop stops.
+        fn stop(self) {
+            self.stop.store(true, std::sync::atomic::Ordering::Relaxed);
+            self.racer.join().unwrap();
+        }
+    }
+
+    /// A desktop writing, renaming and deleting as fast as it can during the
+    /// first pass: once it stops (the pause), the layer is the tree then.
+    #[test]
+    fn a_desktop_racing_the_first_pass_gets_the_tree_at_the_pause() {
+        for (round, unit) in UNITS.iter().cycle().take(6).enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            tree(dir.path());
+            let root = dir.path().to_path_buf();
+            let racer = Racer::start(&root);
+            let unit = *unit;
+            let (layer, diff_id, _) = precopy(&root, unit, || racer.stop());
             let want = upper::write_layer(&upper(&root), Vec::new()).unwrap();
             assert!(layer == want, "round {round}, {unit:?}");
             assert_eq!(diff_id, sha(&want), "round {round}, {unit:?}");
+        }
+    }
+
+    /// The record of the tree now, racy entries marked (as a capture keeps it).
+    fn recorded(root: &Path) -> Record {
+        let since = record::racy_since();
+        let mut now = record::scan(root, false).unwrap();
+        now.mark_racy(since);
+        now
+    }
+
+    /// An increment pre-copied.
+    struct Increment {
+        /// Its bytes (decoded) and diff_id.
+        layer: Vec<u8>,
+        diff_id: String,
+        /// The entries read again under the "pause".
+        again: Vec<String>,
+        /// The increment `write_selected` gives of the selection at the pause.
+        want: Vec<u8>,
+    }
+
+    /// The pre-copy of the increment over `last` without containerd: the
+    /// scan and selection, the first pass, `between`, the "pause" (the
+    /// selection made again there), assembly.
+    fn precopy_increment(
+        root: &Path,
+        last: &Record,
+        unit: Unit,
+        between: impl FnOnce(),
+    ) -> Increment {
+        precopy_increment_of_at_most(root, last, unit, between, MAX_ENTRIES)
+    }
+
+    fn precopy_increment_of_at_most(
+        root: &Path,
+        last: &Record,
+        unit: Unit,
+        between: impl FnOnce(),
+        most: usize,
+    ) -> Increment {
+        let work = tempfile::tempdir().unwrap();
+        let before = increment::select(last, &recorded(root));
+        let first = first_pass(&upper(root), Some(&before), unit, 2, work.path(), u64::MAX)
+            .unwrap()
+            .expect("few entries");
+        between();
+        let reread = under_pause_of_at_most(
+            &upper(root),
+            &first,
+            Some(last),
+            work.path(),
+            u64::MAX,
+            most,
+        )
+        .unwrap();
+        let at_pause = increment::select(last, reread.record.as_ref().expect("the record"));
+        let want = upper::write_selected(&upper(root), Some(&at_pause), Vec::new()).unwrap();
+        assert_eq!(reread.picked, at_pause.picks().count());
+        assert_eq!(reread.whiteouts, at_pause.gone().count());
+        if reread.read <= most {
+            assert_eq!(reread.read, reread.index.entries.len());
+        }
+        let mut out = Pieces::new(Vec::new(), unit, 2, false).unwrap();
+        let diff_id = assemble(&first, &reread, &mut out, true).unwrap().unwrap();
+        let (blob, _) = out.finish().unwrap();
+        Increment {
+            layer: decode(unit, &blob),
+            diff_id,
+            again: reread
+                .index
+                .entries
+                .iter()
+                .map(|p| record::key_path(&p.key).to_string_lossy().into_owned())
+                .collect(),
+            want,
+        }
+    }
+
+    fn tar_names(tar: &[u8]) -> Vec<String> {
+        tar::Archive::new(tar)
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().to_string_lossy().into_owned())
+            .collect()
+    }
+
+    /// A desktop racing the first pass of an increment: once it stops (the
+    /// pause), the layer is the increment over the last capture as the tree
+    /// stands then, new and changed entries, and whiteouts of what is gone.
+    #[test]
+    fn a_desktop_racing_the_first_pass_of_an_increment_gets_the_increment_at_the_pause() {
+        for (round, unit) in UNITS.iter().cycle().take(6).enumerate() {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_path_buf();
+            tree(&root);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let last = recorded(&root);
+            change(&root);
+            let racer = Racer::start(&root);
+            let got = precopy_increment(&root, &last, *unit, || racer.stop());
+            assert_eq!(
+                got.layer.len(),
+                got.want.len(),
+                "round {round}, {unit:?}: {:?} / {:?}",
+                tar_names(&got.layer),
+                tar_names(&got.want)
+            );
+            assert!(got.layer == got.want, "round {round}, {unit:?}");
+            assert_eq!(got.diff_id, sha(&got.want), "round {round}, {unit:?}");
+            assert!(
+                tar_names(&got.want).iter().any(|n| n.contains(".wh.")),
+                "round {round}: whiteouts of what the desktop deleted"
+            );
+        }
+    }
+
+    /// A large file written since the last capture and left alone while the
+    /// increment is taken is read once, by the first pass: the pause reads
+    /// only what moved meanwhile.
+    #[test]
+    fn an_increment_whose_big_file_stands_reads_nothing_of_it_again() {
+        for unit in UNITS {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_path_buf();
+            tree(&root);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let last = recorded(&root);
+            write(root.join("home/alice/installed/big"), &noise(7, 8 << 20));
+            fs::write(root.join("etc/conf010"), b"changed").unwrap();
+            std::thread::sleep(std::time::Duration::from_millis(50));
+
+            let got = precopy_increment(&root, &last, unit, || {});
+            assert!(got.layer == got.want, "{unit:?}");
+            assert_eq!(got.diff_id, sha(&got.want), "{unit:?}");
+            assert!(got.again.is_empty(), "{unit:?}: {:?}", got.again);
+            assert!(tar_names(&got.want).contains(&"home/alice/installed/big".to_string()));
+
+            let got = precopy_increment(&root, &last, unit, || {
+                fs::write(root.join("etc/conf020"), b"changed meanwhile").unwrap();
+            });
+            assert!(got.layer == got.want, "{unit:?}");
+            assert_eq!(got.diff_id, sha(&got.want), "{unit:?}");
+            assert_eq!(got.again, ["etc/conf020"], "{unit:?}");
+        }
+    }
+
+    /// An increment whose layer at the pause holds more entries than a
+    /// pre-copy keeps is read whole under the pause: the same layer.
+    #[test]
+    fn past_the_most_entries_at_the_pause_the_increment_is_read_whole() {
+        for unit in UNITS {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_path_buf();
+            tree(&root);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let last = recorded(&root);
+            change(&root);
+            let got = precopy_increment_of_at_most(&root, &last, unit, || change_more(&root), 10);
+            assert!(got.layer == got.want, "{unit:?}");
+            assert_eq!(got.diff_id, sha(&got.want), "{unit:?}");
+            assert_eq!(got.again, [""], "{unit:?}: one piece, the whole layer");
+        }
+    }
+
+    /// More changes, after [`change`].
+    fn change_more(root: &Path) {
+        for i in 100..140 {
+            fs::write(root.join(format!("etc/conf{i:03}")), b"again").unwrap();
+        }
+        fs::remove_file(root.join("etc/conf200")).unwrap_or_default();
+        fs::remove_dir_all(root.join("home/alice/papers")).unwrap();
+    }
+
+    /// Entries gone between the first pass and the pause: a whiteout for
+    /// what the last capture had, nothing for what the session made since;
+    /// a whiteout of the first pass whose entry came back gives way to it.
+    #[test]
+    fn entries_gone_between_the_passes_get_their_whiteouts() {
+        for unit in UNITS {
+            let dir = tempfile::tempdir().unwrap();
+            let root = dir.path().to_path_buf();
+            tree(&root);
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let last = recorded(&root);
+            fs::remove_file(root.join("etc/conf001")).unwrap();
+            write(root.join("home/alice/tmp/made"), b"made since");
+            write(root.join("home/alice/docs/c"), b"new in docs");
+            std::thread::sleep(std::time::Duration::from_millis(50));
+
+            let got = precopy_increment(&root, &last, unit, || {
+                fs::remove_file(root.join("etc/conf002")).unwrap();
+                fs::write(root.join("etc/conf001"), b"back").unwrap();
+                fs::remove_dir_all(root.join("home/alice/tmp")).unwrap();
+                fs::remove_dir_all(root.join("home/alice/docs")).unwrap();
+                fs::remove_file(root.join("usr/two")).unwrap();
+            });
+            assert!(got.layer == got.want, "{unit:?}");
+            assert_eq!(got.diff_id, sha(&got.want), "{unit:?}");
+            let names = tar_names(&got.layer);
+            for whiteout in ["etc/.wh.conf002", "home/alice/.wh.docs", "usr/.wh.two"] {
+                assert!(names.iter().any(|n| n == whiteout), "{unit:?}: {names:?}");
+            }
+            for not in ["etc/.wh.conf001", "home/alice/tmp", "home/alice/.wh.tmp"] {
+                assert!(
+                    !names.iter().any(|n| n.trim_end_matches('/') == not),
+                    "{unit:?}: {not} in {names:?}"
+                );
+            }
+            assert!(names.iter().any(|n| n == "etc/conf001"), "{unit:?}");
+            assert!(
+                !names.iter().any(|n| n.starts_with("home/alice/docs/")),
+                "{unit:?}: {names:?}"
+            );
         }
     }
 }
@@ -1008,12 +1526,13 @@ mod writer_steps {
             std::thread::sleep(std::time::Duration::from_millis(20));
             let work = tempfile::tempdir().unwrap();
             let unit = [Unit::Gzip(1), Unit::Zstd(3), Unit::Plain][round % 3];
-            let first = first_pass(&upper(dir.path()), unit, 2, work.path(), u64::MAX)
+            let first = first_pass(&upper(dir.path()), None, unit, 2, work.path(), u64::MAX)
                 .unwrap()
                 .unwrap();
             stop.store(true, std::sync::atomic::Ordering::Relaxed);
             racer.join().unwrap();
-            let reread = under_pause(&upper(dir.path()), &first, work.path(), u64::MAX).unwrap();
+            let reread =
+                under_pause(&upper(dir.path()), &first, None, work.path(), u64::MAX).unwrap();
             let mut out = Pieces::new(Vec::new(), unit, 2, false).unwrap();
             let diff_id = assemble(&first, &reread, &mut out, true).unwrap().unwrap();
             let (blob, _) = out.finish().unwrap();

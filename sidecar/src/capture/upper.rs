@@ -168,9 +168,15 @@ pub fn write_selected<W: Write>(upper: &Upper, selection: Option<&Selection>, ou
 /// Where the layer's entries start, for a writer that keeps them apart
 /// ([`precopy`](super::precopy)): told by the walk as it goes.
 pub trait Cuts {
-    /// The entry at `rel` starts here; `meta` is what its descriptor said
-    /// when it was opened, just after `at_ns` (ns since the epoch).
-    fn begin(&self, rel: &Path, meta: &Meta, at_ns: i128) -> io::Result<()>;
+    /// The entry at `rel` starts here, written as `pick` says (a directory
+    /// with its opaque marker for [`Pick::Whole`], without for
+    /// [`Pick::Entry`]); `meta` is what its descriptor said when it was
+    /// opened, just after `at_ns` (ns since the epoch).
+    fn begin(&self, rel: &Path, meta: &Meta, pick: Pick, at_ns: i128) -> io::Result<()>;
+    /// The explicit whiteout of `rel` (an increment's entry of the last
+    /// capture gone since, [`Selection::gone`]) starts here: it has no
+    /// inode, and its bytes depend on its path alone.
+    fn whiteout(&self, rel: &Path) -> io::Result<()>;
     /// The entry begun last changed while it was read: its bytes are no
     /// state it had at one moment (or it was left out).
     fn damaged(&self);
@@ -185,26 +191,37 @@ pub trait Cuts {
 /// entry that cannot be opened any more) is reported
 /// [damaged](Cuts::damaged) instead of ending the walk, a file that shrank
 /// padded to the size its header says. What a layer cannot express is still
-/// refused ([`Unsupported`]).
-pub fn write_running<W: Write>(upper: &Upper, cuts: &dyn Cuts, out: W) -> Result<W> {
-    let mut walk = Walk::new(upper, None, out, Some(cuts));
-    walk.dir(&root(upper)?, Path::new(""), &[], true)?;
+/// refused ([`Unsupported`]). With `selection`, only what it picks and its
+/// whiteouts, as [`write_selected`] writes them (a directory holding picks
+/// that cannot be opened any more is passed over: what is missing is read
+/// again at the pause).
+pub fn write_running<W: Write>(
+    upper: &Upper,
+    selection: Option<&Selection>,
+    cuts: &dyn Cuts,
+    out: W,
+) -> Result<W> {
+    let mut walk = Walk::new(upper, selection, out, Some(cuts));
+    walk.dir(&root(upper)?, Path::new(""), &[], selection.is_none())?;
     cuts.end();
     walk.tar.into_inner().context("finishing the layer tar")
 }
 
 /// Writes the entries at `keys` ([`record`]'s keys, in their order), each
-/// alone, as [`write_layer`] writes it (a directory with its opaque marker,
-/// without its children), telling `cuts` where each starts; an entry gone
-/// is left out. The paths of a file with several links must all be there:
-/// the first holds the data, the others link to it.
+/// alone, as [`write_selected`] with `selection` writes it (a directory
+/// without its children, with its opaque marker unless the selection picks
+/// it as a [`Pick::Entry`]; the whiteout of a key the selection says gone),
+/// telling `cuts` where each starts; an entry gone is left out. The paths
+/// of a file with several links must all be there: the first holds the
+/// data, the others link to it.
 pub fn write_entries<W: Write>(
     upper: &Upper,
     keys: &[Vec<u8>],
+    selection: Option<&Selection>,
     cuts: &dyn Cuts,
     out: W,
 ) -> Result<W> {
-    let mut walk = Walk::new(upper, None, out, Some(cuts));
+    let mut walk = Walk::new(upper, selection, out, Some(cuts));
     let root = root(upper)?;
     // the directory of the last key, kept for its siblings
     let mut parent: Option<(Vec<u8>, Option<Dir>)> = None;
@@ -213,6 +230,14 @@ pub fn write_entries<W: Write>(
         if name.is_empty() {
             continue;
         }
+        if selection.is_some_and(|s| s.is_gone(key)) {
+            walk.gone(&record::key_path(dir_key), name)?;
+            continue;
+        }
+        let pick = match selection.and_then(|s| s.pick(key)) {
+            Some(Pick::Entry) => Pick::Entry,
+            _ => Pick::Whole,
+        };
         if parent.as_ref().is_none_or(|(k, _)| k != dir_key) {
             let dir = open_dir(&root, dir_key)
                 .with_context(|| format!("opening {}", shown(&record::key_path(dir_key))))?;
@@ -232,9 +257,9 @@ pub fn write_entries<W: Write>(
         else {
             continue;
         };
-        cuts.begin(&rel, &entry.meta, at)
+        cuts.begin(&rel, &entry.meta, pick, at)
             .with_context(|| format!("adding {}", shown(&rel)))?;
-        walk.entry(&entry, &rel, name, true)?;
+        walk.entry(&entry, &rel, name, pick == Pick::Whole)?;
     }
     cuts.end();
     walk.tar.into_inner().context("finishing the layer tar")
@@ -357,8 +382,8 @@ impl<'s, W: Write> Walk<'s, W> {
                 Err(_) if self.cuts.is_some() => continue,
                 Err(e) => return Err(e).with_context(|| format!("opening {}", shown(&rel))),
             };
-            if let (Some(cuts), Some(_)) = (self.cuts, pick) {
-                cuts.begin(&rel, &entry.meta, at)
+            if let (Some(cuts), Some(pick)) = (self.cuts, pick) {
+                cuts.begin(&rel, &entry.meta, pick, at)
                     .with_context(|| format!("adding {}", shown(&rel)))?;
             }
             let below = match pick {
@@ -368,11 +393,14 @@ impl<'s, W: Write> Walk<'s, W> {
                     Err(e) => return Err(e),
                 },
                 // a directory holding picks, itself unchanged: not written
-                None if entry.meta.kind == FileType::Directory => Some(
-                    entry
-                        .dir()
-                        .with_context(|| format!("opening directory {}", shown(&rel)))?,
-                ),
+                None if entry.meta.kind == FileType::Directory => match entry.dir() {
+                    Ok(dir) => Some(dir),
+                    // changed since it was opened, with the desktop running
+                    Err(_) if self.cuts.is_some() => None,
+                    Err(e) => {
+                        return Err(e).with_context(|| format!("opening directory {}", shown(&rel)))
+                    }
+                },
                 None => None,
             };
             if let Some(sub) = below {
@@ -512,6 +540,11 @@ impl<'s, W: Write> Walk<'s, W> {
     /// The whiteout of `name` in directory `rel`: an entry of the last
     /// capture gone since (a fixed header, as the merge writes them).
     fn gone(&mut self, rel: &Path, name: &[u8]) -> Result<()> {
+        if let Some(cuts) = self.cuts {
+            let gone = rel.join(OsStr::from_bytes(name));
+            cuts.whiteout(&gone)
+                .with_context(|| format!("adding the whiteout of {}", shown(&gone)))?;
+        }
         let path = rel.join(OsStr::from_bytes(&[WHITEOUT.as_bytes(), name].concat()));
         let mut header = Header::new_gnu();
         header.set_entry_type(EntryType::Regular);
