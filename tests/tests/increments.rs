@@ -91,7 +91,8 @@ fn records(dir: &Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-fn count(log: &str, message: &str) -> usize {
+/// The sidecar's log lines whose message starts with `message`.
+fn logged(log: &str, message: &str) -> Vec<serde_json::Value> {
     log.lines()
         .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
         .filter(|l| {
@@ -99,7 +100,11 @@ fn count(log: &str, message: &str) -> usize {
                 .as_str()
                 .is_some_and(|m| m.starts_with(message))
         })
-        .count()
+        .collect()
+}
+
+fn count(log: &str, message: &str) -> usize {
+    logged(log, message).len()
 }
 
 /// The desktop's tree ([`harness::containerd::Containerd::tree`]), asked
@@ -232,6 +237,108 @@ async fn every_snapshot_of_a_chain_restores_the_desktop_at_its_capture() {
         }
         rig.containerd.remove(&id).await;
     }
+    sidecar.stop().await;
+    rig.containerd.stop().await;
+}
+
+/// Restores each `(tag, tree)` capture and compares the desktop with it.
+async fn each_restores_its_capture(rig: &Rig, captures: &[(String, String)], log: &str) {
+    for (i, (tag, live)) in captures.iter().enumerate() {
+        let image = format!("{}/{RIG_REPO}:{tag}", rig.registry.host);
+        rig.containerd.pull(&image, &rig.registry).await;
+        let id = format!("restored-l{i}");
+        rig.containerd
+            .run_desktop_from(&image, &id, &format!("pod-rl{i}"), &id, "x-graphical")
+            .await;
+        let restored = tree(rig, &id).await;
+        assert!(
+            restored == *live,
+            "snapshot {} ({tag}) restores another desktop:\n{restored}\nat the capture:\n{live}\n{log}",
+            i + 1
+        );
+        rig.containerd.remove(&id).await;
+    }
+}
+
+/// With pre-copy (the default), an increment is read while the desktop
+/// runs and the pause reads again only what moved since: a large file
+/// installed since the last snapshot is not read under the pause. Each
+/// snapshot restores the desktop at its capture.
+#[tokio::test]
+async fn a_large_increment_is_read_while_the_desktop_runs() {
+    let rig = Rig::new().await;
+    rig.containerd
+        .run_desktop("desk-l", "pod-l", "12896316-lllll", "x-graphical")
+        .await;
+    let work = tempfile::tempdir().expect("a work directory");
+    let work_dir = work.path().to_string_lossy().into_owned();
+    let sidecar = Sidecar::start_with(
+        rig.target("pod-l", "large"),
+        None,
+        &[("SNAPSHOT_WORK_DIR", work_dir.as_str())],
+    )
+    .await;
+    let mut captures: Vec<(String, String)> = Vec::new();
+    let changes = [
+        "mkdir -p /root/d && echo 1 > /root/d/f && echo gone > /root/d/g",
+        // 96 MiB installed, a file changed, one deleted
+        "mkdir -p /opt/installed && head -c 100663296 /dev/urandom > /opt/installed/big && \
+         echo 2 > /root/d/f && rm /root/d/g",
+        // the large file deleted: its whiteout
+        "rm -rf /opt/installed && echo 3 > /root/d/f",
+    ];
+    for (step, change) in changes.iter().enumerate() {
+        rig.containerd.exec("desk-l", change).await;
+        // older than the clock's tick when the snapshot reads it
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        let steps = sidecar.snapshot_done().await;
+        assert_eq!(
+            steps.last().map(String::as_str),
+            Some("done"),
+            "step {step}: {steps:?}\n{}",
+            sidecar.log()
+        );
+        let tag = rig.tags("large").await.pop().expect("a tag");
+        captures.push((tag, tree(&rig, "desk-l").await));
+    }
+    let log = sidecar.log();
+    let increments = logged(&log, INCREMENT);
+    assert_eq!(increments.len(), 2, "{log}");
+    for (line, whiteouts) in increments.iter().zip([1, 1]) {
+        assert_eq!(
+            line["read_again"], 0,
+            "an idle desktop: nothing read again under the pause\n{log}"
+        );
+        assert_eq!(line["whiteouts"], whiteouts, "{line}");
+        assert!(line["paused_ms"].is_u64(), "{line}");
+        assert!(line["first_pass_ms"].is_u64(), "{line}");
+    }
+    for line in &increments {
+        eprintln!(
+            "increment: {} picked, {} whiteouts, {} bytes, first pass {} ms, paused {} ms, read again {}",
+            line["picked"], line["whiteouts"], line["compressed_bytes"], line["first_pass_ms"], line["paused_ms"], line["read_again"]
+        );
+    }
+    let big = &increments[0];
+    assert!(
+        big["compressed_bytes"].as_u64().unwrap_or_default() > 90 << 20,
+        "the large file is in the increment, read by the first pass: {big}"
+    );
+    let metrics = sidecar.metrics().await;
+    assert!(
+        metrics.contains("snapshot_sidecar_paused_seconds_count 3"),
+        "every freeze is counted\n{metrics}"
+    );
+    let image = layers(&rig.registry, RIG_REPO, &captures[1].0).await;
+    assert!(
+        image
+            .last()
+            .expect("a layer")
+            .iter()
+            .any(|(p, _)| p == "opt/installed/big"),
+        "the second snapshot's increment holds the large file"
+    );
+    each_restores_its_capture(&rig, &captures, &log).await;
     sidecar.stop().await;
     rig.containerd.stop().await;
 }
