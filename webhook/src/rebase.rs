@@ -109,6 +109,11 @@ pub fn onto(
     let mut annotations = old.clone();
     annotations.remove(provenance::BASE_DIGEST);
     annotations.extend(provenance.annotations(user, naming.tag, naming.created));
+    // the timeline (`snapshotctl list`) says where this point came from
+    annotations.insert(
+        provenance::TRIGGER.to_string(),
+        provenance::Trigger::Rebase.as_str().to_string(),
+    );
     let media_type = b_manifest["mediaType"]
         .as_str()
         .map(str::to_string)
@@ -331,6 +336,7 @@ mod tests {
         assert_eq!(a[provenance::USER], "alice");
         assert_eq!(a[provenance::TAG], "alice-20261128T030000Z");
         assert_eq!(a["other"], "kept");
+        assert_eq!(a[provenance::TRIGGER], "rebase", "the timeline's trigger");
         assert_eq!(r.base_layers, ["sha256:new1"]);
         assert_eq!(r.manifest.media_type, OCI);
     }
