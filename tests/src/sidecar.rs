@@ -203,6 +203,18 @@ impl Sidecar {
         std::fs::read_to_string(Self::log_path(self.dir.path())).unwrap_or_default()
     }
 
+    /// How long the desktop has stayed paused for this sidecar's snapshots,
+    /// in all (`snapshot_sidecar_paused_seconds_sum`: each pause to the end
+    /// of its resume); NaN when the metric is not there.
+    pub async fn paused_seconds(&self) -> f64 {
+        self.metrics()
+            .await
+            .lines()
+            .find_map(|l| l.strip_prefix("snapshot_sidecar_paused_seconds_sum "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(f64::NAN)
+    }
+
     pub fn url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }

@@ -8,7 +8,8 @@
 //!   snapshots (a new 5 MiB file, and the one made before it written again
 //!   whole: a file changed in part is carried whole): the bytes the sidecar
 //!   uploaded (its `snapshot layer uploaded` lines, layers the registry did
-//!   not hold).
+//!   not hold), and how long each snapshot froze the desktop (its
+//!   `snapshot_sidecar_paused_seconds`).
 //! - A scheduled-like snapshot of a desktop whose upper directory holds
 //!   20,000 entries, none changed since its last snapshot (the logoff's
 //!   endpoint: a trigger that is not a click): the sidecar's CPU time across
@@ -73,6 +74,8 @@ fn mib(bytes: u64) -> f64 {
 
 struct Session {
     pushed: Vec<u64>,
+    /// How long each snapshot kept the desktop paused, ms.
+    paused_ms: Vec<f64>,
 }
 
 /// Six snapshots of one desktop, increments `on` or off.
@@ -104,8 +107,8 @@ async fn session(rig: &Rig, on: bool, first: u64, step: u64, count: usize) -> Se
             ),
         )
         .await;
-    let mut pushed = Vec::new();
-    let mut before = 0;
+    let (mut pushed, mut paused_ms) = (Vec::new(), Vec::new());
+    let (mut before, mut paused_before) = (0, 0.0);
     for i in 1..=count {
         if i > 1 {
             let half = (step / 2).max(1);
@@ -125,14 +128,18 @@ async fn session(rig: &Rig, on: bool, first: u64, step: u64, count: usize) -> Se
         let total = uploaded(&sidecar.log());
         pushed.push(total - before);
         before = total;
+        let paused = sidecar.paused_seconds().await;
+        paused_ms.push((paused - paused_before) * 1000.0);
+        paused_before = paused;
         eprintln!(
-            "increment-bench {name}: snapshot {i} pushed {:.1} MiB",
-            mib(pushed[i - 1])
+            "increment-bench {name}: snapshot {i} pushed {:.1} MiB, paused {:.0} ms",
+            mib(pushed[i - 1]),
+            paused_ms[i - 1]
         );
     }
     sidecar.stop().await;
     rig.containerd.remove(&desk).await;
-    Session { pushed }
+    Session { pushed, paused_ms }
 }
 
 struct Idle {
@@ -225,15 +232,17 @@ async fn main() {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!(
-        "a session of {count} snapshots of one desktop: {first} MiB of random data first, then {step} MiB changed before each next one (a new file, the one before it written again); MiB uploaded"
+        "a session of {count} snapshots of one desktop: {first} MiB of random data first, then {step} MiB changed before each next one (a new file, the one before it written again); MiB uploaded, and how long each snapshot froze the desktop (pre-copy on)"
     );
-    println!("snapshot        before        after");
+    println!("snapshot    MiB before    MiB after    freeze before    freeze after");
     for i in 0..count {
         println!(
-            "{:<8} {:>12.1} {:>12.1}",
+            "{:<8} {:>12.1} {:>12.1} {:>13.0} ms {:>12.0} ms",
             i + 1,
             mib(before.pushed[i]),
-            mib(after.pushed[i])
+            mib(after.pushed[i]),
+            before.paused_ms[i],
+            after.paused_ms[i]
         );
     }
     let rest = |s: &Session| s.pushed.iter().skip(1).sum::<u64>();

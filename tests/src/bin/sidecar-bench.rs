@@ -249,12 +249,7 @@ async fn freezes(
                     "{steps:?}\n{}",
                     sidecar.log()
                 );
-                let metrics = sidecar.metrics().await;
-                let frozen = metrics
-                    .lines()
-                    .find_map(|l| l.strip_prefix("snapshot_sidecar_paused_seconds_sum "))
-                    .and_then(|v| v.trim().parse::<f64>().ok())
-                    .unwrap_or(f64::NAN);
+                let frozen = sidecar.paused_seconds().await;
                 figures.push((frozen, seconds));
                 sidecar.stop().await;
             }
