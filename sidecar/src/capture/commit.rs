@@ -261,66 +261,45 @@ pub enum Freeze {
     PreCopy,
 }
 
-/// The layer of `container`'s changes read from its overlayfs upper directory
-/// into a compressed spool, the task paused as `freeze` says; the task runs
-/// again before this returns, and the upload reads the spool afterwards.
-pub async fn from_upper(
-    ctrd: &Ctrd,
-    container: &Container,
-    upper: Upper,
-    freeze: Freeze,
-    compression: Compression,
-    work_dir: &Path,
-    max_bytes: u64,
-) -> Result<NewLayer> {
-    let recorded = read_upper(
-        ctrd,
-        container,
-        upper,
-        freeze,
-        compression,
-        work_dir,
-        max_bytes,
-        false,
-    )
-    .await?;
-    Ok(recorded.0)
+/// What every read of a container's layer from its upper directory needs:
+/// the container, how its layer is compressed, and where the layer's files
+/// go (the work directory, at most `max_bytes`).
+pub struct Reading<'a> {
+    pub ctrd: &'a Ctrd,
+    pub container: &'a Container,
+    pub compression: Compression,
+    pub work_dir: &'a Path,
+    pub max_bytes: u64,
+}
+
+/// The layer of the container's changes read from its overlayfs upper
+/// directory into a compressed spool, the task paused as `freeze` says; the
+/// task runs again before this returns, and the upload reads the spool
+/// afterwards.
+pub async fn from_upper(r: &Reading<'_>, upper: Upper, freeze: Freeze) -> Result<NewLayer> {
+    Ok(read_upper(r, upper, freeze, false).await?.0)
 }
 
 /// [`from_upper`], and with `record` the record of the upper directory as
 /// the layer holds it: scanned under the pause (before the read, with the
 /// pause off).
-#[allow(clippy::too_many_arguments)]
 async fn read_upper(
-    ctrd: &Ctrd,
-    container: &Container,
+    r: &Reading<'_>,
     upper: Upper,
     freeze: Freeze,
-    compression: Compression,
-    work_dir: &Path,
-    max_bytes: u64,
     record: bool,
 ) -> Result<(NewLayer, Option<Record>)> {
     if freeze == Freeze::PreCopy {
-        return pre_copied(
-            ctrd,
-            container,
-            upper,
-            None,
-            compression,
-            work_dir,
-            max_bytes,
-            record,
-        )
-        .await;
+        return pre_copied(r, upper, None, record).await;
     }
     let pause = freeze == Freeze::Throughout;
-    let (writer, reader) = spool::create(work_dir, max_bytes)?;
+    let (writer, reader) = spool::create(r.work_dir, r.max_bytes)?;
     let paused = if pause {
-        Some(Paused::pause(ctrd, &container.id).await?)
+        Some(Paused::pause(r.ctrd, &r.container.id).await?)
     } else {
         None
     };
+    let compression = r.compression.clone();
     let started = std::time::Instant::now();
     let written = tokio::task::spawn_blocking(move || {
         let recorded = record.then(|| recorded(&upper));
@@ -357,83 +336,44 @@ fn recorded(upper: &Upper) -> Option<Record> {
 /// reads it. This capture's record comes back with the layer, taken right
 /// before the layer is read (under the pause when there is one): whatever
 /// changes after it is seen changed by the next capture, never missed.
-#[allow(clippy::too_many_arguments)]
 pub async fn from_upper_recorded(
-    ctrd: &Ctrd,
-    container: &Container,
+    r: &Reading<'_>,
     upper: Upper,
     freeze: Freeze,
     last: Option<Record>,
-    compression: Compression,
-    work_dir: &Path,
-    max_bytes: u64,
 ) -> Result<(NewLayer, Option<Record>)> {
     let Some(last) = last else {
         // the record of what the layer holds: taken at its cut (under the
         // pause), so that an entry made after an earlier scan and deleted
         // before the next capture still gets its whiteout
-        return read_upper(
-            ctrd,
-            container,
-            upper,
-            freeze,
-            compression,
-            work_dir,
-            max_bytes,
-            true,
-        )
-        .await;
+        return read_upper(r, upper, freeze, true).await;
     };
     if freeze == Freeze::PreCopy {
-        return pre_copied(
-            ctrd,
-            container,
-            upper,
-            Some(last),
-            compression,
-            work_dir,
-            max_bytes,
-            true,
-        )
-        .await;
+        return pre_copied(r, upper, Some(last), true).await;
     }
-    increment_under_pause(
-        ctrd,
-        container,
-        upper,
-        freeze,
-        last,
-        compression,
-        work_dir,
-        max_bytes,
-    )
-    .await
+    increment_under_pause(r, upper, freeze, last).await
 }
 
 /// The increment over `last` read under the pause (unless `freeze` is
 /// [`Freeze::Never`]; with [`Freeze::PreCopy`], the fallback of a first
 /// pass past [`precopy::MAX_ENTRIES`], only read there, into a plain file,
 /// and compressed after the resume).
-#[allow(clippy::too_many_arguments)]
 async fn increment_under_pause(
-    ctrd: &Ctrd,
-    container: &Container,
+    r: &Reading<'_>,
     upper: Upper,
     freeze: Freeze,
     last: Record,
-    compression: Compression,
-    work_dir: &Path,
-    max_bytes: u64,
 ) -> Result<(NewLayer, Option<Record>)> {
-    let (writer, reader) = spool::create(work_dir, max_bytes)?;
+    let (writer, reader) = spool::create(r.work_dir, r.max_bytes)?;
     let paused = match freeze {
         Freeze::Never => None,
-        Freeze::Throughout | Freeze::PreCopy => Some(Paused::pause(ctrd, &container.id).await?),
+        Freeze::Throughout | Freeze::PreCopy => Some(Paused::pause(r.ctrd, &r.container.id).await?),
     };
     let started = std::time::Instant::now();
     // with pre-copy, the increment is only read under the pause (into a plain
     // file of the work directory) and compressed after the resume
-    let dir = work_dir.to_path_buf();
+    let (dir, max_bytes, compression) =
+        (r.work_dir.to_path_buf(), r.max_bytes, r.compression.clone());
     let written = tokio::task::spawn_blocking(move || -> Result<_> {
         let now = scan(&upper.dir, upper.userxattr)?;
         let selection = increment::select(&last, &now);
@@ -504,20 +444,15 @@ fn scan(dir: &Path, userxattr: bool) -> Result<Record> {
 /// pause what the selection at the pause holds and the first pass does not
 /// hold as it is ([`precopy::under_pause`]); the record at the pause comes
 /// back.
-#[allow(clippy::too_many_arguments)]
 async fn pre_copied(
-    ctrd: &Ctrd,
-    container: &Container,
+    r: &Reading<'_>,
     upper: Upper,
     last: Option<Record>,
-    compression: Compression,
-    work_dir: &Path,
-    max_bytes: u64,
     record: bool,
 ) -> Result<(NewLayer, Option<Record>)> {
     let started = std::time::Instant::now();
-    let unit = Unit::of(&compression);
-    let (threads, dir) = (compression.threads, work_dir.to_path_buf());
+    let unit = Unit::of(&r.compression);
+    let (threads, dir, max_bytes) = (r.compression.threads, r.work_dir.to_path_buf(), r.max_bytes);
     let (first, upper, last) = tokio::task::spawn_blocking(move || -> Result<_> {
         let selection = match &last {
             Some(last) => Some(increment::select(last, &scan(&upper.dir, upper.userxattr)?)),
@@ -536,34 +471,14 @@ async fn pre_copied(
             "too many entries to pre-copy: the change is read under the pause"
         );
         if let Some(last) = last {
-            return Box::pin(increment_under_pause(
-                ctrd,
-                container,
-                upper,
-                Freeze::PreCopy,
-                last,
-                compression,
-                work_dir,
-                max_bytes,
-            ))
-            .await;
+            return Box::pin(increment_under_pause(r, upper, Freeze::PreCopy, last)).await;
         }
-        return Box::pin(read_upper(
-            ctrd,
-            container,
-            upper,
-            Freeze::Throughout,
-            compression,
-            work_dir,
-            max_bytes,
-            record,
-        ))
-        .await;
+        return Box::pin(read_upper(r, upper, Freeze::Throughout, record)).await;
     };
 
-    let paused = Paused::pause(ctrd, &container.id).await?;
+    let paused = Paused::pause(r.ctrd, &r.container.id).await?;
     let frozen = std::time::Instant::now();
-    let dir = work_dir.to_path_buf();
+    let dir = r.work_dir.to_path_buf();
     let increment = last.is_some();
     let under = tokio::task::spawn_blocking(move || {
         let reread = precopy::under_pause(&upper, &first, last.as_ref(), &dir, max_bytes);
@@ -575,11 +490,12 @@ async fn pre_copied(
     let (first, reread) = under.context("the layer writer panicked")?;
     let mut reread = reread?;
 
-    let (writer, reader) = spool::create(work_dir, max_bytes)?;
+    let (writer, reader) = spool::create(r.work_dir, r.max_bytes)?;
     let read_again = reread.read;
     let (picked, whiteouts) = (reread.picked, reread.whiteouts);
     let recorded = reread.record.take().filter(|_| record);
     let recorded_entries = recorded.as_ref().map_or(0, Record::len);
+    let compression = r.compression.clone();
     let layer = tokio::task::spawn_blocking(move || {
         assemble_into(writer, &compression, &first, &reread).map(|w| (w, first.seen.len()))
     })

@@ -522,30 +522,19 @@ async fn new_layer(
             (true, true) => commit::Freeze::PreCopy,
         };
         let increment = last.is_some();
+        let reading = commit::Reading {
+            ctrd,
+            container,
+            compression: config.compression(),
+            work_dir: &config.work_dir,
+            max_bytes: config.max_change_bytes,
+        };
         let read = if config.incremental {
-            commit::from_upper_recorded(
-                ctrd,
-                container,
-                upper,
-                freeze,
-                last,
-                config.compression(),
-                &config.work_dir,
-                config.max_change_bytes,
-            )
-            .await
+            commit::from_upper_recorded(&reading, upper, freeze, last).await
         } else {
-            commit::from_upper(
-                ctrd,
-                container,
-                upper,
-                freeze,
-                config.compression(),
-                &config.work_dir,
-                config.max_change_bytes,
-            )
-            .await
-            .map(|layer| (layer, None))
+            commit::from_upper(&reading, upper, freeze)
+                .await
+                .map(|layer| (layer, None))
         };
         match read {
             Ok(read) => return Ok(read),
