@@ -62,6 +62,8 @@ async fn main() {
     // the 20,000 files become part of the image the small change is made on:
     // snapshot them, start a desktop from that snapshot, change 1 MiB in it
     let ca = registry.ca_path();
+    let prep_work = tempfile::tempdir().expect("a work directory");
+    let prep_dir = prep_work.path().to_string_lossy().into_owned();
     let prep = Sidecar::start_with(
         Target::at(
             &containerd,
@@ -72,7 +74,7 @@ async fn main() {
             "prep",
         ),
         None,
-        &[("RUST_LOG", "warn")],
+        &[("RUST_LOG", "warn"), ("SNAPSHOT_WORK_DIR", &prep_dir)],
     )
     .await;
     prep.snapshot_done().await;
@@ -124,6 +126,10 @@ async fn main() {
             "1.00"
         );
         for codec in ["gzip", "zstd"] {
+            // a work directory of its own, as each pod has: no record of an
+            // earlier run's capture, so every run takes a whole snapshot
+            let work = tempfile::tempdir().expect("a work directory");
+            let work_dir = work.path().to_string_lossy().into_owned();
             let sidecar = Sidecar::start_with(
                 Target::at(
                     &containerd,
@@ -134,7 +140,11 @@ async fn main() {
                     &format!("{set}-{codec}"),
                 ),
                 None,
-                &[("SNAPSHOT_COMPRESSION", codec), ("RUST_LOG", &sidecar_log)],
+                &[
+                    ("SNAPSHOT_COMPRESSION", codec),
+                    ("SNAPSHOT_WORK_DIR", &work_dir),
+                    ("RUST_LOG", &sidecar_log),
+                ],
             )
             .await;
             let started = Instant::now();
@@ -223,6 +233,8 @@ async fn freezes(
         for codec in ["gzip", "zstd", "estargz"] {
             let mut figures = Vec::new();
             for pre_copy in ["false", "true"] {
+                let work = tempfile::tempdir().expect("a work directory");
+                let work_dir = work.path().to_string_lossy().into_owned();
                 let sidecar = Sidecar::start_with(
                     Target::at(
                         containerd,
@@ -236,6 +248,7 @@ async fn freezes(
                     &[
                         ("SNAPSHOT_LAYER_FORMAT", codec),
                         ("SNAPSHOT_PRE_COPY", pre_copy),
+                        ("SNAPSHOT_WORK_DIR", &work_dir),
                         ("RUST_LOG", "warn"),
                     ],
                 )
