@@ -232,6 +232,11 @@ pub struct FirstPass {
     pub index: Index,
     pub seen: Vec<Seen>,
     pub unit: Unit,
+    /// An empty unnamed file of the work directory, made before the pause
+    /// for what the pause reads again: creating a file is a journal
+    /// operation, which may wait behind the writeback of the pieces just
+    /// written (ext4's ordered mode), and nothing under the pause should.
+    spare: File,
 }
 
 /// What the pause read again: the plain pieces of the entries read, which
@@ -338,6 +343,7 @@ fn first_pass_of_at_most(
         index,
         seen,
         unit,
+        spare: unnamed(work_dir)?,
     }))
 }
 
@@ -387,7 +393,11 @@ fn under_pause_of_at_most(
     let now = layer_of(selection.as_ref(), &record);
     let again = again(&first.seen, &now, RACY_NS);
     drop(now);
-    let (file, collect) = collector(Unit::Plain, 1, work_dir, limit)?;
+    let spare = first
+        .spare
+        .try_clone()
+        .context("the file for what the pause reads again")?;
+    let (file, collect) = collector_into(spare, Unit::Plain, 1, limit)?;
     upper::write_entries(upper, &again.paths, selection.as_ref(), &collect, &collect)?;
     let (index, _) = collect.finish().context("writing what changed")?;
     Ok(Reread {
@@ -515,12 +525,26 @@ fn collector(
     work_dir: &Path,
     limit: u64,
 ) -> Result<(File, Collect<Limited<BufWriter<File>>>)> {
-    let file = tempfile::tempfile_in(work_dir).with_context(|| {
+    collector_into(unnamed(work_dir)?, unit, threads, limit)
+}
+
+/// An unnamed file of `work_dir` (gone when closed).
+fn unnamed(work_dir: &Path) -> Result<File> {
+    tempfile::tempfile_in(work_dir).with_context(|| {
         format!(
             "creating a file for the layer's pieces in {}",
             work_dir.display()
         )
-    })?;
+    })
+}
+
+/// A collector writing pieces of `unit` into `file` (empty).
+fn collector_into(
+    file: File,
+    unit: Unit,
+    threads: usize,
+    limit: u64,
+) -> Result<(File, Collect<Limited<BufWriter<File>>>)> {
     let sink = Limited {
         inner: BufWriter::with_capacity(1 << 20, file.try_clone()?),
         written: 0,
