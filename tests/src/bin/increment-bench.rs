@@ -72,6 +72,28 @@ fn mib(bytes: u64) -> f64 {
     bytes as f64 / (1 << 20) as f64
 }
 
+/// A sidecar for the desktop of `pod`, zstd, increments `on` or off, with
+/// `extra` settings and a work directory of its own (kept while the
+/// returned directory lives).
+async fn start(
+    rig: &Rig,
+    pod: &str,
+    name: &str,
+    on: bool,
+    extra: &[(&str, &str)],
+) -> (Sidecar, tempfile::TempDir) {
+    let work = tempfile::tempdir().expect("a work directory");
+    let work_dir = work.path().to_string_lossy().into_owned();
+    let mut env = vec![
+        ("SNAPSHOT_WORK_DIR", work_dir.as_str()),
+        ("SNAPSHOT_INCREMENTAL", if on { "true" } else { "false" }),
+        ("SNAPSHOT_LAYER_FORMAT", "zstd"),
+    ];
+    env.extend_from_slice(extra);
+    let sidecar = Sidecar::start_with(rig.target(pod, name), None, &env).await;
+    (sidecar, work)
+}
+
 struct Session {
     pushed: Vec<u64>,
     /// How long each snapshot kept the desktop paused, ms.
@@ -85,19 +107,7 @@ async fn session(rig: &Rig, on: bool, first: u64, step: u64, count: usize) -> Se
     rig.containerd
         .run_desktop(&desk, &pod, &format!("12896316-{name}"), "x-graphical")
         .await;
-    let work = tempfile::tempdir().expect("a work directory");
-    let work_dir = work.path().to_string_lossy().into_owned();
-    let sidecar = Sidecar::start_with(
-        rig.target(&pod, name),
-        None,
-        &[
-            ("SNAPSHOT_WORK_DIR", work_dir.as_str()),
-            ("SNAPSHOT_INCREMENTAL", if on { "true" } else { "false" }),
-            ("SNAPSHOT_LAYER_FORMAT", "zstd"),
-            ("SNAPSHOT_MAX_LAYERS", "64"),
-        ],
-    )
-    .await;
+    let (sidecar, _work) = start(rig, &pod, name, on, &[("SNAPSHOT_MAX_LAYERS", "64")]).await;
     let files = (first / 64).max(1);
     rig.containerd
         .exec(
@@ -167,18 +177,7 @@ async fn idle(rig: &Rig, on: bool, entries: usize) -> Idle {
             ),
         )
         .await;
-    let work = tempfile::tempdir().expect("a work directory");
-    let work_dir = work.path().to_string_lossy().into_owned();
-    let sidecar = Sidecar::start_with(
-        rig.target(&pod, name),
-        None,
-        &[
-            ("SNAPSHOT_WORK_DIR", work_dir.as_str()),
-            ("SNAPSHOT_INCREMENTAL", if on { "true" } else { "false" }),
-            ("SNAPSHOT_LAYER_FORMAT", "zstd"),
-        ],
-    )
-    .await;
+    let (sidecar, _work) = start(rig, &pod, name, on, &[]).await;
     let steps = sidecar.snapshot_done().await;
     assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
