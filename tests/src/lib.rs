@@ -4,6 +4,7 @@
 
 pub mod admission;
 pub mod badregistry;
+pub mod bench;
 pub mod containerd;
 pub mod kubeapi;
 pub mod kubelet;

@@ -19,16 +19,10 @@
 //! Settings (env): `INCREMENT_FIRST_MIB` (1024), `INCREMENT_STEP_MIB` (10),
 //! `INCREMENT_SNAPSHOTS` (6), `INCREMENT_ENTRIES` (20000).
 
+use harness::bench::env_or;
 use harness::sidecar::{Rig, Sidecar};
 use serde_json::Value;
 use std::time::Instant;
-
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 /// The sidecar's log lines with `message`, as JSON.
 fn lines(log: &str, message: &str) -> Vec<Value> {
@@ -221,11 +215,7 @@ async fn main() {
     let idle_before = idle(&rig, false, entries).await;
     let idle_after = idle(&rig, true, entries).await;
 
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = harness::bench::utc_now();
     println!(
         "snapshot-sidecar increment benchmark, {date}, {} cores, release sidecar, zstd; before: SNAPSHOT_INCREMENTAL=false, after: true",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)

@@ -20,6 +20,7 @@
 //! Settings (env): `LIFETIME_SNAPSHOTS` (70), `LIFETIME_BASE_MIB` (200),
 //! `LIFETIME_MAX_LAYERS` (16), `LIFETIME_MERGE_MIB` (`16,64,256`).
 
+use harness::bench::env_or;
 use harness::{
     containerd::Containerd,
     registry::{Registry, PASSWORD, USER},
@@ -93,13 +94,6 @@ struct Life {
     pulls: f64,
 }
 
-fn env_or<T: std::str::FromStr>(name: &str, default: T) -> T {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
-
 #[tokio::main]
 async fn main() {
     harness::init_crypto();
@@ -171,11 +165,7 @@ async fn main() {
         ));
     }
 
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = harness::bench::utc_now();
     let version = containerd.ctr(&["version"]).await.unwrap_or_default();
     let version = version
         .lines()

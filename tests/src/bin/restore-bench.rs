@@ -415,11 +415,7 @@ async fn main() {
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let date = std::process::Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default();
+    let date = harness::bench::utc_now();
     println!(
         "restore benchmark, {date}: {large_mib} MiB change ({layer_count} layers of {per_layer} MiB for the chains), {cores} cores, containerd {version}, registry on loopback over TLS; load average {load_before} at the start, {} at the end",
         loadavg()
