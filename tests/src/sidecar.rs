@@ -93,6 +93,10 @@ impl Sidecar {
         let dir = tempfile::tempdir().expect("temp dir");
         let port = ports::free_port();
         let log = std::fs::File::create(Self::log_path(dir.path())).expect("log");
+        // a work directory of its own, as each pod's emptyDir: no record of
+        // another sidecar's capture (`extra_env` may name a shared one)
+        let work = dir.path().join("work");
+        std::fs::create_dir(&work).expect("a work directory");
         let binary = workspace_binary("snapshot-sidecar");
         let mut cmd = match wrapper {
             [] => Command::new(&binary),
@@ -122,7 +126,8 @@ impl Sidecar {
             )
             .env("SNAPSHOT_CONTAINERD_NAMESPACE", &t.containerd.namespace)
             // tests snapshot one desktop many times in a row; the interval has its own test
-            .env("SNAPSHOT_MIN_INTERVAL", "0s");
+            .env("SNAPSHOT_MIN_INTERVAL", "0s")
+            .env("SNAPSHOT_WORK_DIR", &work);
         if let Some(ca) = t.registry_ca {
             cmd.env("SNAPSHOT_REGISTRY_CA", ca);
         }

@@ -16,11 +16,13 @@ use crate::ctrd::Ctrd;
 use crate::{
     image::{
         self,
-        new_layer::{NewLayer, Written},
+        new_layer::{Codec, NewLayer, Written},
         spool::{self, SpoolWriter},
     },
     layer::{
+        estargz,
         pieces::{Pieces, Unit},
+        reuse::{Kept, Reuse},
         Compression, Encoder, Hashing,
     },
 };
@@ -125,6 +127,9 @@ pub struct Paused {
     container_id: String,
     active: bool,
     since: std::time::Instant,
+    /// How long containerd took to pause the task (the freezer waits for
+    /// each of its processes to stop).
+    pub pausing: Duration,
 }
 
 impl Paused {
@@ -139,6 +144,7 @@ impl Paused {
             container_id: container_id.to_string(),
             active: true,
             since: std::time::Instant::now(),
+            pausing: Duration::ZERO,
         };
         // the freezer gives up on a task it cannot stop in time (one stuck in
         // a write on a busy disk): tried again a few times
@@ -169,6 +175,7 @@ impl Paused {
             guard.resume().await?;
             anyhow::bail!("shutting down");
         }
+        guard.pausing = guard.since.elapsed();
         Ok(guard)
     }
 
@@ -453,13 +460,43 @@ async fn pre_copied(
     let started = std::time::Instant::now();
     let unit = Unit::of(&r.compression);
     let (threads, dir, max_bytes) = (r.compression.threads, r.work_dir.to_path_buf(), r.max_bytes);
+    // eStargz is laid out after the resume from the whole tar: its members
+    // are compressed during the first pass and kept, for that writer to copy
+    let kept = (r.compression.codec == Codec::Estargz)
+        .then(|| Kept::new(r.work_dir, r.max_bytes))
+        .transpose()
+        .context("keeping the eStargz members of the first pass")?;
+    let (estargz, recorded) = (r.compression.estargz(), kept.clone());
     let (first, upper, last) = tokio::task::spawn_blocking(move || -> Result<_> {
         let selection = match &last {
             Some(last) => Some(increment::select(last, &scan(&upper.dir, upper.userxattr)?)),
             None => None,
         };
-        let first =
-            precopy::first_pass(&upper, selection.as_ref(), unit, threads, &dir, max_bytes)?;
+        let mut recorder = match recorded {
+            Some(kept) => Some(estargz::Writer::recorder(estargz, kept)?),
+            None => None,
+        };
+        let first = precopy::first_pass(
+            &upper,
+            selection.as_ref(),
+            precopy::Output {
+                unit,
+                threads,
+                work_dir: &dir,
+                limit: max_bytes,
+                copy: recorder.as_mut().map(|w| w as &mut dyn std::io::Write),
+            },
+        )?;
+        let recorded = match (recorder, &first) {
+            (Some(recorder), Some(first)) => match &first.copy_failed {
+                Some(e) => Err(format!("{e}")),
+                None => recorder.finish_recording().map_err(|e| format!("{e}")),
+            },
+            _ => Ok(()),
+        };
+        if let Err(e) = recorded {
+            warn!(error = %e, "the eStargz members of the first pass were not all kept: the rest is compressed after the resume");
+        }
         Ok((first, upper, last))
     })
     .await
@@ -478,6 +515,7 @@ async fn pre_copied(
 
     let paused = Paused::pause(r.ctrd, &r.container.id).await?;
     let frozen = std::time::Instant::now();
+    let pausing_ms = paused.pausing.as_millis() as u64;
     let dir = r.work_dir.to_path_buf();
     let increment = last.is_some();
     let under = tokio::task::spawn_blocking(move || {
@@ -496,12 +534,14 @@ async fn pre_copied(
     let recorded = reread.record.take().filter(|_| record);
     let recorded_entries = recorded.as_ref().map_or(0, Record::len);
     let compression = r.compression.clone();
+    let reuse = kept.clone().map(Reuse::Replay);
     let layer = tokio::task::spawn_blocking(move || {
-        assemble_into(writer, &compression, &first, &reread).map(|w| (w, first.seen.len()))
+        assemble_into(writer, &compression, &first, &reread, reuse).map(|w| (w, first.seen.len()))
     })
     .await
     .context("the layer writer panicked")??;
     let (layer, entries) = layer;
+    let reused = kept.map(|k| k.counts()).unwrap_or_default();
     if increment {
         info!(
             diff_id = %layer.diff_id,
@@ -510,7 +550,10 @@ async fn pre_copied(
             picked,
             whiteouts,
             read_again,
+            members_reused = reused.found,
+            members_compressed_after = reused.missed,
             first_pass_ms = first_ms,
+            pausing_ms,
             paused_ms,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "increment read from the upper directory: what changed since the last snapshot, what changed meanwhile read again under the pause"
@@ -521,7 +564,10 @@ async fn pre_copied(
             compressed_bytes = layer.size,
             entries,
             read_again,
+            members_reused = reused.found,
+            members_compressed_after = reused.missed,
             first_pass_ms = first_ms,
+            pausing_ms,
             paused_ms,
             elapsed_ms = started.elapsed().as_millis() as u64,
             "layer read from the upper directory, what changed meanwhile read again under the pause"
@@ -533,15 +579,16 @@ async fn pre_copied(
 /// The layer from the first pass's pieces and what the pause read again,
 /// into the spool: gzip and zstd groups copied as they are (the diff_id's
 /// hash resumed where the first change is); eStargz written from the
-/// assembled tar.
+/// assembled tar, copying the members `reuse` kept.
 fn assemble_into(
     writer: SpoolWriter,
     compression: &Compression,
     first: &precopy::FirstPass,
     reread: &precopy::Reread,
+    reuse: Option<Reuse>,
 ) -> Result<Written> {
     if first.unit == Unit::Plain {
-        return compress_into(writer, compression.clone(), |sink| {
+        return compress_into_reusing(writer, compression.clone(), reuse, |sink| {
             let mut out = Pieces::new(sink, Unit::Plain, 1, false)?;
             precopy::assemble(first, reread, &mut out, false)?;
             Ok(out.finish()?.0)
@@ -605,8 +652,18 @@ pub(crate) fn compress_into(
     compression: Compression,
     produce: impl FnOnce(Sink) -> Result<Sink>,
 ) -> Result<Written> {
+    compress_into_reusing(writer, compression, None, produce)
+}
+
+/// [`compress_into`], eStargz members copied from `reuse` where it kept them.
+fn compress_into_reusing(
+    writer: SpoolWriter,
+    compression: Compression,
+    reuse: Option<Reuse>,
+    produce: impl FnOnce(Sink) -> Result<Sink>,
+) -> Result<Written> {
     let encoder = compression
-        .encoder(BufWriter::with_capacity(1 << 20, writer))
+        .encoder_reusing(BufWriter::with_capacity(1 << 20, writer), reuse)
         .context("starting the compressor")?;
     let (change, encoder) = produce(Hashing::new(encoder))?.finish();
     let (buffered, estargz) = encoder.finish().context("compressing the layer")?;

@@ -237,6 +237,8 @@ pub struct FirstPass {
     /// operation, which may wait behind the writeback of the pieces just
     /// written (ext4's ordered mode), and nothing under the pause should.
     spare: File,
+    /// Why the copy of the first pass's tar stopped, if it did.
+    pub copy_failed: Option<io::Error>,
 }
 
 /// What the pause read again: the plain pieces of the entries read, which
@@ -262,89 +264,126 @@ pub fn layer_of<'a>(
     selection: Option<&'a Selection>,
     record: &'a Record,
 ) -> Vec<(&'a [u8], Stamp)> {
-    let Some(selection) = selection else {
-        return record
-            .iter()
-            .map(|(key, stamp)| (key, Stamp::recorded(stamp, Pick::Whole)))
-            .collect();
-    };
-    let mut layer = Vec::new();
-    for (key, pick) in selection.picks() {
-        if let Some(stamp) = record.get(key) {
-            layer.push((key, Stamp::recorded(stamp, pick)));
-        }
-        if pick == Pick::Whole {
-            layer.extend(
-                record
-                    .below(key)
-                    .map(|(k, stamp)| (k, Stamp::recorded(stamp, Pick::Whole))),
-            );
-        }
+    let mut layer: Vec<_> = entries_of(selection, record).collect();
+    if selection.is_some() {
+        layer.sort_unstable_by(|a, b| a.0.cmp(b.0));
     }
-    layer.extend(selection.gone().map(|key| (key, Stamp::WHITEOUT)));
-    layer.sort_unstable_by(|a, b| a.0.cmp(b.0));
     layer
 }
 
 /// How many entries [`layer_of`] holds, without making it.
 pub fn layer_len(selection: Option<&Selection>, record: &Record) -> usize {
+    match selection {
+        None => record.len(),
+        Some(_) => entries_of(selection, record).count(),
+    }
+}
+
+/// [`layer_of`]'s entries, in no particular order (the record's, without
+/// a selection).
+fn entries_of<'a>(
+    selection: Option<&'a Selection>,
+    record: &'a Record,
+) -> Box<dyn Iterator<Item = (&'a [u8], Stamp)> + 'a> {
     let Some(selection) = selection else {
-        return record.len();
+        return Box::new(
+            record
+                .iter()
+                .map(|(key, stamp)| (key, Stamp::recorded(stamp, Pick::Whole))),
+        );
     };
-    let below: usize = selection
-        .picks()
-        .filter(|(_, pick)| *pick == Pick::Whole)
-        .map(|(key, _)| record.below(key).count())
-        .sum();
-    selection.picks().count() + selection.gone().count() + below
+    let picked = selection.picks().flat_map(move |(key, pick)| {
+        let own = record
+            .get(key)
+            .map(|stamp| (key, Stamp::recorded(stamp, pick)));
+        let below = (pick == Pick::Whole)
+            .then(|| {
+                record
+                    .below(key)
+                    .map(|(k, stamp)| (k, Stamp::recorded(stamp, Pick::Whole)))
+            })
+            .into_iter()
+            .flatten();
+        own.into_iter().chain(below)
+    });
+    Box::new(picked.chain(selection.gone().map(|key| (key, Stamp::WHITEOUT))))
+}
+
+/// Where the first pass goes: its pieces, and what else sees its tar.
+pub struct Output<'a> {
+    pub unit: Unit,
+    pub threads: usize,
+    pub work_dir: &'a Path,
+    /// Most bytes of the pieces.
+    pub limit: u64,
+    /// Also given the first pass's tar, as long as it takes it (a copy that
+    /// fails stops; the first pass goes on): the eStargz recording that
+    /// lets the writer after the resume reuse its members.
+    pub copy: Option<&'a mut dyn Write>,
 }
 
 /// Reads the upper directory (with `selection`, only the increment it
-/// picks, [`upper::write_selected`]) into pieces of `unit` while the desktop
-/// runs; `None` past [`MAX_ENTRIES`] entries.
+/// picks, [`upper::write_selected`]) into pieces while the desktop runs;
+/// `None` past [`MAX_ENTRIES`] entries.
 pub fn first_pass(
     upper: &Upper,
     selection: Option<&Selection>,
-    unit: Unit,
-    threads: usize,
-    work_dir: &Path,
-    limit: u64,
+    into: Output<'_>,
 ) -> Result<Option<FirstPass>> {
-    first_pass_of_at_most(
-        upper,
-        selection,
-        unit,
-        threads,
-        work_dir,
-        limit,
-        MAX_ENTRIES,
-    )
+    first_pass_of_at_most(upper, selection, into, MAX_ENTRIES)
 }
 
 fn first_pass_of_at_most(
     upper: &Upper,
     selection: Option<&Selection>,
-    unit: Unit,
-    threads: usize,
-    work_dir: &Path,
-    limit: u64,
+    into: Output<'_>,
     most: usize,
 ) -> Result<Option<FirstPass>> {
-    let (file, mut collect) = collector(unit, threads, work_dir, limit)?;
+    let (file, mut collect) = collector(into.unit, into.threads, into.work_dir, into.limit)?;
     collect.most = most;
-    match upper::write_running(upper, selection, &collect, &collect) {
+    let mut out = Copied {
+        first: &collect,
+        copy: into.copy,
+        failed: None,
+    };
+    match upper::write_running(upper, selection, &collect, &mut out) {
         Ok(_) => {}
         Err(_) if collect.state.borrow().overflow => return Ok(None),
         Err(e) => return Err(e),
     }
+    let copy_failed = out.failed.take();
+    drop(out);
     let (index, seen) = collect.finish().context("writing the layer's pieces")?;
     Ok(Some(FirstPass {
         file,
         index,
         seen,
-        unit,
-        spare: unnamed(work_dir)?,
+        unit: into.unit,
+        spare: unnamed(into.work_dir)?,
+        copy_failed,
     }))
+}
+
+/// The first pass's tar into its pieces, and a copy elsewhere until that fails.
+struct Copied<'f, 'c, W: Write> {
+    first: &'f Collect<W>,
+    copy: Option<&'c mut dyn Write>,
+    failed: Option<io::Error>,
+}
+
+impl<W: Write> Write for Copied<'_, '_, W> {
+    fn write(&mut self, data: &[u8]) -> io::Result<usize> {
+        let n = (&mut &*self.first).write(data)?;
+        if let Some(copy) = self.copy.as_mut() {
+            if let Err(e) = copy.write_all(&data[..n]) {
+                (self.copy, self.failed) = (None, Some(e));
+            }
+        }
+        Ok(n)
+    }
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
 }
 
 /// Under the pause: the metadata walked once more ([`record::scan`]), and
@@ -947,7 +986,7 @@ mod trees {
         path::PathBuf,
     };
 
-    fn upper(dir: &Path) -> Upper {
+    pub(super) fn upper(dir: &Path) -> Upper {
         upper::upperdir(&[containerd_client::types::Mount {
             r#type: "overlay".into(),
             source: "overlay".into(),
@@ -1077,16 +1116,42 @@ mod trees {
     /// "pause", assembly; the layer's bytes (decoded), its diff_id, and how
     /// many entries were read again.
     fn precopy(root: &Path, unit: Unit, between: impl FnOnce()) -> (Vec<u8>, String, usize) {
+        precopy_copying(root, unit, between, None)
+    }
+
+    /// [`precopy`], the first pass's tar copied into `copy` too.
+    fn precopy_copying(
+        root: &Path,
+        unit: Unit,
+        between: impl FnOnce(),
+        copy: Option<&mut dyn Write>,
+    ) -> (Vec<u8>, String, usize) {
         let work = tempfile::tempdir().unwrap();
-        let first = first_pass(&upper(root), None, unit, 2, work.path(), u64::MAX)
+        let into = Output {
+            copy: copy.map(|c| c as &mut dyn Write),
+            ..output(unit, work.path())
+        };
+        let first = first_pass(&upper(root), None, into)
             .unwrap()
             .expect("few entries");
+        assert!(first.copy_failed.is_none());
         between();
         let reread = under_pause(&upper(root), &first, None, work.path(), u64::MAX).unwrap();
         let mut out = Pieces::new(Vec::new(), unit, 2, false).unwrap();
         let diff_id = assemble(&first, &reread, &mut out, true).unwrap().unwrap();
         let (blob, _) = out.finish().unwrap();
         (decode(unit, &blob), diff_id, reread.index.entries.len())
+    }
+
+    /// A first pass into pieces of `unit` in `work`, on 2 threads, unbounded.
+    pub(super) fn output(unit: Unit, work: &Path) -> Output<'_> {
+        Output {
+            unit,
+            threads: 2,
+            work_dir: work,
+            limit: u64::MAX,
+            copy: None,
+        }
     }
 
     fn sha(data: &[u8]) -> String {
@@ -1105,10 +1170,7 @@ mod trees {
             first_pass_of_at_most(
                 &upper(dir.path()),
                 None,
-                Unit::Zstd(3),
-                2,
-                work.path(),
-                u64::MAX,
+                output(Unit::Zstd(3), work.path()),
                 most,
             )
             .unwrap()
@@ -1176,6 +1238,54 @@ mod trees {
         assert!(ours == single);
         assert_eq!(done, single_done);
         assert!(done.unwrap().prefetched_entries > 300);
+    }
+
+    /// The eStargz members compressed during the first pass are copied
+    /// after the resume wherever nothing in them moved: the blob is still
+    /// the single pass's, byte for byte, with or without prefetch.
+    #[test]
+    fn an_estargz_layer_reusing_the_first_passs_members_is_the_single_pass_blob() {
+        use crate::layer::{
+            estargz,
+            reuse::{Kept, Reuse},
+        };
+        for prefetch in [vec![], vec!["etc".to_string(), "home/*/notes".into()]] {
+            let dir = tempfile::tempdir().unwrap();
+            tree(dir.path());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+            let mut compression = Compression::new(Codec::Estargz, 2);
+            compression.prefetch = estargz::Prefetch {
+                paths: prefetch.clone(),
+                max_bytes: 1 << 20,
+            };
+            let work = tempfile::tempdir().unwrap();
+            let kept = Kept::new(work.path(), u64::MAX).unwrap();
+            let mut recorder =
+                estargz::Writer::recorder(compression.estargz(), kept.clone()).unwrap();
+            let (plain, _, again) = precopy_copying(
+                dir.path(),
+                Unit::Plain,
+                || change(dir.path()),
+                Some(&mut recorder),
+            );
+            recorder.finish_recording().unwrap();
+            assert!(again > 0, "{prefetch:?}: something moved");
+            let want = upper::write_layer(&upper(dir.path()), Vec::new()).unwrap();
+            let blob = |tar: &[u8], reuse| {
+                let mut e = compression.encoder_reusing(Vec::new(), reuse).unwrap();
+                e.write_all(tar).unwrap();
+                e.finish().unwrap()
+            };
+            let (ours, done) = blob(&plain, Some(Reuse::Replay(kept.clone())));
+            let (single, single_done) = blob(&want, None);
+            assert!(ours == single, "{prefetch:?}");
+            assert_eq!(done, single_done, "{prefetch:?}");
+            let counts = kept.counts();
+            assert!(
+                counts.missed > 0 && counts.found > 10 * counts.missed,
+                "{prefetch:?}: what moved is compressed again, the rest copied: {counts:?}"
+            );
+        }
     }
 
     /// An empty upper directory (a new user who changed nothing): an empty
@@ -1313,7 +1423,7 @@ mod trees {
     ) -> Increment {
         let work = tempfile::tempdir().unwrap();
         let before = increment::select(last, &recorded(root));
-        let first = first_pass(&upper(root), Some(&before), unit, 2, work.path(), u64::MAX)
+        let first = first_pass(&upper(root), Some(&before), output(unit, work.path()))
             .unwrap()
             .expect("few entries");
         between();
@@ -1492,18 +1602,9 @@ mod trees {
 /// racing the first pass: the assembled layer is the tree at the "pause".
 #[cfg(test)]
 mod writer_steps {
+    use super::trees::{output, upper};
     use super::*;
     use std::fs;
-
-    fn upper(dir: &Path) -> Upper {
-        upper::upperdir(&[containerd_client::types::Mount {
-            r#type: "overlay".into(),
-            source: "overlay".into(),
-            target: String::new(),
-            options: vec![format!("upperdir={}", dir.display())],
-        }])
-        .expect("an overlay mount")
-    }
 
     #[test]
     fn the_consistency_writers_steps() {
@@ -1550,7 +1651,7 @@ mod writer_steps {
             std::thread::sleep(std::time::Duration::from_millis(20));
             let work = tempfile::tempdir().unwrap();
             let unit = [Unit::Gzip(1), Unit::Zstd(3), Unit::Plain][round % 3];
-            let first = first_pass(&upper(dir.path()), None, unit, 2, work.path(), u64::MAX)
+            let first = first_pass(&upper(dir.path()), None, output(unit, work.path()))
                 .unwrap()
                 .unwrap();
             stop.store(true, std::sync::atomic::Ordering::Relaxed);

@@ -26,7 +26,10 @@
 //! The layer's diff_id is the sha256 of the whole decompressed blob (entries,
 //! landmark, TOC entry, tar end), as the reference computes it.
 
-use super::members::{Compressed, Compressor, Pool};
+use super::{
+    members::{Compressed, Compressor, Pool},
+    reuse::{Kept, Reuse},
+};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::{
@@ -346,10 +349,49 @@ pub struct Writer<W: Write> {
     /// Regular files put before the landmark (hard links may follow them).
     front_files: HashSet<Vec<u8>>,
     prefetched_bytes: u64,
+    /// A recording ([`Writer::recorder`]): no blob, no diff_id.
+    recording: bool,
+}
+
+impl Writer<io::Sink> {
+    /// A writer that makes no blob but keeps every member it compresses in
+    /// `kept`, so that a writer given the same store
+    /// ([`Writer::reusing`], [`Reuse::Replay`]) copies each member it cuts
+    /// from the same bytes instead of compressing it. Ended by
+    /// [`Writer::finish_recording`].
+    pub fn recorder(options: Options, kept: std::sync::Arc<Kept>) -> io::Result<Self> {
+        Self::build(io::sink(), options, Some(Reuse::Record(kept)), true)
+    }
+
+    /// Compresses what is left of a recording.
+    pub fn finish_recording(mut self) -> io::Result<()> {
+        for part in [Part::Front, Part::Rest] {
+            self.close_member(part)?;
+            self.dispatch(part)?;
+        }
+        while !self.in_flight.is_empty() {
+            self.drain_one()?;
+        }
+        Ok(())
+    }
 }
 
 impl<W: Write> Writer<W> {
-    pub fn new(out: W, mut options: Options) -> io::Result<Self> {
+    pub fn new(out: W, options: Options) -> io::Result<Self> {
+        Self::reusing(out, options, None)
+    }
+
+    /// A writer whose compressors keep or reuse members ([`Reuse`]).
+    pub fn reusing(out: W, options: Options, reuse: Option<Reuse>) -> io::Result<Self> {
+        Self::build(out, options, reuse, false)
+    }
+
+    fn build(
+        out: W,
+        mut options: Options,
+        reuse: Option<Reuse>,
+        recording: bool,
+    ) -> io::Result<Self> {
         options.chunk_size = options.chunk_size.max(1);
         options.level = options.level.clamp(1, 9);
         options
@@ -358,6 +400,13 @@ impl<W: Write> Writer<W> {
             .retain(|p| !p.trim_matches('/').is_empty());
         let spill = if options.prefetch.paths.is_empty() {
             None
+        } else if recording {
+            // the rest's members are cut as the blob's would be, and not kept
+            Some(Spill {
+                file: None,
+                written: 0,
+                limit: u64::MAX,
+            })
         } else {
             let file = tempfile::tempfile_in(&options.spill_dir).map_err(|e| {
                 io::Error::new(
@@ -369,7 +418,7 @@ impl<W: Write> Writer<W> {
                 )
             })?;
             Some(Spill {
-                file: BufWriter::with_capacity(1 << 20, file),
+                file: Some(BufWriter::with_capacity(1 << 20, file)),
                 written: 0,
                 limit: options.spill_limit,
             })
@@ -377,7 +426,7 @@ impl<W: Write> Writer<W> {
         let mut writer = Self {
             out,
             spill,
-            pool: Pool::new(options.threads.max(1), options.level),
+            pool: Pool::reusing(options.threads.max(1), options.level, reuse),
             options,
             parts: Default::default(),
             in_flight: VecDeque::new(),
@@ -387,6 +436,7 @@ impl<W: Write> Writer<W> {
             pending: Pending::default(),
             front_files: HashSet::new(),
             prefetched_bytes: 0,
+            recording,
         };
         if writer.spill.is_none() {
             writer.landmark(NO_PREFETCH_LANDMARK)?;
@@ -492,7 +542,7 @@ impl<W: Write> Writer<W> {
 
     /// Appends bytes to `part`'s open member (a new one if none is open).
     fn append(&mut self, part: Part, bytes: &[u8]) {
-        if part == Part::Front {
+        if part == Part::Front && !self.recording {
             self.diff.update(bytes);
         }
         let state = &mut self.parts[part as usize];
@@ -1104,7 +1154,10 @@ pub fn parse_footer(footer: &[u8]) -> Option<u64> {
 /// The rest, from the spill, after the front; its bytes decompressed on
 /// another thread into the diff_id's hash. Returns their number.
 fn append_spill<W: Write>(spill: Spill, out: &mut W, diff: &mut Sha256) -> io::Result<u64> {
-    let mut file = spill.file.into_inner().map_err(|e| e.into_error())?;
+    let Some(file) = spill.file else {
+        return Err(io::Error::other("a recording has no eStargz blob"));
+    };
+    let mut file = file.into_inner().map_err(|e| e.into_error())?;
     if file.stream_position()? == 0 {
         // everything was prefetched (or there was nothing): no member to
         // inflate, and an empty gzip stream is no stream
@@ -1188,7 +1241,8 @@ impl Write for HashWrite {
 
 /// The unnamed file where the part after the landmark waits.
 struct Spill {
-    file: BufWriter<File>,
+    /// `None` in a recording: what is written is dropped.
+    file: Option<BufWriter<File>>,
     written: u64,
     limit: u64,
 }
@@ -1200,12 +1254,15 @@ impl Write for Spill {
                 limit: self.limit,
             }));
         }
-        let n = self.file.write(buf)?;
+        let n = match self.file.as_mut() {
+            Some(file) => file.write(buf)?,
+            None => buf.len(),
+        };
         self.written += n as u64;
         Ok(n)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.file.flush()
+        self.file.as_mut().map_or(Ok(()), Write::flush)
     }
 }
 

@@ -9,6 +9,7 @@
 //! what the level-1 deflater makes of it, and three times faster to read back
 //! at login (see [`Compressor`]).
 
+use super::reuse::Reuse;
 use sha2::{Digest, Sha256};
 use std::{
     collections::VecDeque,
@@ -41,11 +42,17 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub fn new(threads: usize, level: u32) -> Self {
+        Self::reusing(threads, level, None)
+    }
+
+    /// A pool whose members go into, or come from, a store of members
+    /// ([`Reuse`]).
+    pub fn reusing(threads: usize, level: u32, reuse: Option<Reuse>) -> Self {
         let (tx, rx) = mpsc::sync_channel::<Job>(threads);
         let rx = Arc::new(Mutex::new(rx));
         let workers = (0..threads)
             .filter_map(|i| {
-                let rx = rx.clone();
+                let (rx, reuse) = (rx.clone(), reuse.clone());
                 std::thread::Builder::new()
                     .name(format!("gzip-{i}"))
                     .spawn(move || {
@@ -53,7 +60,7 @@ impl Pool {
                         loop {
                             let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                             let Ok((members, reply)) = job else { return };
-                            let _ = reply.send(compressor.job(members));
+                            let _ = reply.send(compressor.job(members, reuse.as_ref()));
                         }
                     })
                     .ok()
@@ -141,7 +148,13 @@ impl Compressor {
         }
     }
 
-    fn job(&mut self, members: Vec<(Vec<u8>, Option<usize>)>) -> io::Result<Compressed> {
+    /// Each member compressed (or, replaying, copied from the store), with
+    /// the digest of its chunk.
+    fn job(
+        &mut self,
+        members: Vec<(Vec<u8>, Option<usize>)>,
+        reuse: Option<&Reuse>,
+    ) -> io::Result<Compressed> {
         let total: usize = members.iter().map(|m| m.0.len()).sum();
         let mut out = Compressed {
             bytes: Vec::with_capacity(total / 2 + 64 * members.len()),
@@ -149,8 +162,27 @@ impl Compressor {
         };
         for (data, chunk) in members {
             let before = out.bytes.len();
-            self.member(&data, &mut out.bytes)?;
-            let digest = chunk.map(|n| Sha256::digest(&data[..n.min(data.len())]).into());
+            let Some(reuse) = reuse else {
+                self.member(&data, &mut out.bytes)?;
+                let digest = chunk.map(|n| Sha256::digest(&data[..n.min(data.len())]).into());
+                out.members.push((out.bytes.len() - before, digest));
+                continue;
+            };
+            // the member's key continues its chunk's digest over the rest
+            let mut hasher = Sha256::new();
+            let n = chunk.unwrap_or(0).min(data.len());
+            hasher.update(&data[..n]);
+            let digest = chunk.map(|_| hasher.clone().finalize().into());
+            hasher.update(&data[n..]);
+            let key = hasher.finalize().into();
+            match reuse {
+                Reuse::Replay(kept) if kept.find(&key, &data, &mut out.bytes)? => {}
+                Reuse::Replay(_) => self.member(&data, &mut out.bytes)?,
+                Reuse::Record(kept) => {
+                    self.member(&data, &mut out.bytes)?;
+                    kept.keep(key, &out.bytes[before..])?;
+                }
+            }
             out.members.push((out.bytes.len() - before, digest));
         }
         Ok(out)

@@ -10,6 +10,7 @@ pub mod estargz;
 pub mod members;
 pub mod merge;
 pub mod pieces;
+pub mod reuse;
 pub mod tar;
 
 use crate::image::new_layer::Codec;
@@ -57,6 +58,16 @@ impl Compression {
 
     /// A writer that compresses into `out` on `threads` threads; `finish` flushes it.
     pub fn encoder<W: Write + Send + 'static>(&self, out: W) -> io::Result<Encoder<W>> {
+        self.encoder_reusing(out, None)
+    }
+
+    /// [`Compression::encoder`] whose eStargz members are kept in, or copied
+    /// from, a store ([`reuse`]; the other codecs ignore it).
+    pub fn encoder_reusing<W: Write + Send + 'static>(
+        &self,
+        out: W,
+        reuse: Option<reuse::Reuse>,
+    ) -> io::Result<Encoder<W>> {
         let threads = self.threads.max(1);
         Ok(match self.codec {
             Codec::Gzip => {
@@ -67,18 +78,24 @@ impl Compression {
                 z.multithread(threads as u32)?;
                 Encoder::Zstd(z)
             }
-            Codec::Estargz => Encoder::Estargz(Box::new(estargz::Writer::new(
+            Codec::Estargz => Encoder::Estargz(Box::new(estargz::Writer::reusing(
                 out,
-                estargz::Options {
-                    level: self.level() as u32,
-                    threads,
-                    chunk_size: estargz::DEFAULT_CHUNK_SIZE,
-                    prefetch: self.prefetch.clone(),
-                    spill_dir: self.spill_dir.clone(),
-                    spill_limit: self.spill_limit,
-                },
+                self.estargz(),
+                reuse,
             )?)),
         })
+    }
+
+    /// The eStargz writer's options.
+    pub fn estargz(&self) -> estargz::Options {
+        estargz::Options {
+            level: self.level() as u32,
+            threads: self.threads.max(1),
+            chunk_size: estargz::DEFAULT_CHUNK_SIZE,
+            prefetch: self.prefetch.clone(),
+            spill_dir: self.spill_dir.clone(),
+            spill_limit: self.spill_limit,
+        }
     }
 }
 

@@ -67,25 +67,15 @@ fn mib(bytes: u64) -> f64 {
 }
 
 /// A sidecar for the desktop of `pod`, zstd, increments `on` or off, with
-/// `extra` settings and a work directory of its own (kept while the
-/// returned directory lives).
-async fn start(
-    rig: &Rig,
-    pod: &str,
-    name: &str,
-    on: bool,
-    extra: &[(&str, &str)],
-) -> (Sidecar, tempfile::TempDir) {
-    let work = tempfile::tempdir().expect("a work directory");
-    let work_dir = work.path().to_string_lossy().into_owned();
+/// `extra` settings (and, as every harness sidecar, a work directory of
+/// its own).
+async fn start(rig: &Rig, pod: &str, name: &str, on: bool, extra: &[(&str, &str)]) -> Sidecar {
     let mut env = vec![
-        ("SNAPSHOT_WORK_DIR", work_dir.as_str()),
         ("SNAPSHOT_INCREMENTAL", if on { "true" } else { "false" }),
         ("SNAPSHOT_LAYER_FORMAT", "zstd"),
     ];
     env.extend_from_slice(extra);
-    let sidecar = Sidecar::start_with(rig.target(pod, name), None, &env).await;
-    (sidecar, work)
+    Sidecar::start_with(rig.target(pod, name), None, &env).await
 }
 
 struct Session {
@@ -101,7 +91,7 @@ async fn session(rig: &Rig, on: bool, first: u64, step: u64, count: usize) -> Se
     rig.containerd
         .run_desktop(&desk, &pod, &format!("12896316-{name}"), "x-graphical")
         .await;
-    let (sidecar, _work) = start(rig, &pod, name, on, &[("SNAPSHOT_MAX_LAYERS", "64")]).await;
+    let sidecar = start(rig, &pod, name, on, &[("SNAPSHOT_MAX_LAYERS", "64")]).await;
     let files = (first / 64).max(1);
     rig.containerd
         .exec(
@@ -171,7 +161,7 @@ async fn idle(rig: &Rig, on: bool, entries: usize) -> Idle {
             ),
         )
         .await;
-    let (sidecar, _work) = start(rig, &pod, name, on, &[]).await;
+    let sidecar = start(rig, &pod, name, on, &[]).await;
     let steps = sidecar.snapshot_done().await;
     assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;

@@ -594,14 +594,12 @@ async fn snapshot(
     format: &str,
     extra: &[(&str, &str)],
 ) -> (Snapshot, f64) {
-    // a work directory of its own, as each pod has: no record of an earlier
-    // snapshot of the same desktop, so each format's snapshot is a whole one
-    let work = tempfile::tempdir().expect("a work directory");
-    let work_dir = work.path().to_string_lossy().into_owned();
+    // each sidecar has a work directory of its own, as each pod has: no
+    // record of an earlier snapshot of the same desktop, so each format's
+    // snapshot is a whole one
     let mut vars = vec![
         ("SNAPSHOT_LAYER_FORMAT", format),
         ("SNAPSHOT_BASE_IMAGE", BASE_IMAGE),
-        ("SNAPSHOT_WORK_DIR", work_dir.as_str()),
         ("RUST_LOG", "warn"),
     ];
     vars.extend_from_slice(extra);

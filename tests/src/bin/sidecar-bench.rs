@@ -62,8 +62,6 @@ async fn main() {
     // the 20,000 files become part of the image the small change is made on:
     // snapshot them, start a desktop from that snapshot, change 1 MiB in it
     let ca = registry.ca_path();
-    let prep_work = tempfile::tempdir().expect("a work directory");
-    let prep_dir = prep_work.path().to_string_lossy().into_owned();
     let prep = Sidecar::start_with(
         Target::at(
             &containerd,
@@ -74,7 +72,7 @@ async fn main() {
             "prep",
         ),
         None,
-        &[("RUST_LOG", "warn"), ("SNAPSHOT_WORK_DIR", &prep_dir)],
+        &[("RUST_LOG", "warn")],
     )
     .await;
     prep.snapshot_done().await;
@@ -126,10 +124,8 @@ async fn main() {
             "1.00"
         );
         for codec in ["gzip", "zstd"] {
-            // a work directory of its own, as each pod has: no record of an
-            // earlier run's capture, so every run takes a whole snapshot
-            let work = tempfile::tempdir().expect("a work directory");
-            let work_dir = work.path().to_string_lossy().into_owned();
+            // each sidecar has a work directory of its own, as each pod has:
+            // no record of an earlier run's capture, every run takes a whole snapshot
             let sidecar = Sidecar::start_with(
                 Target::at(
                     &containerd,
@@ -140,11 +136,7 @@ async fn main() {
                     &format!("{set}-{codec}"),
                 ),
                 None,
-                &[
-                    ("SNAPSHOT_COMPRESSION", codec),
-                    ("SNAPSHOT_WORK_DIR", &work_dir),
-                    ("RUST_LOG", &sidecar_log),
-                ],
+                &[("SNAPSHOT_COMPRESSION", codec), ("RUST_LOG", &sidecar_log)],
             )
             .await;
             let started = Instant::now();
@@ -171,7 +163,14 @@ async fn main() {
             sidecar.stop().await;
         }
     }
-    freezes(&containerd, &registry, (&ca, &creds), large_mib).await;
+    freezes(
+        &containerd,
+        &registry,
+        (&ca, &creds),
+        large_mib,
+        &sidecar_log,
+    )
+    .await;
     // the least any client can spend: the registry taking the random half (what
     // no codec shrinks) in one PUT
     let floor = registry_ingest(&registry, half * 1024 * 1024).await;
@@ -192,6 +191,7 @@ async fn freezes(
     registry: &Registry,
     (ca, creds): (&std::path::Path, &std::path::Path),
     large_mib: u64,
+    sidecar_log: &str,
 ) {
     containerd
         .run_desktop("many", "pod-many", "1-many", "x-graphical")
@@ -233,8 +233,6 @@ async fn freezes(
         for codec in ["gzip", "zstd", "estargz"] {
             let mut figures = Vec::new();
             for pre_copy in ["false", "true"] {
-                let work = tempfile::tempdir().expect("a work directory");
-                let work_dir = work.path().to_string_lossy().into_owned();
                 let sidecar = Sidecar::start_with(
                     Target::at(
                         containerd,
@@ -248,8 +246,7 @@ async fn freezes(
                     &[
                         ("SNAPSHOT_LAYER_FORMAT", codec),
                         ("SNAPSHOT_PRE_COPY", pre_copy),
-                        ("SNAPSHOT_WORK_DIR", &work_dir),
-                        ("RUST_LOG", "warn"),
+                        ("RUST_LOG", sidecar_log),
                     ],
                 )
                 .await;
@@ -264,6 +261,9 @@ async fn freezes(
                 );
                 let frozen = sidecar.paused_seconds().await;
                 figures.push((frozen, seconds));
+                if sidecar_log != "warn" {
+                    println!("{}", sidecar.log());
+                }
                 sidecar.stop().await;
             }
             let ms = |s: f64| format!("{:.0} ms", s * 1000.0);

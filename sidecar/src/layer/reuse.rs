@@ -1,0 +1,189 @@
+//! Gzip members kept by their content, so that a layer written a second
+//! time compresses only what it has not compressed before.
+//!
+//! Pre-copy writes an eStargz layer twice: once while the desktop runs
+//! (the first pass's tar, [`Reuse::Record`]: every member compressed is
+//! kept in an unnamed file of the work directory), and again after the
+//! resume from the assembled tar ([`Reuse::Replay`]). The eStargz writer
+//! cuts its members the same way from the same bytes (a member starts at
+//! every file chunk), so each member the desktop did not touch between the
+//! two is found by the sha256 of its uncompressed bytes and copied instead
+//! of compressed. The hash costs nearly nothing: the writer digests each
+//! chunk anyway, and the key continues that digest over the member's few
+//! header bytes.
+//!
+//! What is copied is checked against what it stands for (the member's own
+//! CRC-32 and length); the store is bounded, past its limit it keeps no
+//! more and the rest is compressed as usual.
+
+use std::{
+    collections::HashMap,
+    fs::File,
+    io,
+    os::unix::fs::FileExt,
+    path::Path,
+    sync::{Arc, Mutex},
+};
+
+/// The sha256 of a member's uncompressed bytes.
+pub type Key = [u8; 32];
+
+/// Compressed members by the sha256 of their uncompressed bytes.
+pub struct Kept {
+    file: File,
+    limit: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Default)]
+struct State {
+    /// Where each member's compressed bytes are in the file, and how many.
+    at: HashMap<Key, (u64, u32)>,
+    end: u64,
+    found: u64,
+    missed: u64,
+}
+
+/// How a writer uses a store.
+#[derive(Clone)]
+pub enum Reuse {
+    /// Every member compressed goes into the store.
+    Record(Arc<Kept>),
+    /// A member found in the store is copied from it.
+    Replay(Arc<Kept>),
+}
+
+/// How often a replay found its members.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Counts {
+    /// Members kept.
+    pub kept: usize,
+    /// Members of the replay copied from the store, and compressed.
+    pub found: u64,
+    pub missed: u64,
+}
+
+impl Kept {
+    /// An empty store in an unnamed file of `dir`, of at most `limit` bytes.
+    pub fn new(dir: &Path, limit: u64) -> io::Result<Arc<Self>> {
+        let file = tempfile::tempfile_in(dir).map_err(|e| {
+            io::Error::new(
+                e.kind(),
+                format!(
+                    "creating the file for compressed members in {}: {e}",
+                    dir.display()
+                ),
+            )
+        })?;
+        Ok(Arc::new(Self {
+            file,
+            limit,
+            state: Mutex::new(State::default()),
+        }))
+    }
+
+    fn state(&self) -> std::sync::MutexGuard<'_, State> {
+        self.state.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Keeps `member`, the compression of bytes of sha256 `key` (nothing
+    /// past the limit, nor a key kept already).
+    pub(crate) fn keep(&self, key: Key, member: &[u8]) -> io::Result<()> {
+        let Ok(len) = u32::try_from(member.len()) else {
+            return Ok(());
+        };
+        let at = {
+            let mut state = self.state();
+            if state.at.contains_key(&key) || state.end + u64::from(len) > self.limit {
+                return Ok(());
+            }
+            let at = state.end;
+            state.end += u64::from(len);
+            at
+        };
+        self.file.write_all_at(member, at)?;
+        self.state().at.insert(key, (at, len));
+        Ok(())
+    }
+
+    /// Appends to `out` the member kept for `data` (of sha256 `key`);
+    /// whether there was one.
+    pub(crate) fn find(&self, key: &Key, data: &[u8], out: &mut Vec<u8>) -> io::Result<bool> {
+        let found = self.state().at.get(key).copied();
+        let Some((at, len)) = found else {
+            self.state().missed += 1;
+            return Ok(false);
+        };
+        let start = out.len();
+        out.resize(start + len as usize, 0);
+        self.file.read_exact_at(&mut out[start..], at)?;
+        if !stands_for(&out[start..], data) {
+            return Err(io::Error::other(
+                "a kept gzip member does not hold the bytes it was kept for",
+            ));
+        }
+        self.state().found += 1;
+        Ok(true)
+    }
+
+    pub fn counts(&self) -> Counts {
+        let state = self.state();
+        Counts {
+            kept: state.at.len(),
+            found: state.found,
+            missed: state.missed,
+        }
+    }
+}
+
+/// Whether the gzip member `member` ends with `data`'s CRC-32 and length.
+fn stands_for(member: &[u8], data: &[u8]) -> bool {
+    let Some(trailer) = member.len().checked_sub(8).map(|at| &member[at..]) else {
+        return false;
+    };
+    let mut crc = flate2::Crc::new();
+    crc.update(data);
+    trailer[..4] == crc.sum().to_le_bytes() && trailer[4..] == (data.len() as u32).to_le_bytes()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::layer::members::Compressor;
+
+    fn member(data: &[u8]) -> Vec<u8> {
+        let mut out = Vec::new();
+        Compressor::new(1).member(data, &mut out).unwrap();
+        out
+    }
+
+    #[test]
+    fn a_member_kept_is_found_by_its_bytes_and_checked() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = Kept::new(dir.path(), u64::MAX).unwrap();
+        let (a, b) = (b"first member".to_vec(), b"second".to_vec());
+        kept.keep([1; 32], &member(&a)).unwrap();
+        kept.keep([2; 32], &member(&b)).unwrap();
+        let mut out = b"before".to_vec();
+        assert!(kept.find(&[2; 32], &b, &mut out).unwrap());
+        assert_eq!(&out[6..], member(&b).as_slice());
+        assert!(!kept.find(&[3; 32], &a, &mut out).unwrap());
+        // a key whose member holds other bytes is an error, never a wrong layer
+        assert!(kept.find(&[1; 32], &b, &mut Vec::new()).is_err());
+        let counts = kept.counts();
+        assert_eq!((counts.kept, counts.found, counts.missed), (2, 1, 1));
+    }
+
+    #[test]
+    fn past_its_limit_the_store_keeps_no_more() {
+        let dir = tempfile::tempdir().unwrap();
+        let first = member(b"fits");
+        let kept = Kept::new(dir.path(), first.len() as u64 + 10).unwrap();
+        kept.keep([1; 32], &first).unwrap();
+        kept.keep([2; 32], &member(b"does not fit")).unwrap();
+        assert_eq!(kept.counts().kept, 1);
+        assert!(!kept
+            .find(&[2; 32], b"does not fit", &mut Vec::new())
+            .unwrap());
+    }
+}
