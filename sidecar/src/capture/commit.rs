@@ -578,8 +578,9 @@ async fn pre_copied(
 
 /// The layer from the first pass's pieces and what the pause read again,
 /// into the spool: gzip and zstd groups copied as they are (the diff_id's
-/// hash resumed where the first change is); eStargz written from the
-/// assembled tar, copying the members `reuse` kept.
+/// hash resumed where the first change is); eStargz laid out from the
+/// assembled tar, copying the members `reuse` kept
+/// ([`precopy::assemble_estargz`]).
 fn assemble_into(
     writer: SpoolWriter,
     compression: &Compression,
@@ -588,11 +589,15 @@ fn assemble_into(
     reuse: Option<Reuse>,
 ) -> Result<Written> {
     if first.unit == Unit::Plain {
-        return compress_into_reusing(writer, compression.clone(), reuse, |sink| {
-            let mut out = Pieces::new(sink, Unit::Plain, 1, false)?;
-            precopy::assemble(first, reread, &mut out, false)?;
-            Ok(out.finish()?.0)
-        });
+        let buffered = BufWriter::with_capacity(1 << 20, writer);
+        let (buffered, change, done) =
+            precopy::assemble_estargz(first, reread, compression.estargz(), reuse, buffered)?;
+        let (size, digest) = buffered
+            .into_inner()
+            .map_err(|e| e.into_error())
+            .context("writing the layer's spool file")?
+            .finish();
+        return Ok(written_estargz(change, digest, size, &done));
     }
     let buffered = BufWriter::with_capacity(1 << 20, writer);
     let mut out = Pieces::new(buffered, first.unit, compression.threads, false)
@@ -652,18 +657,8 @@ pub(crate) fn compress_into(
     compression: Compression,
     produce: impl FnOnce(Sink) -> Result<Sink>,
 ) -> Result<Written> {
-    compress_into_reusing(writer, compression, None, produce)
-}
-
-/// [`compress_into`], eStargz members copied from `reuse` where it kept them.
-fn compress_into_reusing(
-    writer: SpoolWriter,
-    compression: Compression,
-    reuse: Option<Reuse>,
-    produce: impl FnOnce(Sink) -> Result<Sink>,
-) -> Result<Written> {
     let encoder = compression
-        .encoder_reusing(BufWriter::with_capacity(1 << 20, writer), reuse)
+        .encoder(BufWriter::with_capacity(1 << 20, writer))
         .context("starting the compressor")?;
     let (change, encoder) = produce(Hashing::new(encoder))?.finish();
     let (buffered, estargz) = encoder.finish().context("compressing the layer")?;
@@ -672,27 +667,35 @@ fn compress_into_reusing(
         .map_err(|e| e.into_error())
         .context("writing the layer's spool file")?;
     let (size, digest) = spool.finish();
-    let (diff_id, annotations) = match estargz {
-        Some(done) => {
-            info!(
-                toc_digest = %done.toc_digest,
-                uncompressed_bytes = done.uncompressed_size,
-                prefetched_entries = done.prefetched_entries,
-                prefetched_bytes = done.prefetched_bytes,
-                prefetched_compressed_bytes = done.landmark_offset,
-                "eStargz layer written"
-            );
-            (done.diff_id.clone(), done.annotations())
-        }
-        None => (change.clone(), Default::default()),
-    };
-    Ok(Written {
-        diff_id,
+    Ok(match estargz {
+        Some(done) => written_estargz(change, digest, size, &done),
+        None => Written {
+            diff_id: change.clone(),
+            change,
+            digest,
+            size,
+            annotations: Default::default(),
+        },
+    })
+}
+
+/// An eStargz layer written (`change`: its plain tar's sha256), logged.
+fn written_estargz(change: String, digest: String, size: u64, done: &estargz::Done) -> Written {
+    info!(
+        toc_digest = %done.toc_digest,
+        uncompressed_bytes = done.uncompressed_size,
+        prefetched_entries = done.prefetched_entries,
+        prefetched_bytes = done.prefetched_bytes,
+        prefetched_compressed_bytes = done.landmark_offset,
+        "eStargz layer written"
+    );
+    Written {
+        diff_id: done.diff_id.clone(),
         change,
         digest,
         size,
-        annotations,
-    })
+        annotations: done.annotations(),
+    }
 }
 
 /// How many bytes `container`'s change holds on the node's disk (containerd's

@@ -44,7 +44,11 @@ use crate::{
         upper::{self, Cuts, Upper},
     },
     image::spool::TooLarge,
-    layer::pieces::{self, Group, Index, Piece, Pieces, Stream, Unit},
+    layer::{
+        estargz,
+        pieces::{self, Group, Index, Piece, Pieces, Stream, Unit},
+        reuse::Reuse,
+    },
 };
 use anyhow::{Context, Result};
 use std::{
@@ -518,6 +522,33 @@ pub fn assemble<S: Write>(
         hash,
     )
     .context("putting the layer together")
+}
+
+/// After the resume: the eStargz blob of the layer tar [`assemble`] puts
+/// together, into `out`. The tar is put together twice (copies of plain
+/// pieces in the page cache): the entries before the prefetch landmark are
+/// taken from the first, the rest from the second, so that nothing waits in
+/// a spill to be read back and inflated for the diff_id; members the first
+/// pass kept (`reuse`) are copied, not compressed. Also the plain tar's
+/// sha256 (which [`assemble`] resumes where the first change is).
+pub fn assemble_estargz<W: Write>(
+    first: &FirstPass,
+    reread: &Reread,
+    options: estargz::Options,
+    reuse: Option<Reuse>,
+    out: W,
+) -> Result<(W, String, estargz::Done)> {
+    let mut writer =
+        estargz::Writer::twice(out, options, reuse).context("starting the eStargz writer")?;
+    let mut pieces = Pieces::new(&mut writer, Unit::Plain, 1, false)?;
+    let change = assemble(first, reread, &mut pieces, true)?.context("the layer's sha256")?;
+    pieces.finish().context("writing the eStargz layer")?;
+    writer.second_pass().context("writing the eStargz layer")?;
+    let mut pieces = Pieces::new(&mut writer, Unit::Plain, 1, false)?;
+    assemble(first, reread, &mut pieces, false)?;
+    pieces.finish().context("writing the eStargz layer")?;
+    let (out, done) = writer.finish().context("writing the eStargz layer")?;
+    Ok((out, change, done))
 }
 
 /// A tar written by `write` into an unnamed file of `work_dir` (at most
@@ -1116,16 +1147,21 @@ mod trees {
     /// "pause", assembly; the layer's bytes (decoded), its diff_id, and how
     /// many entries were read again.
     fn precopy(root: &Path, unit: Unit, between: impl FnOnce()) -> (Vec<u8>, String, usize) {
-        precopy_copying(root, unit, between, None)
+        let (first, reread, _work) = passes(root, unit, between, None);
+        let mut out = Pieces::new(Vec::new(), unit, 2, false).unwrap();
+        let diff_id = assemble(&first, &reread, &mut out, true).unwrap().unwrap();
+        let (blob, _) = out.finish().unwrap();
+        (decode(unit, &blob), diff_id, reread.index.entries.len())
     }
 
-    /// [`precopy`], the first pass's tar copied into `copy` too.
-    fn precopy_copying(
+    /// The first pass (its tar copied into `copy` too), `between`, the
+    /// "pause": what the assembly takes, and the work directory it is in.
+    fn passes(
         root: &Path,
         unit: Unit,
         between: impl FnOnce(),
         copy: Option<&mut dyn Write>,
-    ) -> (Vec<u8>, String, usize) {
+    ) -> (FirstPass, Reread, tempfile::TempDir) {
         let work = tempfile::tempdir().unwrap();
         let into = Output {
             copy: copy.map(|c| c as &mut dyn Write),
@@ -1137,10 +1173,7 @@ mod trees {
         assert!(first.copy_failed.is_none());
         between();
         let reread = under_pause(&upper(root), &first, None, work.path(), u64::MAX).unwrap();
-        let mut out = Pieces::new(Vec::new(), unit, 2, false).unwrap();
-        let diff_id = assemble(&first, &reread, &mut out, true).unwrap().unwrap();
-        let (blob, _) = out.finish().unwrap();
-        (decode(unit, &blob), diff_id, reread.index.entries.len())
+        (first, reread, work)
     }
 
     /// A first pass into pieces of `unit` in `work`, on 2 threads, unbounded.
@@ -1262,24 +1295,29 @@ mod trees {
             let kept = Kept::new(work.path(), u64::MAX).unwrap();
             let mut recorder =
                 estargz::Writer::recorder(compression.estargz(), kept.clone()).unwrap();
-            let (plain, _, again) = precopy_copying(
+            let (first, reread, _work) = passes(
                 dir.path(),
                 Unit::Plain,
                 || change(dir.path()),
                 Some(&mut recorder),
             );
             recorder.finish_recording().unwrap();
-            assert!(again > 0, "{prefetch:?}: something moved");
+            assert!(reread.read > 0, "{prefetch:?}: something moved");
             let want = upper::write_layer(&upper(dir.path()), Vec::new()).unwrap();
-            let blob = |tar: &[u8], reuse| {
-                let mut e = compression.encoder_reusing(Vec::new(), reuse).unwrap();
-                e.write_all(tar).unwrap();
-                e.finish().unwrap()
-            };
-            let (ours, done) = blob(&plain, Some(Reuse::Replay(kept.clone())));
-            let (single, single_done) = blob(&want, None);
+            let mut e = compression.encoder(Vec::new()).unwrap();
+            e.write_all(&want).unwrap();
+            let (single, single_done) = e.finish().unwrap();
+            let (ours, change, done) = assemble_estargz(
+                &first,
+                &reread,
+                compression.estargz(),
+                Some(Reuse::Replay(kept.clone())),
+                Vec::new(),
+            )
+            .unwrap();
             assert!(ours == single, "{prefetch:?}");
-            assert_eq!(done, single_done, "{prefetch:?}");
+            assert_eq!(Some(done), single_done, "{prefetch:?}");
+            assert_eq!(change, sha(&want));
             let counts = kept.counts();
             assert!(
                 counts.missed > 0 && counts.found > 10 * counts.missed,

@@ -21,7 +21,10 @@
 //! spill file and is appended at the end (its uncompressed bytes, which the
 //! diff_id needs after the landmark's, are hashed by decompressing the spill
 //! while it is copied). Without prefetch paths, `.no.prefetch.landmark` comes
-//! first and everything streams straight through.
+//! first and everything streams straight through. A tar that can be read
+//! twice (pre-copy's, put together from its pieces after the resume) needs
+//! no spill: [`Writer::twice`] takes the entries before the landmark from a
+//! first reading and the rest from a second.
 //!
 //! The layer's diff_id is the sha256 of the whole decompressed blob (entries,
 //! landmark, TOC entry, tar end), as the reference computes it.
@@ -351,12 +354,30 @@ pub struct Writer<W: Write> {
     prefetched_bytes: u64,
     /// A recording ([`Writer::recorder`]): no blob, no diff_id.
     recording: bool,
+    /// Whether entries are put before a landmark (prefetch paths given).
+    prefetching: bool,
+    order: Order,
+    /// Once the part before the landmark is ended: its entries, and the
+    /// landmark's place in its TOC.
+    landmark: Option<(u64, usize)>,
+}
+
+/// How the entries after the landmark reach the blob.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Order {
+    /// The tar is given once: the rest waits, compressed, in the spill.
+    Spilled,
+    /// The tar is given twice ([`Writer::twice`]): the first time only the
+    /// entries before the landmark are written...
+    TwiceFront,
+    /// ...the second time only the rest, straight after the landmark.
+    TwiceRest,
 }
 
 impl Writer<io::Sink> {
     /// A writer that makes no blob but keeps every member it compresses in
     /// `kept`, so that a writer given the same store
-    /// ([`Writer::reusing`], [`Reuse::Replay`]) copies each member it cuts
+    /// ([`Writer::twice`], [`Reuse::Replay`]) copies each member it cuts
     /// from the same bytes instead of compressing it. Ended by
     /// [`Writer::finish_recording`].
     pub fn recorder(options: Options, kept: std::sync::Arc<Kept>) -> io::Result<Self> {
@@ -378,12 +399,72 @@ impl Writer<io::Sink> {
 
 impl<W: Write> Writer<W> {
     pub fn new(out: W, options: Options) -> io::Result<Self> {
-        Self::reusing(out, options, None)
+        Self::build(out, options, None, false)
     }
 
-    /// A writer whose compressors keep or reuse members ([`Reuse`]).
-    pub fn reusing(out: W, options: Options, reuse: Option<Reuse>) -> io::Result<Self> {
-        Self::build(out, options, reuse, false)
+    /// A writer given the layer tar twice, [`Writer::second_pass`] in
+    /// between: the entries before the landmark are taken from the first,
+    /// the rest from the second, written straight into `out`. The same blob
+    /// as [`Writer::new`], without the spill to write, read back and
+    /// inflate for the diff_id; for a tar that can be read twice.
+    pub fn twice(out: W, options: Options, reuse: Option<Reuse>) -> io::Result<Self> {
+        let mut writer = Self::build(out, options, reuse, false)?;
+        writer.spill = None;
+        writer.order = Order::TwiceFront;
+        Ok(writer)
+    }
+
+    /// Ends the first reading of the tar ([`Writer::twice`]): what comes
+    /// before the landmark is written, with the landmark; the tar is read
+    /// again from its start.
+    pub fn second_pass(&mut self) -> io::Result<()> {
+        if self.order != Order::TwiceFront {
+            return Err(io::Error::other(
+                "a second pass of an eStargz writer given the tar once",
+            ));
+        }
+        self.tar_ended()?;
+        self.end_front()?;
+        self.close_member(Part::Front)?;
+        self.dispatch(Part::Front)?;
+        while !self.in_flight.is_empty() {
+            self.drain_one()?;
+        }
+        // the same decisions again, from the start
+        self.input = Input::Header;
+        self.block.clear();
+        self.pending = Pending::default();
+        self.front_files.clear();
+        self.prefetched_bytes = 0;
+        self.order = Order::TwiceRest;
+        Ok(())
+    }
+
+    /// Whether the tar read so far ended where an entry may start.
+    fn tar_ended(&self) -> io::Result<()> {
+        match self.input {
+            Input::Header if self.block.is_empty() && self.pending.raw.is_empty() => Ok(()),
+            Input::End => Ok(()),
+            _ => Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the layer tar ended inside an entry",
+            )),
+        }
+    }
+
+    /// With prefetch: the landmark after the entries before it (once).
+    fn end_front(&mut self) -> io::Result<()> {
+        if !self.prefetching || self.landmark.is_some() {
+            return Ok(());
+        }
+        let toc = &self.parts[Part::Front as usize].toc;
+        let entries = toc.iter().filter(|e| e.kind != "chunk").count() as u64;
+        self.landmark = Some((entries, toc.len()));
+        self.landmark(if entries > 0 {
+            PREFETCH_LANDMARK
+        } else {
+            NO_PREFETCH_LANDMARK
+        })
     }
 
     fn build(
@@ -437,8 +518,12 @@ impl<W: Write> Writer<W> {
             front_files: HashSet::new(),
             prefetched_bytes: 0,
             recording,
+            prefetching: false,
+            order: Order::Spilled,
+            landmark: None,
         };
-        if writer.spill.is_none() {
+        writer.prefetching = writer.spill.is_some();
+        if !writer.prefetching {
             writer.landmark(NO_PREFETCH_LANDMARK)?;
         }
         Ok(writer)
@@ -447,32 +532,14 @@ impl<W: Write> Writer<W> {
     /// Ends the blob: landmark, the spilled rest, TOC, footer. The output
     /// back, flushed, and what was written.
     pub fn finish(mut self) -> io::Result<(W, Done)> {
-        match self.input {
-            Input::Header if self.block.is_empty() && self.pending.raw.is_empty() => {}
-            Input::End => {}
-            _ => {
-                return Err(io::Error::new(
-                    io::ErrorKind::UnexpectedEof,
-                    "the layer tar ended inside an entry",
-                ))
-            }
+        self.tar_ended()?;
+        if self.order == Order::TwiceFront {
+            return Err(io::Error::other(
+                "an eStargz writer given the tar twice ended after the first",
+            ));
         }
-        let (prefetched_entries, landmark_index) = match self.spill {
-            Some(_) => {
-                let toc = &self.parts[Part::Front as usize].toc;
-                let entries = toc.iter().filter(|e| e.kind != "chunk").count();
-                (entries as u64, toc.len())
-            }
-            None => (0, 0),
-        };
-        if self.spill.is_some() {
-            let landmark = if prefetched_entries > 0 {
-                PREFETCH_LANDMARK
-            } else {
-                NO_PREFETCH_LANDMARK
-            };
-            self.landmark(landmark)?;
-        }
+        self.end_front()?;
+        let (prefetched_entries, landmark_index) = self.landmark.unwrap_or((0, 0));
         for part in [Part::Front, Part::Rest] {
             self.close_member(part)?;
             self.dispatch(part)?;
@@ -493,7 +560,9 @@ impl<W: Write> Writer<W> {
                     "the spilled part of the eStargz layer does not read back whole",
                 ));
             }
-            uncompressed += rest;
+        }
+        if self.prefetching {
+            uncompressed += self.parts[Part::Rest as usize].uncompressed;
             for entry in &mut self.parts[Part::Rest as usize].toc {
                 if entry.has_data() {
                     entry.offset += front;
@@ -542,7 +611,8 @@ impl<W: Write> Writer<W> {
 
     /// Appends bytes to `part`'s open member (a new one if none is open).
     fn append(&mut self, part: Part, bytes: &[u8]) {
-        if part == Part::Front && !self.recording {
+        // the rest is hashed as it comes when it comes after the front
+        if (part == Part::Front || self.order == Order::TwiceRest) && !self.recording {
             self.diff.update(bytes);
         }
         let state = &mut self.parts[part as usize];
@@ -627,6 +697,7 @@ impl<W: Write> Writer<W> {
         let done = Pool::answer(&job.reply)?;
         let sink: &mut dyn Write = match job.part {
             Part::Front => &mut self.out,
+            Part::Rest if self.order == Order::TwiceRest => &mut self.out,
             Part::Rest => match self.spill.as_mut() {
                 Some(spill) => spill,
                 None => return Err(io::Error::other("no spill for the eStargz rest")),
@@ -748,6 +819,16 @@ impl<W: Write> Writer<W> {
             }
         };
         let part = self.route(kind, &clean, &link_bytes, size);
+        let taken = match self.order {
+            Order::Spilled => true,
+            Order::TwiceFront => part == Part::Front,
+            Order::TwiceRest => part == Part::Rest,
+        };
+        if !taken {
+            // written in the other reading of the tar
+            self.input = Input::Skip(size + padding);
+            return Ok(());
+        }
         let mut entry = TocEntry {
             name: String::from_utf8_lossy(&name_bytes).into_owned(),
             kind: type_name,
@@ -833,7 +914,7 @@ impl<W: Write> Writer<W> {
 
     /// Which part an entry goes to.
     fn route(&mut self, kind: EntryType, clean: &[u8], link: &[u8], size: u64) -> Part {
-        if self.spill.is_none() {
+        if !self.prefetching {
             return Part::Front;
         }
         let prefetch = &self.options.prefetch;
@@ -1019,7 +1100,8 @@ impl<W: Write> Write for Writer<W> {
                 left: 0,
                 padding: 0,
                 ..
-            } = self.input
+            }
+            | Input::Skip(0) = self.input
             {
                 self.input = Input::Header;
             }
@@ -1778,6 +1860,44 @@ mod tests {
                 assert_eq!(done.diff_id, sha(&gunzip_all(&first)));
             }
         }
+    }
+
+    /// A tar given twice ([`Writer::twice`]) makes the blob it makes given
+    /// once: every kind of entry, hard links after their prefetched target,
+    /// with and without prefetch, whatever the writes.
+    #[test]
+    fn a_tar_given_twice_is_the_blob_of_one_given_once() {
+        for seed in 1..4u64 {
+            let tar = desktop(&mut Rng(seed * 104_729));
+            for paths in [
+                &[][..],
+                &["etc", "home/*/.config"][..],
+                &["nothing/here"][..],
+            ] {
+                let (once, once_done) = blob(&tar, options(paths, 2), 1 << 20);
+                for piece in [1 << 20, 511, 7777] {
+                    let mut w = Writer::twice(Vec::new(), options(paths, 3), None).unwrap();
+                    for p in tar.chunks(piece) {
+                        w.write_all(p).unwrap();
+                    }
+                    w.second_pass().unwrap();
+                    for p in tar.chunks(piece) {
+                        w.write_all(p).unwrap();
+                    }
+                    let (twice, twice_done) = w.finish().unwrap();
+                    assert!(once == twice, "seed {seed} {paths:?} piece {piece}");
+                    assert_eq!(once_done, twice_done, "seed {seed} {paths:?}");
+                }
+            }
+        }
+        // given once, or ended after the first reading: an error, no blob
+        let tar = desktop(&mut Rng(1));
+        let mut w = Writer::twice(Vec::new(), options(&["etc"], 2), None).unwrap();
+        w.write_all(&tar).unwrap();
+        assert!(w.finish().is_err());
+        let mut w = Writer::new(Vec::new(), options(&["etc"], 2)).unwrap();
+        w.write_all(&tar).unwrap();
+        assert!(w.second_pass().is_err());
     }
 
     #[test]

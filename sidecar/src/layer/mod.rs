@@ -58,16 +58,6 @@ impl Compression {
 
     /// A writer that compresses into `out` on `threads` threads; `finish` flushes it.
     pub fn encoder<W: Write + Send + 'static>(&self, out: W) -> io::Result<Encoder<W>> {
-        self.encoder_reusing(out, None)
-    }
-
-    /// [`Compression::encoder`] whose eStargz members are kept in, or copied
-    /// from, a store ([`reuse`]; the other codecs ignore it).
-    pub fn encoder_reusing<W: Write + Send + 'static>(
-        &self,
-        out: W,
-        reuse: Option<reuse::Reuse>,
-    ) -> io::Result<Encoder<W>> {
         let threads = self.threads.max(1);
         Ok(match self.codec {
             Codec::Gzip => {
@@ -78,11 +68,9 @@ impl Compression {
                 z.multithread(threads as u32)?;
                 Encoder::Zstd(z)
             }
-            Codec::Estargz => Encoder::Estargz(Box::new(estargz::Writer::reusing(
-                out,
-                self.estargz(),
-                reuse,
-            )?)),
+            Codec::Estargz => {
+                Encoder::Estargz(Box::new(estargz::Writer::new(out, self.estargz())?))
+            }
         })
     }
 
