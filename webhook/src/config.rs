@@ -224,9 +224,10 @@ pub struct Config {
 
     /// Largest change a snapshot may write to the node's disk, in bytes (the
     /// sidecar's `--max-change-bytes`): past it the snapshot ends in `error` and
-    /// nothing is pushed. The sidecar's work emptyDir gets a `sizeLimit` of this
-    /// plus 256 MiB, so the sidecar stops first and the kubelet never has to
-    /// evict the desktop.
+    /// nothing is pushed. Each file a snapshot writes into its work directory
+    /// is held to it; the sidecar's work emptyDir gets a `sizeLimit` of four
+    /// times this (the files of a pre-copied snapshot) plus 256 MiB, so the
+    /// sidecar stops first and the kubelet never has to evict the desktop.
     #[arg(long, env = "SNAPSHOT_WEBHOOK_SIDECAR_MAX_CHANGE_BYTES", default_value_t = 8 << 30)]
     pub sidecar_max_change_bytes: u64,
 

@@ -80,9 +80,16 @@ pub fn is_ours(container: &Container) -> bool {
         .any(|e| e.name == "SNAPSHOT_REPOSITORY")
 }
 
-/// Room in the work emptyDir above the sidecar's own limit: the sidecar stops
+/// Room in the work emptyDir above the sidecar's own limits: the sidecar stops
 /// a snapshot at its limit, before the kubelet would evict the pod.
 pub const WORK_HEADROOM_BYTES: u64 = 256 << 20;
+
+/// Files of one snapshot the work directory may hold at once, each held to
+/// the sidecar's `--max-change-bytes`: with pre-copy, the first pass's
+/// pieces, what the pause reads again, the eStargz members the first pass
+/// compressed, and the spool of the layer (the emptyDir's `sizeLimit` is
+/// this many limits and the headroom: the sidecar stops first).
+pub const WORK_FILES: u64 = 4;
 
 impl SidecarSpec {
     /// The sidecar container for `user`'s desktop pod; `logoff_grace_seconds`: the
@@ -295,6 +302,7 @@ impl SidecarSpec {
                 empty_dir: Some(EmptyDirVolumeSource {
                     size_limit: Some(Quantity(
                         self.max_change_bytes
+                            .saturating_mul(WORK_FILES)
                             .saturating_add(WORK_HEADROOM_BYTES)
                             .to_string(),
                     )),
