@@ -526,8 +526,9 @@ pub fn assemble<S: Write>(
 
 /// After the resume: the eStargz blob of the layer tar [`assemble`] puts
 /// together, into `out`. The tar is put together twice (copies of plain
-/// pieces in the page cache): the entries before the prefetch landmark are
-/// taken from the first, the rest from the second, so that nothing waits in
+/// pieces in the page cache; once without prefetch paths): the entries
+/// before the prefetch landmark are taken from the first, the rest from the
+/// second, so that nothing waits in
 /// a spill to be read back and inflated for the diff_id; members the first
 /// pass kept (`reuse`) are copied, not compressed. Also the plain tar's
 /// sha256 (which [`assemble`] resumes where the first change is).
@@ -544,9 +545,11 @@ pub fn assemble_estargz<W: Write>(
     let change = assemble(first, reread, &mut pieces, true)?.context("the layer's sha256")?;
     pieces.finish().context("writing the eStargz layer")?;
     writer.second_pass().context("writing the eStargz layer")?;
-    let mut pieces = Pieces::new(&mut writer, Unit::Plain, 1, false)?;
-    assemble(first, reread, &mut pieces, false)?;
-    pieces.finish().context("writing the eStargz layer")?;
+    if writer.reads_again() {
+        let mut pieces = Pieces::new(&mut writer, Unit::Plain, 1, false)?;
+        assemble(first, reread, &mut pieces, false)?;
+        pieces.finish().context("writing the eStargz layer")?;
+    }
     let (out, done) = writer.finish().context("writing the eStargz layer")?;
     Ok((out, change, done))
 }
