@@ -528,10 +528,10 @@ pub fn assemble<S: Write>(
 /// together, into `out`. The tar is put together twice (copies of plain
 /// pieces in the page cache; once without prefetch paths): the entries
 /// before the prefetch landmark are taken from the first, the rest from the
-/// second, so that nothing waits in
-/// a spill to be read back and inflated for the diff_id; members the first
-/// pass kept (`reuse`) are copied, not compressed. Also the plain tar's
-/// sha256 (which [`assemble`] resumes where the first change is).
+/// second, so that nothing waits in a spill to be read back and inflated
+/// for the diff_id; members the first pass kept (`reuse`) are copied, not
+/// compressed. Also the plain tar's sha256 (which [`assemble`] resumes
+/// where the first change is).
 pub fn assemble_estargz<W: Write>(
     first: &FirstPass,
     reread: &Reread,
