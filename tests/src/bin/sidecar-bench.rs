@@ -126,13 +126,14 @@ async fn main() {
         for codec in ["gzip", "zstd"] {
             // each sidecar has a work directory of its own, as each pod has:
             // no record of an earlier run's capture, every run takes a whole snapshot
+            let repository = run_repository(&format!("{set}-{codec}"));
             let sidecar = Sidecar::start_with(
                 Target::at(
                     &containerd,
                     &registry,
                     (&ca, &creds),
                     &format!("pod-{container}"),
-                    REPO,
+                    &repository,
                     &format!("{set}-{codec}"),
                 ),
                 None,
@@ -209,8 +210,8 @@ async fn freezes(
     println!();
     println!("freeze and click-to-tag, pre-copy off -> on ({large_mib} MiB large change)");
     println!(
-        "{:<40} {:>12} {:>12} {:>11} {:>11}",
-        "run", "freeze off", "freeze on", "tag off", "tag on"
+        "{:<40} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
+        "run", "freeze off", "freeze on", "layer off", "layer on", "tag off", "tag on"
     );
     let sets: [(&str, &str, bool); 4] = [
         ("large", "large", false),
@@ -218,7 +219,7 @@ async fn freezes(
         ("20,000 files + 1 MiB in the change", "many", false),
         ("large, desktop writing 20 MB/s", "large", true),
     ];
-    for (set, container, writing) in sets {
+    for (n, (set, container, writing)) in sets.into_iter().enumerate() {
         if writing {
             // 2 MiB every 100 ms, over ten files in turn
             containerd
@@ -233,23 +234,28 @@ async fn freezes(
         for codec in ["gzip", "zstd", "estargz"] {
             let mut figures = Vec::new();
             for pre_copy in ["false", "true"] {
+                let repository = run_repository(&format!("{n}-{container}-{codec}-{pre_copy}"));
                 let sidecar = Sidecar::start_with(
                     Target::at(
                         containerd,
                         registry,
                         (ca, creds),
                         &format!("pod-{container}"),
-                        REPO,
+                        &repository,
                         &format!("freeze-{container}-{codec}-{pre_copy}"),
                     ),
                     None,
                     &[
                         ("SNAPSHOT_LAYER_FORMAT", codec),
                         ("SNAPSHOT_PRE_COPY", pre_copy),
-                        ("RUST_LOG", sidecar_log),
+                        // info at least: the log says when the layer was ready
+                        ("RUST_LOG", at_least_info(sidecar_log)),
                     ],
                 )
                 .await;
+                // what earlier runs left for the disk to write (their pushes)
+                // is written before the clock starts, not during this run
+                sync();
                 let started = Instant::now();
                 let steps = sidecar.snapshot().await;
                 let seconds = started.elapsed().as_secs_f64();
@@ -260,7 +266,7 @@ async fn freezes(
                     sidecar.log()
                 );
                 let frozen = sidecar.paused_seconds().await;
-                figures.push((frozen, seconds));
+                figures.push((frozen, layer_seconds(&sidecar.log()), seconds));
                 if sidecar_log != "warn" {
                     println!("{}", sidecar.log());
                 }
@@ -268,15 +274,52 @@ async fn freezes(
             }
             let ms = |s: f64| format!("{:.0} ms", s * 1000.0);
             println!(
-                "{:<40} {:>12} {:>12} {:>10.2}s {:>10.2}s",
+                "{:<40} {:>10} {:>10} {:>9.2}s {:>9.2}s {:>8.2}s {:>8.2}s",
                 format!("{set}: {codec}"),
                 ms(figures[0].0),
                 ms(figures[1].0),
                 figures[0].1,
-                figures[1].1
+                figures[1].1,
+                figures[0].2,
+                figures[1].2
             );
         }
     }
+}
+
+/// The sidecar's log level for a run whose log is read: `info` unless more
+/// was asked.
+fn at_least_info(asked: &str) -> &str {
+    match asked {
+        "warn" | "error" | "off" => "info",
+        more => more,
+    }
+}
+
+/// Seconds from the click to the layer ready to push (the log's "desktop
+/// image generated"): what pre-copy changes; the upload after it is the same
+/// bytes either way, and its time varies with the registry's disk.
+fn layer_seconds(log: &str) -> f64 {
+    log.lines()
+        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
+        .find(|l| l["message"] == "desktop image generated")
+        .and_then(|l| l["elapsed_ms"].as_f64())
+        .map_or(f64::NAN, |ms| ms / 1000.0)
+}
+
+/// Everything written so far on its way to the disk.
+fn sync() {
+    if let Err(e) = std::process::Command::new("sync").status() {
+        eprintln!("sync: {e}");
+    }
+}
+
+/// A repository of the run's own. Two runs over one desktop write the same
+/// layer (pre-copy on and off give the same bytes): in one repository the
+/// second would find the first's blob there and upload nothing, and its
+/// click-to-tag would leave out the upload the first one paid for.
+fn run_repository(run: &str) -> String {
+    format!("{REPO}-{run}")
 }
 
 /// Seconds the registry takes to receive `bytes` random bytes in one PUT.
