@@ -23,6 +23,7 @@ use crate::{
         estargz,
         pieces::{Pieces, Unit},
         reuse::{Kept, Reuse},
+        threaded::Threaded,
         Compression, Encoder, Hashing,
     },
 };
@@ -589,12 +590,13 @@ fn assemble_into(
     reuse: Option<Reuse>,
 ) -> Result<Written> {
     if first.unit == Unit::Plain {
-        let buffered = BufWriter::with_capacity(1 << 20, writer);
-        let (buffered, change, done) =
-            precopy::assemble_estargz(first, reread, compression.estargz(), reuse, buffered)?;
-        let (size, digest) = buffered
-            .into_inner()
-            .map_err(|e| e.into_error())
+        // the spool's sha256 and writes on a thread of their own: the
+        // writer's thread is the one the layout waits for
+        let spooling = Threaded::new("spool", writer).context("starting the spool's thread")?;
+        let (spooling, change, done) =
+            precopy::assemble_estargz(first, reread, compression.estargz(), reuse, spooling)?;
+        let (size, digest) = spooling
+            .finish()
             .context("writing the layer's spool file")?
             .finish();
         return Ok(written_estargz(change, digest, size, &done));

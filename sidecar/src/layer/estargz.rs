@@ -32,6 +32,7 @@
 use super::{
     members::{Compressed, Compressor, Pool},
     reuse::{Kept, Reuse},
+    threaded::Threaded,
 };
 use serde::Serialize;
 use sha2::{Digest, Sha256};
@@ -344,16 +345,15 @@ pub struct Writer<W: Write> {
     parts: [PartState; 2],
     /// Compression jobs in flight, oldest first.
     in_flight: VecDeque<InFlight>,
-    /// sha256 of the decompressed front (then of the whole blob).
-    diff: Sha256,
+    /// sha256 of the decompressed blob, on a thread of its own while the
+    /// entries stream (none in a recording).
+    diff: Option<Threaded<HashWrite>>,
     input: Input,
     block: Vec<u8>,
     pending: Pending,
     /// Regular files put before the landmark (hard links may follow them).
     front_files: HashSet<Vec<u8>>,
     prefetched_bytes: u64,
-    /// A recording ([`Writer::recorder`]): no blob, no diff_id.
-    recording: bool,
     /// Whether entries are put before a landmark (prefetch paths given).
     prefetching: bool,
     order: Order,
@@ -517,13 +517,21 @@ impl<W: Write> Writer<W> {
             options,
             parts: Default::default(),
             in_flight: VecDeque::new(),
-            diff: Sha256::new(),
+            diff: match recording {
+                true => None,
+                false => Some(Threaded::new(
+                    "estargz-diff-id",
+                    HashWrite {
+                        hasher: Sha256::new(),
+                        count: 0,
+                    },
+                )?),
+            },
             input: Input::Header,
             block: Vec::with_capacity(512),
             pending: Pending::default(),
             front_files: HashSet::new(),
             prefetched_bytes: 0,
-            recording,
             prefetching: false,
             order: Order::Spilled,
             landmark: None,
@@ -559,8 +567,12 @@ impl<W: Write> Writer<W> {
             .map_or(0, |e| e.offset);
         let front = self.parts[Part::Front as usize].written;
         let mut uncompressed = self.parts[0].uncompressed;
+        let mut diff = match self.diff.take() {
+            Some(diff) => diff.finish()?.hasher,
+            None => return Err(io::Error::other("a recording has no eStargz blob")),
+        };
         if let Some(spill) = self.spill.take() {
-            let rest = append_spill(spill, &mut self.out, &mut self.diff)?;
+            let rest = append_spill(spill, &mut self.out, &mut diff)?;
             if rest != self.parts[Part::Rest as usize].uncompressed {
                 return Err(io::Error::other(
                     "the spilled part of the eStargz layer does not read back whole",
@@ -595,7 +607,7 @@ impl<W: Write> Writer<W> {
         let toc_digest = format!("sha256:{}", hex::encode(Sha256::digest(&json)));
         let mut tail = entry_bytes(TOC_NAME, &json)?;
         tail.extend_from_slice(&[0u8; 1024]);
-        self.diff.update(&tail);
+        diff.update(&tail);
         uncompressed += tail.len() as u64;
         let mut compressor = Compressor::new(self.options.level);
         let mut member = Vec::new();
@@ -604,7 +616,7 @@ impl<W: Write> Writer<W> {
         self.out.write_all(&footer(toc_offset))?;
         self.out.flush()?;
         let done = Done {
-            diff_id: format!("sha256:{}", hex::encode(self.diff.clone().finalize())),
+            diff_id: format!("sha256:{}", hex::encode(diff.finalize())),
             toc_digest,
             uncompressed_size: uncompressed,
             toc_offset,
@@ -616,10 +628,12 @@ impl<W: Write> Writer<W> {
     }
 
     /// Appends bytes to `part`'s open member (a new one if none is open).
-    fn append(&mut self, part: Part, bytes: &[u8]) {
+    fn append(&mut self, part: Part, bytes: &[u8]) -> io::Result<()> {
         // the rest is hashed as it comes when it comes after the front
-        if (part == Part::Front || self.order == Order::TwiceRest) && !self.recording {
-            self.diff.update(bytes);
+        if part == Part::Front || self.order == Order::TwiceRest {
+            if let Some(diff) = self.diff.as_mut() {
+                diff.write_all(bytes)?;
+            }
         }
         let state = &mut self.parts[part as usize];
         state.uncompressed += bytes.len() as u64;
@@ -632,6 +646,7 @@ impl<W: Write> Writer<W> {
             })
             .buf
             .extend_from_slice(bytes);
+        Ok(())
     }
 
     /// Ends `part`'s open member; a full batch goes to the compressors.
@@ -730,7 +745,7 @@ impl<W: Write> Writer<W> {
     /// A landmark entry (one byte, its own member) in the front.
     fn landmark(&mut self, name: &str) -> io::Result<()> {
         let header = header_bytes(name, 1)?;
-        self.append(Part::Front, &header);
+        self.append(Part::Front, &header)?;
         let entry = self.push_entry(
             Part::Front,
             TocEntry {
@@ -742,8 +757,8 @@ impl<W: Write> Writer<W> {
             },
         );
         self.start_chunk(Part::Front, entry, 1, true)?;
-        self.append(Part::Front, &[LANDMARK_CONTENTS]);
-        self.append(Part::Front, &[0u8; 511]);
+        self.append(Part::Front, &[LANDMARK_CONTENTS])?;
+        self.append(Part::Front, &[0u8; 511])?;
         Ok(())
     }
 
@@ -899,8 +914,8 @@ impl<W: Write> Writer<W> {
         }
         let name = entry.name.clone();
         let index = self.push_entry(part, entry);
-        self.append(part, &pending.raw);
-        self.append(part, block);
+        self.append(part, &pending.raw)?;
+        self.append(part, block)?;
         let file = (kind == EntryType::Regular && size > 0).then(|| FileData {
             entry: index,
             name,
@@ -957,7 +972,7 @@ impl<W: Write> Writer<W> {
         let start = match file {
             None => {
                 *left -= avail as u64;
-                self.append(part, &bytes[..avail]);
+                self.append(part, &bytes[..avail])?;
                 return Ok(avail);
             }
             Some(f) if f.chunk_left == 0 => {
@@ -1014,7 +1029,7 @@ impl<W: Write> Writer<W> {
         } else {
             None
         };
-        self.append(part, slice);
+        self.append(part, slice)?;
         if let Some((entry, digest)) = finished {
             self.parts[part as usize].toc[entry].digest = Some(digest);
         }
@@ -1093,7 +1108,7 @@ impl<W: Write> Write for Writer<W> {
                         let (part, take) = (*part, (*padding).min(rest.len() as u64));
                         *padding -= take;
                         let done = *padding == 0;
-                        self.append(part, &rest[..take as usize]);
+                        self.append(part, &rest[..take as usize])?;
                         used += take as usize;
                         if done {
                             self.input = Input::Header;

@@ -12,6 +12,7 @@ pub mod merge;
 pub mod pieces;
 pub mod reuse;
 pub mod tar;
+pub mod threaded;
 
 use crate::image::new_layer::Codec;
 use std::{
