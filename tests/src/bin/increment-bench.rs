@@ -19,26 +19,13 @@
 //! Settings (env): `INCREMENT_FIRST_MIB` (1024), `INCREMENT_STEP_MIB` (10),
 //! `INCREMENT_SNAPSHOTS` (6), `INCREMENT_ENTRIES` (20000).
 
-use harness::bench::env_or;
+use harness::bench::{env_or, log_lines};
 use harness::sidecar::{Rig, Sidecar};
-use serde_json::Value;
 use std::time::Instant;
-
-/// The sidecar's log lines with `message`, as JSON.
-fn lines(log: &str, message: &str) -> Vec<Value> {
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<Value>(l).ok())
-        .filter(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with(message))
-        })
-        .collect()
-}
 
 /// Bytes of layers the sidecar uploaded (not already in the registry).
 fn uploaded(log: &str) -> u64 {
-    lines(log, "snapshot layer uploaded")
+    log_lines(log, "snapshot layer uploaded")
         .iter()
         .filter(|l| l["already_there"] != true)
         .map(|l| l["bytes"].as_u64().unwrap_or(0))
@@ -166,7 +153,7 @@ async fn idle(rig: &Rig, on: bool, entries: usize) -> Idle {
     assert_eq!(steps.last().map(String::as_str), Some("done"), "{steps:?}");
     tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     let pid = sidecar.pid().expect("the sidecar's pid");
-    let paused_before: u64 = lines(&sidecar.log(), "")
+    let paused_before: u64 = log_lines(&sidecar.log(), "")
         .iter()
         .filter_map(|l| l["paused_ms"].as_u64())
         .sum();
@@ -176,7 +163,7 @@ async fn idle(rig: &Rig, on: bool, entries: usize) -> Idle {
     let elapsed = started.elapsed().as_secs_f64();
     let requests = rig.registry.log().lines().count() - asked;
     let cpu = cpu_seconds(pid) - cpu;
-    let paused_ms = lines(&sidecar.log(), "")
+    let paused_ms = log_lines(&sidecar.log(), "")
         .iter()
         .filter_map(|l| l["paused_ms"].as_u64())
         .sum::<u64>()

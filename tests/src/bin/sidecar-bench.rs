@@ -300,9 +300,8 @@ fn at_least_info(asked: &str) -> &str {
 /// image generated"): what pre-copy changes; the upload after it is the same
 /// bytes either way, and its time varies with the registry's disk.
 fn layer_seconds(log: &str) -> f64 {
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .find(|l| l["message"] == "desktop image generated")
+    harness::bench::log_lines(log, "desktop image generated")
+        .first()
         .and_then(|l| l["elapsed_ms"].as_f64())
         .map_or(f64::NAN, |ms| ms / 1000.0)
 }
