@@ -539,6 +539,9 @@ pub fn assemble_estargz<W: Write>(
     reuse: Option<Reuse>,
     out: W,
 ) -> Result<(W, String, estargz::Done)> {
+    if let Some(Reuse::Replay(kept)) = &reuse {
+        kept.stand(standing(first, reread));
+    }
     let mut writer =
         estargz::Writer::twice(out, options, reuse).context("starting the eStargz writer")?;
     let mut pieces = Pieces::new(&mut writer, Unit::Plain, 1, false)?;
@@ -552,6 +555,23 @@ pub fn assemble_estargz<W: Write>(
     }
     let (out, done) = writer.finish().context("writing the eStargz layer")?;
     Ok((out, change, done))
+}
+
+/// The tar names of the regular files whose bytes the assembly copies from
+/// the first pass's pieces: the very bytes the first pass read (and its
+/// copy, [`Output::copy`], saw), their stamp unmoved at the pause.
+fn standing<'a>(first: &'a FirstPass, reread: &'a Reread) -> impl Iterator<Item = Vec<u8>> + 'a {
+    first
+        .seen
+        .iter()
+        .zip(&reread.valid)
+        .filter(|(seen, valid)| **valid && !seen.damaged && seen.stamp.kind == libc::S_IFREG)
+        .map(|(seen, _)| {
+            seen.path
+                .iter()
+                .map(|&b| if b == 0 { b'/' } else { b })
+                .collect()
+        })
 }
 
 /// A tar written by `write` into an unnamed file of `work_dir` (at most
@@ -1277,8 +1297,10 @@ mod trees {
     }
 
     /// The eStargz members compressed during the first pass are copied
-    /// after the resume wherever nothing in them moved: the blob is still
-    /// the single pass's, byte for byte, with or without prefetch.
+    /// after the resume wherever nothing in them moved, and the digests of
+    /// the files that stood taken from the recording's notes: the blob is
+    /// still the single pass's, byte for byte (its TOC's digests with it),
+    /// with or without prefetch.
     #[test]
     fn an_estargz_layer_reusing_the_first_passs_members_is_the_single_pass_blob() {
         use crate::layer::{
@@ -1288,43 +1310,68 @@ mod trees {
         for prefetch in [vec![], vec!["etc".to_string(), "home/*/notes".into()]] {
             let dir = tempfile::tempdir().unwrap();
             tree(dir.path());
+            // files of several chunks: one stands, one is rewritten in place
+            // (same size, other bytes: only its ctime says it)
+            write(dir.path().join("home/alice/stays"), &noise(4, 2_600_000));
+            write(
+                dir.path().join("home/alice/rewritten"),
+                &noise(5, 2_600_000),
+            );
             std::thread::sleep(std::time::Duration::from_millis(50));
             let mut compression = Compression::new(Codec::Estargz, 2);
             compression.prefetch = estargz::Prefetch {
                 paths: prefetch.clone(),
                 max_bytes: 1 << 20,
             };
+            let options = estargz::Options {
+                chunk_size: 1 << 20,
+                ..compression.estargz()
+            };
             let work = tempfile::tempdir().unwrap();
             let kept = Kept::new(work.path(), u64::MAX).unwrap();
-            let mut recorder =
-                estargz::Writer::recorder(compression.estargz(), kept.clone()).unwrap();
+            let mut recorder = estargz::Writer::recorder(options.clone(), kept.clone()).unwrap();
             let (first, reread, _work) = passes(
                 dir.path(),
                 Unit::Plain,
-                || change(dir.path()),
+                || {
+                    change(dir.path());
+                    fs::OpenOptions::new()
+                        .write(true)
+                        .open(dir.path().join("home/alice/rewritten"))
+                        .unwrap()
+                        .write_all_at(&noise(6, 2_600_000), 0)
+                        .unwrap();
+                },
                 Some(&mut recorder),
             );
             recorder.finish_recording().unwrap();
             assert!(reread.read > 0, "{prefetch:?}: something moved");
             let want = upper::write_layer(&upper(dir.path()), Vec::new()).unwrap();
-            let mut e = compression.encoder(Vec::new()).unwrap();
-            e.write_all(&want).unwrap();
-            let (single, single_done) = e.finish().unwrap();
+            let mut single = estargz::Writer::new(Vec::new(), options.clone()).unwrap();
+            single.write_all(&want).unwrap();
+            let (single, single_done) = single.finish().unwrap();
             let (ours, change, done) = assemble_estargz(
                 &first,
                 &reread,
-                compression.estargz(),
+                options,
                 Some(Reuse::Replay(kept.clone())),
                 Vec::new(),
             )
             .unwrap();
             assert!(ours == single, "{prefetch:?}");
-            assert_eq!(Some(done), single_done, "{prefetch:?}");
+            assert_eq!(done, single_done, "{prefetch:?}");
             assert_eq!(change, sha(&want));
             let counts = kept.counts();
             assert!(
                 counts.missed > 0 && counts.found > 10 * counts.missed,
                 "{prefetch:?}: what moved is compressed again, the rest copied: {counts:?}"
+            );
+            // `stays`: its three chunks and its whole digest (`big` and
+            // `rewritten` moved, `docs/a` was renamed, `opt/app/bin`'s data
+            // went to its other link)
+            assert_eq!(
+                counts.hashes_taken, 4,
+                "{prefetch:?}: the digests of what stood taken from the notes: {counts:?}"
             );
         }
     }

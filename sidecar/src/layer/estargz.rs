@@ -30,8 +30,8 @@
 //! landmark, TOC entry, tar end), as the reference computes it.
 
 use super::{
-    members::{Compressed, Compressor, Pool},
-    reuse::{Kept, Reuse},
+    members::{Chunk, Compressed, Compressor, Pool, Raw},
+    reuse::{ChunkAt, Kept, Reuse},
     threaded::Threaded,
 };
 use serde::Serialize;
@@ -41,7 +41,7 @@ use std::{
     fs::File,
     io::{self, BufWriter, Read, Seek, Write},
     path::PathBuf,
-    sync::mpsc,
+    sync::{mpsc, Arc},
 };
 use tar::{EntryType, Header};
 
@@ -271,6 +271,10 @@ struct Member {
     chunk: Option<(usize, usize)>,
     /// The chunk is the whole file: its digest is the file's too.
     whole_file: bool,
+    /// The chunk's file name and offset in it (where a recording notes its
+    /// hash), and its hash if a recording noted it ([`Kept::hashed`]).
+    at: Option<ChunkAt>,
+    hashed: Option<Sha256>,
 }
 
 /// Members of one part waiting to be compressed together.
@@ -319,11 +323,16 @@ struct FileData {
     /// Its TOC entry, in its part.
     entry: usize,
     name: String,
+    /// Its name as the reference compares it (where its hashes are noted).
+    key: Arc<[u8]>,
     size: u64,
     done: u64,
     /// The current chunk's remaining bytes.
     chunk_left: u64,
-    /// The whole file's sha256, for files of several chunks.
+    /// It is cut into several chunks.
+    several: bool,
+    /// The whole file's sha256, for files of several chunks (none when a
+    /// recording's note gave it).
     hasher: Option<Sha256>,
 }
 
@@ -342,6 +351,8 @@ pub struct Writer<W: Write> {
     spill: Option<Spill>,
     options: Options,
     pool: Pool,
+    /// The store the members go to or come from, with its notes.
+    reuse: Option<Reuse>,
     parts: [PartState; 2],
     /// Compression jobs in flight, oldest first.
     in_flight: VecDeque<InFlight>,
@@ -513,7 +524,8 @@ impl<W: Write> Writer<W> {
         let mut writer = Self {
             out,
             spill,
-            pool: Pool::reusing(options.threads.max(1), options.level, reuse),
+            pool: Pool::reusing(options.threads.max(1), options.level, reuse.clone()),
+            reuse,
             options,
             parts: Default::default(),
             in_flight: VecDeque::new(),
@@ -643,6 +655,8 @@ impl<W: Write> Writer<W> {
                 buf: Vec::with_capacity(16 << 10),
                 chunk: None,
                 whole_file: false,
+                at: None,
+                hashed: None,
             })
             .buf
             .extend_from_slice(bytes);
@@ -662,20 +676,30 @@ impl<W: Write> Writer<W> {
         Ok(())
     }
 
-    /// Opens a member whose first `len` bytes are a chunk with TOC entry `entry`.
+    /// Opens a member whose first `len` bytes are a chunk with TOC entry
+    /// `entry` (at `at` in its file, if it is a file's).
     fn start_chunk(
         &mut self,
         part: Part,
         entry: usize,
         len: u64,
         whole_file: bool,
+        at: Option<ChunkAt>,
     ) -> io::Result<()> {
         self.close_member(part)?;
         let capacity = (len as usize).saturating_add(1024).min(BATCH * 8);
+        let hashed = match (&self.reuse, &at) {
+            (Some(Reuse::Replay(kept)), Some((name, offset))) => {
+                kept.hashed(name, *offset, len as usize)
+            }
+            _ => None,
+        };
         self.parts[part as usize].open = Some(Member {
             buf: Vec::with_capacity(capacity),
             chunk: Some((len as usize, entry)),
             whole_file,
+            at,
+            hashed,
         });
         Ok(())
     }
@@ -695,7 +719,14 @@ impl<W: Write> Writer<W> {
         let inputs = batch
             .members
             .into_iter()
-            .map(|m| (m.buf, m.chunk.map(|c| c.0)))
+            .map(|m| Raw {
+                data: m.buf,
+                chunk: m.chunk.map(|(len, _)| Chunk {
+                    len,
+                    at: m.at,
+                    hashed: m.hashed,
+                }),
+            })
             .collect();
         let reply = self.pool.submit(inputs)?;
         self.in_flight.push_back(InFlight {
@@ -756,7 +787,7 @@ impl<W: Write> Writer<W> {
                 ..Default::default()
             },
         );
-        self.start_chunk(Part::Front, entry, 1, true)?;
+        self.start_chunk(Part::Front, entry, 1, true, None)?;
         self.append(Part::Front, &[LANDMARK_CONTENTS])?;
         self.append(Part::Front, &[0u8; 511])?;
         Ok(())
@@ -912,17 +943,26 @@ impl<W: Write> Writer<W> {
         if kind == EntryType::Regular && size == 0 {
             entry.digest = Some(Sha256::digest([]).into());
         }
+        let several = size > self.options.chunk_size;
+        let key: Arc<[u8]> = clean.into();
+        // a file a recording read as it stands: its digest as noted then
+        if let (true, Some(Reuse::Replay(kept))) = (several, &self.reuse) {
+            entry.digest = kept.file_digest(&key);
+        }
+        let hasher = (several && entry.digest.is_none()).then(Sha256::new);
         let name = entry.name.clone();
         let index = self.push_entry(part, entry);
         self.append(part, &pending.raw)?;
         self.append(part, block)?;
-        let file = (kind == EntryType::Regular && size > 0).then(|| FileData {
+        let file = (kind == EntryType::Regular && size > 0).then_some(FileData {
             entry: index,
             name,
+            key,
             size,
             done: 0,
             chunk_left: 0,
-            hasher: (size > self.options.chunk_size).then(Sha256::new),
+            several,
+            hasher,
         });
         self.input = Input::Data {
             part,
@@ -983,13 +1023,14 @@ impl<W: Write> Writer<W> {
                     f.done,
                     f.size,
                     f.name.clone(),
-                    f.hasher.is_none(),
+                    !f.several,
                     len,
+                    f.key.clone(),
                 ))
             }
             Some(_) => None,
         };
-        if let Some((file_entry, done, size, name, whole, len)) = start {
+        if let Some((file_entry, done, size, name, whole, len, key)) = start {
             let toc = &mut self.parts[part as usize].toc;
             let entry = if done == 0 {
                 file_entry
@@ -1006,7 +1047,7 @@ impl<W: Write> Writer<W> {
             if size - done >= chunk_size {
                 toc[entry].chunk_size = len;
             }
-            self.start_chunk(part, entry, len, whole && done == 0)?;
+            self.start_chunk(part, entry, len, whole && done == 0, Some((key, done)))?;
         }
         let Input::Data {
             left,
@@ -1025,13 +1066,18 @@ impl<W: Write> Writer<W> {
         f.done += take as u64;
         *left -= take as u64;
         let finished = if *left == 0 {
-            f.hasher.take().map(|h| (f.entry, h.finalize().into()))
+            f.hasher
+                .take()
+                .map(|h| (f.entry, f.key.clone(), h.finalize().into()))
         } else {
             None
         };
         self.append(part, slice)?;
-        if let Some((entry, digest)) = finished {
+        if let Some((entry, key, digest)) = finished {
             self.parts[part as usize].toc[entry].digest = Some(digest);
+            if let Some(Reuse::Record(kept)) = &self.reuse {
+                kept.note_file(&key, digest);
+            }
         }
         Ok(take)
     }

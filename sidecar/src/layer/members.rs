@@ -9,7 +9,7 @@
 //! what the level-1 deflater makes of it, and three times faster to read back
 //! at login (see [`Compressor`]).
 
-use super::reuse::Reuse;
+use super::reuse::{ChunkAt, Reuse};
 use sha2::{Digest, Sha256};
 use std::{
     collections::VecDeque,
@@ -27,11 +27,43 @@ pub(crate) struct Compressed {
     pub members: Vec<(usize, Option<[u8; 32]>)>,
 }
 
-/// Members to compress (each with the length of its chunk to digest) and where to answer.
-type Job = (
-    Vec<(Vec<u8>, Option<usize>)>,
-    mpsc::SyncSender<io::Result<Compressed>>,
-);
+/// A member to compress: its bytes, and the file chunk they start with.
+pub(crate) struct Raw {
+    pub data: Vec<u8>,
+    pub chunk: Option<Chunk>,
+}
+
+/// The file chunk a member starts with, whose digest goes to the TOC.
+pub(crate) struct Chunk {
+    /// Its bytes at the member's start.
+    pub len: usize,
+    /// Its file's name and its offset in the file: where a recording notes
+    /// its hash ([`Reuse::Record`]).
+    pub at: Option<ChunkAt>,
+    /// Its bytes' sha256 as a recording left it, for a chunk known to hold
+    /// the same bytes: nothing of it is hashed again.
+    pub hashed: Option<Sha256>,
+}
+
+impl Raw {
+    /// A member that starts with no chunk.
+    pub fn plain(data: Vec<u8>) -> Self {
+        Self { data, chunk: None }
+    }
+
+    /// The sha256 state over its chunk's bytes (taken as given when known).
+    fn chunk_hash(&mut self) -> Option<Sha256> {
+        let chunk = self.chunk.as_mut()?;
+        Some(chunk.hashed.take().unwrap_or_else(|| {
+            let mut hasher = Sha256::new();
+            hasher.update(&self.data[..chunk.len.min(self.data.len())]);
+            hasher
+        }))
+    }
+}
+
+/// Members to compress and where to answer.
+type Job = (Vec<Raw>, mpsc::SyncSender<io::Result<Compressed>>);
 
 /// Compressing threads, each with its own reusable compressor.
 pub(crate) struct Pool {
@@ -85,10 +117,7 @@ impl Pool {
             .map_err(|_| io::Error::other("a gzip compressor stopped"))?
     }
 
-    pub fn submit(
-        &self,
-        members: Vec<(Vec<u8>, Option<usize>)>,
-    ) -> io::Result<mpsc::Receiver<io::Result<Compressed>>> {
+    pub fn submit(&self, members: Vec<Raw>) -> io::Result<mpsc::Receiver<io::Result<Compressed>>> {
         let (reply, rx) = mpsc::sync_channel(1);
         let sent = match (&self.jobs, self.workers.is_empty()) {
             (Some(jobs), false) => jobs.send((members, reply)).is_ok(),
@@ -150,36 +179,38 @@ impl Compressor {
 
     /// Each member compressed (or, replaying, copied from the store), with
     /// the digest of its chunk.
-    fn job(
-        &mut self,
-        members: Vec<(Vec<u8>, Option<usize>)>,
-        reuse: Option<&Reuse>,
-    ) -> io::Result<Compressed> {
-        let total: usize = members.iter().map(|m| m.0.len()).sum();
+    fn job(&mut self, members: Vec<Raw>, reuse: Option<&Reuse>) -> io::Result<Compressed> {
+        let total: usize = members.iter().map(|m| m.data.len()).sum();
         let mut out = Compressed {
             bytes: Vec::with_capacity(total / 2 + 64 * members.len()),
             members: Vec::with_capacity(members.len()),
         };
-        for (data, chunk) in members {
+        for mut raw in members {
             let before = out.bytes.len();
+            let hashed = raw.chunk_hash();
             let Some(reuse) = reuse else {
-                self.member(&data, &mut out.bytes)?;
-                let digest = chunk.map(|n| Sha256::digest(&data[..n.min(data.len())]).into());
+                self.member(&raw.data, &mut out.bytes)?;
+                let digest = hashed.map(|h| h.finalize().into());
                 out.members.push((out.bytes.len() - before, digest));
                 continue;
             };
             // the member's key continues its chunk's digest over the rest
-            let mut hasher = Sha256::new();
-            let n = chunk.unwrap_or(0).min(data.len());
-            hasher.update(&data[..n]);
-            let digest = chunk.map(|_| hasher.clone().finalize().into());
-            hasher.update(&data[n..]);
+            let n = raw.chunk.as_ref().map_or(0, |c| c.len.min(raw.data.len()));
+            let digest = hashed.as_ref().map(|h| h.clone().finalize().into());
+            if let (Reuse::Record(kept), Some(hashed), Some(Chunk { at: Some(at), .. })) =
+                (reuse, &hashed, &raw.chunk)
+            {
+                kept.note_chunk(at, n, hashed);
+            }
+            let mut hasher = hashed.unwrap_or_default();
+            hasher.update(&raw.data[n..]);
             let key = hasher.finalize().into();
+            let data = &raw.data;
             match reuse {
-                Reuse::Replay(kept) if kept.find(&key, &data, &mut out.bytes)? => {}
-                Reuse::Replay(_) => self.member(&data, &mut out.bytes)?,
+                Reuse::Replay(kept) if kept.find(&key, data, &mut out.bytes)? => {}
+                Reuse::Replay(_) => self.member(data, &mut out.bytes)?,
                 Reuse::Record(kept) => {
-                    self.member(&data, &mut out.bytes)?;
+                    self.member(data, &mut out.bytes)?;
                     kept.keep(key, &out.bytes[before..])?;
                 }
             }
@@ -285,7 +316,7 @@ impl<W: Write> GzipWriter<W> {
     fn dispatch(&mut self) -> io::Result<()> {
         let member = std::mem::replace(&mut self.member, Vec::with_capacity(MEMBER));
         self.in_flight
-            .push_back(self.pool.submit(vec![(member, None)])?);
+            .push_back(self.pool.submit(vec![Raw::plain(member)])?);
         while self.pool.is_full(self.in_flight.len()) {
             self.drain_one()?;
         }

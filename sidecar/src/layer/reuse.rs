@@ -15,9 +15,18 @@
 //! What is copied is checked against what it stands for (the member's own
 //! CRC-32 and length); the store is bounded, past its limit it keeps no
 //! more and the rest is compressed as usual.
+//!
+//! The recording also notes the sha256 of each large chunk (by its file's
+//! name and offset) and of each file of several chunks. Told which files
+//! hold in the replay's tar the very bytes the recording read
+//! ([`Kept::stand`]: pre-copy's files whose stamp did not move, copied from
+//! the first pass's pieces), the replay takes their digests and keys from
+//! those notes instead of hashing their bytes again; any other file is
+//! hashed as usual.
 
+use sha2::Sha256;
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     io,
     os::unix::fs::FileExt,
@@ -27,6 +36,17 @@ use std::{
 
 /// The sha256 of a member's uncompressed bytes.
 pub type Key = [u8; 32];
+
+/// Where a chunk is: its file's name (as the layer's tar gives it) and its
+/// offset in the file.
+pub(crate) type ChunkAt = (Arc<[u8]>, u64);
+
+/// Chunks shorter than this are not noted (hashing them again costs less
+/// than noting them).
+pub const NOTED: usize = 64 << 10;
+
+/// Most chunk hashes noted (about 200 bytes each).
+const MOST_NOTES: usize = 1 << 16;
 
 /// Compressed members by the sha256 of their uncompressed bytes.
 pub struct Kept {
@@ -42,6 +62,14 @@ struct State {
     end: u64,
     found: u64,
     missed: u64,
+    /// The sha256 state after each noted chunk's bytes, by its file's name
+    /// and offset in it, with its length.
+    chunks: HashMap<ChunkAt, (usize, Sha256)>,
+    /// The digest of each file of several chunks, by name.
+    files: HashMap<Arc<[u8]>, Key>,
+    /// Files whose bytes in the replay's tar are the recording's.
+    stand: HashSet<Vec<u8>>,
+    hashes_taken: u64,
 }
 
 /// How a writer uses a store.
@@ -61,6 +89,8 @@ pub struct Counts {
     /// Members of the replay copied from the store, and compressed.
     pub found: u64,
     pub missed: u64,
+    /// Chunks and files whose digest the replay took from the recording's notes.
+    pub hashes_taken: u64,
 }
 
 impl Kept {
@@ -132,7 +162,58 @@ impl Kept {
             kept: state.at.len(),
             found: state.found,
             missed: state.missed,
+            hashes_taken: state.hashes_taken,
         }
+    }
+
+    /// Notes the sha256 state `hashed` after the `len` bytes of the chunk
+    /// `at` (its file's name, its offset in the file).
+    pub(crate) fn note_chunk(&self, at: &ChunkAt, len: usize, hashed: &Sha256) {
+        let mut state = self.state();
+        if len >= NOTED && state.chunks.len() < MOST_NOTES {
+            state.chunks.insert(at.clone(), (len, hashed.clone()));
+        }
+    }
+
+    /// Notes the digest of the file `name`, of several chunks.
+    pub(crate) fn note_file(&self, name: &Arc<[u8]>, digest: Key) {
+        let mut state = self.state();
+        if state.files.len() < MOST_NOTES {
+            state.files.insert(name.clone(), digest);
+        }
+    }
+
+    /// Names the files (as the layer's tar names them) whose bytes in the
+    /// replay's tar are the very bytes the recording read: their notes
+    /// hold. Until then no note is given out.
+    pub fn stand(&self, names: impl IntoIterator<Item = Vec<u8>>) {
+        self.state().stand.extend(names);
+    }
+
+    /// The sha256 state after the `len` bytes at `offset` of the file
+    /// `name`, if they were noted and the file stands.
+    pub(crate) fn hashed(&self, name: &[u8], offset: u64, len: usize) -> Option<Sha256> {
+        let mut state = self.state();
+        if !state.stand.contains(name) {
+            return None;
+        }
+        let hashed = match state.chunks.get(&(Arc::from(name), offset)) {
+            Some((noted, hashed)) if *noted == len => hashed.clone(),
+            _ => return None,
+        };
+        state.hashes_taken += 1;
+        Some(hashed)
+    }
+
+    /// The digest of the file `name`, if it was noted and the file stands.
+    pub(crate) fn file_digest(&self, name: &[u8]) -> Option<Key> {
+        let mut state = self.state();
+        if !state.stand.contains(name) {
+            return None;
+        }
+        let digest = state.files.get(name).copied()?;
+        state.hashes_taken += 1;
+        Some(digest)
     }
 }
 
@@ -172,6 +253,33 @@ mod tests {
         assert!(kept.find(&[1; 32], &b, &mut Vec::new()).is_err());
         let counts = kept.counts();
         assert_eq!((counts.kept, counts.found, counts.missed), (2, 1, 1));
+    }
+
+    #[test]
+    fn notes_are_given_out_for_the_files_that_stand_only() {
+        use sha2::Digest;
+        let dir = tempfile::tempdir().unwrap();
+        let kept = Kept::new(dir.path(), u64::MAX).unwrap();
+        let (name, other): (Arc<[u8]>, Arc<[u8]>) = (b"home/a"[..].into(), b"home/b"[..].into());
+        let mut hashed = Sha256::new();
+        hashed.update([7u8; NOTED]);
+        kept.note_chunk(&(name.clone(), 0), NOTED, &hashed);
+        kept.note_chunk(&(other.clone(), 0), NOTED, &hashed);
+        kept.note_chunk(&(name.clone(), 1 << 20), NOTED - 1, &hashed);
+        kept.note_file(&name, [9; 32]);
+        assert!(kept.hashed(&name, 0, NOTED).is_none(), "nothing stands yet");
+        assert!(kept.file_digest(&name).is_none());
+        kept.stand([name.to_vec()]);
+        let taken = kept.hashed(&name, 0, NOTED).unwrap();
+        assert_eq!(taken.finalize(), hashed.clone().finalize());
+        assert_eq!(kept.file_digest(&name), Some([9; 32]));
+        assert!(kept.hashed(&name, 0, NOTED + 1).is_none(), "another length");
+        assert!(
+            kept.hashed(&name, 1 << 20, NOTED - 1).is_none(),
+            "too short to note"
+        );
+        assert!(kept.hashed(&other, 0, NOTED).is_none(), "does not stand");
+        assert_eq!(kept.counts().hashes_taken, 2);
     }
 
     #[test]
