@@ -67,8 +67,10 @@ struct State {
     chunks: HashMap<ChunkAt, (usize, Sha256)>,
     /// The digest of each file of several chunks, by name.
     files: HashMap<Arc<[u8]>, Key>,
-    /// Files whose bytes in the replay's tar are the recording's.
-    stand: HashSet<Vec<u8>>,
+    /// The files with a note of either kind.
+    noted: HashSet<Arc<[u8]>>,
+    /// Those whose bytes in the replay's tar are the recording's.
+    stand: HashSet<Arc<[u8]>>,
     hashes_taken: u64,
 }
 
@@ -172,6 +174,7 @@ impl Kept {
         let mut state = self.state();
         if len >= NOTED && state.chunks.len() < MOST_NOTES {
             state.chunks.insert(at.clone(), (len, hashed.clone()));
+            state.noted.insert(at.0.clone());
         }
     }
 
@@ -180,6 +183,7 @@ impl Kept {
         let mut state = self.state();
         if state.files.len() < MOST_NOTES {
             state.files.insert(name.clone(), digest);
+            state.noted.insert(name.clone());
         }
     }
 
@@ -187,7 +191,9 @@ impl Kept {
     /// replay's tar are the very bytes the recording read: their notes
     /// hold. Until then no note is given out.
     pub fn stand(&self, names: impl IntoIterator<Item = Vec<u8>>) {
-        self.state().stand.extend(names);
+        let mut state = self.state();
+        let State { noted, stand, .. } = &mut *state;
+        stand.extend(names.into_iter().filter_map(|n| noted.get(&n[..]).cloned()));
     }
 
     /// The sha256 state after the `len` bytes at `offset` of the file
