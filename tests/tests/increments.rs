@@ -5,7 +5,10 @@
 //! directories, across a sidecar restart, a damaged record and the merge past
 //! the layer limit; an unchanged desktop adds no tag.
 
-use harness::sidecar::{layers, Rig, Sidecar, RIG_REPO};
+use harness::{
+    bench::log_lines,
+    sidecar::{layers, Rig, Sidecar, RIG_REPO},
+};
 use std::path::Path;
 
 /// A small deterministic generator (xorshift), seeded by the test.
@@ -91,20 +94,8 @@ fn records(dir: &Path) -> Vec<std::path::PathBuf> {
         .collect()
 }
 
-/// The sidecar's log lines whose message starts with `message`.
-fn logged(log: &str, message: &str) -> Vec<serde_json::Value> {
-    log.lines()
-        .filter_map(|l| serde_json::from_str::<serde_json::Value>(l).ok())
-        .filter(|l| {
-            l["message"]
-                .as_str()
-                .is_some_and(|m| m.starts_with(message))
-        })
-        .collect()
-}
-
 fn count(log: &str, message: &str) -> usize {
-    logged(log, message).len()
+    log_lines(log, message).len()
 }
 
 /// The desktop's tree ([`harness::containerd::Containerd::tree`]), asked
@@ -302,7 +293,7 @@ async fn a_large_increment_is_read_while_the_desktop_runs() {
         captures.push((tag, tree(&rig, "desk-l").await));
     }
     let log = sidecar.log();
-    let increments = logged(&log, INCREMENT);
+    let increments = log_lines(&log, INCREMENT);
     assert_eq!(increments.len(), 2, "{log}");
     for (line, whiteouts) in increments.iter().zip([1, 1]) {
         assert_eq!(
