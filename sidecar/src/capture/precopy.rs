@@ -56,6 +56,7 @@ use std::{
     collections::{BTreeMap, HashMap},
     fs::File,
     io::{self, BufWriter, Write},
+    os::unix::ffi::OsStringExt,
     path::Path,
 };
 
@@ -566,12 +567,7 @@ fn standing<'a>(first: &'a FirstPass, reread: &'a Reread) -> impl Iterator<Item 
         .iter()
         .zip(&reread.valid)
         .filter(|(seen, valid)| **valid && !seen.damaged && seen.stamp.kind == libc::S_IFREG)
-        .map(|(seen, _)| {
-            seen.path
-                .iter()
-                .map(|&b| if b == 0 { b'/' } else { b })
-                .collect()
-        })
+        .map(|(seen, _)| record::key_path(&seen.path).into_os_string().into_vec())
 }
 
 /// A tar written by `write` into an unnamed file of `work_dir` (at most

@@ -26,7 +26,7 @@
 
 use sha2::Sha256;
 use std::{
-    collections::{HashMap, HashSet},
+    collections::HashMap,
     fs::File,
     io,
     os::unix::fs::FileExt,
@@ -45,8 +45,8 @@ pub(crate) type ChunkAt = (Arc<[u8]>, u64);
 /// than noting them).
 pub const NOTED: usize = 64 << 10;
 
-/// Most chunk hashes noted (about 200 bytes each).
-const MOST_NOTES: usize = 1 << 16;
+/// Most notes held, of chunks and of files (about 200 bytes each).
+const MOST_NOTES: usize = 1 << 17;
 
 /// Compressed members by the sha256 of their uncompressed bytes.
 pub struct Kept {
@@ -62,16 +62,23 @@ struct State {
     end: u64,
     found: u64,
     missed: u64,
-    /// The sha256 state after each noted chunk's bytes, by its file's name
-    /// and offset in it, with its length.
-    chunks: HashMap<ChunkAt, (usize, Sha256)>,
-    /// The digest of each file of several chunks, by name.
-    files: HashMap<Arc<[u8]>, Key>,
-    /// The files with a note of either kind.
-    noted: HashSet<Arc<[u8]>>,
-    /// Those whose bytes in the replay's tar are the recording's.
-    stand: HashSet<Arc<[u8]>>,
+    /// What the recording noted of each file, by its name.
+    notes: HashMap<Arc<[u8]>, Notes>,
+    /// Notes held, of both kinds.
+    held: usize,
     hashes_taken: u64,
+}
+
+/// What a recording noted of one file.
+#[derive(Default)]
+struct Notes {
+    /// The sha256 state after each noted chunk's bytes, by its offset in
+    /// the file, with its length.
+    chunks: HashMap<u64, (usize, Sha256)>,
+    /// The digest of the whole file, of several chunks.
+    digest: Option<Key>,
+    /// Its bytes in the replay's tar are the recording's ([`Kept::stand`]).
+    stands: bool,
 }
 
 /// How a writer uses a store.
@@ -172,18 +179,19 @@ impl Kept {
     /// `at` (its file's name, its offset in the file).
     pub(crate) fn note_chunk(&self, at: &ChunkAt, len: usize, hashed: &Sha256) {
         let mut state = self.state();
-        if len >= NOTED && state.chunks.len() < MOST_NOTES {
-            state.chunks.insert(at.clone(), (len, hashed.clone()));
-            state.noted.insert(at.0.clone());
+        if len >= NOTED && state.held < MOST_NOTES {
+            state.held += 1;
+            let notes = state.notes.entry(at.0.clone()).or_default();
+            notes.chunks.insert(at.1, (len, hashed.clone()));
         }
     }
 
     /// Notes the digest of the file `name`, of several chunks.
     pub(crate) fn note_file(&self, name: &Arc<[u8]>, digest: Key) {
         let mut state = self.state();
-        if state.files.len() < MOST_NOTES {
-            state.files.insert(name.clone(), digest);
-            state.noted.insert(name.clone());
+        if state.held < MOST_NOTES {
+            state.held += 1;
+            state.notes.entry(name.clone()).or_default().digest = Some(digest);
         }
     }
 
@@ -192,34 +200,34 @@ impl Kept {
     /// hold. Until then no note is given out.
     pub fn stand(&self, names: impl IntoIterator<Item = Vec<u8>>) {
         let mut state = self.state();
-        let State { noted, stand, .. } = &mut *state;
-        stand.extend(names.into_iter().filter_map(|n| noted.get(&n[..]).cloned()));
+        for name in names {
+            if let Some(notes) = state.notes.get_mut(&name[..]) {
+                notes.stands = true;
+            }
+        }
+    }
+
+    /// What was noted of the file `name`, if it stands; counted as taken
+    /// when `take` finds something in it.
+    fn taken<T>(&self, name: &[u8], take: impl FnOnce(&Notes) -> Option<T>) -> Option<T> {
+        let mut state = self.state();
+        let taken = state.notes.get(name).filter(|n| n.stands).and_then(take)?;
+        state.hashes_taken += 1;
+        Some(taken)
     }
 
     /// The sha256 state after the `len` bytes at `offset` of the file
     /// `name`, if they were noted and the file stands.
     pub(crate) fn hashed(&self, name: &[u8], offset: u64, len: usize) -> Option<Sha256> {
-        let mut state = self.state();
-        if !state.stand.contains(name) {
-            return None;
-        }
-        let hashed = match state.chunks.get(&(Arc::from(name), offset)) {
-            Some((noted, hashed)) if *noted == len => hashed.clone(),
-            _ => return None,
-        };
-        state.hashes_taken += 1;
-        Some(hashed)
+        self.taken(name, |notes| match notes.chunks.get(&offset) {
+            Some((noted, hashed)) if *noted == len => Some(hashed.clone()),
+            _ => None,
+        })
     }
 
     /// The digest of the file `name`, if it was noted and the file stands.
     pub(crate) fn file_digest(&self, name: &[u8]) -> Option<Key> {
-        let mut state = self.state();
-        if !state.stand.contains(name) {
-            return None;
-        }
-        let digest = state.files.get(name).copied()?;
-        state.hashes_taken += 1;
-        Some(digest)
+        self.taken(name, |notes| notes.digest)
     }
 }
 
