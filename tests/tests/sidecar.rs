@@ -17,6 +17,10 @@ struct Setup {
 
 impl Setup {
     async fn new() -> Self {
+        Self::with(Registry::start().await).await
+    }
+
+    async fn with(registry: Registry) -> Self {
         let containerd = Containerd::start().await;
         containerd.import_base_image().await;
         containerd
@@ -25,7 +29,6 @@ impl Setup {
         containerd
             .run_desktop("desk-b", "pod-b", "12896317-bbbbb", "x-graphical")
             .await;
-        let registry = Registry::start().await;
         let creds = registry.dir.path().join("dockerconfig.json");
         registry.write_dockerconfigjson(&creds, USER, PASSWORD);
         Self {
@@ -580,6 +583,89 @@ async fn a_500_in_the_middle_of_a_push_leaves_no_tag() {
         sidecar.stop().await;
     }
     s.containerd.stop().await;
+}
+
+/// A large layer put together after the resume (pre-copy) goes to the
+/// registry while it is written: an upload session opened, its bytes sent as
+/// the spool grows, the session closed with the digest at the end; with
+/// htpasswd and with a token service. A registry (here a proxy) that refuses
+/// the streamed PATCH gets the layer in one request after it is written.
+/// Either way the snapshot holds the desktop's file whole.
+#[tokio::test]
+async fn a_large_layer_is_uploaded_while_it_is_written_or_in_one_request_after() {
+    use harness::{badregistry::FailingProxy, registry::Auth};
+    const BIG: usize = 24 << 20;
+    for auth in ["basic", "token", "patch refused"] {
+        let registry = match auth {
+            "token" => Registry::start_with(Auth::Token { lifetime_secs: 60 }).await,
+            _ => Registry::start().await,
+        };
+        let s = Setup::with(registry).await;
+        s.containerd
+            .exec(
+                "desk-a",
+                &format!(
+                    "head -c {BIG} /dev/urandom > /root/big && sha256sum /root/big > /root/big.sum"
+                ),
+            )
+            .await;
+        let proxy = match auth {
+            "patch refused" => Some(
+                FailingProxy::start(&s.registry, |m, p| {
+                    m == "PATCH" && p.contains("/blobs/uploads/")
+                })
+                .await,
+            ),
+            _ => None,
+        };
+        let proxy_creds = s.registry.dir.path().join("proxy.json");
+        let target = match &proxy {
+            Some(proxy) => {
+                s.registry
+                    .write_dockerconfigjson(&proxy_creds, USER, PASSWORD);
+                let doc = std::fs::read_to_string(&proxy_creds)
+                    .unwrap()
+                    .replace(&s.registry.host, &proxy.host);
+                std::fs::write(&proxy_creds, doc).unwrap();
+                Target {
+                    registry_host: &proxy.host,
+                    registry_ca: Some(proxy.ca_path().leak()),
+                    credentials: Some(&proxy_creds),
+                    ..s.target()
+                }
+            }
+            None => s.target(),
+        };
+        let sidecar = Sidecar::start_with(target, None, &[("SNAPSHOT_LAYER_FORMAT", "gzip")]).await;
+        sidecar.snapshot_done().await;
+        let log = sidecar.log();
+        let streamed = log.contains(r#""while_written":true"#);
+        let refused = log.contains("could not be uploaded while it was written");
+        match auth {
+            "patch refused" => assert!(!streamed && refused, "{auth}: {log}"),
+            _ => assert!(streamed && !refused, "{auth}: {log}"),
+        }
+        sidecar.stop().await;
+        let tags = s.snapshot_tags().await;
+        assert_eq!(tags.len(), 1, "{auth}: {tags:?}");
+        let layers = layers(&s.registry, REPO, &tags[0]).await;
+        let files = layers.last().expect("the snapshot's layer");
+        let file = |name: &str| {
+            files
+                .iter()
+                .find(|(path, _)| path == name)
+                .map(|(_, data)| data.clone())
+                .unwrap_or_else(|| panic!("{auth}: {name} is not in the layer"))
+        };
+        let big = file("root/big");
+        assert_eq!(big.len(), BIG, "{auth}");
+        let sum = String::from_utf8(file("root/big.sum")).unwrap();
+        assert!(
+            sum.starts_with(&hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&big))),
+            "{auth}: {sum}"
+        );
+        s.containerd.stop().await;
+    }
 }
 
 #[tokio::test]

@@ -16,7 +16,7 @@ use crate::ctrd::Ctrd;
 use crate::{
     image::{
         self,
-        new_layer::{Codec, NewLayer, Written},
+        new_layer::{Assembling, Codec, Layer, NewLayer, Written},
         spool::{self, SpoolWriter},
     },
     layer::{
@@ -46,6 +46,11 @@ use tracing::{info, warn};
 
 /// The OCI media type of an uncompressed layer.
 pub const LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
+
+/// A pre-copied layer of at least this many uncompressed bytes is uploaded
+/// while it is put together after the resume ([`Assembling::large`]); a
+/// smaller one is put together in a few milliseconds.
+pub const UPLOADED_WHILE_WRITTEN: u64 = 16 << 20;
 
 /// A containerd lease: everything made under it survives garbage collection
 /// until it is deleted (or expires, if the sidecar dies).
@@ -283,8 +288,8 @@ pub struct Reading<'a> {
 /// The layer of the container's changes read from its overlayfs upper
 /// directory into a compressed spool, the task paused as `freeze` says; the
 /// task runs again before this returns, and the upload reads the spool
-/// afterwards.
-pub async fn from_upper(r: &Reading<'_>, upper: Upper, freeze: Freeze) -> Result<NewLayer> {
+/// afterwards (with pre-copy, while the layer is put together).
+pub async fn from_upper(r: &Reading<'_>, upper: Upper, freeze: Freeze) -> Result<Layer> {
     Ok(read_upper(r, upper, freeze, false).await?.0)
 }
 
@@ -296,7 +301,7 @@ async fn read_upper(
     upper: Upper,
     freeze: Freeze,
     record: bool,
-) -> Result<(NewLayer, Option<Record>)> {
+) -> Result<(Layer, Option<Record>)> {
     if freeze == Freeze::PreCopy {
         return pre_copied(r, upper, None, record).await;
     }
@@ -325,7 +330,10 @@ async fn read_upper(
         0
     };
     info!(diff_id = %layer.diff_id, compressed_bytes = layer.size, paused_ms, "layer read from the upper directory");
-    Ok((NewLayer::new(layer, reader, "upperdir"), recorded))
+    Ok((
+        Layer::Ready(NewLayer::new(layer, reader, "upperdir")),
+        recorded,
+    ))
 }
 
 /// The record of the upper directory now ([`scan`]); `None`, logged, when
@@ -349,7 +357,7 @@ pub async fn from_upper_recorded(
     upper: Upper,
     freeze: Freeze,
     last: Option<Record>,
-) -> Result<(NewLayer, Option<Record>)> {
+) -> Result<(Layer, Option<Record>)> {
     let Some(last) = last else {
         // the record of what the layer holds: taken at its cut (under the
         // pause), so that an entry made after an earlier scan and deleted
@@ -359,7 +367,8 @@ pub async fn from_upper_recorded(
     if freeze == Freeze::PreCopy {
         return pre_copied(r, upper, Some(last), true).await;
     }
-    increment_under_pause(r, upper, freeze, last).await
+    let (layer, record) = increment_under_pause(r, upper, freeze, last).await?;
+    Ok((Layer::Ready(layer), record))
 }
 
 /// The increment over `last` read under the pause (unless `freeze` is
@@ -457,7 +466,7 @@ async fn pre_copied(
     upper: Upper,
     last: Option<Record>,
     record: bool,
-) -> Result<(NewLayer, Option<Record>)> {
+) -> Result<(Layer, Option<Record>)> {
     let started = std::time::Instant::now();
     let unit = Unit::of(&r.compression);
     let (threads, dir, max_bytes) = (r.compression.threads, r.work_dir.to_path_buf(), r.max_bytes);
@@ -509,7 +518,9 @@ async fn pre_copied(
             "too many entries to pre-copy: the change is read under the pause"
         );
         if let Some(last) = last {
-            return Box::pin(increment_under_pause(r, upper, Freeze::PreCopy, last)).await;
+            let (layer, record) =
+                Box::pin(increment_under_pause(r, upper, Freeze::PreCopy, last)).await?;
+            return Ok((Layer::Ready(layer), record));
         }
         return Box::pin(read_upper(r, upper, Freeze::Throughout, record)).await;
     };
@@ -534,49 +545,57 @@ async fn pre_copied(
     let (picked, whiteouts) = (reread.picked, reread.whiteouts);
     let recorded = reread.record.take().filter(|_| record);
     let recorded_entries = recorded.as_ref().map_or(0, Record::len);
+    let large = first.index.plain_len + reread.index.plain_len >= UPLOADED_WHILE_WRITTEN;
     let compression = r.compression.clone();
     let reuse = kept.clone().map(Reuse::Replay);
-    let layer = tokio::task::spawn_blocking(move || {
-        assemble_into(writer, &compression, &first, &reread, reuse).map(|w| (w, first.seen.len()))
-    })
-    .await
-    .context("the layer writer panicked")??;
-    let (layer, entries) = layer;
-    let reused = kept.map(|k| k.counts()).unwrap_or_default();
-    if increment {
-        info!(
-            diff_id = %layer.diff_id,
-            compressed_bytes = layer.size,
-            entries = recorded_entries,
-            picked,
-            whiteouts,
-            read_again,
-            members_reused = reused.found,
-            members_compressed_after = reused.missed,
-            digests_taken = reused.hashes_taken,
-            first_pass_ms = first_ms,
-            pausing_ms,
-            paused_ms,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "increment read from the upper directory: what changed since the last snapshot, what changed meanwhile read again under the pause"
-        );
-    } else {
-        info!(
-            diff_id = %layer.diff_id,
-            compressed_bytes = layer.size,
-            entries,
-            read_again,
-            members_reused = reused.found,
-            members_compressed_after = reused.missed,
-            digests_taken = reused.hashes_taken,
-            first_pass_ms = first_ms,
-            pausing_ms,
-            paused_ms,
-            elapsed_ms = started.elapsed().as_millis() as u64,
-            "layer read from the upper directory, what changed meanwhile read again under the pause"
-        );
-    }
-    Ok((NewLayer::new(layer, reader, "upperdir"), recorded))
+    // put together after the resume, on a thread of its own: the upload may
+    // read the spool as it grows
+    let written = tokio::task::spawn_blocking(move || {
+        let layer = assemble_into(writer, &compression, &first, &reread, reuse)?;
+        let reused = kept.map(|k| k.counts()).unwrap_or_default();
+        let elapsed_ms = started.elapsed().as_millis() as u64;
+        if increment {
+            info!(
+                diff_id = %layer.diff_id,
+                compressed_bytes = layer.size,
+                entries = recorded_entries,
+                picked,
+                whiteouts,
+                read_again,
+                members_reused = reused.found,
+                members_compressed_after = reused.missed,
+                digests_taken = reused.hashes_taken,
+                first_pass_ms = first_ms,
+                pausing_ms,
+                paused_ms,
+                elapsed_ms,
+                "increment read from the upper directory: what changed since the last snapshot, what changed meanwhile read again under the pause"
+            );
+        } else {
+            info!(
+                diff_id = %layer.diff_id,
+                compressed_bytes = layer.size,
+                entries = first.seen.len(),
+                read_again,
+                members_reused = reused.found,
+                members_compressed_after = reused.missed,
+                digests_taken = reused.hashes_taken,
+                first_pass_ms = first_ms,
+                pausing_ms,
+                paused_ms,
+                elapsed_ms,
+                "layer read from the upper directory, what changed meanwhile read again under the pause"
+            );
+        }
+        Ok(layer)
+    });
+    let layer = Assembling {
+        spool: reader,
+        source: "upperdir",
+        large,
+        written,
+    };
+    Ok((Layer::Assembling(layer), recorded))
 }
 
 /// The layer from the first pass's pieces and what the pause read again,

@@ -1,8 +1,10 @@
 //! The new layer as the stages hand it on: its format ([`Codec`]), what was
-//! written into its spool ([`Written`]) and the compressed layer the upload
-//! reads ([`NewLayer`]).
+//! written into its spool ([`Written`]), the compressed layer the upload
+//! reads ([`NewLayer`]), and a layer still being put together after the
+//! resume whose spool can already be read ([`Layer::Assembling`]).
 
 use crate::image::spool::SpoolReader;
+use anyhow::Context;
 use clap::ValueEnum;
 use std::collections::BTreeMap;
 
@@ -65,6 +67,38 @@ impl NewLayer {
             annotations: written.annotations,
             spool,
             source,
+        }
+    }
+}
+
+/// A new layer as a capture hands it on: written, or still being put
+/// together after the resume (pre-copy's assembly), its spool readable (and
+/// uploadable) as it grows.
+pub enum Layer {
+    Ready(NewLayer),
+    Assembling(Assembling),
+}
+
+/// A layer whose spool is still being written.
+pub struct Assembling {
+    /// The spool, readable while it is written (the writer's end is in `written`).
+    pub spool: SpoolReader,
+    pub source: &'static str,
+    /// Large enough that uploading it while it is written saves time.
+    pub large: bool,
+    /// What the writing ends with.
+    pub written: tokio::task::JoinHandle<anyhow::Result<Written>>,
+}
+
+impl Layer {
+    /// The layer once its spool is written.
+    pub async fn finish(self) -> anyhow::Result<NewLayer> {
+        match self {
+            Layer::Ready(layer) => Ok(layer),
+            Layer::Assembling(a) => {
+                let written = a.written.await.context("the layer writer panicked")??;
+                Ok(NewLayer::new(written, a.spool, a.source))
+            }
         }
     }
 }

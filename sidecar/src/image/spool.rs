@@ -116,6 +116,8 @@ impl Drop for SpoolWriter {
     }
 }
 
+/// Reads the spool; each clone reads it from its start.
+#[derive(Clone)]
 pub struct SpoolReader {
     file: Arc<File>,
     rx: watch::Receiver<State>,

@@ -26,7 +26,10 @@ use std::{
     collections::{BTreeMap, BTreeSet},
     path::Path,
 };
-use tracing::info;
+use tracing::{info, warn};
+
+mod while_written;
+pub use while_written::Sent;
 
 pub struct Registry {
     client: Client,
@@ -224,20 +227,27 @@ impl Registry {
         codec: Codec,
         created: &str,
         annotations: &BTreeMap<String, String>,
+        sent: Option<tokio::task::JoinHandle<Result<Sent>>>,
     ) -> Result<image::Base> {
         self.client
             .store_auth_if_needed(target.resolve_registry(), &self.auth)
             .await;
         self.put_base_layers(ctrd, target, base_image, base).await?;
 
-        // The user's changes, compressed: one request, size and digest known.
+        // The user's changes, compressed: sent while they were written (the
+        // session closed now that the digest is known), else one request.
         let started = std::time::Instant::now();
-        let exists = self
-            .client
-            .blob_exists(target, &layer.digest)
-            .await
-            .unwrap_or(false);
-        if !exists {
+        let while_written = match sent {
+            Some(sent) => self.closed(target, sent, &layer.digest).await,
+            None => false,
+        };
+        let exists = !while_written
+            && self
+                .client
+                .blob_exists(target, &layer.digest)
+                .await
+                .unwrap_or(false);
+        if !while_written && !exists {
             self.client
                 .push_blob_stream(
                     target,
@@ -251,7 +261,7 @@ impl Registry {
                 .await
                 .context("uploading the snapshot layer")?;
         }
-        info!(digest = %layer.digest, bytes = layer.size, already_there = exists, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot layer uploaded");
+        info!(digest = %layer.digest, bytes = layer.size, already_there = exists, while_written, elapsed_ms = started.elapsed().as_millis() as u64, "snapshot layer uploaded");
 
         let config = image::next_config(&base.config, &layer.diff_id, created);
         let config_bytes = serde_json::to_vec(&config)?;
@@ -302,6 +312,25 @@ impl Registry {
             manifest,
             config,
         })
+    }
+
+    /// Whether the upload `sent` while the layer was written holds the layer
+    /// `digest` now: its session closed. If not, the warning says why (the
+    /// layer is uploaded again in one request).
+    async fn closed(
+        &self,
+        target: &Reference,
+        sent: tokio::task::JoinHandle<Result<Sent>>,
+        digest: &str,
+    ) -> bool {
+        let closing = match sent.await {
+            Ok(Ok(sent)) => self.close_upload(target, sent, digest).await,
+            Ok(Err(e)) => Err(e),
+            Err(e) => Err(anyhow::anyhow!("the upload's task ended: {e}")),
+        };
+        closing
+            .map_err(|e| warn!(error = %format!("{e:#}"), "the layer could not be uploaded while it was written: it is uploaded again in one request"))
+            .is_ok()
     }
 
     /// Makes sure the repository has every base layer, at a cost that does

@@ -16,7 +16,7 @@ use crate::{
     },
     config::{Config, LayerSource},
     ctrd::Ctrd,
-    image::{self, new_layer::NewLayer},
+    image::{self, new_layer::Layer},
     metrics::Metrics,
     registry::{
         self, prune,
@@ -29,13 +29,14 @@ use containerd_client::services::v1::Container;
 use session::{Sessions, Step, Trigger};
 use snapshot_tags::provenance;
 use std::time::{Instant, SystemTime};
+use tokio_util::task::AbortOnDropHandle;
 use tracing::{error, info, warn};
 
 /// The uncompressed digest of a layer without any entry (a tar's end only).
 pub const EMPTY_LAYER: &str =
     "sha256:5f70bf18a086007016e948b04aed3b82103a36bea41755b6cddfaf10ace3c6ef";
 
-/// Whether a change whose tar has digest `diff_id` ([`NewLayer::change`]) adds
+/// Whether a change whose tar has digest `diff_id` ([`NewLayer::change`](image::new_layer::NewLayer::change)) adds
 /// nothing: no entry at all, or the same bytes as the last layer pushed from
 /// this desktop (the upper directory holds everything since the restore, so
 /// an unchanged desktop gives the same layer).
@@ -46,7 +47,7 @@ pub fn unchanged(diff_id: &str, last_pushed: Option<&str>) -> bool {
 /// What a snapshot made.
 pub enum Made {
     /// Pushed: `image@digest`, with its layer's source and its change's digest
-    /// ([`NewLayer::change`]: the diff_id but for eStargz).
+    /// ([`NewLayer::change`](image::new_layer::NewLayer::change): the diff_id but for eStargz).
     Pushed {
         image: String,
         source: &'static str,
@@ -372,6 +373,29 @@ async fn generate_and_push(
         commit::Scope::Changes
     };
     let (layer, record) = new_layer(config, ctrd, container, scope, upper, old).await?;
+    let now = SystemTime::now();
+    let tag = tag::snapshot_tag(&config.tag_prefix, now);
+    let image_ref = format!("{}:{tag}", config.repository);
+    let target: oci_client::Reference = image_ref
+        .parse()
+        .with_context(|| format!("{image_ref} is not an image reference"))?;
+    // a large layer still being put together after the resume goes to the
+    // registry as it is written (unless it is to be merged first)
+    let sending = match &layer {
+        Layer::Assembling(a) if a.large && keep_base.is_none() => {
+            let r = match registry.take() {
+                Some(r) => r,
+                None => login(config, known).await?,
+            };
+            let sending = AbortOnDropHandle::new(tokio::spawn(
+                r.upload_while_written(&target, a.spool.clone()),
+            ));
+            registry = Some(r);
+            Some(sending)
+        }
+        _ => None,
+    };
+    let layer = layer.finish().await?;
     info!(
         elapsed_ms = started.elapsed().as_millis() as u64,
         source = layer.source,
@@ -386,12 +410,6 @@ async fn generate_and_push(
         });
     }
     op.step(Step::LoginRegistry);
-    let now = SystemTime::now();
-    let tag = tag::snapshot_tag(&config.tag_prefix, now);
-    let image_ref = format!("{}:{tag}", config.repository);
-    let target: oci_client::Reference = image_ref
-        .parse()
-        .with_context(|| format!("{image_ref} is not an image reference"))?;
     let registry = match registry {
         Some(r) => r,
         None => login(config, known).await?,
@@ -446,6 +464,7 @@ async fn generate_and_push(
             *config.compression,
             &created,
             &annotations,
+            sending.map(AbortOnDropHandle::detach),
         )
         .await?;
     let image = format!("{image_ref}@{}", pushed.digest);
@@ -514,7 +533,7 @@ async fn new_layer(
     scope: commit::Scope,
     upper: Option<Upper>,
     last: Option<Record>,
-) -> Result<(NewLayer, Option<Record>)> {
+) -> Result<(Layer, Option<Record>)> {
     if let (commit::Scope::Changes, Some(upper)) = (scope, upper) {
         let freeze = match (config.pause, config.pre_copy) {
             (false, _) => commit::Freeze::Never,
@@ -558,7 +577,7 @@ async fn new_layer(
         config.max_change_bytes,
     )
     .await?;
-    Ok((layer, None))
+    Ok((Layer::Ready(layer), None))
 }
 
 /// The container's upper directory, if this sidecar can read it faithfully.
