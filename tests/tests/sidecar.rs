@@ -50,6 +50,27 @@ impl Setup {
         }
     }
 
+    /// [`Setup::target`] reached through `proxy`: credentials for its host,
+    /// written into the file `name`.
+    fn through<'a>(
+        &'a self,
+        proxy: &'a harness::badregistry::FailingProxy,
+        name: &str,
+    ) -> Target<'a> {
+        let creds = self.registry.dir.path().join(name);
+        self.registry.write_dockerconfigjson(&creds, USER, PASSWORD);
+        let doc = std::fs::read_to_string(&creds)
+            .unwrap()
+            .replace(&self.registry.host, &proxy.host);
+        std::fs::write(&creds, doc).unwrap();
+        Target {
+            registry_host: &proxy.host,
+            registry_ca: Some(proxy.ca_path().leak()),
+            credentials: Some(creds.leak()),
+            ..self.target()
+        }
+    }
+
     async fn snapshot_tags(&self) -> Vec<String> {
         let mut t: Vec<String> = self
             .registry
@@ -549,25 +570,8 @@ async fn a_500_in_the_middle_of_a_push_leaves_no_tag() {
     ];
     for (what, fail) in cases {
         let proxy = FailingProxy::start(&s.registry, fail).await;
-        let proxy_creds = s
-            .registry
-            .dir
-            .path()
-            .join(format!("proxy-{}.json", what.len()));
-        s.registry
-            .write_dockerconfigjson(&proxy_creds, USER, PASSWORD);
-        let doc = std::fs::read_to_string(&proxy_creds)
-            .unwrap()
-            .replace(&s.registry.host, &proxy.host);
-        std::fs::write(&proxy_creds, doc).unwrap();
-        let ca: &'static std::path::Path = proxy.ca_path().leak();
-        let sidecar = Sidecar::start(Target {
-            registry_host: &proxy.host,
-            registry_ca: Some(ca),
-            credentials: Some(&proxy_creds),
-            ..s.target()
-        })
-        .await;
+        let sidecar =
+            Sidecar::start(s.through(&proxy, &format!("proxy-{}.json", what.len()))).await;
         let steps = sidecar.snapshot_expecting_error().await;
         assert!(
             steps.iter().any(|m| m == "push desktop image to registry"),
@@ -618,22 +622,8 @@ async fn a_large_layer_is_uploaded_while_it_is_written_or_in_one_request_after()
             ),
             _ => None,
         };
-        let proxy_creds = s.registry.dir.path().join("proxy.json");
         let target = match &proxy {
-            Some(proxy) => {
-                s.registry
-                    .write_dockerconfigjson(&proxy_creds, USER, PASSWORD);
-                let doc = std::fs::read_to_string(&proxy_creds)
-                    .unwrap()
-                    .replace(&s.registry.host, &proxy.host);
-                std::fs::write(&proxy_creds, doc).unwrap();
-                Target {
-                    registry_host: &proxy.host,
-                    registry_ca: Some(proxy.ca_path().leak()),
-                    credentials: Some(&proxy_creds),
-                    ..s.target()
-                }
-            }
+            Some(proxy) => s.through(proxy, "proxy.json"),
             None => s.target(),
         };
         let sidecar = Sidecar::start_with(target, None, &[("SNAPSHOT_LAYER_FORMAT", "gzip")]).await;

@@ -216,35 +216,7 @@ pub fn split(key: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-/// The key of `name` in directory `parent`.
-pub fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
-    if parent.is_empty() {
-        name.to_vec()
-    } else {
-        [parent, &[0], name].concat()
-    }
-}
-
-/// The relative path of a key (`a\0b` -> `a/b`).
-pub fn key_path(key: &[u8]) -> PathBuf {
-    let bytes: Vec<u8> = key.iter().map(|&b| if b == 0 { b'/' } else { b }).collect();
-    PathBuf::from(OsStr::from_bytes(&bytes))
-}
-
-/// The key of a relative path (`a/b` -> `a\0b`; empty and `.` components go).
-pub fn path_key(path: &Path) -> Vec<u8> {
-    let mut key = Vec::new();
-    for part in path.as_os_str().as_bytes().split(|&b| b == b'/') {
-        if part.is_empty() || part == b"." {
-            continue;
-        }
-        if !key.is_empty() {
-            key.push(0);
-        }
-        key.extend_from_slice(part);
-    }
-    key
-}
+pub use crate::layer::tar::{join, key_path, path_key};
 
 /// A key as the desktop sees its path, quoted and escaped, for error texts.
 fn shown_key(key: &[u8]) -> String {

@@ -43,7 +43,7 @@
 //! the usual runtimes write) are read once more each; entries out of order
 //! cost extra readers or re-reads (counted in [`Summary::rereads`]).
 
-use super::tar::{pax_records, shown};
+use super::tar::{join as join_key, key_path, pax_records, shown};
 use std::{
     collections::{BTreeMap, HashMap},
     ffi::OsStr,
@@ -363,22 +363,9 @@ fn split(key: &[u8]) -> (&[u8], &[u8]) {
     }
 }
 
-fn join_key(parent: &[u8], name: &[u8]) -> Vec<u8> {
-    if parent.is_empty() {
-        name.to_vec()
-    } else {
-        [parent, &[0], name].concat()
-    }
-}
-
 /// The path in the layer of `name` under the directory `parent`.
 fn join(parent: &[u8], name: &[u8]) -> PathBuf {
     key_path(&join_key(parent, name))
-}
-
-fn key_path(key: &[u8]) -> PathBuf {
-    let bytes: Vec<u8> = key.iter().map(|&b| if b == 0 { b'/' } else { b }).collect();
-    PathBuf::from(OsStr::from_bytes(&bytes))
 }
 
 /// A directory's name in the layer ends with `/`; the root is `./`.

@@ -1,7 +1,12 @@
-//! What every writer of a layer tar shares: PAX records, and paths as error
-//! texts show them.
+//! What every writer of a layer tar shares: PAX records, paths as error
+//! texts show them, and order keys (a relative path whose names are joined
+//! by NUL bytes, so that a directory sorts right before what it holds).
 
-use std::path::Path;
+use std::{
+    ffi::OsStr,
+    os::unix::ffi::OsStrExt,
+    path::{Path, PathBuf},
+};
 
 /// A path inside the container as the desktop sees it, quoted and escaped, for
 /// error texts (a name may hold newlines or terminal escapes).
@@ -26,4 +31,34 @@ pub fn pax_records<'a>(records: impl Iterator<Item = (Vec<u8>, &'a [u8])>) -> Ve
         out.push(b'\n');
     }
     out
+}
+
+/// The key of `name` in directory `parent`.
+pub fn join(parent: &[u8], name: &[u8]) -> Vec<u8> {
+    if parent.is_empty() {
+        name.to_vec()
+    } else {
+        [parent, &[0], name].concat()
+    }
+}
+
+/// The relative path of a key (`a\0b` -> `a/b`).
+pub fn key_path(key: &[u8]) -> PathBuf {
+    let bytes: Vec<u8> = key.iter().map(|&b| if b == 0 { b'/' } else { b }).collect();
+    PathBuf::from(OsStr::from_bytes(&bytes))
+}
+
+/// The key of a relative path (`a/b` -> `a\0b`; empty and `.` components go).
+pub fn path_key(path: &Path) -> Vec<u8> {
+    let mut key = Vec::new();
+    for part in path.as_os_str().as_bytes().split(|&b| b == b'/') {
+        if part.is_empty() || part == b"." {
+            continue;
+        }
+        if !key.is_empty() {
+            key.push(0);
+        }
+        key.extend_from_slice(part);
+    }
+    key
 }
