@@ -594,7 +594,10 @@ async fn a_500_in_the_middle_of_a_push_leaves_no_tag() {
 /// the spool grows, the session closed with the digest at the end; with
 /// htpasswd and with a token service. A registry (here a proxy) that refuses
 /// the streamed PATCH gets the layer in one request after it is written.
-/// Either way the snapshot holds the desktop's file whole.
+/// Either way the snapshot holds the desktop's file whole. A logoff that
+/// finds the same change (increments off: a full layer again) drops the
+/// upload it began while the layer was put together: no second tag, the
+/// sidecar exits cleanly.
 #[tokio::test]
 async fn a_large_layer_is_uploaded_while_it_is_written_or_in_one_request_after() {
     use harness::{badregistry::FailingProxy, registry::Auth};
@@ -626,7 +629,13 @@ async fn a_large_layer_is_uploaded_while_it_is_written_or_in_one_request_after()
             Some(proxy) => s.through(proxy, "proxy.json"),
             None => s.target(),
         };
-        let sidecar = Sidecar::start_with(target, None, &[("SNAPSHOT_LAYER_FORMAT", "gzip")]).await;
+        let env = [
+            ("SNAPSHOT_LAYER_FORMAT", "gzip"),
+            ("SNAPSHOT_INCREMENTAL", "false"),
+            ("SNAPSHOT_MIN_INTERVAL", "0s"),
+            ("SNAPSHOT_ON_LOGOFF", "true"),
+        ];
+        let sidecar = Sidecar::start_with(target, None, &env).await;
         sidecar.snapshot_done().await;
         let log = sidecar.log();
         let streamed = log.contains(r#""while_written":true"#);
@@ -635,7 +644,19 @@ async fn a_large_layer_is_uploaded_while_it_is_written_or_in_one_request_after()
             "patch refused" => assert!(!streamed && refused, "{auth}: {log}"),
             _ => assert!(streamed && !refused, "{auth}: {log}"),
         }
-        sidecar.stop().await;
+        if auth == "basic" {
+            let (ended, log) = sidecar.terminate().await;
+            assert!(ended.success, "exit {ended}; log:\n{log}");
+            let count = |what: &str| log.matches(what).count();
+            assert_eq!(count("desktop image generated"), 2, "{log}");
+            assert_eq!(count("snapshot layer uploaded"), 1, "{log}");
+            assert!(
+                count("nothing changed since the last snapshot") > 0,
+                "{log}"
+            );
+        } else {
+            sidecar.stop().await;
+        }
         let tags = s.snapshot_tags().await;
         assert_eq!(tags.len(), 1, "{auth}: {tags:?}");
         let layers = layers(&s.registry, REPO, &tags[0]).await;
