@@ -46,7 +46,7 @@ use crate::{
     image::spool::TooLarge,
     layer::{
         estargz,
-        pieces::{self, Group, Index, Piece, Pieces, Stream, Unit},
+        pieces::{self, Group, Index, Piece, Pieces, PlainTar, Stream, Unit},
         reuse::Reuse,
     },
 };
@@ -526,13 +526,13 @@ pub fn assemble<S: Write>(
 }
 
 /// After the resume: the eStargz blob of the layer tar [`assemble`] puts
-/// together, into `out`. The tar is put together twice (copies of plain
-/// pieces in the page cache; once without prefetch paths): the entries
-/// before the prefetch landmark are taken from the first, the rest from the
-/// second, so that nothing waits in a spill to be read back and inflated
-/// for the diff_id; members the first pass kept (`reuse`) are copied, not
-/// compressed. Also the plain tar's sha256 (which [`assemble`] resumes
-/// where the first change is).
+/// together, into `out`. With prefetch paths the tar is read twice from the
+/// plain pieces in the page cache: first where each entry lies
+/// ([`PlainTar`]), only what can go before the prefetch landmark read and
+/// the rest passed over, then whole for the rest; so that nothing waits in
+/// a spill to be read back and inflated for the diff_id. Members the first
+/// pass kept (`reuse`) are copied, not compressed. Also the plain tar's
+/// sha256 (which [`assemble`] resumes where the first change is).
 pub fn assemble_estargz<W: Write>(
     first: &FirstPass,
     reread: &Reread,
@@ -545,17 +545,52 @@ pub fn assemble_estargz<W: Write>(
     }
     let mut writer =
         estargz::Writer::twice(out, options, reuse).context("starting the eStargz writer")?;
+    if writer.reads_again() {
+        let mut tar = PlainTar::new(
+            Stream {
+                index: &first.index,
+                file: &first.file,
+                unit: first.unit,
+            },
+            &reread.valid,
+            Stream {
+                index: &reread.index,
+                file: &reread.file,
+                unit: Unit::Plain,
+            },
+        )?;
+        front_of(&mut tar, &mut writer).context("writing the eStargz layer")?;
+    }
     let mut pieces = Pieces::new(&mut writer, Unit::Plain, 1, false)?;
     let change = assemble(first, reread, &mut pieces, true)?.context("the layer's sha256")?;
     pieces.finish().context("writing the eStargz layer")?;
-    writer.second_pass().context("writing the eStargz layer")?;
-    if writer.reads_again() {
-        let mut pieces = Pieces::new(&mut writer, Unit::Plain, 1, false)?;
-        assemble(first, reread, &mut pieces, false)?;
-        pieces.finish().context("writing the eStargz layer")?;
+    if !writer.reads_again() {
+        // every entry was taken from this one reading
+        writer.second_pass().context("writing the eStargz layer")?;
     }
     let (out, done) = writer.finish().context("writing the eStargz layer")?;
     Ok((out, change, done))
+}
+
+/// The first reading of the tar for an eStargz writer given it twice: what
+/// goes before the prefetch landmark, the bytes the writer passes over not
+/// read ([`estargz::Writer::passing_over`]); then the writer's second pass.
+fn front_of<W: Write>(tar: &mut PlainTar<'_>, writer: &mut estargz::Writer<W>) -> io::Result<()> {
+    // small reads: past a header, what the writer passes over is skipped
+    let mut buf = vec![0u8; 64 << 10];
+    loop {
+        let over = writer.passing_over();
+        if over > 0 {
+            tar.skip(over)?;
+            writer.passed_over(over)?;
+            continue;
+        }
+        let n = io::Read::read(tar, &mut buf)?;
+        if n == 0 {
+            return writer.second_pass();
+        }
+        writer.write_all(&buf[..n])?;
+    }
 }
 
 /// The tar names of the regular files whose bytes the assembly copies from

@@ -457,6 +457,33 @@ impl<W: Write> Writer<W> {
         self.prefetching
     }
 
+    /// Bytes of the tar given that the writer passes over next without
+    /// looking at them (an entry the other reading writes, or one left
+    /// out): a reader that can skip them says [`Writer::passed_over`]
+    /// instead of giving them.
+    pub fn passing_over(&self) -> u64 {
+        match self.input {
+            Input::Skip(n) => n,
+            _ => 0,
+        }
+    }
+
+    /// `n` bytes of what [`Writer::passing_over`] said were passed over.
+    pub fn passed_over(&mut self, n: u64) -> io::Result<()> {
+        match &mut self.input {
+            Input::Skip(left) if n <= *left => {
+                *left -= n;
+                if *left == 0 {
+                    self.input = Input::Header;
+                }
+                Ok(())
+            }
+            _ => Err(io::Error::other(
+                "passing over bytes of the layer tar the eStargz writer reads",
+            )),
+        }
+    }
+
     /// Whether the tar read so far ended where an entry may start.
     fn tar_ended(&self) -> io::Result<()> {
         match self.input {
@@ -1957,6 +1984,28 @@ mod tests {
                     assert!(once == twice, "seed {seed} {paths:?} piece {piece}");
                     assert_eq!(once_done, twice_done, "seed {seed} {paths:?}");
                 }
+                // the first reading not given what the writer passes over
+                let mut w = Writer::twice(Vec::new(), options(paths, 3), None).unwrap();
+                let (mut at, mut passed) = (0, 0);
+                while at < tar.len() {
+                    let over = w.passing_over() as usize;
+                    if over > 0 {
+                        w.passed_over(over as u64).unwrap();
+                        (at, passed) = (at + over, passed + over);
+                        continue;
+                    }
+                    let n = 4096.min(tar.len() - at);
+                    w.write_all(&tar[at..at + n]).unwrap();
+                    at += n;
+                }
+                w.second_pass().unwrap();
+                if w.reads_again() {
+                    assert!(passed > tar.len() / 2, "seed {seed} {paths:?}: {passed}");
+                    w.write_all(&tar).unwrap();
+                }
+                let (skipped, skipped_done) = w.finish().unwrap();
+                assert!(once == skipped, "seed {seed} {paths:?} passed over");
+                assert_eq!(once_done, skipped_done, "seed {seed} {paths:?}");
             }
         }
         // with prefetch, given once or ended after the first reading: an error
@@ -1967,6 +2016,10 @@ mod tests {
         let mut w = Writer::new(Vec::new(), options(&["etc"], 2)).unwrap();
         w.write_all(&tar).unwrap();
         assert!(w.second_pass().is_err());
+        // nothing to pass over where the writer reads
+        let mut w = Writer::twice(Vec::new(), options(&["etc"], 2), None).unwrap();
+        assert_eq!(w.passing_over(), 0);
+        assert!(w.passed_over(1).is_err());
     }
 
     #[test]

@@ -575,6 +575,75 @@ pub fn assemble<S: Write>(
     }))
 }
 
+/// The tar [`assemble`] writes from plain pieces (without its end), read
+/// where each entry lies: in the first pass's file or in the file read
+/// again. A reader that need not see an entry's bytes passes over them
+/// ([`PlainTar::skip`]) without reading them.
+pub struct PlainTar<'a> {
+    /// File ranges in the tar's order.
+    ranges: VecDeque<(&'a File, u64, u64)>,
+}
+
+impl<'a> PlainTar<'a> {
+    pub fn new(old: Stream<'a>, valid: &[bool], again: Stream<'a>) -> io::Result<Self> {
+        if old.unit != Unit::Plain || again.unit != Unit::Plain {
+            return Err(io::Error::other("a tar read in place needs plain pieces"));
+        }
+        let (old_file, again_file) = (old.file, again.file);
+        let (old, again) = (old.index, again.index);
+        let keys: Vec<&[u8]> = again.entries.iter().map(|p| p.key.as_slice()).collect();
+        let ranges = plan(old, valid, &keys)
+            .into_iter()
+            .map(|step| match step {
+                Step::Copy(g) => (
+                    old_file,
+                    old.groups[g].compressed_start,
+                    old_plain_len(old, g),
+                ),
+                Step::Old(e) => {
+                    let piece = &old.entries[e];
+                    let group = &old.groups[piece.group];
+                    let at = group.compressed_start + (piece.start - group.plain_start);
+                    (old_file, at, piece.len)
+                }
+                Step::Again(r) => (again_file, again.entries[r].start, again.entries[r].len),
+            })
+            .filter(|(_, _, len)| *len > 0)
+            .collect();
+        Ok(Self { ranges })
+    }
+
+    /// Passes over the next `n` bytes.
+    pub fn skip(&mut self, mut n: u64) -> io::Result<()> {
+        while n > 0 {
+            let Some((_, at, len)) = self.ranges.front_mut() else {
+                return Err(io::Error::new(
+                    io::ErrorKind::UnexpectedEof,
+                    "passing over more than the layer tar holds",
+                ));
+            };
+            let step = n.min(*len);
+            (*at, *len, n) = (*at + step, *len - step, n - step);
+            if *len == 0 {
+                self.ranges.pop_front();
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Read for PlainTar<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let Some((file, at, len)) = self.ranges.front() else {
+            return Ok(0);
+        };
+        let want = (*len).min(buf.len() as u64) as usize;
+        let n = Section::new(file, *at, *len).read(&mut buf[..want])?;
+        self.skip(n as u64)?;
+        Ok(n)
+    }
+}
+
 /// Uncompressed bytes of group `g`.
 fn old_plain_len(old: &Index, g: usize) -> u64 {
     let end = old
@@ -819,5 +888,88 @@ mod tests {
                 }
             }
         }
+    }
+
+    /// Read in place, plain pieces give the assembled tar (without its end);
+    /// what is passed over is not given, and the reading goes on after it.
+    #[test]
+    fn plain_pieces_read_in_place_are_the_assembled_tar() {
+        let before = vec![
+            ("a", bytes(1, 300_000)),
+            ("b", bytes(2, 900_000)),
+            ("c", bytes(3, 2 * BLOCK + 77)),
+            ("d", bytes(4, 100)),
+        ];
+        let valid = [true, false, true, false];
+        let again_entries = vec![("b", bytes(7, 1000)), ("e", bytes(9, 64))];
+        let (old_file, old) = stream(Unit::Plain, &before);
+        let (again_file, again) = stream(Unit::Plain, &again_entries);
+        let tar = || {
+            PlainTar::new(
+                Stream {
+                    index: &old,
+                    file: &old_file,
+                    unit: Unit::Plain,
+                },
+                &valid,
+                Stream {
+                    index: &again,
+                    file: &again_file,
+                    unit: Unit::Plain,
+                },
+            )
+            .unwrap()
+        };
+        let want: Vec<u8> = [&before[0], &again_entries[0], &before[2], &again_entries[1]]
+            .iter()
+            .flat_map(|e| e.1.clone())
+            .collect();
+        let mut whole = Vec::new();
+        tar().read_to_end(&mut whole).unwrap();
+        assert!(whole == want);
+        // the first 1,000 bytes, then past the rest of "a", "b" and most of "c"
+        let mut t = tar();
+        let mut head = vec![0u8; 1000];
+        t.read_exact(&mut head).unwrap();
+        let passed = 300_000 - 1000 + 1000 + 2 * BLOCK as u64 + 77 - 10;
+        t.skip(passed).unwrap();
+        let mut rest = Vec::new();
+        t.read_to_end(&mut rest).unwrap();
+        assert!(head == want[..1000]);
+        assert!(rest == want[1000 + passed as usize..]);
+        assert!(t.skip(1).is_err(), "nothing is left to pass over");
+        // with nothing read again and nothing moved: the first pass's bytes
+        let mut all = Vec::new();
+        PlainTar::new(
+            Stream {
+                index: &old,
+                file: &old_file,
+                unit: Unit::Plain,
+            },
+            &[true; 4],
+            Stream {
+                index: &Index::default(),
+                file: &again_file,
+                unit: Unit::Plain,
+            },
+        )
+        .unwrap()
+        .read_to_end(&mut all)
+        .unwrap();
+        assert!(all == before.iter().flat_map(|e| e.1.clone()).collect::<Vec<u8>>());
+        assert!(PlainTar::new(
+            Stream {
+                index: &old,
+                file: &old_file,
+                unit: Unit::Gzip(1),
+            },
+            &valid,
+            Stream {
+                index: &again,
+                file: &again_file,
+                unit: Unit::Plain,
+            },
+        )
+        .is_err());
     }
 }
