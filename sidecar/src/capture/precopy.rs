@@ -507,22 +507,24 @@ pub fn assemble<S: Write>(
     out: &mut Pieces<S>,
     hash: bool,
 ) -> Result<Option<String>> {
-    pieces::assemble(
-        Stream {
-            index: &first.index,
-            file: &first.file,
-            unit: first.unit,
-        },
-        &reread.valid,
-        Stream {
-            index: &reread.index,
-            file: &reread.file,
-            unit: Unit::Plain,
-        },
-        out,
-        hash,
-    )
-    .context("putting the layer together")
+    let (old, again) = streams(first, reread);
+    pieces::assemble(old, &reread.valid, again, out, hash).context("putting the layer together")
+}
+
+/// The first pass's pieces and what the pause read again (plain), as the
+/// assembly reads them.
+fn streams<'a>(first: &'a FirstPass, reread: &'a Reread) -> (Stream<'a>, Stream<'a>) {
+    let old = Stream {
+        index: &first.index,
+        file: &first.file,
+        unit: first.unit,
+    };
+    let again = Stream {
+        index: &reread.index,
+        file: &reread.file,
+        unit: Unit::Plain,
+    };
+    (old, again)
 }
 
 /// After the resume: the eStargz blob of the layer tar [`assemble`] puts
@@ -546,19 +548,8 @@ pub fn assemble_estargz<W: Write>(
     let mut writer =
         estargz::Writer::twice(out, options, reuse).context("starting the eStargz writer")?;
     if writer.reads_again() {
-        let mut tar = PlainTar::new(
-            Stream {
-                index: &first.index,
-                file: &first.file,
-                unit: first.unit,
-            },
-            &reread.valid,
-            Stream {
-                index: &reread.index,
-                file: &reread.file,
-                unit: Unit::Plain,
-            },
-        )?;
+        let (old, again) = streams(first, reread);
+        let mut tar = PlainTar::new(old, &reread.valid, again)?;
         front_of(&mut tar, &mut writer).context("writing the eStargz layer")?;
     }
     let mut pieces = Pieces::new(&mut writer, Unit::Plain, 1, false)?;

@@ -904,22 +904,13 @@ mod tests {
         let again_entries = vec![("b", bytes(7, 1000)), ("e", bytes(9, 64))];
         let (old_file, old) = stream(Unit::Plain, &before);
         let (again_file, again) = stream(Unit::Plain, &again_entries);
-        let tar = || {
-            PlainTar::new(
-                Stream {
-                    index: &old,
-                    file: &old_file,
-                    unit: Unit::Plain,
-                },
-                &valid,
-                Stream {
-                    index: &again,
-                    file: &again_file,
-                    unit: Unit::Plain,
-                },
-            )
-            .unwrap()
+        let plain = |index, file| Stream {
+            index,
+            file,
+            unit: Unit::Plain,
         };
+        let tar =
+            || PlainTar::new(plain(&old, &old_file), &valid, plain(&again, &again_file)).unwrap();
         let want: Vec<u8> = [&before[0], &again_entries[0], &before[2], &again_entries[1]]
             .iter()
             .flat_map(|e| e.1.clone())
@@ -940,36 +931,20 @@ mod tests {
         assert!(t.skip(1).is_err(), "nothing is left to pass over");
         // with nothing read again and nothing moved: the first pass's bytes
         let mut all = Vec::new();
+        let none = Index::default();
         PlainTar::new(
-            Stream {
-                index: &old,
-                file: &old_file,
-                unit: Unit::Plain,
-            },
+            plain(&old, &old_file),
             &[true; 4],
-            Stream {
-                index: &Index::default(),
-                file: &again_file,
-                unit: Unit::Plain,
-            },
+            plain(&none, &again_file),
         )
         .unwrap()
         .read_to_end(&mut all)
         .unwrap();
         assert!(all == before.iter().flat_map(|e| e.1.clone()).collect::<Vec<u8>>());
-        assert!(PlainTar::new(
-            Stream {
-                index: &old,
-                file: &old_file,
-                unit: Unit::Gzip(1),
-            },
-            &valid,
-            Stream {
-                index: &again,
-                file: &again_file,
-                unit: Unit::Plain,
-            },
-        )
-        .is_err());
+        let gzip = Stream {
+            unit: Unit::Gzip(1),
+            ..plain(&old, &old_file)
+        };
+        assert!(PlainTar::new(gzip, &valid, plain(&again, &again_file)).is_err());
     }
 }
