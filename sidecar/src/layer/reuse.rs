@@ -14,7 +14,10 @@
 //!
 //! What is copied is checked against what it stands for (the member's own
 //! CRC-32 and length); the store is bounded, past its limit it keeps no
-//! more and the rest is compressed as usual.
+//! more and the rest is compressed as usual. A member deflate could not
+//! shrink (stored blocks: random data, media, archives) is not kept, only
+//! its key noted: its bytes are the data's own, so making it again costs
+//! what reading it back would, and the recording writes half as much.
 //!
 //! The recording also notes the sha256 of each large chunk (by its file's
 //! name and offset) and of each file of several chunks. Told which files
@@ -26,7 +29,7 @@
 
 use sha2::Sha256;
 use std::{
-    collections::HashMap,
+    collections::{HashMap, HashSet},
     fs::File,
     io,
     os::unix::fs::FileExt,
@@ -59,6 +62,9 @@ pub struct Kept {
 struct State {
     /// Where each member's compressed bytes are in the file, and how many.
     at: HashMap<Key, (u64, u32)>,
+    /// The members written in stored blocks (not kept).
+    stored: HashSet<Key>,
+    stored_again: u64,
     end: u64,
     found: u64,
     missed: u64,
@@ -100,6 +106,8 @@ pub struct Counts {
     pub missed: u64,
     /// Chunks and files whose digest the replay took from the recording's notes.
     pub hashes_taken: u64,
+    /// Members the recording wrote in stored blocks, written so again.
+    pub stored_again: u64,
 }
 
 impl Kept {
@@ -172,7 +180,26 @@ impl Kept {
             found: state.found,
             missed: state.missed,
             hashes_taken: state.hashes_taken,
+            stored_again: state.stored_again,
         }
+    }
+
+    /// Notes that the member of bytes of sha256 `key` was written in stored
+    /// blocks (up to the most notes held).
+    pub(crate) fn note_stored(&self, key: Key) {
+        let mut state = self.state();
+        if state.held < MOST_NOTES && state.stored.insert(key) {
+            state.held += 1;
+        }
+    }
+
+    /// Whether the recording wrote the member of `key` in stored blocks
+    /// (counted when it did).
+    pub(crate) fn was_stored(&self, key: &Key) -> bool {
+        let mut state = self.state();
+        let stored = state.stored.contains(key);
+        state.stored_again += u64::from(stored);
+        stored
     }
 
     /// Notes the sha256 state `hashed` after the `len` bytes of the chunk
@@ -294,6 +321,23 @@ mod tests {
         );
         assert!(kept.hashed(&other, 0, NOTED).is_none(), "does not stand");
         assert_eq!(kept.counts().hashes_taken, 2);
+    }
+
+    /// A member in stored blocks is noted, not kept: the replay makes it
+    /// again; past the most notes held, it is compressed as any other.
+    #[test]
+    fn a_stored_member_is_noted_not_kept() {
+        let dir = tempfile::tempdir().unwrap();
+        let kept = Kept::new(dir.path(), u64::MAX).unwrap();
+        kept.note_stored([4; 32]);
+        assert!(kept.was_stored(&[4; 32]));
+        assert!(!kept.was_stored(&[5; 32]));
+        assert!(!kept.find(&[4; 32], b"not kept", &mut Vec::new()).unwrap());
+        let counts = kept.counts();
+        assert_eq!((counts.kept, counts.stored_again), (0, 1));
+        kept.state().held = MOST_NOTES;
+        kept.note_stored([6; 32]);
+        assert!(!kept.was_stored(&[6; 32]), "past the most notes held");
     }
 
     #[test]
