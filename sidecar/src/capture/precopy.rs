@@ -1339,7 +1339,9 @@ mod trees {
                 dir.path().join("home/alice/rewritten"),
                 &noise(5, 2_600_000),
             );
-            // what deflate cannot shrink (a photo): stored blocks, made again
+            // what deflate cannot shrink (a photo): stored blocks, made again;
+            // named to come right before `stays`, whose header (which ends the
+            // photo's last member) does not move
             let mut x = 0x9e37_79b9_7f4a_7c15u64;
             let photo: Vec<u8> = (0..1_600_000)
                 .map(|_| {
@@ -1349,7 +1351,7 @@ mod trees {
                     x as u8
                 })
                 .collect();
-            write(dir.path().join("home/alice/photo.jpg"), &photo);
+            write(dir.path().join("home/alice/star.jpg"), &photo);
             std::thread::sleep(std::time::Duration::from_millis(50));
             let mut compression = Compression::new(Codec::Estargz, 2);
             compression.prefetch = estargz::Prefetch {
