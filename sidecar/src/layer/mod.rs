@@ -145,6 +145,11 @@ impl<W: Write> Hashing<W> {
         }
     }
 
+    /// Goes on from `hasher`'s state: what it hashed comes first.
+    pub fn resumed(inner: W, hasher: sha2::Sha256) -> Self {
+        Self { inner, hasher }
+    }
+
     /// `sha256:<hex>` of everything written, and the inner writer.
     pub fn finish(self) -> (String, W) {
         let (sum, inner) = self.finish_raw();

@@ -14,7 +14,7 @@
 //! indexed stream stay and where entries read again go in between;
 //! [`assemble`] writes the result.
 
-use super::{members::Compressor, Compression};
+use super::{members::Compressor, threaded::Threaded, Compression, Hashing};
 use crate::image::new_layer::Codec;
 use sha2::{Digest, Sha256};
 use std::{
@@ -508,10 +508,21 @@ pub fn assemble<S: Write>(
         .enumerate()
         .take_while(|(i, s)| **s == Step::Copy(*i))
         .count();
-    let mut hasher = hash.then(|| match old.groups.get(prefix) {
-        Some(g) => g.hash_before.clone(),
-        None => old.hash_end.clone(),
-    });
+    // the diff_id's sha256 on a thread of its own: the copies wait for
+    // nothing but the reads
+    let mut hasher = match hash {
+        false => None,
+        true => {
+            let state = match old.groups.get(prefix) {
+                Some(g) => g.hash_before.clone(),
+                None => old.hash_end.clone(),
+            };
+            Some(Threaded::new(
+                "diff-id",
+                Hashing::resumed(io::sink(), state),
+            )?)
+        }
+    };
     let mut open: Option<Open> = None;
     let mut buf = vec![0u8; 1 << 20];
     for (i, step) in steps.iter().enumerate() {
@@ -519,20 +530,32 @@ pub fn assemble<S: Write>(
             Step::Copy(g) => {
                 let group = &old.groups[g];
                 let plain = old_plain_len(old, g);
-                out.copy(
-                    &mut Section::new(old_file, group.compressed_start, group.compressed_len),
-                    plain,
-                )?;
-                if let (Some(h), true) = (hasher.as_mut(), i >= prefix) {
+                let mut section =
+                    Section::new(old_file, group.compressed_start, group.compressed_len);
+                let Some(h) = hasher.as_mut().filter(|_| i >= prefix) else {
+                    out.copy(&mut section, plain)?;
+                    continue;
+                };
+                let hashed = if old_unit == Unit::Plain {
+                    // the bytes copied are the bytes hashed: read once
+                    let mut tee = Tee {
+                        from: section,
+                        to: h,
+                        count: 0,
+                    };
+                    out.copy(&mut tee, plain)?;
+                    tee.count
+                } else {
+                    out.copy(&mut section, plain)?;
                     let mut reader = old_unit.decoder(Section::new(
                         old_file,
                         group.compressed_start,
                         group.compressed_len,
                     ))?;
-                    let n = copy_all(&mut reader, &mut HashInto(h))?;
-                    if n != plain {
-                        return Err(io::Error::other("a layer piece does not decompress whole"));
-                    }
+                    copy_all(&mut reader, h)?
+                };
+                if hashed != plain {
+                    return Err(io::Error::other("a layer piece does not decompress whole"));
                 }
             }
             Step::Old(e) => {
@@ -568,11 +591,31 @@ pub fn assemble<S: Write>(
         }
     }
     out.write_all(&TAR_END)?;
-    Ok(hasher.map(|h| {
-        let mut h = h;
-        h.update(TAR_END);
-        format!("sha256:{}", hex::encode(h.finalize()))
-    }))
+    let Some(hasher) = hasher else {
+        return Ok(None);
+    };
+    let mut hashing = hasher.finish()?;
+    hashing.write_all(&TAR_END)?;
+    Ok(Some(hashing.finish().0))
+}
+
+/// The diff_id's hasher on its thread.
+type DiffHash = Threaded<Hashing<io::Sink>>;
+
+/// What is read from `from` is also written to `to`, and counted.
+struct Tee<'a, R> {
+    from: R,
+    to: &'a mut DiffHash,
+    count: u64,
+}
+
+impl<R: Read> Read for Tee<'_, R> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.from.read(buf)?;
+        self.to.write_all(&buf[..n])?;
+        self.count += n as u64;
+        Ok(n)
+    }
 }
 
 /// The tar [`assemble`] writes from plain pieces (without its end), read
@@ -658,7 +701,7 @@ fn pass<S: Write>(
     reader: &mut dyn Read,
     mut len: u64,
     out: &mut Pieces<S>,
-    mut hasher: Option<&mut Sha256>,
+    mut hasher: Option<&mut DiffHash>,
     buf: &mut [u8],
 ) -> io::Result<()> {
     while len > 0 {
@@ -666,7 +709,7 @@ fn pass<S: Write>(
         reader.read_exact(&mut buf[..want])?;
         out.write_all(&buf[..want])?;
         if let Some(h) = hasher.as_deref_mut() {
-            h.update(&buf[..want]);
+            h.write_all(&buf[..want])?;
         }
         len -= want as u64;
     }
@@ -687,18 +730,6 @@ fn copy_all(from: &mut dyn Read, to: &mut dyn Write) -> io::Result<u64> {
         };
         to.write_all(&buf[..n])?;
         total += n as u64;
-    }
-}
-
-struct HashInto<'a>(&'a mut Sha256);
-
-impl Write for HashInto<'_> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.update(buf);
-        Ok(buf.len())
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        Ok(())
     }
 }
 

@@ -8,7 +8,8 @@
 //! filesystem that already holds 20,000 files.
 //!
 //! Then the freeze (how long the desktop stays paused, from the sidecar's
-//! `snapshot_sidecar_paused_seconds`) and the click-to-tag time, pre-copy off
+//! `snapshot_sidecar_paused_seconds`), the click-to-tag time and the sidecar's
+//! CPU time, pre-copy off
 //! (the desktop paused while its whole change is read and compressed) and on,
 //! for each layer format: the large change, the small one, 1 MiB with
 //! 20,000 files in the change itself (each stamped at the pause), and the
@@ -210,8 +211,16 @@ async fn freezes(
     println!();
     println!("freeze and click-to-tag, pre-copy off -> on ({large_mib} MiB large change)");
     println!(
-        "{:<40} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9}",
-        "run", "freeze off", "freeze on", "layer off", "layer on", "tag off", "tag on"
+        "{:<40} {:>10} {:>10} {:>10} {:>10} {:>9} {:>9} {:>8} {:>8}",
+        "run",
+        "freeze off",
+        "freeze on",
+        "layer off",
+        "layer on",
+        "tag off",
+        "tag on",
+        "cpu off",
+        "cpu on"
     );
     let sets: [(&str, &str, bool); 4] = [
         ("large", "large", false),
@@ -266,7 +275,8 @@ async fn freezes(
                     sidecar.log()
                 );
                 let frozen = sidecar.paused_seconds().await;
-                figures.push((frozen, layer_seconds(&sidecar.log()), seconds));
+                let cpu = cpu_seconds(sidecar.pid());
+                figures.push((frozen, layer_seconds(&sidecar.log()), seconds, cpu));
                 if sidecar_log != "warn" {
                     println!("{}", sidecar.log());
                 }
@@ -274,14 +284,16 @@ async fn freezes(
             }
             let ms = |s: f64| format!("{:.0} ms", s * 1000.0);
             println!(
-                "{:<40} {:>10} {:>10} {:>9.2}s {:>9.2}s {:>8.2}s {:>8.2}s",
+                "{:<40} {:>10} {:>10} {:>9.2}s {:>9.2}s {:>8.2}s {:>8.2}s {:>7.2}s {:>7.2}s",
                 format!("{set}: {codec}"),
                 ms(figures[0].0),
                 ms(figures[1].0),
                 figures[0].1,
                 figures[1].1,
                 figures[0].2,
-                figures[1].2
+                figures[1].2,
+                figures[0].3,
+                figures[1].3
             );
         }
     }
@@ -435,6 +447,27 @@ async fn stock(containerd: &Containerd, registry: &Registry, container: &str) ->
 }
 
 /// Peak resident memory of a process (VmHWM), in MiB.
+/// CPU time the sidecar has spent, user and system, all its threads
+/// (`/proc/<pid>/stat`'s utime and stime, in the kernel's USER_HZ of 100):
+/// its own work, whatever the desktop's writer takes from the machine
+/// meanwhile (the writer is frozen through a snapshot without pre-copy and
+/// runs through one with it).
+fn cpu_seconds(pid: Option<u32>) -> f64 {
+    let Some(pid) = pid else { return f64::NAN };
+    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
+        return f64::NAN;
+    };
+    // the fields after the command's name, which may hold spaces
+    let fields: Vec<&str> = stat
+        .rsplit_once(')')
+        .map_or(Vec::new(), |(_, rest)| rest.split_whitespace().collect());
+    let ticks = |i: usize| fields.get(i).and_then(|f| f.parse::<f64>().ok());
+    match (ticks(11), ticks(12)) {
+        (Some(user), Some(system)) => (user + system) / 100.0,
+        _ => f64::NAN,
+    }
+}
+
 fn peak_rss_mib(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };
     std::fs::read_to_string(format!("/proc/{pid}/status"))
