@@ -15,7 +15,7 @@
 use super::beneath::{Dir, Entry, Meta};
 use super::increment::{Pick, Selection};
 use super::record;
-use crate::layer::tar::{pax_records, shown};
+use crate::layer::tar::{empty_header, pax_records, shown};
 use anyhow::{Context, Result};
 use rustix::fs::FileType;
 use std::{
@@ -546,13 +546,7 @@ impl<'s, W: Write> Walk<'s, W> {
                 .with_context(|| format!("adding the whiteout of {}", shown(&gone)))?;
         }
         let path = rel.join(OsStr::from_bytes(&[WHITEOUT.as_bytes(), name].concat()));
-        let mut header = Header::new_gnu();
-        header.set_entry_type(EntryType::Regular);
-        header.set_mode(0o644);
-        header.set_uid(0);
-        header.set_gid(0);
-        header.set_mtime(0);
-        header.set_size(0);
+        let mut header = empty_header(EntryType::Regular, 0o644);
         self.tar
             .append_data(&mut header, &path, io::empty())
             .with_context(|| format!("adding {}", shown(&path)))

@@ -336,6 +336,35 @@ struct FileData {
     hasher: Option<Sha256>,
 }
 
+/// A chunk of a file's data about to start.
+struct ChunkStart {
+    /// The file's TOC entry, in its part.
+    file_entry: usize,
+    /// Where the chunk starts in the file.
+    offset: u64,
+    file_size: u64,
+    name: String,
+    key: Arc<[u8]>,
+    /// The file is one chunk.
+    whole_file: bool,
+    len: u64,
+}
+
+impl ChunkStart {
+    /// The chunk `file` starts now (its `chunk_left` set to the chunk's length).
+    fn of(file: &FileData) -> Self {
+        Self {
+            file_entry: file.entry,
+            offset: file.done,
+            file_size: file.size,
+            name: file.name.clone(),
+            key: file.key.clone(),
+            whole_file: !file.several,
+            len: file.chunk_left,
+        }
+    }
+}
+
 /// Extensions read for the next entry.
 #[derive(Default)]
 struct Pending {
@@ -1035,7 +1064,6 @@ impl<W: Write> Writer<W> {
             return Ok(0);
         };
         let (part, avail) = (*part, (*left).min(bytes.len() as u64) as usize);
-        // a chunk to start: (its file's entry, offset, size, name, whether it is the whole file)
         let start = match file {
             None => {
                 *left -= avail as u64;
@@ -1043,38 +1071,30 @@ impl<W: Write> Writer<W> {
                 return Ok(avail);
             }
             Some(f) if f.chunk_left == 0 => {
-                let len = (f.size - f.done).min(chunk_size);
-                f.chunk_left = len;
-                Some((
-                    f.entry,
-                    f.done,
-                    f.size,
-                    f.name.clone(),
-                    !f.several,
-                    len,
-                    f.key.clone(),
-                ))
+                f.chunk_left = (f.size - f.done).min(chunk_size);
+                Some(ChunkStart::of(f))
             }
             Some(_) => None,
         };
-        if let Some((file_entry, done, size, name, whole, len, key)) = start {
+        if let Some(c) = start {
             let toc = &mut self.parts[part as usize].toc;
-            let entry = if done == 0 {
-                file_entry
+            let entry = if c.offset == 0 {
+                c.file_entry
             } else {
                 toc.push(TocEntry {
-                    name,
+                    name: c.name,
                     kind: "chunk",
-                    chunk_offset: done,
+                    chunk_offset: c.offset,
                     ..Default::default()
                 });
                 toc.len() - 1
             };
             // as the reference: a chunk's size is written unless it runs to the file's end
-            if size - done >= chunk_size {
-                toc[entry].chunk_size = len;
+            if c.file_size - c.offset >= chunk_size {
+                toc[entry].chunk_size = c.len;
             }
-            self.start_chunk(part, entry, len, whole && done == 0, Some((key, done)))?;
+            let whole_file = c.whole_file && c.offset == 0;
+            self.start_chunk(part, entry, c.len, whole_file, Some((c.key, c.offset)))?;
         }
         let Input::Data {
             left,

@@ -43,7 +43,7 @@
 //! the usual runtimes write) are read once more each; entries out of order
 //! cost extra readers or re-reads (counted in [`Summary::rereads`]).
 
-use super::tar::{join as join_key, key_path, pax_records, shown};
+use super::tar::{empty_header, join as join_key, key_path, pax_records, shown};
 use std::{
     collections::{BTreeMap, HashMap},
     ffi::OsStr,
@@ -152,13 +152,7 @@ where
                 summary.whiteouts += 1;
             }
             Item::Implicit(key, opaque) => {
-                let mut header = Header::new_gnu();
-                header.set_entry_type(EntryType::Directory);
-                header.set_mode(0o755);
-                header.set_uid(0);
-                header.set_gid(0);
-                header.set_mtime(0);
-                header.set_size(0);
+                let mut header = empty_header(EntryType::Directory, 0o755);
                 let path = dir_path(key);
                 tar.append_data(&mut header, &path, io::empty())
                     .map_err(|e| write_error(&path, e))?;
@@ -827,13 +821,7 @@ fn copy<R: Read, W: Write>(
 
 /// A whiteout or opaque marker: an empty file with a fixed header.
 fn append_marker<W: Write>(tar: &mut tar::Builder<W>, path: &Path) -> Result<(), MergeError> {
-    let mut header = Header::new_gnu();
-    header.set_entry_type(EntryType::Regular);
-    header.set_mode(0o644);
-    header.set_uid(0);
-    header.set_gid(0);
-    header.set_mtime(0);
-    header.set_size(0);
+    let mut header = empty_header(EntryType::Regular, 0o644);
     tar.append_data(&mut header, path, io::empty())
         .map_err(|e| write_error(path, e))
 }

@@ -1,12 +1,26 @@
-//! What every writer of a layer tar shares: PAX records, paths as error
-//! texts show them, and order keys (a relative path whose names are joined
-//! by NUL bytes, so that a directory sorts right before what it holds).
+//! What every writer of a layer tar shares: PAX records, the header of an
+//! entry with no data, paths as error texts show them, and order keys (a
+//! relative path whose names are joined by NUL bytes, so that a directory
+//! sorts right before what it holds).
 
 use std::{
     ffi::OsStr,
     os::unix::ffi::OsStrExt,
     path::{Path, PathBuf},
 };
+
+/// The header of an entry with no data, owned by root, dated 0: a whiteout
+/// or opaque marker (a regular file, 0644) or a directory the layer implies.
+pub fn empty_header(kind: tar::EntryType, mode: u32) -> tar::Header {
+    let mut header = tar::Header::new_gnu();
+    header.set_entry_type(kind);
+    header.set_mode(mode);
+    header.set_uid(0);
+    header.set_gid(0);
+    header.set_mtime(0);
+    header.set_size(0);
+    header
+}
 
 /// A path inside the container as the desktop sees it, quoted and escaped, for
 /// error texts (a name may hold newlines or terminal escapes).
