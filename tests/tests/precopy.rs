@@ -9,7 +9,8 @@ use harness::sidecar::{Rig, Sidecar, RIG_REPO};
 use std::collections::{BTreeMap, BTreeSet};
 
 /// The writer, a loop of steps; step `n` does, in this order, the operations
-/// [`Model::apply`] replays.
+/// [`Model::apply`] replays (`rm -rf dirs/$o` is two: the file, then its
+/// directory; a freeze can fall between them).
 const WRITER: &str = "cd /root/w && n=0; while :; do n=$((n+1)); p=$((n-1)); o=$((n-3)); \
      echo $n >> f0; echo $n >> f1; echo $n >> f2; echo $n >> f3; \
      echo $n > new/$n; rm -f new/$o; \
@@ -18,7 +19,7 @@ const WRITER: &str = "cd /root/w && n=0; while :; do n=$((n+1)); p=$((n-1)); o=$
      yes $n | head -c 100000 > bulk.tmp; mv bulk.tmp bulk; done";
 
 /// Operations in one step.
-const OPS: usize = 12;
+const OPS: usize = 13;
 
 /// What the writer's directory holds: files and their contents, directories.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -86,16 +87,19 @@ impl Model {
             }
             8 => {
                 files.remove(&format!("./dirs/{o}/x"));
-                self.tree.dirs.remove(&format!("./dirs/{o}"));
                 None
             }
             9 => {
+                self.tree.dirs.remove(&format!("./dirs/{o}"));
+                None
+            }
+            10 => {
                 if let Some(tag) = files.remove(&format!("./tag.{}", n - 1)) {
                     files.insert(format!("./tag.{n}"), tag);
                 }
                 None
             }
-            10 => {
+            11 => {
                 let bulk: String = line.repeat(100_000 / line.len() + 1)[..100_000].to_string();
                 files.insert("./bulk.tmp".into(), bulk);
                 Some("./bulk.tmp".into())
@@ -136,6 +140,19 @@ fn state_of(tree: &Tree) -> Option<(u64, usize)> {
     None
 }
 
+/// A tree in a line: its directories, and each file's size and last line.
+fn summary(tree: &Tree) -> String {
+    let files: Vec<String> = tree
+        .files
+        .iter()
+        .map(|(path, data)| {
+            let last = data.lines().last().unwrap_or("");
+            format!("{path} ({} bytes, last line {last:?})", data.len())
+        })
+        .collect();
+    format!("dirs {:?}, files {files:?}", tree.dirs)
+}
+
 /// Parses the dump [`DUMP`] prints: `=d <dir>` lines, then `=f <file>
 /// <bytes>` lines each followed by that many bytes and a newline (a file's
 /// content need not end with one).
@@ -169,9 +186,13 @@ fn the_model_knows_the_writers_states() {
     assert!(m.tree.files.contains_key("./tag.5"));
     assert_eq!(state_of(&m.tree), Some((5, 4)));
     // a cut inside the bulk write: a prefix of it
-    let mut t = Model::after(7, 11).tree;
+    let mut t = Model::after(7, 12).tree;
     t.files.get_mut("./bulk.tmp").unwrap().truncate(4096);
-    assert_eq!(state_of(&t), Some((7, 11)));
+    assert_eq!(state_of(&t), Some((7, 12)));
+    // a cut inside `rm -rf`: the file gone, its directory still there
+    let t = Model::after(7, 9).tree;
+    assert!(t.dirs.contains("./dirs/5") && !t.files.contains_key("./dirs/5/x"));
+    assert_eq!(state_of(&t), Some((7, 9)));
     // f2 ahead of f1: never a state of the writer
     let mut t = Model::after(7, 1).tree;
     t.files.get_mut("./f2").unwrap().push_str("8\n");
@@ -271,8 +292,8 @@ async fn a_desktop_writing_during_its_snapshot_restores_to_one_instant() {
             rig.containerd.remove(&id).await;
             let Some((steps_done, ops)) = state_of(&tree) else {
                 panic!(
-                    "{what}: the restored desktop is no state the writer passed through: {:?}\n{log}",
-                    tree.files.keys().collect::<Vec<_>>()
+                    "{what}: the restored desktop is no state the writer passed through: {}\n{log}",
+                    summary(&tree)
                 )
             };
             assert!(
