@@ -11,6 +11,7 @@
 //! `snapshot_sidecar_paused_seconds`), the click-to-tag time and the sidecar's
 //! CPU time, pre-copy off
 //! (the desktop paused while its whole change is read and compressed) and on,
+//! each the mean of two runs in the order off, on, on, off ([`ORDER`]),
 //! for each layer format: the large change, the small one, 1 MiB with
 //! 20,000 files in the change itself (each stamped at the pause), and the
 //! large change with the desktop writing 20 MB/s throughout the snapshot.
@@ -241,9 +242,10 @@ async fn freezes(
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
         for codec in ["gzip", "zstd", "estargz"] {
+            // (pre-copy on, freeze, layer, click-to-tag, CPU) of each run
             let mut figures = Vec::new();
-            for pre_copy in ["false", "true"] {
-                let repository = run_repository(&format!("{n}-{container}-{codec}-{pre_copy}"));
+            for (i, pre_copy) in ORDER.into_iter().enumerate() {
+                let repository = run_repository(&format!("{n}-{container}-{codec}-{pre_copy}-{i}"));
                 let sidecar = Sidecar::start_with(
                     Target::at(
                         containerd,
@@ -276,27 +278,50 @@ async fn freezes(
                 );
                 let frozen = sidecar.paused_seconds().await;
                 let cpu = cpu_seconds(sidecar.pid());
-                figures.push((frozen, layer_seconds(&sidecar.log()), seconds, cpu));
+                let on = pre_copy == "true";
+                figures.push((on, [frozen, layer_seconds(&sidecar.log()), seconds, cpu]));
                 if sidecar_log != "warn" {
                     println!("{}", sidecar.log());
                 }
                 sidecar.stop().await;
             }
+            let (off, on) = (mean(&figures, false), mean(&figures, true));
             let ms = |s: f64| format!("{:.0} ms", s * 1000.0);
             println!(
                 "{:<40} {:>10} {:>10} {:>9.2}s {:>9.2}s {:>8.2}s {:>8.2}s {:>7.2}s {:>7.2}s",
                 format!("{set}: {codec}"),
-                ms(figures[0].0),
-                ms(figures[1].0),
-                figures[0].1,
-                figures[1].1,
-                figures[0].2,
-                figures[1].2,
-                figures[0].3,
-                figures[1].3
+                ms(off[0]),
+                ms(on[0]),
+                off[1],
+                on[1],
+                off[2],
+                on[2],
+                off[3],
+                on[3]
             );
         }
     }
+}
+
+/// The runs of each row, pre-copy off and on: each twice, in an order that
+/// gives neither the place of the first run after the row before (which
+/// pays for what that row left behind) nor the place of the last.
+const ORDER: [&str; 4] = ["false", "true", "true", "false"];
+
+/// Each figure's mean over the runs with pre-copy `on`.
+fn mean(figures: &[(bool, [f64; 4])], on: bool) -> [f64; 4] {
+    let runs: Vec<&[f64; 4]> = figures
+        .iter()
+        .filter(|(o, _)| *o == on)
+        .map(|(_, f)| f)
+        .collect();
+    let mut sum = [0.0; 4];
+    for run in &runs {
+        for (s, f) in sum.iter_mut().zip(run.iter()) {
+            *s += f;
+        }
+    }
+    sum.map(|s| s / runs.len().max(1) as f64)
 }
 
 /// The sidecar's log level for a run whose log is read: `info` unless more
