@@ -471,7 +471,6 @@ async fn stock(containerd: &Containerd, registry: &Registry, container: &str) ->
     seconds
 }
 
-/// Peak resident memory of a process (VmHWM), in MiB.
 /// CPU time the sidecar has spent, user and system, all its threads
 /// (`/proc/<pid>/stat`'s utime and stime, in the kernel's USER_HZ of 100):
 /// its own work, whatever the desktop's writer takes from the machine
@@ -493,6 +492,7 @@ fn cpu_seconds(pid: Option<u32>) -> f64 {
     }
 }
 
+/// Peak resident memory of a process (VmHWM), in MiB.
 fn peak_rss_mib(pid: Option<u32>) -> f64 {
     let Some(pid) = pid else { return 0.0 };
     std::fs::read_to_string(format!("/proc/{pid}/status"))
