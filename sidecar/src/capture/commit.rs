@@ -22,7 +22,6 @@ use crate::{
     layer::{
         estargz,
         pieces::{Pieces, Unit},
-        reuse::{Kept, Reuse},
         threaded::Threaded,
         Compression, Encoder, Hashing,
     },
@@ -470,20 +469,11 @@ async fn pre_copied(
     let started = std::time::Instant::now();
     let unit = Unit::of(&r.compression);
     let (threads, dir, max_bytes) = (r.compression.threads, r.work_dir.to_path_buf(), r.max_bytes);
-    // eStargz is laid out after the resume from the whole tar: its members
-    // are compressed during the first pass and kept, for that writer to copy
-    let kept = (r.compression.codec == Codec::Estargz)
-        .then(|| Kept::new(r.work_dir, r.max_bytes))
-        .transpose()
-        .context("keeping the eStargz members of the first pass")?;
-    let (estargz, recorded) = (r.compression.estargz(), kept.clone());
+    // eStargz: the first pass writes the blob's members, copied after the resume
+    let estargz = (r.compression.codec == Codec::Estargz).then(|| r.compression.estargz());
     let (first, upper, last) = tokio::task::spawn_blocking(move || -> Result<_> {
         let selection = match &last {
             Some(last) => Some(increment::select(last, &scan(&upper.dir, upper.userxattr)?)),
-            None => None,
-        };
-        let mut recorder = match recorded {
-            Some(kept) => Some(estargz::Writer::recorder(estargz, kept)?),
             None => None,
         };
         let first = precopy::first_pass(
@@ -494,19 +484,9 @@ async fn pre_copied(
                 threads,
                 work_dir: &dir,
                 limit: max_bytes,
-                copy: recorder.as_mut().map(|w| w as &mut dyn std::io::Write),
+                estargz,
             },
         )?;
-        let recorded = match (recorder, &first) {
-            (Some(recorder), Some(first)) => match &first.copy_failed {
-                Some(e) => Err(format!("{e}")),
-                None => recorder.finish_recording().map_err(|e| format!("{e}")),
-            },
-            _ => Ok(()),
-        };
-        if let Err(e) = recorded {
-            warn!(error = %e, "the eStargz members of the first pass were not all kept: the rest is compressed after the resume");
-        }
         Ok((first, upper, last))
     })
     .await
@@ -547,12 +527,10 @@ async fn pre_copied(
     let recorded_entries = recorded.as_ref().map_or(0, Record::len);
     let large = first.index.plain_len + reread.index.plain_len >= UPLOADED_WHILE_WRITTEN;
     let compression = r.compression.clone();
-    let reuse = kept.clone().map(Reuse::Replay);
     // put together after the resume, on a thread of its own: the upload may
     // read the spool as it grows
     let written = tokio::task::spawn_blocking(move || {
-        let layer = assemble_into(writer, &compression, &first, &reread, reuse)?;
-        let reused = kept.map(|k| k.counts()).unwrap_or_default();
+        let (layer, spliced) = assemble_into(writer, &compression, &first, &reread)?;
         let elapsed_ms = started.elapsed().as_millis() as u64;
         if increment {
             info!(
@@ -562,10 +540,8 @@ async fn pre_copied(
                 picked,
                 whiteouts,
                 read_again,
-                members_reused = reused.found,
-                members_stored_again = reused.stored_again,
-                members_compressed_after = reused.missed,
-                digests_taken = reused.hashes_taken,
+                estargz_entries_copied = spliced.copied,
+                estargz_entries_rewritten = spliced.rewritten,
                 first_pass_ms = first_ms,
                 pausing_ms,
                 paused_ms,
@@ -578,10 +554,8 @@ async fn pre_copied(
                 compressed_bytes = layer.size,
                 entries = first.seen.len(),
                 read_again,
-                members_reused = reused.found,
-                members_stored_again = reused.stored_again,
-                members_compressed_after = reused.missed,
-                digests_taken = reused.hashes_taken,
+                estargz_entries_copied = spliced.copied,
+                estargz_entries_rewritten = spliced.rewritten,
                 first_pass_ms = first_ms,
                 pausing_ms,
                 paused_ms,
@@ -602,27 +576,26 @@ async fn pre_copied(
 
 /// The layer from the first pass's pieces and what the pause read again,
 /// into the spool: gzip and zstd groups copied as they are (the diff_id's
-/// hash resumed where the first change is); eStargz laid out from the
-/// assembled tar, copying the members `reuse` kept
-/// ([`precopy::assemble_estargz`]).
+/// hash resumed where the first change is); eStargz entries that stand
+/// copied from the members the first pass wrote
+/// ([`precopy::assemble_estargz`]), and how many.
 fn assemble_into(
     writer: SpoolWriter,
     compression: &Compression,
     first: &precopy::FirstPass,
     reread: &precopy::Reread,
-    reuse: Option<Reuse>,
-) -> Result<Written> {
-    if first.unit == Unit::Plain {
+) -> Result<(Written, estargz::Spliced)> {
+    if first.estargz.is_some() {
         // the spool's sha256 and writes on a thread of their own: the
         // writer's thread is the one the layout waits for
         let spooling = Threaded::new("spool", writer).context("starting the spool's thread")?;
-        let (spooling, change, done) =
-            precopy::assemble_estargz(first, reread, compression.estargz(), reuse, spooling)?;
+        let (spooling, change, done, spliced) =
+            precopy::assemble_estargz(first, reread, compression.estargz(), spooling)?;
         let (size, digest) = spooling
             .finish()
             .context("writing the layer's spool file")?
             .finish();
-        return Ok(written_estargz(change, digest, size, &done));
+        return Ok((written_estargz(change, digest, size, &done), spliced));
     }
     let buffered = BufWriter::with_capacity(1 << 20, writer);
     let mut out = Pieces::new(buffered, first.unit, compression.threads, false)
@@ -635,13 +608,14 @@ fn assemble_into(
         .map_err(|e| e.into_error())
         .context("writing the layer's spool file")?;
     let (size, digest) = spool.finish();
-    Ok(Written {
+    let written = Written {
         change: diff_id.clone(),
         diff_id,
         digest,
         size,
         annotations: Default::default(),
-    })
+    };
+    Ok((written, estargz::Spliced::default()))
 }
 
 /// The uncompressed layer `diff_id` from the content store, compressed into a

@@ -9,7 +9,6 @@
 //! what the level-1 deflater makes of it, and three times faster to read back
 //! at login (see [`Compressor`]).
 
-use super::reuse::{ChunkAt, Reuse};
 use sha2::{Digest, Sha256};
 use std::{
     collections::VecDeque,
@@ -37,12 +36,6 @@ pub(crate) struct Raw {
 pub(crate) struct Chunk {
     /// Its bytes at the member's start.
     pub len: usize,
-    /// Its file's name and its offset in the file: where a recording notes
-    /// its hash ([`Reuse::Record`]).
-    pub at: Option<ChunkAt>,
-    /// Its bytes' sha256 as a recording left it, for a chunk known to hold
-    /// the same bytes: nothing of it is hashed again.
-    pub hashed: Option<Sha256>,
 }
 
 impl Raw {
@@ -51,14 +44,10 @@ impl Raw {
         Self { data, chunk: None }
     }
 
-    /// The sha256 state over its chunk's bytes (taken as given when known).
-    fn chunk_hash(&mut self) -> Option<Sha256> {
-        let chunk = self.chunk.as_mut()?;
-        Some(chunk.hashed.take().unwrap_or_else(|| {
-            let mut hasher = Sha256::new();
-            hasher.update(&self.data[..chunk.len.min(self.data.len())]);
-            hasher
-        }))
+    /// The sha256 of its chunk's bytes.
+    fn chunk_digest(&self) -> Option<[u8; 32]> {
+        let chunk = self.chunk.as_ref()?;
+        Some(Sha256::digest(&self.data[..chunk.len.min(self.data.len())]).into())
     }
 }
 
@@ -74,17 +63,11 @@ pub(crate) struct Pool {
 
 impl Pool {
     pub fn new(threads: usize, level: u32) -> Self {
-        Self::reusing(threads, level, None)
-    }
-
-    /// A pool whose members go into, or come from, a store of members
-    /// ([`Reuse`]).
-    pub fn reusing(threads: usize, level: u32, reuse: Option<Reuse>) -> Self {
         let (tx, rx) = mpsc::sync_channel::<Job>(threads);
         let rx = Arc::new(Mutex::new(rx));
         let workers = (0..threads)
             .filter_map(|i| {
-                let (rx, reuse) = (rx.clone(), reuse.clone());
+                let rx = rx.clone();
                 std::thread::Builder::new()
                     .name(format!("gzip-{i}"))
                     .spawn(move || {
@@ -92,7 +75,7 @@ impl Pool {
                         loop {
                             let job = rx.lock().unwrap_or_else(|p| p.into_inner()).recv();
                             let Ok((members, reply)) = job else { return };
-                            let _ = reply.send(compressor.job(members, reuse.as_ref()));
+                            let _ = reply.send(compressor.job(members));
                         }
                     })
                     .ok()
@@ -177,45 +160,17 @@ impl Compressor {
         }
     }
 
-    /// Each member compressed (or, replaying, copied from the store), with
-    /// the digest of its chunk.
-    fn job(&mut self, members: Vec<Raw>, reuse: Option<&Reuse>) -> io::Result<Compressed> {
+    /// Each member compressed, with the digest of its chunk.
+    fn job(&mut self, members: Vec<Raw>) -> io::Result<Compressed> {
         let total: usize = members.iter().map(|m| m.data.len()).sum();
         let mut out = Compressed {
             bytes: Vec::with_capacity(total / 2 + 64 * members.len()),
             members: Vec::with_capacity(members.len()),
         };
-        for mut raw in members {
+        for raw in members {
             let before = out.bytes.len();
-            let hashed = raw.chunk_hash();
-            let Some(reuse) = reuse else {
-                self.member(&raw.data, &mut out.bytes)?;
-                let digest = hashed.map(|h| h.finalize().into());
-                out.members.push((out.bytes.len() - before, digest));
-                continue;
-            };
-            // the member's key continues its chunk's digest over the rest
-            let n = raw.chunk.as_ref().map_or(0, |c| c.len.min(raw.data.len()));
-            let digest = hashed.as_ref().map(|h| h.clone().finalize().into());
-            if let (Reuse::Record(kept), Some(hashed), Some(Chunk { at: Some(at), .. })) =
-                (reuse, &hashed, &raw.chunk)
-            {
-                kept.note_chunk(at, n, hashed);
-            }
-            let mut hasher = hashed.unwrap_or_default();
-            hasher.update(&raw.data[n..]);
-            let key = hasher.finalize().into();
-            let data = &raw.data;
-            match reuse {
-                // stored blocks are the bytes themselves: made again, not read back
-                Reuse::Replay(kept) if kept.was_stored(&key) => self.stored(data, &mut out.bytes),
-                Reuse::Replay(kept) if kept.find(&key, data, &mut out.bytes)? => {}
-                Reuse::Replay(_) => self.member(data, &mut out.bytes)?,
-                Reuse::Record(kept) => match self.member_stored(data, &mut out.bytes)? {
-                    true => kept.note_stored(key),
-                    false => kept.keep(key, &out.bytes[before..])?,
-                },
-            }
+            let digest = raw.chunk_digest();
+            self.member(&raw.data, &mut out.bytes)?;
             out.members.push((out.bytes.len() - before, digest));
         }
         Ok(out)
@@ -224,17 +179,10 @@ impl Compressor {
     /// One gzip member of `data`, appended to `out` (header as Go writes it:
     /// no name, time 0, OS unknown).
     pub fn member(&mut self, data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-        self.member_stored(data, out).map(drop)
-    }
-
-    /// [`Compressor::member`]; whether deflate could not shrink `data` and
-    /// the member holds it in stored blocks.
-    fn member_stored(&mut self, data: &[u8], out: &mut Vec<u8>) -> io::Result<bool> {
         out.extend_from_slice(&GZIP_HEADER);
         let start = out.len();
-        let stored = if self.incompressible(data)? {
+        if self.incompressible(data)? {
             store_into(data, out);
-            true
         } else {
             deflate_into(&mut self.deflate, data, out)?;
             let shrunk = out.len() - start <= data.len() - data.len() / STORE_BELOW;
@@ -242,18 +190,9 @@ impl Compressor {
                 out.truncate(start);
                 store_into(data, out);
             }
-            !data.is_empty() && !shrunk
-        };
+        }
         trailer(data, out);
-        Ok(stored)
-    }
-
-    /// The member [`Compressor::member`] writes of `data` when deflate
-    /// cannot shrink it (stored blocks), without trying.
-    fn stored(&mut self, data: &[u8], out: &mut Vec<u8>) {
-        out.extend_from_slice(&GZIP_HEADER);
-        store_into(data, out);
-        trailer(data, out);
+        Ok(())
     }
 }
 
@@ -430,13 +369,8 @@ pub(crate) mod tests {
         let mut compressor = Compressor::new(1);
         for (data, stored) in [(&noise[..], true), (&text[..], false), (&[][..], false)] {
             let mut member = Vec::new();
-            let said = compressor.member_stored(data, &mut member).unwrap();
-            assert_eq!(said, stored, "{} bytes", data.len());
+            compressor.member(data, &mut member).unwrap();
             assert_eq!(block_type(&member) == 0, stored, "{} bytes", data.len());
-            // made again without trying deflate: the same member
-            let mut again = Vec::new();
-            compressor.stored(data, &mut again);
-            assert_eq!(again == member, stored, "{} bytes", data.len());
             if stored {
                 assert!(
                     member.len() < data.len() + data.len() / 1000,

@@ -10,7 +10,6 @@ pub mod estargz;
 pub mod members;
 pub mod merge;
 pub mod pieces;
-pub mod reuse;
 pub mod tar;
 pub mod threaded;
 
