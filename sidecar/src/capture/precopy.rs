@@ -246,7 +246,7 @@ pub struct FirstPass {
     /// eStargz: the blob's members, written by the first pass in place of
     /// its plain tar (`file` then holds nothing, `index` says where each
     /// entry was in the tar).
-    pub estargz: Option<estargz::Recorded>,
+    pub estargz: Option<std::sync::Arc<estargz::Recorded>>,
 }
 
 /// What the pause read again: the plain pieces of the entries read, which
@@ -411,7 +411,7 @@ fn first_pass_of_at_most(
             for (i, s) in seen.iter_mut().enumerate() {
                 s.damaged |= recorded.left_out(i);
             }
-            Some(recorded)
+            Some(std::sync::Arc::new(recorded))
         }
         None => None,
     };
@@ -615,8 +615,9 @@ pub fn assemble_estargz<W: Write>(
             .name("change-sha256".into())
             .spawn_scoped(scope, || change_of(first, reread, recorded, &steps))
             .context("starting the layer's sha256")?;
-        let mut writer =
-            estargz::Writer::twice(out, options).context("starting the eStargz writer")?;
+        let mut writer = estargz::Writer::twice(out, options)
+            .context("starting the eStargz writer")?
+            .splicing(recorded.clone());
         let written = (|| -> io::Result<()> {
             for reading in 0..2 {
                 if reading == 1 {
@@ -627,7 +628,7 @@ pub fn assemble_estargz<W: Write>(
                 }
                 for step in &entries {
                     match *step {
-                        Step::Old(e) => writer.splice(recorded, e)?,
+                        Step::Old(e) => writer.splice(e)?,
                         Step::Again(r) => {
                             let piece = &reread.index.entries[r];
                             copy_range(&reread.file, piece.start, piece.len, &mut writer)?;

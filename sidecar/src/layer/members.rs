@@ -30,6 +30,9 @@ pub(crate) struct Compressed {
 pub(crate) struct Raw {
     pub data: Vec<u8>,
     pub chunk: Option<Chunk>,
+    /// Compressed already (a member copied as it is), with its chunk's
+    /// digest: passed through.
+    pub compressed: Option<(Vec<u8>, Option<[u8; 32]>)>,
 }
 
 /// The file chunk a member starts with, whose digest goes to the TOC.
@@ -41,7 +44,11 @@ pub(crate) struct Chunk {
 impl Raw {
     /// A member that starts with no chunk.
     pub fn plain(data: Vec<u8>) -> Self {
-        Self { data, chunk: None }
+        Self {
+            data,
+            chunk: None,
+            compressed: None,
+        }
     }
 
     /// The sha256 of its chunk's bytes.
@@ -168,6 +175,11 @@ impl Compressor {
             members: Vec::with_capacity(members.len()),
         };
         for raw in members {
+            if let Some((bytes, digest)) = raw.compressed {
+                out.bytes.extend_from_slice(&bytes);
+                out.members.push((bytes.len(), digest));
+                continue;
+            }
             let before = out.bytes.len();
             let digest = raw.chunk_digest();
             self.member(&raw.data, &mut out.bytes)?;

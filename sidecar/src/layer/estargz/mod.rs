@@ -11,9 +11,7 @@
 //! entry's bytes through unchanged (the reference's lossless mode): names,
 //! whiteouts, hard links, PAX records (extended attributes) stay exactly the
 //! gzip writer's. It adds the prefetch landmark, the TOC entry and the tar's
-//! end. Every entry starts a gzip member (the reference starts one at each
-//! chunk only; a reader sees one stream either way), so that pre-copy can
-//! copy an entry's members as they are ([`Writer::splice`]). The gzip members are compressed on every core, in batches, in order;
+//! end. The gzip members are compressed on every core, in batches, in order;
 //! a few batches are in flight, never the whole layer.
 //!
 //! Prefetch: entries under [`Prefetch`]'s paths (the files a desktop reads at
@@ -45,6 +43,7 @@ use std::{
     collections::{BTreeMap, HashSet, VecDeque},
     fs::File,
     io::{self, BufWriter, Read, Seek, Write},
+    ops::Range,
     path::PathBuf,
     sync::mpsc,
 };
@@ -276,6 +275,23 @@ struct Member {
     chunk: Option<(usize, usize)>,
     /// The chunk is the whole file: its digest is the file's too.
     whole_file: bool,
+    /// The member so far is exactly these bytes of the first pass's stream
+    /// of its part, not read yet (`buf` is empty then, [`Writer::splice`]).
+    from: Option<Range<u64>>,
+    /// Already compressed: the first pass's member, and its chunk's digest.
+    compressed: Option<(Vec<u8>, Option<[u8; 32]>)>,
+}
+
+impl Member {
+    fn new(capacity: usize, chunk: Option<(usize, usize)>, whole_file: bool) -> Self {
+        Self {
+            buf: Vec::with_capacity(capacity),
+            chunk,
+            whole_file,
+            from: None,
+            compressed: None,
+        }
+    }
 }
 
 /// Members of one part waiting to be compressed together.
@@ -294,8 +310,6 @@ struct PartState {
     batch: Batch,
     written: u64,
     uncompressed: u64,
-    /// Members closed.
-    members: usize,
 }
 
 /// Where the input tar stands.
@@ -398,6 +412,8 @@ pub struct Writer<W: Write> {
     landmark: Option<(u64, usize)>,
     /// Where each entry's members are (pre-copy's first pass, [`Recorded`]).
     recording: Option<splice::Recording>,
+    /// The first pass whose members [`Writer::splice`] copies.
+    splicing: Option<std::sync::Arc<Recorded>>,
     spliced: Spliced,
     /// Bytes of the tar given, and where the header block being read ends.
     given: u64,
@@ -418,7 +434,7 @@ enum Order {
 
 impl<W: Write> Writer<W> {
     pub fn new(out: W, options: Options) -> io::Result<Self> {
-        Self::build(out, options)
+        Self::build(out, options, false)
     }
 
     /// A writer given the layer tar twice, [`Writer::second_pass`] in
@@ -427,7 +443,7 @@ impl<W: Write> Writer<W> {
     /// as [`Writer::new`], without the spill to write, read back and
     /// inflate for the diff_id; for a tar that can be read twice.
     pub fn twice(out: W, options: Options) -> io::Result<Self> {
-        let mut writer = Self::build(out, options)?;
+        let mut writer = Self::build(out, options, false)?;
         writer.spill = None;
         writer.order = Order::TwiceFront;
         Ok(writer)
@@ -492,7 +508,10 @@ impl<W: Write> Writer<W> {
         })
     }
 
-    fn build(out: W, mut options: Options) -> io::Result<Self> {
+    /// A writer into `out`; `recording`: pre-copy's first pass, which notes
+    /// every member from the first ([`Writer::recording`]) and makes no
+    /// diff_id.
+    fn build(out: W, mut options: Options, recording: bool) -> io::Result<Self> {
         options.chunk_size = options.chunk_size.max(1);
         options.level = options.level.clamp(1, 9);
         options
@@ -524,13 +543,16 @@ impl<W: Write> Writer<W> {
             options,
             parts: Default::default(),
             in_flight: VecDeque::new(),
-            diff: Some(Threaded::new(
-                "estargz-diff-id",
-                HashWrite {
-                    hasher: Sha256::new(),
-                    count: 0,
-                },
-            )?),
+            diff: match recording {
+                true => None,
+                false => Some(Threaded::new(
+                    "estargz-diff-id",
+                    HashWrite {
+                        hasher: Sha256::new(),
+                        count: 0,
+                    },
+                )?),
+            },
             input: Input::Header,
             block: Vec::with_capacity(512),
             pending: Pending::default(),
@@ -539,7 +561,8 @@ impl<W: Write> Writer<W> {
             prefetching: false,
             order: Order::Spilled,
             landmark: None,
-            recording: None,
+            recording: recording.then(splice::Recording::default),
+            splicing: None,
             spliced: Spliced::default(),
             given: 0,
             block_end: 0,
@@ -637,36 +660,42 @@ impl<W: Write> Writer<W> {
 
     /// Appends bytes to `part`'s open member (a new one if none is open).
     fn append(&mut self, part: Part, bytes: &[u8]) -> io::Result<()> {
-        // the rest is hashed as it comes when it comes after the front
-        if part == Part::Front || self.order == Order::TwiceRest {
-            if let Some(diff) = self.diff.as_mut() {
-                diff.write_all(bytes)?;
-            }
-        }
+        self.materialize(part)?;
         let state = &mut self.parts[part as usize];
         state.uncompressed += bytes.len() as u64;
         state
             .open
-            .get_or_insert_with(|| Member {
-                buf: Vec::with_capacity(16 << 10),
-                chunk: None,
-                whole_file: false,
-            })
+            .get_or_insert_with(|| Member::new(16 << 10, None, false))
             .buf
             .extend_from_slice(bytes);
         Ok(())
     }
 
-    /// Ends `part`'s open member; a full batch goes to the compressors.
+    /// Ends `part`'s open member (hashed for the diff_id, the rest as it
+    /// comes after the front); a full batch goes to the compressors.
     fn close_member(&mut self, part: Part) -> io::Result<()> {
-        let state = &mut self.parts[part as usize];
-        if let Some(member) = state.open.take() {
-            state.members += 1;
-            state.batch.bytes += member.buf.len();
-            state.batch.members.push(member);
-            if state.batch.bytes >= BATCH {
-                self.dispatch(part)?;
+        let Some(mut member) = self.parts[part as usize].open.take() else {
+            return Ok(());
+        };
+        let hashed = part == Part::Front || self.order == Order::TwiceRest;
+        if let Some(range) = member.from.take() {
+            self.close_spliced(part, &mut member, range, hashed)?;
+        } else if hashed {
+            if let Some(diff) = self.diff.as_mut() {
+                diff.write_all(&member.buf)?;
             }
+        }
+        if let Some(recording) = self.recording.as_mut() {
+            recording.member_closed(part, &member);
+        }
+        let state = &mut self.parts[part as usize];
+        state.batch.bytes += match &member.compressed {
+            Some((bytes, _)) => bytes.len(),
+            None => member.buf.len(),
+        };
+        state.batch.members.push(member);
+        if state.batch.bytes >= BATCH {
+            self.dispatch(part)?;
         }
         Ok(())
     }
@@ -682,11 +711,11 @@ impl<W: Write> Writer<W> {
     ) -> io::Result<()> {
         self.close_member(part)?;
         let capacity = (len as usize).saturating_add(1024).min(BATCH * 8);
-        self.parts[part as usize].open = Some(Member {
-            buf: Vec::with_capacity(capacity),
-            chunk: Some((len as usize, entry)),
+        self.parts[part as usize].open = Some(Member::new(
+            capacity,
+            Some((len as usize, entry)),
             whole_file,
-        });
+        ));
         Ok(())
     }
 
@@ -708,6 +737,7 @@ impl<W: Write> Writer<W> {
             .map(|m| Raw {
                 data: m.buf,
                 chunk: m.chunk.map(|(len, _)| Chunk { len }),
+                compressed: m.compressed,
             })
             .collect();
         let reply = self.pool.submit(inputs)?;
@@ -765,8 +795,6 @@ impl<W: Write> Writer<W> {
 
     /// A landmark entry (one byte, its own member) in the front.
     fn landmark(&mut self, name: &str) -> io::Result<()> {
-        // an entry of its own too: what ends before it is copied as it is
-        self.close_member(Part::Front)?;
         let header = header_bytes(name, 1)?;
         self.append(Part::Front, &header)?;
         let entry = self.push_entry(
@@ -845,7 +873,7 @@ impl<W: Write> Writer<W> {
         ) {
             // an earlier eStargz layer's own entries (a merge, a whole tree): the
             // reference drops them too, this layer has its own
-            self.record_entry(start, None)?;
+            self.record_entry(start, None);
             self.input = Input::Skip(size + padding);
             return Ok(());
         }
@@ -876,9 +904,6 @@ impl<W: Write> Writer<W> {
             self.input = Input::Skip(size + padding);
             return Ok(());
         }
-        // every entry starts a gzip member of its own, so that pre-copy can
-        // copy an entry's members as they are ([`Writer::splice`])
-        self.close_member(part)?;
         if self.recording.is_some() {
             let routed = splice::Routed {
                 kind,
@@ -886,7 +911,7 @@ impl<W: Write> Writer<W> {
                 link: link_bytes.clone(),
                 size,
             };
-            self.record_entry(start, Some((part, routed)))?;
+            self.record_entry(start, Some((part, routed)));
         }
         let mut entry = TocEntry {
             name: String::from_utf8_lossy(&name_bytes).into_owned(),
@@ -1966,7 +1991,9 @@ mod tests {
         }
         let recorded = recording.into_recorded().unwrap();
         assert_eq!(recorded.len(), split(first).len());
-        let mut w = Writer::twice(Vec::new(), options).unwrap();
+        let mut w = Writer::twice(Vec::new(), options)
+            .unwrap()
+            .splicing(std::sync::Arc::new(recorded));
         for pass in 0..2 {
             if pass == 1 {
                 w.second_pass().unwrap();
@@ -1976,7 +2003,7 @@ mod tests {
             }
             for f in list {
                 match f {
-                    Final::Old(i) => w.splice(&recorded, *i).unwrap(),
+                    Final::Old(i) => w.splice(*i).unwrap(),
                     Final::New(bytes) => {
                         for p in bytes.chunks(piece) {
                             w.write_all(p).unwrap();

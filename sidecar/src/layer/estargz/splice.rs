@@ -3,28 +3,35 @@
 //!
 //! The first pass runs the writer as a snapshot without pre-copy would
 //! ([`Writer::recording`]): the part before the landmark into one file, the
-//! rest into the spill, every member compressed there. Since every entry
-//! starts a member of its own, each entry of the tar is a run of whole
-//! members of one part; the recording notes the run ([`Extent`]), how the
-//! entry was routed and where it started in the tar. The first pass's
-//! pieces (one per path of the upper directory: a directory and its opaque
-//! marker are two entries of one piece) are then cut from them
-//! ([`Recorded::cut`]). After the resume, a writer given the final tar
-//! twice ([`Writer::twice`]) takes each piece that stands as it is
-//! ([`Writer::splice`]): each of its entries routed where the first pass put
-//! it has its members copied and its TOC entries moved to where they now
-//! lie; one routed elsewhere (the prefetch budget moved) is inflated and
-//! written again.
-//! Entries read again under the pause are given as plain tar bytes, as to
-//! any writer. The diff_id's hash still sees every byte of the blob: the
-//! copied members are inflated for it, as the spill is without pre-copy.
+//! rest into the spill, every member compressed there. The recording notes
+//! each member (where its bytes lie in its part's uncompressed stream, the
+//! chunk it starts with, its compressed bytes) and each entry (its bytes in
+//! that stream, its TOC entries, how it was routed, where it started in the
+//! tar). The first pass's pieces (one per path of the upper directory: a
+//! directory and its opaque marker are two entries of one piece) are cut
+//! from the entries ([`Recorded::cut`]).
+//!
+//! After the resume, a writer given the final tar twice ([`Writer::twice`])
+//! takes each piece that stands ([`Writer::splice`]) without its bytes:
+//! each entry routed where the first pass put it adds its span of the first
+//! pass's stream to the member being filled, a member starting at each of
+//! its chunks as the first pass's did. A member that ends up exactly a
+//! member of the first pass is copied as it is (its bytes inflated for the
+//! diff_id only, as the spill is without pre-copy); one whose bytes differ
+//! (the entry after it moved, the landmark follows it) is inflated and
+//! compressed again; an entry routed elsewhere than in the first pass (the
+//! prefetch budget moved) is written again from its bytes. Entries read
+//! again under the pause are given as plain tar bytes, as to any writer.
+//! The blob is the one a single pass over the final tar writes, byte for
+//! byte (members are cut where the reference cuts them: at each chunk).
 
-use super::{Part, TocEntry, Writer};
+use super::{Member, Part, TocEntry, Writer};
 use std::{
     fs::File,
     io::{self, BufWriter, Read, Write},
     ops::Range,
     os::unix::fs::FileExt,
+    sync::{Arc, Mutex},
 };
 use tar::EntryType;
 
@@ -37,23 +44,36 @@ pub(super) struct Routed {
     pub size: u64,
 }
 
-/// One entry of the first pass: the members of its part that hold it, how
-/// many uncompressed bytes they hold, its TOC entries in that part's TOC.
+/// One entry of the first pass: its bytes in its part's uncompressed
+/// stream, its TOC entries in that part's TOC, how it was routed.
 #[derive(Debug, Clone)]
-pub(super) struct Extent {
+struct Extent {
     part: Part,
-    members: Range<usize>,
-    uncompressed: u64,
+    range: Range<u64>,
     toc: Range<usize>,
     routed: Routed,
+}
+
+/// One member of the first pass.
+#[derive(Debug, Clone)]
+struct Written {
+    /// Its bytes in its part's uncompressed stream.
+    start: u64,
+    len: u64,
+    /// The chunk it starts with: its TOC entry in the part's TOC, its
+    /// length, whether it is its file's only one.
+    chunk: Option<(usize, usize, bool)>,
+    /// Where its compressed bytes end in the part's file, and its chunk's
+    /// digest (once written).
+    end: u64,
+    digest: Option<[u8; 32]>,
 }
 
 /// The entry being recorded: where it started.
 struct Started {
     start: u64,
     part: Part,
-    member: usize,
-    uncompressed: u64,
+    at: u64,
     toc: usize,
     routed: Routed,
 }
@@ -65,11 +85,30 @@ pub(super) struct Recording {
     /// tar; `None` for one left out (an earlier layer's TOC or landmark).
     extents: Vec<(u64, Option<Extent>)>,
     started: Option<Started>,
-    /// Where each member of each part ends in the part's stream.
-    ends: [Vec<u64>; 2],
+    /// Each part's members, in order, and how many of them are written.
+    members: [Vec<Written>; 2],
+    written: [usize; 2],
+    /// Uncompressed bytes of each part's closed members.
+    closed: [u64; 2],
 }
 
 impl Recording {
+    /// `member` of `part` is closed (compressed later, in order).
+    pub(super) fn member_closed(&mut self, part: Part, member: &Member) {
+        let len = member.buf.len() as u64;
+        let start = self.closed[part as usize];
+        self.closed[part as usize] += len;
+        self.members[part as usize].push(Written {
+            start,
+            len,
+            chunk: member
+                .chunk
+                .map(|(len, entry)| (entry, len, member.whole_file)),
+            end: 0,
+            digest: None,
+        });
+    }
+
     /// The members of a job just written into `part` from `offset` on.
     pub(super) fn members_written(
         &mut self,
@@ -77,11 +116,14 @@ impl Recording {
         offset: u64,
         members: &[(usize, Option<[u8; 32]>)],
     ) {
-        let ends = &mut self.ends[part as usize];
         let mut at = offset;
-        for (len, _) in members {
+        for (len, digest) in members {
             at += *len as u64;
-            ends.push(at);
+            let i = self.written[part as usize];
+            if let Some(m) = self.members[part as usize].get_mut(i) {
+                (m.end, m.digest) = (at, *digest);
+            }
+            self.written[part as usize] += 1;
         }
     }
 }
@@ -89,22 +131,29 @@ impl Recording {
 /// How the entries of a first pass went into the layer after the resume.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Spliced {
-    /// Entries whose members were copied.
+    /// Members of the first pass copied as they were.
     pub copied: u64,
-    /// Entries routed elsewhere than in the first pass, written again.
-    pub rewritten: u64,
+    /// Members of the first pass compressed again (their bytes joined
+    /// others: what follows them moved).
+    pub remade: u64,
+    /// Entries routed across the landmark, written again.
+    pub rerouted: u64,
 }
 
-/// The first pass's blob parts and where each entry lies in them.
+/// The first pass's blob parts and where each entry and member lies in them.
 pub struct Recorded {
-    front: File,
-    rest: Option<File>,
+    files: [Option<File>; 2],
     tocs: [Vec<TocEntry>; 2],
-    ends: [Vec<u64>; 2],
+    members: [Vec<Written>; 2],
     extents: Vec<(u64, Option<Extent>)>,
     /// The entries of each piece ([`Recorded::cut`]).
     pieces: Vec<Range<usize>>,
+    /// The member inflated last, for the entries that share it.
+    inflated: Mutex<Option<Inflated>>,
 }
+
+/// A member of a part, inflated.
+type Inflated = (Part, usize, Arc<Vec<u8>>);
 
 impl Recorded {
     /// Cuts the entries into pieces: `pieces` gives where each piece starts
@@ -149,32 +198,15 @@ impl Recorded {
             .is_some_and(|r| self.extents[r.clone()].iter().any(|(_, e)| e.is_none()))
     }
 
-    /// The compressed bytes of `extent` in its part's file.
-    fn compressed(&self, extent: &Extent) -> Range<u64> {
-        let ends = &self.ends[extent.part as usize];
-        let at = |m: usize| if m == 0 { 0 } else { ends[m - 1] };
-        at(extent.members.start)..at(extent.members.end)
-    }
-
-    fn file(&self, part: Part) -> io::Result<&File> {
-        match part {
-            Part::Front => Ok(&self.front),
-            Part::Rest => self
-                .rest
-                .as_ref()
-                .ok_or_else(|| io::Error::other("the first pass wrote no eStargz rest")),
-        }
-    }
-
-    /// The plain tar bytes of piece `i`, its members inflated, into `out`;
-    /// how many.
+    /// The plain tar bytes of piece `i`, inflated from its members, into
+    /// `out`; how many.
     pub fn piece(&self, i: usize, out: &mut impl Write) -> io::Result<u64> {
         let mut n = 0;
         for extent in self.extents(i)? {
             let extent = extent.ok_or_else(|| {
                 io::Error::other("a piece holding an entry left out of the eStargz layer")
             })?;
-            n += io::copy(&mut self.inflated(extent)?, out)?;
+            n += self.copy_plain(extent.part, extent.range.clone(), out)?;
         }
         Ok(n)
     }
@@ -188,32 +220,93 @@ impl Recorded {
         Ok(self.extents[range.clone()].iter().map(|(_, e)| e.as_ref()))
     }
 
-    fn inflated(&self, extent: &Extent) -> io::Result<impl Read + '_> {
-        let range = self.compressed(extent);
-        let section = Section {
-            file: self.file(extent.part)?,
-            at: range.start,
-            end: range.end,
+    /// Bytes `range` of `part`'s uncompressed stream into `out`, inflated
+    /// member by member; how many.
+    fn copy_plain(&self, part: Part, range: Range<u64>, out: &mut impl Write) -> io::Result<u64> {
+        let members = &self.members[part as usize];
+        let mut j = members.partition_point(|m| m.start + m.len <= range.start);
+        let mut n = 0;
+        while n < range.end - range.start {
+            let m = members
+                .get(j)
+                .ok_or_else(|| io::Error::other("bytes past the end of the eStargz first pass"))?;
+            let plain = self.inflate(part, j)?;
+            let from = (range.start + n - m.start) as usize;
+            let to = ((range.end - m.start) as usize).min(plain.len());
+            out.write_all(&plain[from..to])?;
+            n += (to - from) as u64;
+            j += 1;
+        }
+        Ok(n)
+    }
+
+    /// Bytes `range` of `part`'s uncompressed stream.
+    fn plain(&self, part: Part, range: Range<u64>) -> io::Result<Vec<u8>> {
+        let mut out = Vec::with_capacity((range.end - range.start) as usize);
+        self.copy_plain(part, range, &mut out)?;
+        Ok(out)
+    }
+
+    /// Member `j` of `part`, inflated.
+    fn inflate(&self, part: Part, j: usize) -> io::Result<Arc<Vec<u8>>> {
+        let mut cached = self.inflated.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some((p, i, plain)) = cached.as_ref() {
+            if (*p, *i) == (part, j) {
+                return Ok(plain.clone());
+            }
+        }
+        let m = &self.members[part as usize][j];
+        let compressed = self.compressed(part, j)?;
+        let mut plain = Vec::with_capacity(m.len as usize);
+        flate2::read::GzDecoder::new(&compressed[..]).read_to_end(&mut plain)?;
+        if plain.len() as u64 != m.len {
+            return Err(io::Error::other(
+                "a member of the eStargz first pass does not inflate to its bytes",
+            ));
+        }
+        let plain = Arc::new(plain);
+        *cached = Some((part, j, plain.clone()));
+        Ok(plain)
+    }
+
+    /// Member `j` of `part` as it was written.
+    fn compressed(&self, part: Part, j: usize) -> io::Result<Vec<u8>> {
+        let members = &self.members[part as usize];
+        let start = match j {
+            0 => 0,
+            _ => members[j - 1].end,
         };
-        Ok(flate2::read::MultiGzDecoder::new(section).take(extent.uncompressed))
+        let file = self.files[part as usize]
+            .as_ref()
+            .ok_or_else(|| io::Error::other("the eStargz first pass wrote no such part"))?;
+        let mut bytes = vec![0u8; (members[j].end - start) as usize];
+        file.read_exact_at(&mut bytes, start)?;
+        Ok(bytes)
+    }
+
+    /// The member of `part` that is exactly `range`, if one is.
+    fn exactly(&self, part: Part, range: &Range<u64>) -> Option<usize> {
+        let members = &self.members[part as usize];
+        let j = members.partition_point(|m| m.start < range.start);
+        members
+            .get(j)
+            .filter(|m| m.start == range.start && m.start + m.len == range.end)
+            .map(|_| j)
     }
 }
 
 impl Writer<BufWriter<File>> {
     /// A writer for pre-copy's first pass: the blob's parts into `front`
-    /// and the spill (in `options.spill_dir`), each entry's members noted;
+    /// and the spill (in `options.spill_dir`), each member and entry noted;
     /// no diff_id, no TOC ([`Writer::into_recorded`]).
     pub fn recording(front: File, options: super::Options) -> io::Result<Self> {
-        let mut writer = Self::build(BufWriter::with_capacity(1 << 20, front), options)?;
-        writer.diff = None;
-        writer.recording = Some(Recording::default());
-        Ok(writer)
+        Self::build(BufWriter::with_capacity(1 << 20, front), options, true)
     }
 
     /// Ends a recording: every member written, where each entry lies.
     pub fn into_recorded(mut self) -> io::Result<Recorded> {
         self.tar_ended()?;
-        self.end_recorded_entry()?;
+        self.end_recorded_entry();
         for part in [Part::Front, Part::Rest] {
             self.close_member(part)?;
             self.dispatch(part)?;
@@ -233,12 +326,12 @@ impl Writer<BufWriter<File>> {
         let [front_state, rest_state] = std::mem::take(&mut self.parts);
         let pieces = (0..recording.extents.len()).map(|i| i..i + 1).collect();
         Ok(Recorded {
-            front,
-            rest,
+            files: [Some(front), rest],
             tocs: [front_state.toc, rest_state.toc],
-            ends: recording.ends,
+            members: recording.members,
             extents: recording.extents,
             pieces,
+            inflated: Mutex::new(None),
         })
     }
 }
@@ -246,82 +339,85 @@ impl Writer<BufWriter<File>> {
 impl<W: Write> Writer<W> {
     /// A recording notes that an entry starts here, at `start` in the tar
     /// (`None`: one left out); the entry before it ends.
-    pub(super) fn record_entry(
-        &mut self,
-        start: u64,
-        entry: Option<(Part, Routed)>,
-    ) -> io::Result<()> {
+    pub(super) fn record_entry(&mut self, start: u64, entry: Option<(Part, Routed)>) {
         if self.recording.is_none() {
-            return Ok(());
+            return;
         }
-        self.end_recorded_entry()?;
-        let Some((part, routed)) = entry else {
-            if let Some(r) = self.recording.as_mut() {
-                r.extents.push((start, None));
+        self.end_recorded_entry();
+        let started = entry.map(|(part, routed)| {
+            let state = &self.parts[part as usize];
+            Started {
+                start,
+                part,
+                at: state.uncompressed,
+                toc: state.toc.len(),
+                routed,
             }
-            return Ok(());
-        };
-        let state = &self.parts[part as usize];
-        let started = Started {
-            start,
-            part,
-            member: state.members,
-            uncompressed: state.uncompressed,
-            toc: state.toc.len(),
-            routed,
-        };
+        });
         if let Some(r) = self.recording.as_mut() {
-            r.started = Some(started);
+            match started {
+                Some(s) => r.started = Some(s),
+                None => r.extents.push((start, None)),
+            }
         }
-        Ok(())
     }
 
-    /// The entry being recorded ends: its last member is closed.
-    fn end_recorded_entry(&mut self) -> io::Result<()> {
+    /// The entry being recorded ends where its part's stream stands.
+    fn end_recorded_entry(&mut self) {
         let Some(started) = self.recording.as_mut().and_then(|r| r.started.take()) else {
-            return Ok(());
+            return;
         };
-        self.close_member(started.part)?;
         let state = &self.parts[started.part as usize];
         let extent = Extent {
             part: started.part,
-            members: started.member..state.members,
-            uncompressed: state.uncompressed - started.uncompressed,
+            range: started.at..state.uncompressed,
             toc: started.toc..state.toc.len(),
             routed: started.routed,
         };
         if let Some(r) = self.recording.as_mut() {
             r.extents.push((started.start, Some(extent)));
         }
-        Ok(())
     }
 
-    /// Piece `i` of the first pass `from`, as it stands, in place of its
-    /// tar bytes (between entries of the tar given). Each of its entries
-    /// routed where the first pass put it has its members copied; the
-    /// others are inflated and written as any entry.
-    pub fn splice(&mut self, from: &Recorded, i: usize) -> io::Result<()> {
+    /// A writer given the final tar twice ([`Writer::twice`]) that takes
+    /// pieces of the first pass `from` ([`Writer::splice`]).
+    pub fn splicing(mut self, from: Arc<Recorded>) -> Self {
+        self.splicing = Some(from);
+        self
+    }
+
+    /// Piece `i` of the first pass, as it stands, in place of its tar bytes
+    /// (between entries of the tar given).
+    pub fn splice(&mut self, i: usize) -> io::Result<()> {
         if self.order == super::Order::Spilled {
             // the rest's hash is taken from the spill: nothing is spliced into it
             return Err(io::Error::other(
                 "splicing into an eStargz writer given the tar once",
             ));
         }
+        let from = self.first()?;
         self.tar_ended()?;
         for extent in from.extents(i)?.flatten() {
-            self.splice_entry(from, extent)?;
+            self.splice_entry(&from, extent)?;
         }
         Ok(())
     }
 
-    /// One entry of a piece [`Writer::splice`] takes.
+    fn first(&self) -> io::Result<Arc<Recorded>> {
+        self.splicing
+            .clone()
+            .ok_or_else(|| io::Error::other("an eStargz writer given no first pass"))
+    }
+
+    /// One entry of a piece [`Writer::splice`] takes: its span of the first
+    /// pass's stream, a member starting at each of its chunks.
     fn splice_entry(&mut self, from: &Recorded, extent: &Extent) -> io::Result<()> {
         let r = &extent.routed;
-        let part = self.route_of(r.kind, &r.clean, &r.link, r.size);
-        if part != extent.part {
-            let mut bytes = from.inflated(extent)?;
-            io::copy(&mut bytes, self)?;
-            self.spliced.rewritten += 1;
+        let part = extent.part;
+        if self.route_of(r.kind, &r.clean, &r.link, r.size) != part {
+            let bytes = from.plain(part, extent.range.clone())?;
+            self.write_all(&bytes)?;
+            self.spliced.rerouted += 1;
             return self.tar_ended();
         }
         self.route(r.kind, &r.clean, &r.link, r.size);
@@ -332,73 +428,118 @@ impl<W: Write> Writer<W> {
         if !taken {
             return Ok(());
         }
-        // what is compressed before it is written before it
-        self.close_member(part)?;
-        self.dispatch(part)?;
-        while !self.in_flight.is_empty() {
-            self.drain_one()?;
-        }
-        let range = from.compressed(extent);
-        let file = from.file(part)?;
-        let base = self.parts[part as usize].written;
-        let mut buf = vec![0u8; (range.end - range.start).min(1 << 20) as usize];
-        let mut at = range.start;
-        while at < range.end {
-            let n = ((range.end - at) as usize).min(buf.len());
-            file.read_exact_at(&mut buf[..n], at)?;
-            self.sink(part)?.write_all(&buf[..n])?;
-            at += n as u64;
-        }
-        if let Some(diff) = self.diff.as_mut() {
-            let inflated = io::copy(&mut from.inflated(extent)?, diff)?;
-            if inflated != extent.uncompressed {
-                return Err(io::Error::other(
-                    "an eStargz entry of the first pass does not inflate whole",
-                ));
-            }
-        }
-        let state = &mut self.parts[part as usize];
+        // its TOC entries; their offsets are set as their members are written
+        let base = self.parts[part as usize].toc.len();
         for entry in &from.tocs[part as usize][extent.toc.clone()] {
             let mut entry = entry.clone();
-            if entry.has_data() {
-                entry.offset = entry.offset - range.start + base;
-            }
-            state.toc.push(entry);
+            entry.offset = 0;
+            self.parts[part as usize].toc.push(entry);
         }
-        state.written += range.end - range.start;
-        state.uncompressed += extent.uncompressed;
-        state.members += extent.members.len();
-        self.spliced.copied += 1;
+        let members = &from.members[part as usize];
+        let first = members.partition_point(|m| m.start <= extent.range.start);
+        let mut at = extent.range.start;
+        for m in members[first..]
+            .iter()
+            .take_while(|m| m.start < extent.range.end)
+        {
+            let Some((toc, len, whole_file)) = m.chunk else {
+                continue;
+            };
+            self.append_first(part, at..m.start)?;
+            let entry = base + toc - extent.toc.start;
+            self.start_chunk(part, entry, len as u64, whole_file)?;
+            at = m.start;
+        }
+        self.append_first(part, at..extent.range.end)
+    }
+
+    /// Bytes `range` of the first pass's stream of `part`, at the end of
+    /// the member being filled, not read while they are all it holds.
+    fn append_first(&mut self, part: Part, range: Range<u64>) -> io::Result<()> {
+        if range.is_empty() {
+            return Ok(());
+        }
+        let state = &mut self.parts[part as usize];
+        state.uncompressed += range.end - range.start;
+        let open = state
+            .open
+            .get_or_insert_with(|| Member::new(0, None, false));
+        match &mut open.from {
+            Some(from) if from.end == range.start => {
+                from.end = range.end;
+                return Ok(());
+            }
+            None if open.buf.is_empty() => {
+                open.from = Some(range);
+                return Ok(());
+            }
+            _ => {}
+        }
+        self.materialize(part)?;
+        let bytes = self.first()?.plain(part, range)?;
+        if let Some(open) = self.parts[part as usize].open.as_mut() {
+            open.buf.extend_from_slice(&bytes);
+        }
+        Ok(())
+    }
+
+    /// The member being filled, if it is the first pass's bytes not read
+    /// yet, read: other bytes follow them.
+    pub(super) fn materialize(&mut self, part: Part) -> io::Result<()> {
+        let Some(range) = self.parts[part as usize]
+            .open
+            .as_mut()
+            .and_then(|m| m.from.take())
+        else {
+            return Ok(());
+        };
+        let bytes = self.first()?.plain(part, range)?;
+        self.spliced.remade += 1;
+        if let Some(open) = self.parts[part as usize].open.as_mut() {
+            open.buf = bytes;
+        }
+        Ok(())
+    }
+
+    /// Closing `member`, which is the first pass's bytes `range`: the first
+    /// pass's member as it is if it is exactly one, else read to be
+    /// compressed again; inflated for the diff_id when `hashed`.
+    pub(super) fn close_spliced(
+        &mut self,
+        part: Part,
+        member: &mut Member,
+        range: Range<u64>,
+        hashed: bool,
+    ) -> io::Result<()> {
+        let from = self.first()?;
+        match from.exactly(part, &range) {
+            Some(j) => {
+                member.compressed = Some((
+                    from.compressed(part, j)?,
+                    from.members[part as usize][j].digest,
+                ));
+                self.spliced.copied += 1;
+                if hashed {
+                    if let Some(diff) = self.diff.as_mut() {
+                        diff.write_all(&from.inflate(part, j)?)?;
+                    }
+                }
+            }
+            None => {
+                member.buf = from.plain(part, range)?;
+                self.spliced.remade += 1;
+                if hashed {
+                    if let Some(diff) = self.diff.as_mut() {
+                        diff.write_all(&member.buf)?;
+                    }
+                }
+            }
+        }
         Ok(())
     }
 
     /// What [`Writer::splice`] did so far.
     pub fn spliced(&self) -> Spliced {
         self.spliced
-    }
-}
-
-/// Bytes `at..end` of `file`.
-struct Section<'a> {
-    file: &'a File,
-    at: u64,
-    end: u64,
-}
-
-impl Read for Section<'_> {
-    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        let want = (self.end - self.at).min(buf.len() as u64) as usize;
-        if want == 0 {
-            return Ok(0);
-        }
-        let n = self.file.read_at(&mut buf[..want], self.at)?;
-        if n == 0 {
-            return Err(io::Error::new(
-                io::ErrorKind::UnexpectedEof,
-                "the eStargz first pass's file ended early",
-            ));
-        }
-        self.at += n as u64;
-        Ok(n)
     }
 }
