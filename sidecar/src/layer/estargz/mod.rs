@@ -29,14 +29,12 @@
 //! The layer's diff_id is the sha256 of the whole decompressed blob (entries,
 //! landmark, TOC entry, tar end), as the reference computes it.
 
+mod diff;
 mod splice;
 
 pub use splice::{Recorded, Spliced};
 
-use super::{
-    members::{Chunk, Compressed, Compressor, Pool, Raw},
-    threaded::Threaded,
-};
+use super::members::{Chunk, Compressed, Compressor, Pool, Raw};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::{
@@ -397,7 +395,7 @@ pub struct Writer<W: Write> {
     in_flight: VecDeque<InFlight>,
     /// sha256 of the decompressed blob, on a thread of its own while the
     /// entries stream (none in a recording).
-    diff: Option<Threaded<HashWrite>>,
+    diff: Option<diff::Diff>,
     input: Input,
     block: Vec<u8>,
     pending: Pending,
@@ -545,13 +543,7 @@ impl<W: Write> Writer<W> {
             in_flight: VecDeque::new(),
             diff: match recording {
                 true => None,
-                false => Some(Threaded::new(
-                    "estargz-diff-id",
-                    HashWrite {
-                        hasher: Sha256::new(),
-                        count: 0,
-                    },
-                )?),
+                false => Some(diff::Diff::new()?),
             },
             input: Input::Header,
             block: Vec::with_capacity(512),
@@ -599,7 +591,7 @@ impl<W: Write> Writer<W> {
         let front = self.parts[Part::Front as usize].written;
         let mut uncompressed = self.parts[0].uncompressed;
         let mut diff = match self.diff.take() {
-            Some(diff) => diff.finish()?.hasher,
+            Some(diff) => diff.finish()?.0,
             None => return Err(io::Error::other("a recording eStargz writer makes no blob")),
         };
         if let Some(spill) = self.spill.take() {
@@ -682,7 +674,7 @@ impl<W: Write> Writer<W> {
             self.close_spliced(part, &mut member, range, hashed)?;
         } else if hashed {
             if let Some(diff) = self.diff.as_mut() {
-                diff.write_all(&member.buf)?;
+                diff.plain(&member.buf)?;
             }
         }
         if let Some(recording) = self.recording.as_mut() {

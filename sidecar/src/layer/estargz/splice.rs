@@ -25,10 +25,11 @@
 //! The blob is the one a single pass over the final tar writes, byte for
 //! byte (members are cut where the reference cuts them: at each chunk).
 
-use super::{Member, Part, TocEntry, Writer};
+use super::{diff::inflate_member, Member, Part, TocEntry, Writer};
+use miniz_oxide::inflate::core::DecompressorOxide;
 use std::{
     fs::File,
-    io::{self, BufWriter, Read, Write},
+    io::{self, BufWriter, Write},
     ops::Range,
     os::unix::fs::FileExt,
     sync::{Arc, Mutex},
@@ -148,8 +149,12 @@ pub struct Recorded {
     extents: Vec<(u64, Option<Extent>)>,
     /// The entries of each piece ([`Recorded::cut`]).
     pieces: Vec<Range<usize>>,
-    /// The member inflated last, for the entries that share it.
+    /// The member inflated last, for the entries that share it, and the
+    /// inflater: one for all, writing straight into the member's bytes (a
+    /// gzip reader per member zeroes a window of 32 KiB, more than a small
+    /// file's inflating costs).
     inflated: Mutex<Option<Inflated>>,
+    inflater: Mutex<Box<DecompressorOxide>>,
 }
 
 /// A member of a part, inflated.
@@ -257,13 +262,9 @@ impl Recorded {
         }
         let m = &self.members[part as usize][j];
         let compressed = self.compressed(part, j)?;
-        let mut plain = Vec::with_capacity(m.len as usize);
-        flate2::read::GzDecoder::new(&compressed[..]).read_to_end(&mut plain)?;
-        if plain.len() as u64 != m.len {
-            return Err(io::Error::other(
-                "a member of the eStargz first pass does not inflate to its bytes",
-            ));
-        }
+        let mut inflater = self.inflater.lock().unwrap_or_else(|p| p.into_inner());
+        let plain = inflate_member(&compressed, m.len as usize, &mut inflater)?;
+        drop(inflater);
         let plain = Arc::new(plain);
         *cached = Some((part, j, plain.clone()));
         Ok(plain)
@@ -332,6 +333,7 @@ impl Writer<BufWriter<File>> {
             extents: recording.extents,
             pieces,
             inflated: Mutex::new(None),
+            inflater: Mutex::new(Box::default()),
         })
     }
 }
@@ -414,17 +416,19 @@ impl<W: Write> Writer<W> {
     fn splice_entry(&mut self, from: &Recorded, extent: &Extent) -> io::Result<()> {
         let r = &extent.routed;
         let part = extent.part;
-        if self.route_of(r.kind, &r.clean, &r.link, r.size) != part {
+        let now = self.route_of(r.kind, &r.clean, &r.link, r.size);
+        let taken = match self.order {
+            super::Order::TwiceFront => now == Part::Front,
+            _ => now == Part::Rest,
+        };
+        if now != part {
+            // its bytes (a file of at most PREFETCH_FILE_MAX, or no data)
             let bytes = from.plain(part, extent.range.clone())?;
             self.write_all(&bytes)?;
-            self.spliced.rerouted += 1;
+            self.spliced.rerouted += u64::from(taken);
             return self.tar_ended();
         }
         self.route(r.kind, &r.clean, &r.link, r.size);
-        let taken = match self.order {
-            super::Order::TwiceFront => part == Part::Front,
-            _ => part == Part::Rest,
-        };
         if !taken {
             return Ok(());
         }
@@ -502,8 +506,9 @@ impl<W: Write> Writer<W> {
     }
 
     /// Closing `member`, which is the first pass's bytes `range`: the first
-    /// pass's member as it is if it is exactly one, else read to be
-    /// compressed again; inflated for the diff_id when `hashed`.
+    /// pass's member as it is if it is exactly one (inflated for the
+    /// diff_id on its thread, when `hashed`), else read to be compressed
+    /// again.
     pub(super) fn close_spliced(
         &mut self,
         part: Part,
@@ -514,23 +519,22 @@ impl<W: Write> Writer<W> {
         let from = self.first()?;
         match from.exactly(part, &range) {
             Some(j) => {
-                member.compressed = Some((
-                    from.compressed(part, j)?,
-                    from.members[part as usize][j].digest,
-                ));
-                self.spliced.copied += 1;
+                let written = &from.members[part as usize][j];
+                let compressed = from.compressed(part, j)?;
                 if hashed {
                     if let Some(diff) = self.diff.as_mut() {
-                        diff.write_all(&from.inflate(part, j)?)?;
+                        diff.member(compressed.clone(), written.len as usize)?;
                     }
                 }
+                member.compressed = Some((compressed, written.digest));
+                self.spliced.copied += 1;
             }
             None => {
                 member.buf = from.plain(part, range)?;
                 self.spliced.remade += 1;
                 if hashed {
                     if let Some(diff) = self.diff.as_mut() {
-                        diff.write_all(&member.buf)?;
+                        diff.plain(&member.buf)?;
                     }
                 }
             }
