@@ -32,8 +32,12 @@ pub(crate) struct Raw {
     pub chunk: Option<Chunk>,
     /// Compressed already (a member copied as it is), with its chunk's
     /// digest: passed through.
-    pub compressed: Option<(Vec<u8>, Option<[u8; 32]>)>,
+    pub compressed: Option<Precompressed>,
 }
+
+/// A gzip member compressed already (shared with whoever else reads it),
+/// and its chunk's digest.
+pub(crate) type Precompressed = (Arc<Vec<u8>>, Option<[u8; 32]>);
 
 /// The file chunk a member starts with, whose digest goes to the TOC.
 pub(crate) struct Chunk {

@@ -12,7 +12,11 @@ use miniz_oxide::inflate::{
     TINFLStatus,
 };
 use sha2::{Digest, Sha256};
-use std::{io, sync::mpsc, thread::JoinHandle};
+use std::{
+    io,
+    sync::{mpsc, Arc},
+    thread::JoinHandle,
+};
 
 /// Plain bytes gathered before they are handed over.
 const BLOCK: usize = 1 << 20;
@@ -21,8 +25,9 @@ const IN_FLIGHT: usize = 16;
 
 enum Fed {
     Plain(Vec<u8>),
-    /// A gzip member this crate wrote, and how many bytes it holds.
-    Member(Vec<u8>, usize),
+    /// A gzip member this crate wrote (shared with the blob's output), and
+    /// how many bytes it holds.
+    Member(Arc<Vec<u8>>, usize),
 }
 
 pub(super) struct Diff {
@@ -70,7 +75,7 @@ impl Diff {
     }
 
     /// A gzip member of `len` bytes, next: inflated on the hash's thread.
-    pub fn member(&mut self, member: Vec<u8>, len: usize) -> io::Result<()> {
+    pub fn member(&mut self, member: Arc<Vec<u8>>, len: usize) -> io::Result<()> {
         self.hand_over()?;
         self.send(Fed::Member(member, len))
     }

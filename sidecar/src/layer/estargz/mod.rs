@@ -34,7 +34,7 @@ mod splice;
 
 pub use splice::{Recorded, Spliced};
 
-use super::members::{Chunk, Compressed, Compressor, Pool, Raw};
+use super::members::{Chunk, Compressed, Compressor, Pool, Precompressed, Raw};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
 use std::{
@@ -277,7 +277,7 @@ struct Member {
     /// of its part, not read yet (`buf` is empty then, [`Writer::splice`]).
     from: Option<Range<u64>>,
     /// Already compressed: the first pass's member, and its chunk's digest.
-    compressed: Option<(Vec<u8>, Option<[u8; 32]>)>,
+    compressed: Option<Precompressed>,
 }
 
 impl Member {

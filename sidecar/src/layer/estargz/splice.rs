@@ -520,10 +520,10 @@ impl<W: Write> Writer<W> {
         match from.exactly(part, &range) {
             Some(j) => {
                 let written = &from.members[part as usize][j];
-                let compressed = from.compressed(part, j)?;
+                let compressed = Arc::new(from.compressed(part, j)?);
                 if hashed {
                     if let Some(diff) = self.diff.as_mut() {
-                        diff.member(compressed.clone(), written.len as usize)?;
+                        diff.member(Arc::clone(&compressed), written.len as usize)?;
                     }
                 }
                 member.compressed = Some((compressed, written.digest));
